@@ -1,0 +1,152 @@
+"""Multi-head latent attention (MLA) with DeepSeek's decoupled RoPE, including YaRN.
+
+Matches transformers' `DeepseekV2Attention`: keys/values are compressed to a `kv_lora_rank`
+latent (plus one shared rotary key), queries optionally through a `q_lora_rank` bottleneck;
+RoPE rotates interleaved pairs (x[2i], x[2i+1]) like a complex multiply, in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from desmoe_jax.config import ModelConfig
+from desmoe_jax.layers import Linear, RMSNorm
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [rope_dim/2] and the cos/sin scale, computed in float32 as HF does."""
+  dim = cfg.qk_rope_head_dim
+  base = np.float32(cfg.rope_theta)
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  if cfg.rope_type == "default":
+    return (np.float32(1.0) / base ** exponents).astype(np.float32), 1.0
+
+  rs = cfg.rope_scaling
+  original_max = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+  factor = rs.get("factor")
+  if factor is None:
+    factor = cfg.max_position_embeddings / original_max
+  mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = rs.get("attention_factor")
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    else:
+      attention_factor = get_mscale(factor)
+  beta_fast = rs.get("beta_fast") or 32
+  beta_slow = rs.get("beta_slow") or 1
+
+  def correction_dim(num_rotations):
+    return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(float(base)))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if rs.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # avoid a zero-width ramp, as HF does
+  pos_freqs = base ** exponents
+  inv_extrapolation = np.float32(1.0) / pos_freqs
+  inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), 0, 1).astype(np.float32)
+  extrapolation_factor = np.float32(1) - ramp
+  inv_freq = (inv_interpolation * (np.float32(1) - extrapolation_factor)
+              + inv_extrapolation * extrapolation_factor)
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def apply_rope(x_bshr, positions_bs, inv_freq_r, scale: float):
+  """Rotates interleaved pairs of the last dim by position * inv_freq (HF's complex form)."""
+  freqs_bsr = positions_bs.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_r)
+  cos = (jnp.cos(freqs_bsr) * scale)[:, :, None, :]  # [batch, seq, 1, rope/2]
+  sin = (jnp.sin(freqs_bsr) * scale)[:, :, None, :]
+  xf = x_bshr.astype(jnp.float32).reshape(*x_bshr.shape[:-1], -1, 2)
+  re, im = xf[..., 0], xf[..., 1]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x_bshr.shape).astype(x_bshr.dtype)
+
+
+def attention_mask(segment_ids_bs, q_positions=None):
+  """Boolean [batch, 1, q, k] mask: causal, same packed segment, never padding (segment 0)."""
+  s = segment_ids_bs.shape[1]
+  causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
+  same = segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :]
+  valid = (segment_ids_bs != 0)[:, None, :]
+  return (causal[None] & same & valid)[:, None]
+
+
+def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl: str):
+  """Softmax(q k^T * scale + mask) v, softmax in float32 (HF eager semantics)."""
+  if impl == "jax":
+    dv, dq = v_bshv.shape[-1], q_bshd.shape[-1]
+    v = jnp.pad(v_bshv, [(0, 0)] * 3 + [(0, dq - dv)]) if dv < dq else v_bshv
+    out = jax.nn.dot_product_attention(q_bshd, k_bshd, v, mask=mask_b1qk, scale=scale)
+    return out[..., :dv]
+  logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bshd, k_bshd) * jnp.asarray(scale, q_bshd.dtype)
+  big_neg = jnp.finfo(logits_bhqk.dtype).min
+  logits_bhqk = jnp.where(mask_b1qk, logits_bhqk, big_neg)
+  probs = jax.nn.softmax(logits_bhqk.astype(jnp.float32), axis=-1).astype(q_bshd.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v_bshv)
+
+
+class MLAttention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    if cfg.q_lora_rank is None:
+      self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), **kw)
+    else:
+      self.q_a_proj = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"),
+                             use_bias=cfg.attention_bias, **kw)
+      # HF builds the two latent norms with the class default eps (1e-6), not rms_norm_eps.
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, param_dtype=pd, axis_name="q_lora")
+      self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ("q_lora", "heads"), **kw)
+    self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                     ("embed", "kv_lora"), use_bias=cfg.attention_bias, **kw)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, param_dtype=pd, axis_name="kv_lora")
+    self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                            ("kv_lora", "heads"), **kw)
+    self.o_proj = Linear(h * cfg.v_head_dim, d, ("heads", "embed"),
+                         use_bias=cfg.attention_bias, **kw)
+    inv_freq, self.rope_scale = rope_inv_freq(cfg)
+    self.inv_freq = tuple(float(f) for f in inv_freq)  # static: not a parameter
+
+  def __call__(self, x_bsd, positions_bs, mask_b1qk):
+    cfg = self.cfg
+    b, s, _ = x_bsd.shape
+    h, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if cfg.q_lora_rank is None:
+      q = self.q_proj(x_bsd)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_bsd)))
+    q_bshd = q.reshape(b, s, h, cfg.qk_head_dim)
+    q_nope, q_pe = q_bshd[..., :nope], q_bshd[..., nope:]
+
+    ckv = self.kv_a_proj_with_mqa(x_bsd)                    # [batch, seq, kv_lora + rope]
+    kv_latent = self.kv_a_layernorm(ckv[..., :cfg.kv_lora_rank])
+    k_pe = ckv[..., cfg.kv_lora_rank:][:, :, None, :]       # [batch, seq, 1, rope]: shared by heads
+
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    q_pe = apply_rope(q_pe, positions_bs, inv_freq, self.rope_scale)
+    k_pe = apply_rope(k_pe, positions_bs, inv_freq, self.rope_scale)
+
+    kv = self.kv_b_proj(kv_latent).reshape(b, s, h, nope + cfg.v_head_dim)
+    k_nope, v_bshv = kv[..., :nope], kv[..., nope:]
+    k_bshd = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, s, h, rope))], axis=-1)
+    q_bshd = jnp.concatenate([q_nope, q_pe], axis=-1)
+    out = dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, cfg.softmax_scale,
+                                cfg.attention_impl)
+    return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))

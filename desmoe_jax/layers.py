@@ -1,0 +1,80 @@
+"""Small building blocks shared by attention, MoE and the decoder.
+
+Every parameter carries `logical_axes` metadata (one name per dimension); `sharding.py` maps
+those names to mesh axes. We keep our own metadata key rather than Flax's `out_sharding`, which
+would shard eagerly at creation and require a mesh just to build a model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes) -> nnx.Param:
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+normal_init = jax.nn.initializers.normal(stddev=0.02)  # HF initializer_range for DeepSeek
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel is [in, out] (HF stores the transpose)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: Axes, *, use_bias: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = param(rngs, normal_init, (d_in, d_out), param_dtype, axes)
+    self.bias = nnx.data(param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, axes[1:])
+                         if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.embedding = param(rngs, normal_init, (vocab, dim), param_dtype, ("vocab", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, ids_bs):
+    return jnp.take(self.embedding[...], ids_bs, axis=0).astype(self.dtype)
+
+  def attend(self, x_bsd):
+    """Logits against the embedding matrix, for tied input/output embeddings."""
+    return jnp.dot(x_bsd.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+  """DeepSeek/HF RMSNorm: normalise in float32, cast back, then scale (in that order)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name: str = "norm"):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * xf.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+  def __init__(self, d_model: int, d_ff: int, *, use_bias: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.up_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
+
+  def __call__(self, x_btd):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))

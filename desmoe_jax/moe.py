@@ -1,0 +1,112 @@
+"""The DeepSeek-V2 MoE layer: shared experts + top-k routed experts, no token ever dropped.
+
+Expert dispatch has one interface, `expert_outputs`, and three implementations that compute the
+same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
+  "dense"  every expert on every token, then pick the top-k: the readable reference (E/K x work).
+  "ragged" sort slots by expert and run `jax.lax.ragged_dot` grouped matmuls (MaxText's megablox
+           path): the right choice on GPU/TPU.
+  "tiled"  the expert-sorted, tile-padded loop of `gmm.py`: the fast choice on CPU, where
+           ragged_dot lowers to a dense dot over all experts.
+"auto" picks "tiled" on CPU and "ragged" elsewhere.
+
+The layer returns per-slot outputs before the gate weights are applied, plus its `Routing`, so
+that DES-MoE can build statistics, swap the router and mask gradients per token without
+reaching into this module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from desmoe_jax import gmm
+from desmoe_jax.config import ModelConfig
+from desmoe_jax.layers import MLP, normal_init, param
+from desmoe_jax.router import Routing, TopKRouter, balance_loss, select_experts
+
+IMPLS = ("dense", "ragged", "tiled")
+
+
+def resolve_impl(impl: str) -> str:
+  if impl == "auto":
+    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+  if impl not in IMPLS:
+    raise ValueError(f"moe_impl={impl!r}: expected 'auto' or one of {IMPLS}")
+  return impl
+
+
+def _dense(x_td, ids_tk, gate, up, down):
+  h_tef = jax.nn.silu(jnp.einsum("td,edf->tef", x_td, gate)) * jnp.einsum("td,edf->tef", x_td, up)
+  y_ted = jnp.einsum("tef,efd->ted", h_tef, down)
+  return jnp.take_along_axis(y_ted, ids_tk[:, :, None], axis=1)  # [T, K, D]
+
+
+def _ragged(x_td, ids_tk, gate, up, down):
+  t, k = ids_tk.shape
+  flat = ids_tk.reshape(-1)
+  order = jnp.argsort(flat, stable=True)                  # slot index, grouped by expert
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+  xs = x_td[order // k]                                    # [T*K, D] expert-sorted rows
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  ys = jax.lax.ragged_dot(h, down, sizes)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
+  return ys[inverse].reshape(t, k, -1)
+
+
+def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "auto",
+                   tile_size: int = 128):
+  """y[t, k] = FFN_{ids[t,k]}(x[t]) with SwiGLU experts; returns [T, K, D]."""
+  impl = resolve_impl(impl)
+  dt = x_td.dtype
+  gate, up, down = gate_edf.astype(dt), up_edf.astype(dt), down_efd.astype(dt)
+  if impl == "dense":
+    return _dense(x_td, ids_tk, gate, up, down)
+  if impl == "ragged":
+    return _ragged(x_td, ids_tk, gate, up, down)
+  return gmm.grouped_ffn(x_td, ids_tk, gate, up, down, max_tile=tile_size)
+
+
+class RoutedExperts(nnx.Module):
+  """The E routed experts' SwiGLU weights, stacked: gate/up [E, D, F], down [E, F, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    pd = jnp.dtype(cfg.param_dtype)
+    self.gate_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"))
+    self.up_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"))
+    self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"))
+
+
+class MoE(nnx.Module):
+  """y = shared_experts(x) + sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.gate = TopKRouter(cfg, rngs=rngs)
+    self.experts = RoutedExperts(cfg, rngs=rngs)
+    self.shared_experts = nnx.data(
+        MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+            use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        if cfg.n_shared_experts else None)
+
+  def __call__(self, x_bsd, token_mask_bs=None):
+    """Returns (y [B,S,D], Routing over the B*S tokens, balance loss scalar)."""
+    cfg = self.cfg
+    b, s, d = x_bsd.shape
+    x_td = x_bsd.reshape(b * s, d)
+    logits_te = self.gate(x_td)
+    weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg)
+    y_tkd = expert_outputs(x_td, ids_tk, self.experts.gate_proj[...], self.experts.up_proj[...],
+                           self.experts.down_proj[...], impl=cfg.moe_impl,
+                           tile_size=cfg.moe_tile_size)
+    # Gate weights stay float32 for the weighted sum, as in HF, then back to the compute dtype.
+    y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
+    y_bsd = y_td.astype(x_bsd.dtype).reshape(b, s, d)
+    if self.shared_experts is not None:
+      y_bsd = y_bsd + self.shared_experts(x_bsd)
+    if token_mask_bs is None:
+      token_mask_bs = jnp.ones((b, s), jnp.bool_)
+    aux = balance_loss(scores_te.reshape(b, s, -1), ids_tk.reshape(b, s, -1), token_mask_bs, cfg)
+    return y_bsd, Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk), aux
