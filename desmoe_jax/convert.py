@@ -142,7 +142,7 @@ def _hf_suffix(parts: tuple) -> str:
 def leaf_specs(model: DeepseekV2ForCausalLM) -> list[LeafSpec]:
   cfg = model.config
   specs = []
-  for path, var in nnx.state(model, nnx.Param).flat_state():
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     ndim = len(var.shape)
     top = path[0]
     if top in ("embed_tokens", "norm", "lm_head"):
@@ -221,7 +221,7 @@ def load_state(model: DeepseekV2ForCausalLM, path: str, shardings=None):
   """Fills the (possibly abstract) model's parameters from an HF directory; returns the model."""
   ckpt = Checkpoint(path)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  flat = dict(params.flat_state())
+  flat = dict(nnx.to_flat_state(params))
   specs = leaf_specs(model)
   _check_shapes(ckpt, specs, flat, tied=model.config.tie_word_embeddings)
   for spec in specs:
@@ -236,7 +236,7 @@ def load_state(model: DeepseekV2ForCausalLM, path: str, shardings=None):
     if not np.array_equal(np.asarray(ckpt.get("lm_head.weight")), np.asarray(emb)):
       raise ValueError(f"{path}: tie_word_embeddings=True but lm_head.weight differs from "
                        "model.embed_tokens.weight")
-  params = nnx.State.from_flat_path(flat)
+  params = nnx.from_flat_state(flat)
   return nnx.merge(graphdef, params, rest)
 
 
@@ -278,7 +278,7 @@ def _is_router(spec: LeafSpec) -> bool:
 
 def _hf_tensors(model: DeepseekV2ForCausalLM, dtype=None):
   """Yields (hf_key, numpy array) in a deterministic order, one HF tensor at a time."""
-  flat = dict(nnx.state(model, nnx.Param).flat_state())
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for spec in leaf_specs(model):
     value = flat[spec.path][...]
     for idx, key in spec.keys():
