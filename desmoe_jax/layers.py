@@ -78,3 +78,19 @@ class MLP(nnx.Module):
 
   def __call__(self, x_btd):
     return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+  """One module whose Variables are the inputs' Variables stacked on a new leading `layers` axis."""
+  graphdef, first = nnx.split(modules[0])
+  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
+
+  def stack(*variables):
+    axes = variables[0].get_metadata().get("logical_axes")
+    value = jnp.stack([v[...] for v in variables])
+    if axes is None:
+      return variables[0].replace(value)
+    return variables[0].replace(value, logical_axes=("layers",) + tuple(axes))
+
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)

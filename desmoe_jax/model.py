@@ -15,8 +15,8 @@ from flax import nnx, struct
 
 from desmoe_jax.attention import MLAttention, attention_mask
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm
-from desmoe_jax.moe import MoE
+from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
+from desmoe_jax.moe import Adaptation, MoE
 from desmoe_jax.router import Routing
 
 
@@ -25,6 +25,9 @@ class ModelOutput:
   logits: jax.Array                 # [batch, seq, vocab]
   aux_loss: jax.Array               # scalar: DeepSeek balance loss summed over MoE layers
   routing: Routing | None = None    # stacked over MoE layers: [L, batch*seq, ...]; if requested
+  kd_loss: jax.Array | None = None  # scalar: ALR distillation loss, mean over MoE layers
+  domain_counts: jax.Array | None = None  # [L, D, E] tokens of domain d routed to e (DGES)
+  domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
 
 
 class DecoderLayer(nnx.Module):
@@ -41,29 +44,14 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
     self.is_moe = moe
 
-  def __call__(self, x_bsd, positions_bs, mask_b1qk, token_mask_bs):
+  def __call__(self, x_bsd, positions_bs, mask_b1qk, token_mask_bs, adapt=None):
+    """Returns (x, Routing or None, LayerStats or None)."""
     x_bsd = x_bsd + self.self_attn(self.input_layernorm(x_bsd), positions_bs, mask_b1qk)
     h_bsd = self.post_attention_layernorm(x_bsd)
     if self.is_moe:
-      y_bsd, routing, aux = self.mlp(h_bsd, token_mask_bs)
-      return x_bsd + y_bsd, routing, aux
-    return x_bsd + self.mlp(h_bsd), None, jnp.zeros((), jnp.float32)
-
-
-def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
-  """One module whose Variables are the inputs' Variables stacked on a new leading `layers` axis."""
-  graphdef, first = nnx.split(modules[0])
-  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
-
-  def stack(*variables):
-    axes = variables[0].get_metadata().get("logical_axes")
-    value = jnp.stack([v[...] for v in variables])
-    if axes is None:
-      return variables[0].replace(value)
-    return variables[0].replace(value, logical_axes=("layers",) + tuple(axes))
-
-  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, stacked)
+      y_bsd, routing, stats = self.mlp(h_bsd, token_mask_bs, adapt)
+      return x_bsd + y_bsd, routing, stats
+    return x_bsd + self.mlp(h_bsd), None, None
 
 
 _REMAT_POLICIES = {
@@ -90,11 +78,12 @@ class DeepseekV2ForCausalLM(nnx.Module):
                rngs=rngs))
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
-               return_routing: bool = False) -> ModelOutput:
-    """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, routing).
+               return_routing: bool = False, adapt: Adaptation | None = None) -> ModelOutput:
+    """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
     positions: RoPE positions (restart at 0 in each packed example); default 0..seq-1.
+    adapt: DES-MoE per-call inputs (domain ids, router gradient scale, gradient isolation).
     """
     cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
@@ -107,39 +96,41 @@ class DeepseekV2ForCausalLM(nnx.Module):
     token_mask = segment_ids_bs != 0
 
     x = self.embed_tokens(input_ids_bs)
-    aux = jnp.zeros((), jnp.float32)
     for layer in self.dense_layers:
-      x, _, layer_aux = layer(x, positions_bs, mask, token_mask)
-      aux = aux + layer_aux
+      x, _, _ = layer(x, positions_bs, mask, token_mask)
 
-    routing = None
+    out = ModelOutput(logits=None, aux_loss=jnp.zeros((), jnp.float32))
     if self.moe_layers is not None:
-      x, routing, moe_aux = self._moe_stack(x, positions_bs, mask, token_mask, return_routing)
-      aux = aux + moe_aux.sum()
+      x, routing, stats = self._moe_stack(x, positions_bs, mask, token_mask, return_routing,
+                                          adapt)
+      out = out.replace(aux_loss=stats.balance.sum(), kd_loss=stats.kd.mean(), routing=routing)
+      if stats.domain_counts is not None:
+        out = out.replace(domain_counts=stats.domain_counts, domain_tokens=stats.domain_tokens[0])
 
     x = self.norm(x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
-    return ModelOutput(logits=logits, aux_loss=aux, routing=routing)
+    return out.replace(logits=logits)
 
-  def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing):
+  def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt):
+    """Applies the stacked MoE layers; per-layer outputs come back stacked on axis 0."""
     graphdef, state = nnx.split(self.moe_layers)
 
     def body(h, layer_state):
       layer = nnx.merge(graphdef, layer_state)
-      h, routing, aux = layer(h, positions_bs, mask, token_mask)
-      return h, (routing if return_routing else None, aux)
+      h, routing, stats = layer(h, positions_bs, mask, token_mask, adapt)
+      return h, (routing if return_routing else None, stats)
 
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
     if self.config.scan_layers:
-      x, (routing, aux) = jax.lax.scan(body, x, state)
-      return x, routing, aux
+      x, (routing, stats) = jax.lax.scan(body, x, state)
+      return x, routing, stats
     outs = []
     for i in range(self.config.num_moe_layers):
       x, out = body(x, jax.tree.map(lambda a: a[i], state))
       outs.append(out)
-    routing, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x, routing, aux
+    routing, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, routing, stats
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV2ForCausalLM:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from desmoe_jax import gmm
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import MLP, normal_init, param
-from desmoe_jax.router import Routing, TopKRouter, balance_loss, select_experts
+from desmoe_jax.router import AdaptiveRouter, Routing, TopKRouter, balance_loss, select_experts
+from desmoe_jax.specialization import domain_expert_counts
 
 IMPLS = ("dense", "ragged", "tiled")
 
@@ -78,8 +79,29 @@ class RoutedExperts(nnx.Module):
     self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"))
 
 
+@struct.dataclass
+class Adaptation:
+  """Per-call DES-MoE inputs to the MoE layers; the defaults leave the pretrained model as is."""
+  domain_bs: jax.Array | None = None          # [batch, seq] int domain id of every token
+  router_grad_scale: jax.Array | None = None  # scalar (1 - lambda): task-gradient share of the ALR
+  isolate: bool = struct.field(pytree_node=False, default=False)  # apply the ExpertMask
+
+
+@struct.dataclass
+class LayerStats:
+  balance: jax.Array                      # scalar DeepSeek balance loss (times aux_loss_alpha)
+  kd: jax.Array                           # scalar router distillation loss (0 without an ALR)
+  domain_counts: jax.Array | None = None  # [D, E] real tokens of domain d that picked expert e
+  domain_tokens: jax.Array | None = None  # [D] real tokens of domain d
+
+
 class MoE(nnx.Module):
-  """y = shared_experts(x) + sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
+  """y = shared_experts(x) + sum_k w[t,k] * expert_{ids[t,k]}(x[t]).
+
+  DES-MoE adds, through `router.attach_alr` / `specialization.attach` / `.attach_copies`: an
+  adaptive router in place of `gate`, the correlation/mask state, and a bank of duplicated
+  experts. With them absent this is exactly the pretrained DeepSeek-V2 MoE.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -90,23 +112,55 @@ class MoE(nnx.Module):
             use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         if cfg.n_shared_experts else None)
+    self.correlation = nnx.data(None)    # specialization.Correlation [D, E] once attached
+    self.expert_mask = nnx.data(None)    # specialization.ExpertMask [D, E] once attached
+    self.expert_copies = nnx.data(None)  # specialization.ExpertCopies once attached
 
-  def __call__(self, x_bsd, token_mask_bs=None):
-    """Returns (y [B,S,D], Routing over the B*S tokens, balance loss scalar)."""
+  def __call__(self, x_bsd, token_mask_bs=None, adapt: Adaptation | None = None):
+    """Returns (y [B,S,D], Routing over the B*S tokens, LayerStats)."""
     cfg = self.cfg
+    adapt = adapt if adapt is not None else Adaptation()
     b, s, d = x_bsd.shape
     x_td = x_bsd.reshape(b * s, d)
-    logits_te = self.gate(x_td)
+    if token_mask_bs is None:
+      token_mask_bs = jnp.ones((b, s), jnp.bool_)
+    mask_t = token_mask_bs.reshape(-1)
+    domain_t = None if adapt.domain_bs is None else adapt.domain_bs.reshape(-1)
+
+    kd = jnp.zeros((), jnp.float32)
+    if isinstance(self.gate, AdaptiveRouter):
+      logits_te = self.gate(x_td, grad_scale=adapt.router_grad_scale)
+      kd = self.gate.distillation_loss(jax.lax.stop_gradient(x_td), mask_t)
+    else:
+      logits_te = self.gate(x_td)
     weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg)
-    y_tkd = expert_outputs(x_td, ids_tk, self.experts.gate_proj[...], self.experts.up_proj[...],
-                           self.experts.down_proj[...], impl=cfg.moe_impl,
+
+    gate, up, down = (self.experts.gate_proj[...], self.experts.up_proj[...],
+                      self.experts.down_proj[...])
+    dispatch_tk = ids_tk
+    if self.expert_copies is not None and domain_t is not None:
+      gate, up, down, dispatch_tk = self.expert_copies.dispatch(gate, up, down, ids_tk, domain_t)
+    y_tkd = expert_outputs(x_td, dispatch_tk, gate, up, down, impl=cfg.moe_impl,
                            tile_size=cfg.moe_tile_size)
+    if adapt.isolate:
+      if self.expert_mask is None or domain_t is None:
+        raise ValueError("gradient isolation needs specialization.attach(...) and domain ids")
+      # An expert learns only from tokens of domains that own it; the forward is unchanged.
+      allowed_tk = self.expert_mask[...][domain_t[:, None], ids_tk] > 0
+      y_tkd = jnp.where(allowed_tk[..., None], y_tkd, jax.lax.stop_gradient(y_tkd))
+
     # Gate weights stay float32 for the weighted sum, as in HF, then back to the compute dtype.
     y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
     y_bsd = y_td.astype(x_bsd.dtype).reshape(b, s, d)
     if self.shared_experts is not None:
       y_bsd = y_bsd + self.shared_experts(x_bsd)
-    if token_mask_bs is None:
-      token_mask_bs = jnp.ones((b, s), jnp.bool_)
-    aux = balance_loss(scores_te.reshape(b, s, -1), ids_tk.reshape(b, s, -1), token_mask_bs, cfg)
-    return y_bsd, Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk), aux
+
+    stats = LayerStats(
+        balance=balance_loss(scores_te.reshape(b, s, -1), ids_tk.reshape(b, s, -1),
+                             token_mask_bs, cfg),
+        kd=kd)
+    if domain_t is not None and self.correlation is not None:
+      counts, tokens = domain_expert_counts(ids_tk, domain_t, mask_t,
+                                            self.correlation.shape[0], cfg.n_routed_experts)
+      stats = stats.replace(domain_counts=counts, domain_tokens=tokens)
+    return y_bsd, Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk), stats

@@ -1,17 +1,20 @@
-"""Routers: the pretrained DeepSeek-V2 top-k gate, expert selection and the balance loss.
+"""Routers: the pretrained DeepSeek-V2 top-k gate, expert selection, the balance loss, and
+DES-MoE part 1, the Adaptive Lightweight Router (ALR) with its distillation loss (METHOD.md s.1).
 
-The router always runs in float32 (HF keeps `gate.weight` in float32 even in a bf16 model),
+Routers always run in float32 (HF keeps `gate.weight` in float32 even in a bf16 model),
 because a rounding difference in the logits changes which experts a token goes to.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import normal_init, param
+from desmoe_jax.layers import normal_init, param, stack_modules
 
 
 @struct.dataclass
@@ -80,3 +83,128 @@ class TopKRouter(nnx.Module):
 
   def __call__(self, x_td):
     return jnp.dot(x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+
+
+# ------------------------------------------------------------------ DES-MoE: Adaptive Lightweight Router
+
+
+@dataclasses.dataclass(frozen=True)
+class AlrConfig:
+  """METHOD.md section 1; every field is a config knob (`alr.*`)."""
+  form: str = "residual"      # "residual": R_orig + MLP (W2=0 at init) | "mlp": the paper's plain MLP
+  hidden_mult: int = 4        # hidden width in units of d_model
+  tau: float = 0.7            # distillation temperature
+  loss: str = "convex"        # "convex": router grad = (1-lam) dL_task + lam dL_KD | "additive"
+  beta: float = 1.0           # KD weight for loss="additive"
+  tau_squared: bool = False   # multiply L_KD by tau^2 (Hinton); the paper does not
+
+  def __post_init__(self):
+    if self.form not in ("residual", "mlp"):
+      raise ValueError(f"alr.form={self.form!r}: expected 'residual' or 'mlp'")
+    if self.loss not in ("convex", "additive"):
+      raise ValueError(f"alr.loss={self.loss!r}: expected 'convex' or 'additive'")
+    if self.tau <= 0 or self.hidden_mult < 1:
+      raise ValueError(f"alr.tau={self.tau} must be > 0 and alr.hidden_mult={self.hidden_mult} >= 1")
+
+
+class RouterTeacher(nnx.Variable):
+  """The frozen pretrained router weight [d_model, E]: the distillation target, never optimised
+  (not an nnx.Param, so no gradient, no optimizer state)."""
+
+
+def kd_lambda(step, total_steps):
+  """lambda(alpha) = max(0, 1 - alpha), alpha = step / total_steps."""
+  alpha = jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+  return jnp.maximum(0.0, 1.0 - alpha)
+
+
+@jax.custom_vjp
+def scale_grad(x, scale):
+  """Identity whose gradient is multiplied by `scale` (a scalar array)."""
+  return x
+
+
+def _scale_grad_fwd(x, scale):
+  return x, scale
+
+
+def _scale_grad_bwd(scale, g):
+  return jax.tree.map(lambda t: (t * scale).astype(t.dtype), g), jnp.zeros_like(scale)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+class AdaptiveRouter(nnx.Module):
+  """R_adapt(h) = W2 GELU(W1 h + b1) + b2 (+ h W_s for form="residual"), exact at init.
+
+  residual: W_s is a trainable copy of the pretrained router, W2 = b2 = 0, so the logits are
+            bit-identical to the pretrained router's at step 0.
+  mlp:      the first 2E hidden units of W1 are [W_orig, -W_orig] and W2 maps them with
+            [I; -I]: since GELU(z) - GELU(-z) = z the logits equal W_orig h up to rounding;
+            the other hidden units are Kaiming-initialised with zero outgoing weights.
+  """
+
+  def __init__(self, pretrained_de, cfg: AlrConfig, *, rngs: nnx.Rngs):
+    w = jnp.asarray(pretrained_de, jnp.float32)
+    d, e = w.shape
+    hidden = cfg.hidden_mult * d
+    self.form = cfg.form
+    self.tau, self.tau_squared = cfg.tau, cfg.tau_squared
+    self.teacher = RouterTeacher(w, logical_axes=("embed", None))
+    w1 = jax.nn.initializers.kaiming_normal()(rngs.params(), (d, hidden), jnp.float32)
+    w2 = jnp.zeros((hidden, e), jnp.float32)
+    if cfg.form == "residual":
+      self.weight = nnx.Param(w, logical_axes=("embed", None))
+    else:
+      if hidden < 2 * e:
+        raise ValueError(f"alr.form='mlp' needs hidden_mult * d_model >= 2 * n_experts "
+                         f"({hidden} < {2 * e})")
+      w1 = w1.at[:, :e].set(w).at[:, e:2 * e].set(-w)
+      eye = jnp.eye(e, dtype=jnp.float32)
+      w2 = w2.at[:e].set(eye).at[e:2 * e].set(-eye)
+    self.w1 = nnx.Param(w1, logical_axes=("embed", "mlp"))
+    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("mlp",))
+    self.w2 = nnx.Param(w2, logical_axes=("mlp", None))
+    self.b2 = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+
+  def __call__(self, x_td, grad_scale=None):
+    """Student logits [T, E] in float32; `grad_scale` scales the gradient reaching the router's
+    parameters (not x), which is how the convex KD/task mix is applied."""
+    params = (self.w1[...], self.b1[...], self.w2[...], self.b2[...],
+              self.weight[...] if self.form == "residual" else None)
+    if grad_scale is not None:
+      params = scale_grad(params, grad_scale)
+    w1, b1, w2, b2, ws = params
+    x = x_td.astype(jnp.float32)
+    logits = jnp.dot(jax.nn.gelu(jnp.dot(x, w1) + b1, approximate=False), w2) + b2
+    return logits + jnp.dot(x, ws) if ws is not None else logits
+
+  def teacher_logits(self, x_td):
+    return jnp.dot(x_td.astype(jnp.float32), self.teacher[...])
+
+  def distillation_loss(self, x_td, token_mask_t):
+    """L_KD on these (already stop-gradient) hidden states: trains the router only."""
+    return kd_loss(self.teacher_logits(x_td), self(x_td), token_mask_t, self.tau,
+                   self.tau_squared)
+
+
+def kd_loss(teacher_logits_te, student_logits_te, token_mask_t, tau: float, tau_squared: bool):
+  """mean over real tokens of KL(softmax(teacher/tau) || softmax(student/tau))."""
+  log_p = jax.nn.log_softmax(teacher_logits_te / tau, axis=-1)
+  log_q = jax.nn.log_softmax(student_logits_te / tau, axis=-1)
+  kl_t = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  m = token_mask_t.astype(jnp.float32)
+  loss = jnp.sum(kl_t * m) / jnp.maximum(m.sum(), 1.0)
+  return loss * tau * tau if tau_squared else loss
+
+
+def attach_alr(model, cfg: AlrConfig, seed: int = 0):
+  """Replaces every MoE layer's pretrained gate by an AdaptiveRouter built from it (in place)."""
+  moe = model.moe_layers.mlp
+  if isinstance(moe.gate, AdaptiveRouter):
+    raise ValueError("the model already has an adaptive router")
+  pretrained_lde = moe.gate.weight[...]
+  rngs = nnx.Rngs(seed)
+  moe.gate = stack_modules([AdaptiveRouter(w, cfg, rngs=rngs) for w in pretrained_lde])
+  return model
