@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -105,4 +106,129 @@ def attach(model, num_domains: int):
                                 logical_axes=axes)
   moe.expert_mask = ExpertMask(jnp.ones((layers, num_domains, e), jnp.float32),
                                logical_axes=axes)
+  return model
+
+
+def expert_update_mask(mask_lde, domain_tokens_d):
+  """[L, E] 1 where some domain present in the batch owns the expert (it may be updated)."""
+  present_d = (domain_tokens_d > 0).astype(mask_lde.dtype)
+  return (jnp.einsum("lde,d->le", mask_lde, present_d) > 0).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------ expert duplication
+
+
+class CopyTable(nnx.Variable):
+  """Integer bookkeeping of duplicated experts (model state, not a parameter)."""
+
+
+class ExpertCopies(nnx.Module):
+  """A bank of C duplicated experts per layer, for `dges.duplicate_shared_experts`.
+
+  At the end of phase I (`duplicate`), an expert owned by k > 1 domains gets k - 1 copies; the
+  first owner keeps the original, every other owner d is given a copy and its tokens are
+  dispatched to it (`table[d, e]` = slot). Copies train like experts. For inference the copies
+  are merged back (`merge_copies`): the expert becomes the average of its versions, i.e. the
+  pretrained weight plus the average of the domains' deltas, so the served model keeps the
+  original architecture and needs no domain id. Stacked over layers: [L, C, ...].
+  """
+
+  def __init__(self, layers: int, capacity: int, num_domains: int, num_experts: int,
+               d_model: int, d_ff: int, dtype):
+    def bank(shape, axes):
+      return nnx.Param(jnp.zeros((layers, capacity) + shape, dtype), logical_axes=axes)
+
+    self.gate_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
+    self.up_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
+    self.down_proj = bank((d_ff, d_model), ("layers", None, "expert_mlp", "embed"))
+    self.table = CopyTable(jnp.full((layers, num_domains, num_experts), -1, jnp.int32),
+                           logical_axes=("layers", "domains", None))
+    self.origin = CopyTable(jnp.full((layers, capacity), -1, jnp.int32),
+                            logical_axes=("layers", None))
+    self.owner = CopyTable(jnp.full((layers, capacity), -1, jnp.int32),
+                           logical_axes=("layers", None))
+
+  def dispatch(self, gate, up, down, ids_tk, domain_t):
+    """Inside one layer: expert weights extended by the bank, and ids remapped to copies."""
+    e = gate.shape[0]
+    slot_tk = self.table[...][domain_t[:, None], ids_tk]
+    ids = jnp.where(slot_tk >= 0, e + slot_tk, ids_tk)
+    cat = lambda base, copies: jnp.concatenate([base, copies.astype(base.dtype)], axis=0)
+    return (cat(gate, self.gate_proj[...]), cat(up, self.up_proj[...]),
+            cat(down, self.down_proj[...]), ids)
+
+
+
+def copies_update_mask(owner_lc, origin_lc, mask_lde, domain_tokens_d):
+  """[L, C] 1 where a used copy's owner is in the batch and still owns the original expert."""
+  present_d = domain_tokens_d > 0
+  d, e = jnp.maximum(owner_lc, 0), jnp.maximum(origin_lc, 0)
+  owns = mask_lde[jnp.arange(mask_lde.shape[0])[:, None], d, e] > 0
+  return ((owner_lc >= 0) & present_d[d] & owns).astype(jnp.float32)
+
+
+def attach_copies(model, num_domains: int, capacity: int):
+  moe = model.moe_layers.mlp
+  layers, e, d, f = moe.experts.gate_proj.shape
+  moe.expert_copies = ExpertCopies(layers, capacity, num_domains, model.config.n_routed_experts,
+                                   d, f, moe.experts.gate_proj.dtype)
+  return model
+
+
+def duplicate(model) -> dict:
+  """Fills the copy bank from the current masks (end of phase I); returns a summary.
+
+  Host-side and deterministic: owners in domain order, experts in index order, until the
+  bank of a layer is full (what did not fit is reported, and those domains keep sharing).
+  """
+  moe = model.moe_layers.mlp
+  copies = moe.expert_copies
+  mask = np.asarray(moe.expert_mask[...]) > 0                      # [L, D, E]
+  layers, num_domains, num_experts = mask.shape
+  capacity = copies.origin.shape[1]
+  table = np.full((layers, num_domains, num_experts), -1, np.int32)
+  origin = np.full((layers, capacity), -1, np.int32)
+  owner = np.full((layers, capacity), -1, np.int32)
+  banks = {n: np.array(getattr(copies, n)[...]) for n in ("gate_proj", "up_proj", "down_proj")}
+  experts = {n: np.asarray(getattr(moe.experts, n)[...]) for n in banks}
+  made, dropped = 0, 0
+  for l in range(layers):
+    slot = 0
+    for e in range(num_experts):
+      owners = np.flatnonzero(mask[l, :, e])
+      for d in owners[1:]:
+        if slot == capacity:
+          dropped += 1
+          continue
+        table[l, d, e], origin[l, slot], owner[l, slot] = slot, e, d
+        for n in banks:
+          banks[n][l, slot] = experts[n][l, e]
+        slot += 1
+        made += 1
+  for n, v in banks.items():
+    getattr(copies, n)[...] = jnp.asarray(v)
+  copies.table[...] = jnp.asarray(table)
+  copies.origin[...] = jnp.asarray(origin)
+  copies.owner[...] = jnp.asarray(owner)
+  return {"copies": made, "not_copied_bank_full": dropped}
+
+
+def merge_copies(model):
+  """Folds duplicated experts back (average of the original and its copies); removes the bank."""
+  moe = model.moe_layers.mlp
+  copies = moe.expert_copies
+  if copies is None:
+    return model
+  origin = copies.origin[...]                                         # [L, C]
+  layers, capacity = origin.shape
+  num_experts = moe.experts.gate_proj.shape[1]
+  onehot = jax.nn.one_hot(jnp.where(origin >= 0, origin, num_experts), num_experts + 1)[..., :-1]
+  counts = 1.0 + onehot.sum(axis=1)                                   # [L, E] versions per expert
+  for n in ("gate_proj", "up_proj", "down_proj"):
+    base = getattr(moe.experts, n)
+    summed = base[...].astype(jnp.float32) + jnp.einsum(
+        "lce,lc...->le...", onehot, getattr(copies, n)[...].astype(jnp.float32))
+    ndim = base[...].ndim
+    base[...] = (summed / counts.reshape(counts.shape + (1,) * (ndim - 2))).astype(base.dtype)
+  moe.expert_copies = None
   return model

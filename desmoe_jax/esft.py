@@ -1,0 +1,111 @@
+"""ESFT baselines (DeepSeek, "Let the Expert Stick to His Last", 2024).
+
+Per domain, experts are scored on a sample of that domain's tokens, by average gate score
+(ESFT-Gate) or by token selection ratio (ESFT-Token), each normalised per layer to sum to 1;
+per layer the smallest set of experts whose cumulative score reaches `top_p` is selected
+(ESFT's `generate_expert_config.py` loop), and only those experts are fine-tuned.
+Multi-domain ESFT trains the union of the domains' selections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from desmoe_jax.specialization import top_p_mask
+
+DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
+
+
+@dataclasses.dataclass(frozen=True)
+class EsftConfig:
+  """Every field is a config knob (`esft.*`)."""
+  top_p: float | None = None          # None: 0.1 for esft_gate, 0.2 for esft_token
+  sample_tokens: int = 8192           # tokens of each domain used to score experts (ESFT's value)
+  domain: int = -1                    # -1: union over all domains; d >= 0: single-domain ESFT
+  train_shared_experts: bool = False  # ESFT's --train_shared_experts
+  train_non_expert_modules: bool = False  # ESFT's --train_non_expert_modules
+
+  def threshold(self, score: str) -> float:
+    return DEFAULT_TOP_P[score] if self.top_p is None else self.top_p
+
+
+def score_sums(topk_ids_ltk, topk_weights_ltk, token_mask_t, num_experts: int):
+  """Raw per-layer sums over real tokens: gate weights [L, E] and selections / K [L, E]."""
+  m = token_mask_t.astype(jnp.float32)[None, :, None, None]
+  onehot = jax.nn.one_hot(topk_ids_ltk, num_experts, dtype=jnp.float32) * m  # [L, T, K, E]
+  k = topk_ids_ltk.shape[-1]
+  gate = jnp.einsum("ltke,ltk->le", onehot, topk_weights_ltk.astype(jnp.float32))
+  token = onehot.sum(axis=(1, 2)) / k
+  return gate, token
+
+
+def normalise_per_layer(sums_le):
+  return sums_le / jnp.maximum(sums_le.sum(axis=-1, keepdims=True), 1e-30)
+
+
+def select(scores_le, top_p: float):
+  """[L, E] 0/1: per layer, ESFT's top-p set of experts."""
+  return top_p_mask(normalise_per_layer(jnp.asarray(scores_le)), top_p).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _routed_sums(graphdef, state, tokens, segment_ids, positions, num_experts):
+  out = nnx.merge(graphdef, state)(tokens, segment_ids_bs=segment_ids, positions_bs=positions,
+                                   return_routing=True)
+  mask = (segment_ids != 0).reshape(-1)
+  return score_sums(out.routing.topk_ids, out.routing.topk_weights, mask, num_experts)
+
+
+def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_experts: int):
+  """Scores one domain from batches {"tokens", "segment_ids"?, "positions"?} until
+  `sample_tokens` real tokens were seen. Returns normalised {"gate": [L,E], "token": [L,E]}."""
+
+  graphdef, state = nnx.split(model)
+  gate = token = None
+  seen = 0
+  for batch in batches:
+    tokens = jnp.asarray(batch["tokens"])
+    segment_ids = jnp.asarray(batch.get("segment_ids", np.ones(tokens.shape, np.int32)))
+    positions = jnp.asarray(batch.get("positions", np.broadcast_to(
+        np.arange(tokens.shape[1]), tokens.shape)))
+    g, t = _routed_sums(graphdef, state, tokens, segment_ids, positions, num_experts)
+    gate = g if gate is None else gate + g
+    token = t if token is None else token + t
+    seen += int((np.asarray(segment_ids) != 0).sum())
+    if seen >= sample_tokens:
+      break
+  if gate is None:
+    raise ValueError("ESFT expert scoring got no batches for a domain")
+  return {"gate": normalise_per_layer(gate), "token": normalise_per_layer(token), "tokens": seen}
+
+
+def esft_masks(model, batches_by_domain: dict, score: str, cfg: EsftConfig,
+               num_domains: int) -> np.ndarray:
+  """ExpertMask [L, D, E] for an ESFT run: single-domain (`cfg.domain` = d: row d = d's
+  selection, other rows 0) or multi-domain (every row = the union of the domains' selections).
+
+  `batches_by_domain`: {domain: iterable of batches}; only the domains needed are read.
+  """
+  domains = [cfg.domain] if cfg.domain >= 0 else list(range(num_domains))
+  missing = [d for d in domains if d not in batches_by_domain]
+  if missing:
+    raise ValueError(f"ESFT expert scoring needs data for domain(s) {missing}")
+  e = model.config.n_routed_experts
+  selections = {d: np.asarray(select(domain_scores(model, batches_by_domain[d],
+                                                   cfg.sample_tokens, e)[score],
+                                     cfg.threshold(score)))
+                for d in domains}
+  layers = next(iter(selections.values())).shape[0]
+  masks = np.zeros((layers, num_domains, e), np.float32)
+  if cfg.domain >= 0:
+    masks[:, cfg.domain] = selections[cfg.domain]
+  else:
+    masks[:] = np.max(np.stack(list(selections.values())), axis=0)[:, None, :]
+  return masks

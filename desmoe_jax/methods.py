@@ -1,0 +1,121 @@
+"""The methods one trainer runs: DES-MoE, its ablations, and the baselines it is compared with.
+
+| method               | router                  | masks (DGES)            | schedule | trains                  |
+|----------------------|-------------------------|-------------------------|----------|-------------------------|
+| desmoe               | ALR + KD                | applied, refreshed      | 3 phases | per phase               |
+| desmoe_no_alr        | pretrained linear       | applied, refreshed      | 3 phases | per phase               |
+| desmoe_no_dges       | ALR + KD                | tracked only            | 3 phases | per phase               |
+| desmoe_no_schedule   | ALR + KD                | applied, refreshed      | none     | everything, all run     |
+| fft                  | pretrained linear       | tracked only            | none     | everything              |
+| esft_gate/esft_token | pretrained linear, frozen | ESFT selection, fixed | none     | selected routed experts |
+
+Masks are always computed from the routing statistics ("tracked only" = refreshed but never
+applied), so expert overlap between domains can be compared across methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from desmoe_jax.esft import EsftConfig
+from desmoe_jax.router import AlrConfig, attach_alr
+from desmoe_jax.schedule import (ALL, CONSOLIDATION, ScheduleConfig, desmoe_trainable,
+                                 phase_at, phase_boundaries)
+from desmoe_jax.specialization import DgesConfig, attach, attach_copies
+
+METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_no_dges",
+           "desmoe_no_schedule")
+UNSCHEDULED = -1  # the single "phase" of methods without the three-phase schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  method: str = "desmoe"
+  num_domains: int = 6
+  total_steps: int = 500
+  alr: AlrConfig = AlrConfig()
+  dges: DgesConfig = DgesConfig()
+  schedule: ScheduleConfig = ScheduleConfig()
+  esft: EsftConfig = EsftConfig()
+  linear_router_trainable: bool = True  # desmoe_no_alr / fft: train the pretrained linear router
+  balance_loss: bool = True             # add DeepSeek's balance loss (aux_loss_alpha), as its
+                                        # and ESFT's training code do
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+    if self.num_domains < 1 or self.total_steps < 1:
+      raise ValueError(f"num_domains={self.num_domains} and total_steps={self.total_steps} "
+                       "must be >= 1")
+    if self.esft.domain >= self.num_domains:
+      raise ValueError(f"esft.domain={self.esft.domain} but num_domains={self.num_domains}")
+
+  # ---------------------------------------------------------------- what the method does
+  @property
+  def use_alr(self) -> bool:
+    return self.method in ("desmoe", "desmoe_no_dges", "desmoe_no_schedule")
+
+  @property
+  def apply_masks(self) -> bool:
+    """Gradient isolation and per-expert update masks from ExpertMask."""
+    return self.method in ("desmoe", "desmoe_no_alr", "desmoe_no_schedule", "esft_gate",
+                           "esft_token")
+
+  @property
+  def is_esft(self) -> bool:
+    return self.method.startswith("esft")
+
+  @property
+  def esft_score(self) -> str | None:
+    return {"esft_gate": "gate", "esft_token": "token"}.get(self.method)
+
+  @property
+  def use_schedule(self) -> bool:
+    return self.method in ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
+
+  @property
+  def duplicate_experts(self) -> bool:
+    return self.dges.duplicate_shared_experts and self.apply_masks and not self.is_esft
+
+  def phase(self, step: int) -> int:
+    return phase_at(step, self.total_steps, self.schedule) if self.use_schedule else UNSCHEDULED
+
+  def phases(self) -> list[tuple[int, int, int]]:
+    """[(phase, first_step, end_step)] of the run."""
+    if self.use_schedule:
+      return phase_boundaries(self.total_steps, self.schedule)
+    return [(UNSCHEDULED, 0, self.total_steps)]
+
+  def trainable(self, phase: int) -> frozenset:
+    """Parameter groups (schedule.LABELS) trained in `phase`."""
+    if self.is_esft:
+      groups = {"routed_experts"}
+      if self.esft.train_shared_experts:
+        groups.add("shared_experts")
+      if self.esft.train_non_expert_modules:
+        groups |= {"backbone", "router"}
+      return frozenset(groups)
+    groups = set(ALL if phase == UNSCHEDULED else desmoe_trainable(phase, self.schedule))
+    if not self.use_alr and not self.linear_router_trainable:
+      groups.discard("router")
+    return frozenset(groups)
+
+  def trainable_ever(self) -> frozenset:
+    return frozenset().union(*(self.trainable(p) for p, _, _ in self.phases()))
+
+  def refresh_masks(self, phase: int) -> bool:
+    """Masks follow the correlation matrix until consolidation; ESFT's masks are fixed."""
+    return not self.is_esft and phase != CONSOLIDATION
+
+
+def prepare_model(model, cfg: MethodConfig, seed: int = 0):
+  """Turns a pretrained DeepSeek-V2 into the trainable model of `cfg.method` (in place):
+  adaptive routers for the ALR methods, DGES state for all, a copy bank if duplication is on."""
+  if model.moe_layers is None:
+    raise ValueError("the model has no MoE layer (first_k_dense_replace >= num_hidden_layers)")
+  if cfg.use_alr:
+    attach_alr(model, cfg.alr, seed=seed)
+  attach(model, cfg.num_domains)
+  if cfg.duplicate_experts:
+    attach_copies(model, cfg.num_domains, cfg.dges.max_copies)
+  return model

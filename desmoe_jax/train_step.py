@@ -1,0 +1,147 @@
+"""One train step shared by every method: (params, state, opt_state, batch, step) -> same + metrics.
+
+`make_train_step(graphdef, method_cfg, optim_cfg, phase)` returns a pure function to jit once
+per phase (the phase decides which parameter groups are differentiated at all: frozen groups
+get no weight-gradient computation, which is where much of DES-MoE's speed comes from).
+
+batch: tokens [B, S] int; loss_mask [B, S] (1 where token t is a prediction target, i.e. the
+loss on predicting tokens[t] from tokens[:t]); domain_ids [B, S] int (per token, so packed rows
+can mix domains); optional segment_ids [B, S] (0 = padding) and positions [B, S].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from desmoe_jax import optim, specialization
+from desmoe_jax.methods import MethodConfig
+from desmoe_jax.moe import Adaptation
+from desmoe_jax.router import kd_lambda
+
+
+def split_model(model):
+  """(graphdef, params, state): Params, and every other Variable (DGES state, teachers...)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
+  """The optax transform of `phase`. Every phase's shares one state structure, so the state
+  made by `init_optimizer` (any phase) serves them all."""
+  return optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
+                               method_cfg.trainable_ever())
+
+
+def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, params):
+  return phase_optimizer(method_cfg, optim_cfg, method_cfg.phases()[0][0]).init(params)
+
+
+def _set(state, path: tuple, value):
+  """A copy of `state` with the Variable at `path` holding `value`."""
+  flat = dict(nnx.to_flat_state(state))
+  flat[path] = flat[path].replace(value)
+  return nnx.from_flat_state(flat)
+
+
+def token_losses(logits_bsv, tokens_bs):
+  """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
+  logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(nll, ((0, 0), (1, 0)))
+
+
+def per_domain(values_bs, weights_bs, domain_bs, num_domains: int):
+  """(sum of values, sum of weights) per domain, [D] each."""
+  onehot = jax.nn.one_hot(domain_bs, num_domains, dtype=jnp.float32) * weights_bs[..., None]
+  return jnp.einsum("bsd,bs->d", onehot, values_bs), onehot.sum(axis=(0, 1))
+
+
+def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig,
+                    phase: int):
+  """The step of `phase`, to be jitted once (`graphdef` from `split_model`)."""
+  cfg = method_cfg
+  tx = phase_optimizer(method_cfg, optim_cfg, phase)
+  lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
+  trainable = optim.trainable_filter(cfg.trainable(phase))
+  refresh = cfg.refresh_masks(phase)
+
+  def step_fn(params, state, opt_state, batch, step):
+    tokens = batch["tokens"]
+    domain_bs = batch["domain_ids"]
+    loss_mask = batch["loss_mask"].astype(jnp.float32)
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    positions = batch.get("positions")
+
+    lam = kd_lambda(step, cfg.total_steps) if cfg.use_alr else jnp.zeros((), jnp.float32)
+    convex = cfg.use_alr and cfg.alr.loss == "convex"
+    adapt = Adaptation(domain_bs=domain_bs, isolate=cfg.apply_masks,
+                       router_grad_scale=(1.0 - lam) if convex else None)
+    diff, frozen = nnx.split_state(params, trainable, ...)
+
+    def loss_fn(diff):
+      model = nnx.merge(graphdef, diff, frozen, state)
+      out = model(tokens, segment_ids_bs=segment_ids, positions_bs=positions, adapt=adapt)
+      nll = token_losses(out.logits, tokens)
+      n = jnp.maximum(loss_mask.sum(), 1.0)
+      task = jnp.sum(nll * loss_mask) / n
+      total = task + (out.aux_loss if cfg.balance_loss else 0.0)
+      kd = out.kd_loss if cfg.use_alr else jnp.zeros((), jnp.float32)
+      if cfg.use_alr:
+        weight = lam if convex else cfg.alr.beta * lam
+        total = total + weight * kd
+      return total, (task, kd, nll, out)
+
+    (total, (task, kd, nll, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
+    # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
+    full_grads = nnx.merge_state(jax.tree.map(jnp.zeros_like, frozen), grads)
+
+    moe_state = state["moe_layers"]["mlp"]
+    mask = moe_state["expert_mask"][...]                                   # [L, D, E]
+    update_mask = {"experts": jnp.ones((mask.shape[0], mask.shape[2]), jnp.float32)}
+    if cfg.apply_masks:
+      update_mask["experts"] = specialization.expert_update_mask(mask, out.domain_tokens)
+    if "expert_copies" in moe_state:
+      copies = moe_state["expert_copies"]
+      update_mask["expert_copies"] = specialization.copies_update_mask(
+          copies["owner"][...], copies["origin"][...], mask, out.domain_tokens)
+    updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
+                                       expert_update_mask=update_mask)
+    new_params = optax.apply_updates(params, updates)
+
+    # DGES: correlation from this step's routing; masks refreshed every T_update steps.
+    corr = moe_state["correlation"][...]
+    new_corr = specialization.update_correlation(corr, out.domain_counts, out.domain_tokens,
+                                                 cfg.dges.momentum)
+    new_mask = mask
+    if refresh:
+      due = (step + 1) % cfg.dges.update_every == 0
+      new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
+                                                                     cfg.dges.score), mask)
+    new_state = _set(state, ("moe_layers", "mlp", "correlation"), new_corr)
+    new_state = _set(new_state, ("moe_layers", "mlp", "expert_mask"), new_mask)
+
+    domain_loss, domain_tokens = per_domain(nll, loss_mask, domain_bs, cfg.num_domains)
+    overlap = specialization.mask_overlap(new_mask)
+    d = cfg.num_domains
+    metrics = {
+        "loss": task,
+        "total_loss": total,
+        "kd_loss": kd,
+        "lambda": lam,
+        "balance_loss": out.aux_loss,
+        "grad_norm": optax.tree.norm(grads),
+        "domain_loss": domain_loss / jnp.maximum(domain_tokens, 1.0),   # [D]; NaN-free
+        "domain_tokens": domain_tokens,                                  # [D] target tokens
+        "mask_density": new_mask.mean(),
+        "expert_overlap": (overlap.sum() - jnp.trace(overlap)) / max(d * (d - 1), 1),
+        "overlap_matrix": overlap,
+        "experts_updated": update_mask["experts"].mean(),
+        "learning_rate": lr_schedule(step),
+    }
+    return new_params, new_state, new_opt_state, metrics
+
+  return step_fn

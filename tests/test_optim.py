@@ -1,0 +1,107 @@
+"""Phases, labels and masks in the optimizer: what must not move, does not move, bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import batch, tiny_model
+
+from desmoe_jax import optim
+from desmoe_jax import train_step as ts
+from desmoe_jax.methods import METHODS, MethodConfig, prepare_model
+from desmoe_jax.schedule import CONSOLIDATION, STABILIZATION, WARMUP, ScheduleConfig
+
+
+def _setup(method="desmoe", owners=None, **kw):
+  mc = MethodConfig(method=method, num_domains=3, total_steps=10, **kw)
+  model = prepare_model(tiny_model(seed=11), mc)
+  if owners is not None:  # hand-made ownership: owners[e] = domains owning expert e (all layers)
+    mask = np.zeros(model.moe_layers.mlp.expert_mask.shape, np.float32)
+    for e, doms in owners.items():
+      mask[:, doms, e] = 1
+    model.moe_layers.mlp.expert_mask[...] = jnp.asarray(mask)
+  g, params, state = ts.split_model(model)
+  oc = optim.OptimConfig(learning_rate=1e-2, weight_decay=0.1)
+  return mc, oc, g, params, state, ts.init_optimizer(mc, oc, params)
+
+
+def _flat(params):
+  return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+
+
+OWNERS = {0: [0], 1: [1], 2: [2], 3: [0, 2], 4: [], 5: [1], 6: [0, 1, 2], 7: [2]}
+
+
+def _changed_experts(before, after):
+  """[L, E] bool: expert changed in any of its three matrices."""
+  out = 0
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    path = ("moe_layers", "mlp", "experts", name)
+    out = out | (before[path] != after[path]).any(axis=(2, 3))
+  return out
+
+
+def test_only_experts_owned_by_batch_domains_move_and_momentum_cannot_move_them():
+  mc, oc, g, params, state, opt = _setup(owners=OWNERS)
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, STABILIZATION))
+  p0 = _flat(params)
+  # Mixed batch of domains 0 and 1: experts owned by 0 or 1 may move; 2, 4, 7 may not.
+  params, state, opt, m = step_fn(params, state, opt, batch(0, [0, 1, 0, 1]), jnp.asarray(3))
+  p1 = _flat(params)
+  changed = _changed_experts(p0, p1)
+  allowed = np.array([bool(set(OWNERS[e]) & {0, 1}) for e in range(8)])
+  np.testing.assert_array_equal(changed, np.broadcast_to(allowed, changed.shape))
+  # Next step with domain 2 only: experts 0, 1, 5 have Adam momentum from step 1 but no owner in
+  # the batch now; they must stay bit-for-bit (no momentum step, no weight decay).
+  params, state, opt, _ = step_fn(params, state, opt, batch(1, [2, 2]), jnp.asarray(4))
+  p2 = _flat(params)
+  changed = _changed_experts(p1, p2)
+  allowed = np.array([2 in OWNERS[e] for e in range(8)])
+  np.testing.assert_array_equal(changed, np.broadcast_to(allowed, changed.shape))
+
+
+@pytest.mark.parametrize("phase,warmup,moves", [
+    (WARMUP, "router+backbone", {"backbone", "router", "shared_experts"}),
+    (WARMUP, "router+experts", {"router", "routed_experts"}),
+    (WARMUP, "all", {"backbone", "router", "shared_experts", "routed_experts"}),
+    (STABILIZATION, "router+backbone", {"router", "routed_experts"}),
+    (CONSOLIDATION, "router+backbone", {"routed_experts"}),
+])
+def test_frozen_groups_do_not_move_in_each_phase(phase, warmup, moves):
+  mc, oc, g, params, state, opt = _setup(owners={e: [0, 1, 2] for e in range(8)},
+                                         schedule=ScheduleConfig(warmup_trains=warmup))
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, phase))
+  p0 = _flat(params)
+  params, *_ = step_fn(params, state, opt, batch(2, [0, 1, 2]), jnp.asarray(1))
+  p1 = _flat(params)
+  moved = set()
+  for path in p0:
+    label = optim.label_of(path)
+    if not np.array_equal(p0[path], p1[path]):
+      assert label in moves, (path, label, phase)  # a frozen group: bit-for-bit unchanged
+      moved.add(label)
+  # (A trainable leaf may legitimately stay put, e.g. the ALR's b1 while W2 is still 0.)
+  assert moved == moves
+
+
+def test_teacher_and_dges_state_are_not_parameters():
+  mc, oc, g, params, state, opt = _setup()
+  labels = {optim.label_of(p) for p, _ in nnx.to_flat_state(params)}
+  assert labels == {"backbone", "router", "shared_experts", "routed_experts"}
+  kinds = {type(v).__name__ for _, v in nnx.to_flat_state(state)}
+  assert kinds == {"RouterTeacher", "Correlation", "ExpertMask"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimizer_state_holds_trainable_groups_only(method):
+  mc, oc, g, params, state, opt = _setup(method=method)
+  ever = mc.trainable_ever()
+  trainable_bytes = sum(np.asarray(v[...]).nbytes for p, v in nnx.to_flat_state(params)
+                        if optim.label_of(p) in ever)
+  # AdamW: two moments per trainable parameter, plus a step count per group.
+  assert 2 * trainable_bytes <= optim.state_bytes(opt) <= 2 * trainable_bytes + 64
+  if method.startswith("esft"):
+    expert_bytes = sum(np.asarray(v[...]).nbytes for p, v in nnx.to_flat_state(params)
+                       if optim.label_of(p) == "routed_experts")
+    assert trainable_bytes == expert_bytes

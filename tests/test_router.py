@@ -1,0 +1,102 @@
+"""Adaptive Lightweight Router: exact at init, KD loss, lambda schedule, convex gradient mix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import batch, tiny_model
+
+from desmoe_jax import train_step as ts
+from desmoe_jax.methods import MethodConfig, prepare_model
+from desmoe_jax.moe import Adaptation
+from desmoe_jax.optim import OptimConfig
+from desmoe_jax.router import AdaptiveRouter, AlrConfig, attach_alr, kd_lambda, kd_loss
+
+
+@pytest.mark.parametrize("form", ["residual", "mlp"])
+def test_alr_reproduces_pretrained_routing_at_init(form):
+  base = tiny_model(seed=3)
+  ids = batch(0, [0, 1, 2])["tokens"]
+  ref = base(ids, return_routing=True)
+  adapted = attach_alr(tiny_model(seed=3), AlrConfig(form=form))
+  out = adapted(ids, return_routing=True)
+  np.testing.assert_array_equal(out.routing.topk_ids, ref.routing.topk_ids)
+  if form == "residual":  # bit for bit
+    np.testing.assert_array_equal(out.routing.topk_weights, ref.routing.topk_weights)
+    np.testing.assert_array_equal(out.routing.logits, ref.routing.logits)
+    np.testing.assert_array_equal(out.logits, ref.logits)
+  else:
+    np.testing.assert_allclose(out.routing.topk_weights, ref.routing.topk_weights, atol=1e-6)
+  assert float(out.kd_loss) < (1e-12 if form == "residual" else 1e-7)
+
+
+def test_mlp_form_needs_room_for_the_identity_trick():
+  with pytest.raises(ValueError, match="hidden_mult"):
+    AdaptiveRouter(jnp.ones((2, 8)), AlrConfig(form="mlp", hidden_mult=1), rngs=nnx.Rngs(0))
+
+
+def test_kd_loss_hand_computation():
+  t = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+  s = np.array([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0]])
+  tau = 0.7
+
+  def softmax(z):
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+  p, q = softmax(t / tau), softmax(s / tau)
+  kl = (p * np.log(p / q)).sum(-1)
+  mask = np.array([True, False])  # the second token is padding
+  got = kd_loss(jnp.asarray(t), jnp.asarray(s), jnp.asarray(mask), tau, False)
+  np.testing.assert_allclose(got, kl[0], rtol=1e-6)
+  got2 = kd_loss(jnp.asarray(t), jnp.asarray(s), jnp.ones(2, bool), tau, True)
+  np.testing.assert_allclose(got2, kl.mean() * tau * tau, rtol=1e-6)
+
+
+def test_lambda_schedule():
+  np.testing.assert_allclose([kd_lambda(0, 100), kd_lambda(50, 100), kd_lambda(100, 100),
+                              kd_lambda(150, 100)], [1.0, 0.5, 0.0, 0.0])
+
+
+def test_kd_weight_reaches_zero_in_training():
+  mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10)
+  model = prepare_model(tiny_model(), mc)
+  g, params, state = ts.split_model(model)
+  oc = OptimConfig()
+  opt = ts.init_optimizer(mc, oc, params)
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(9)))
+  *_, m = step_fn(params, state, opt, batch(1, [0, 1, 2]), jnp.asarray(9))
+  np.testing.assert_allclose(m["lambda"], 0.1, rtol=1e-6)
+  *_, m = step_fn(params, state, opt, batch(1, [0, 1, 2]), jnp.asarray(10))
+  assert float(m["lambda"]) == 0.0
+
+
+def test_convex_mix_scales_router_gradient_only():
+  """grad_router = (1-lam) dL_task + lam dL_KD; every other gradient = dL_task."""
+  model = attach_alr(tiny_model(seed=1), AlrConfig())
+  # Move the student away from the teacher so that KD has a gradient.
+  moe = model.moe_layers.mlp
+  moe.gate.w2[...] = 0.1 * jax.random.normal(jax.random.key(0), moe.gate.w2.shape)
+  b = batch(2, [0, 1])
+  lam = 0.3
+  g, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def grads(scale, kd_weight):
+    def loss(p):
+      out = nnx.merge(g, p, rest)(b["tokens"], adapt=Adaptation(
+          router_grad_scale=None if scale is None else jnp.asarray(scale)))
+      nll = ts.token_losses(out.logits, b["tokens"]).mean()
+      return nll + kd_weight * out.kd_loss
+    return nnx.to_flat_state(jax.grad(loss)(params))
+
+  mixed = dict(grads(1 - lam, lam))
+  task = dict(grads(None, 0.0))
+  kd = dict(grads(0.0, 1.0))  # task gradient to the router switched off: KD alone
+  for path, v in mixed.items():
+    if path[:3] == ("moe_layers", "mlp", "gate"):
+      np.testing.assert_allclose(v[...], (1 - lam) * task[path][...] + lam * kd[path][...],
+                                 atol=1e-6, err_msg=str(path))
+    else:
+      np.testing.assert_allclose(v[...], task[path][...], atol=1e-7, err_msg=str(path))
+  assert np.abs(kd[("moe_layers", "mlp", "gate", "w2")][...]).max() > 0

@@ -1,0 +1,134 @@
+"""DGES: correlation updates, mask rules, per-token gradient isolation, expert duplication."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import batch, tiny_model
+
+from desmoe_jax import specialization as sp
+from desmoe_jax import train_step as ts
+from desmoe_jax.methods import MethodConfig, prepare_model
+from desmoe_jax.moe import Adaptation
+from desmoe_jax.optim import OptimConfig
+
+
+def test_correlation_update_matches_numpy_over_steps():
+  """Several train steps on mixed-domain batches (lr = 0 so routing is fixed per batch)."""
+  d, momentum = 3, 0.9
+  mc = MethodConfig(method="desmoe", num_domains=d, total_steps=100)
+  model = prepare_model(tiny_model(seed=5), mc)
+  g, params, state = ts.split_model(model)
+  oc = OptimConfig(learning_rate=0.0)
+  opt = ts.init_optimizer(mc, oc, params)
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(0)))
+  batches = [batch(i, doms) for i, doms in enumerate([[0, 1, 1], [2, 0, 0], [1, 1, 1], [2, 2, 0]])]
+  mask = [[1] * 12, [1] * 8 + [0] * 4, [1] * 12]  # padding does not count
+  batches[0]["segment_ids"] = jnp.asarray(mask, jnp.int32)
+
+  ref = np.zeros(state["moe_layers"]["mlp"]["correlation"][...].shape)  # [L, D, E]
+  topk_ids = jax.jit(lambda p, s, tokens, seg: nnx.merge(g, p, s)(
+      tokens, segment_ids_bs=seg, return_routing=True).routing.topk_ids)
+  for step, b in enumerate(batches):
+    seg = np.asarray(b.get("segment_ids", np.ones(b["tokens"].shape, np.int32)))
+    ids = np.asarray(topk_ids(params, state, b["tokens"], seg))    # [L, T, K]
+    dom = np.asarray(b["domain_ids"]).reshape(-1)
+    real = seg.reshape(-1) > 0
+    for dd in range(d):
+      sel = real & (dom == dd)
+      if not sel.any():
+        continue
+      for layer in range(ids.shape[0]):
+        f = np.zeros(ref.shape[2])
+        for t in np.flatnonzero(sel):
+          f[np.unique(ids[layer, t])] += 1
+        ref[layer, dd] = momentum * ref[layer, dd] + (1 - momentum) * f / sel.sum()
+    params, state, opt, _ = step_fn(params, state, opt, b, jnp.asarray(step))
+    np.testing.assert_allclose(state["moe_layers"]["mlp"]["correlation"][...], ref, atol=1e-6)
+
+
+def test_mask_rules_hand_examples():
+  a = jnp.asarray([[[0.30, 0.20, 0.05, 0.45],     # relative: >= 0.6 * 0.45 = 0.27 -> {0, 3}
+                    [0.00, 0.00, 0.00, 0.00]]])   # unseen domain -> all ones
+  np.testing.assert_array_equal(sp.mask_from_correlation(a, 0.6, "relative"),
+                                [[[1, 0, 0, 1], [1, 1, 1, 1]]])
+  # cumulative: shares .45 .30 .20 .05; phi=0.6 -> {3, 0} (0.45 < 0.6, 0.75 >= 0.6)
+  np.testing.assert_array_equal(sp.mask_from_correlation(a, 0.6, "cumulative"),
+                                [[[1, 0, 0, 1], [1, 1, 1, 1]]])
+  np.testing.assert_array_equal(sp.mask_from_correlation(a, 0.8, "cumulative")[0, 0], [1, 1, 0, 1])
+  overlap = sp.mask_overlap(jnp.asarray([[[1, 1, 0, 0], [0, 1, 1, 0]]], jnp.float32))
+  np.testing.assert_allclose(overlap, [[1, 1 / 3], [1 / 3, 1]])
+
+
+def _masked_model(seed=7):
+  model = sp.attach(tiny_model(seed=seed), num_domains=3)
+  rng = np.random.RandomState(0)
+  mask = (rng.rand(*model.moe_layers.mlp.expert_mask.shape) < 0.5).astype(np.float32)
+  mask[:, :, 0] = 0  # expert 0 owned by nobody
+  model.moe_layers.mlp.expert_mask[...] = jnp.asarray(mask)
+  return model, mask
+
+
+def test_expert_gradient_comes_only_from_owning_domains():
+  model, mask = _masked_model()
+  b = batch(3, [0, 1, 2, 1, 0, 2])
+  g, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def expert_grads(tokens, domains, isolate=True):
+    def loss(p):
+      out = nnx.merge(g, p, rest)(tokens, adapt=Adaptation(domain_bs=domains, isolate=isolate))
+      return ts.token_losses(out.logits, tokens).sum()  # a sum: batch rows are independent
+    return jax.grad(loss)(params)["moe_layers"]["mlp"]["experts"]
+
+  mixed = expert_grads(b["tokens"], b["domain_ids"])
+  rows_domain = np.asarray(b["domain_ids"][:, 0])
+  refs = {}
+  for layer in range(mask.shape[0]):
+    for e in range(mask.shape[2]):
+      keep = np.isin(rows_domain, np.flatnonzero(mask[layer, :, e]))
+      if not keep.any():  # owned by nobody in the batch: exactly zero
+        for name in ("gate_proj", "up_proj", "down_proj"):
+          assert not np.asarray(mixed[name][...][layer, e]).any(), (layer, e, name)
+        continue
+      # Same masks (they shape every layer's backward), but only the owners' sequences.
+      if keep.tobytes() not in refs:
+        refs[keep.tobytes()] = expert_grads(b["tokens"][keep], b["domain_ids"][keep])
+      ref = refs[keep.tobytes()]
+      for name in ("gate_proj", "up_proj", "down_proj"):
+        np.testing.assert_allclose(mixed[name][...][layer, e], ref[name][...][layer, e],
+                                   atol=2e-6, err_msg=f"layer {layer} expert {e} {name}")
+  assert len(refs) >= 3
+
+
+def test_duplicated_experts_dispatch_and_merge():
+  mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10,
+                    dges=sp.DgesConfig(duplicate_shared_experts=True, max_copies=4))
+  model = prepare_model(tiny_model(seed=2), mc)
+  moe = model.moe_layers.mlp
+  mask = np.zeros(moe.expert_mask.shape, np.float32)
+  mask[:, 0, 1] = mask[:, 2, 1] = 1  # expert 1 owned by domains 0 and 2 in every layer
+  mask[:, 1, 2] = 1
+  moe.expert_mask[...] = jnp.asarray(mask)
+  b = batch(4, [0, 1, 2])
+  before = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  summary = sp.duplicate(model)
+  assert summary == {"copies": 2, "not_copied_bank_full": 0}      # one copy per layer
+  np.testing.assert_array_equal(moe.expert_copies.table[...][:, 2, 1], [0, 0])
+  # Fresh copies compute exactly what the original did.
+  after = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  np.testing.assert_allclose(after, before, atol=1e-6)
+  # Move the copy: domain 2's tokens now see it, domain 0's do not.
+  moe.expert_copies.up_proj[...] = moe.expert_copies.up_proj[...] + 0.5
+  moved = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  routed = np.asarray(model(b["tokens"], return_routing=True).routing.topk_ids)  # [L, T, K]
+  assert (routed.reshape(routed.shape[0], 3, -1, routed.shape[-1])[:, 2] == 1).any()
+  assert not np.allclose(moved[2], before[2])                  # row of domain 2
+  np.testing.assert_allclose(moved[:2], before[:2], atol=1e-6)  # domains 0 and 1 untouched
+  # Merge: expert 1 becomes the mean of its two versions; the bank is gone.
+  up_before = np.asarray(moe.experts.up_proj[...][:, 1])
+  sp.merge_copies(model)
+  assert model.moe_layers.mlp.expert_copies is None
+  np.testing.assert_allclose(model.moe_layers.mlp.experts.up_proj[...][:, 1], up_before + 0.25,
+                             atol=1e-6)
