@@ -139,7 +139,11 @@ def _bwd(k, sizes, res, dy_nd):
 
   def expert(dx_td, xs):
     gate_df, up_df, down_fd, counts_s, offsets_s = xs
-    gate_up = jnp.concatenate([gate_df, up_df], axis=1)                   # [D, 2F]
+    # Transposed copies of this expert's weights, so that the tile matmuls below are in the
+    # standard [M, K] @ [K, N] form (XLA:CPU runs `a @ w.T` with w [N, K] at half the speed);
+    # the barrier keeps XLA from folding the transposes back into the dots.
+    gate_up_t, down_t = jax.lax.optimization_barrier(
+        (jnp.concatenate([gate_df, up_df], axis=1).T, down_fd.T))        # [2F, D], [D, F]
 
     def tile(c, r0, size):
       dx_td, dgate_up, ddown = c
@@ -151,11 +155,11 @@ def _bwd(k, sizes, res, dy_nd):
       g, u = gu[:, :f], gu[:, f:]
       sig = jax.nn.sigmoid(g)
       silu = g * sig
-      da = dyt @ down_fd.T                                                # [s, F]
+      da = dyt @ down_t                                                    # [s, F]
       dgu = jnp.concatenate([da * u * sig * (1 + g * (1 - sig)), da * silu], axis=1)  # [s, 2F]
       dgate_up = dgate_up + jnp.dot(xt.T, dgu, preferred_element_type=acc)          # [D, 2F]
       ddown = ddown + jnp.dot((silu * u).T, dyt, preferred_element_type=acc)        # [F, D]
-      dx_td = dx_td.at[tokens].add((dgu @ gate_up.T).astype(dx_td.dtype), mode="drop",
+      dx_td = dx_td.at[tokens].add((dgu @ gate_up_t).astype(dx_td.dtype), mode="drop",
                                    indices_are_sorted=True)
       return dx_td, dgate_up, ddown
 

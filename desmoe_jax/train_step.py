@@ -1,12 +1,16 @@
-"""One train step shared by every method: (params, state, opt_state, batch, step) -> same + metrics.
+"""One train step shared by every method:
+    (model_state, opt_state, batch, step) -> (new model_state, new opt_state, metrics).
 
 `make_train_step(graphdef, method_cfg, optim_cfg, phase)` returns a pure function to jit once
 per phase (the phase decides which parameter groups are differentiated at all: frozen groups
 get no weight-gradient computation, which is where much of DES-MoE's speed comes from).
+`model_state` is the model's whole `nnx.State` (`graphdef, model_state = nnx.split(model)`):
+parameters and the DES-MoE state (correlation, masks, router teachers, copy tables).
 
 batch: tokens [B, S] int; loss_mask [B, S] (1 where token t is a prediction target, i.e. the
-loss on predicting tokens[t] from tokens[:t]); domain_ids [B, S] int (per token, so packed rows
-can mix domains); optional segment_ids [B, S] (0 = padding) and positions [B, S].
+loss on predicting tokens[t] from tokens[:t]); domain_id [B, S] int, per token so that packed
+rows can mix domains (or [B], one domain per row); optional segment_ids [B, S] (0 = padding)
+and positions [B, S].
 """
 
 from __future__ import annotations
@@ -20,11 +24,21 @@ from desmoe_jax import optim, specialization
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe import Adaptation
 from desmoe_jax.router import kd_lambda
+from desmoe_jax.schedule import WARMUP
 
 
-def split_model(model):
-  """(graphdef, params, state): Params, and every other Variable (DGES state, teachers...)."""
-  return nnx.split(model, nnx.Param, ...)
+def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_phase: int):
+  """Host-side work when a phase ends: expert duplication after warm-up (if enabled).
+
+  Returns (model_state, info); the structure is unchanged (the copy bank exists from the
+  start), so optimizer state and compiled steps stay valid.
+  """
+  info = {}
+  if method_cfg.duplicate_experts and finished_phase == WARMUP:
+    model = nnx.merge(graphdef, model_state)
+    info = specialization.duplicate(model)
+    model_state = nnx.state(model)
+  return model_state, info
 
 
 def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
@@ -34,7 +48,9 @@ def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phas
                                method_cfg.trainable_ever())
 
 
-def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, params):
+def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state):
+  """Optimizer state over the model's parameters (trainable-for-the-run groups only)."""
+  params = nnx.filter_state(model_state, nnx.Param)
   return phase_optimizer(method_cfg, optim_cfg, method_cfg.phases()[0][0]).init(params)
 
 
@@ -60,16 +76,19 @@ def per_domain(values_bs, weights_bs, domain_bs, num_domains: int):
 
 def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig,
                     phase: int):
-  """The step of `phase`, to be jitted once (`graphdef` from `split_model`)."""
+  """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
   cfg = method_cfg
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
 
-  def step_fn(params, state, opt_state, batch, step):
+  def step_fn(model_state, opt_state, batch, step):
+    params, state = nnx.split_state(model_state, nnx.Param, ...)
     tokens = batch["tokens"]
-    domain_bs = batch["domain_ids"]
+    domain_bs = batch["domain_id"]
+    if domain_bs.ndim == 1:
+      domain_bs = jnp.broadcast_to(domain_bs[:, None], tokens.shape)
     loss_mask = batch["loss_mask"].astype(jnp.float32)
     segment_ids = batch.get("segment_ids")
     if segment_ids is None:
@@ -141,7 +160,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
         "overlap_matrix": overlap,
         "experts_updated": update_mask["experts"].mean(),
         "learning_rate": lr_schedule(step),
+        "phase": jnp.asarray(phase, jnp.int32),
     }
-    return new_params, new_state, new_opt_state, metrics
+    return nnx.merge_state(new_params, new_state), new_opt_state, metrics
 
   return step_fn

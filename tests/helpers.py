@@ -24,4 +24,4 @@ def batch(seed, domains, seq=12, vocab=64):
   # Domain-flavoured tokens so that domains route differently.
   tokens = (rng.randint(0, vocab // 4, (b, seq)) + (vocab // 4) * (dom % 4)) % vocab
   return {"tokens": jnp.asarray(tokens, jnp.int32), "loss_mask": jnp.ones((b, seq), jnp.float32),
-          "domain_ids": jnp.asarray(dom, jnp.int32)}
+          "domain_id": jnp.asarray(dom, jnp.int32)}

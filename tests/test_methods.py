@@ -10,6 +10,7 @@ from helpers import tiny_model
 from desmoe_jax import esft, optim
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import METHODS, UNSCHEDULED, MethodConfig, prepare_model
+from desmoe_jax.specialization import DgesConfig, merge_copies
 
 DOMAINS = 3
 
@@ -24,21 +25,23 @@ def _batches(n, seed=0):
     tokens = (start[:, None] + np.arange(16)[None] * (dom[:, None] + 1)) % 64
     out.append({"tokens": jnp.asarray(tokens, jnp.int32),
                 "loss_mask": jnp.ones((4, 16), jnp.float32),
-                "domain_ids": jnp.asarray(np.repeat(dom[:, None], 16, 1), jnp.int32)})
+                "domain_id": jnp.asarray(np.repeat(dom[:, None], 16, 1), jnp.int32)})
   return out
 
 
-def _eval_loss(graphdef, params, state, batches):
+def _eval_loss(graphdef, model_state, batches):
   @jax.jit
-  def loss(params, tokens):
-    logits = nnx.merge(graphdef, params, state)(tokens).logits
+  def loss(model_state, tokens):
+    logits = nnx.merge(graphdef, model_state)(tokens).logits
     return ts.token_losses(logits, tokens)[:, 1:].mean()
-  return float(np.mean([loss(params, b["tokens"]) for b in batches]))
+  return float(np.mean([loss(model_state, b["tokens"]) for b in batches]))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ("desmoe+duplication",))
 def test_method_trains_and_loss_goes_down(method):
-  mc = MethodConfig(method=method, num_domains=DOMAINS, total_steps=20)
+  duplication = method.endswith("+duplication")
+  mc = MethodConfig(method=method.split("+")[0], num_domains=DOMAINS, total_steps=20,
+                    dges=DgesConfig(duplicate_shared_experts=duplication, update_every=2))
   model = prepare_model(tiny_model(seed=0), mc)
   train, held_out = _batches(20, seed=1), _batches(3, seed=2)
   if mc.is_esft:
@@ -46,19 +49,23 @@ def test_method_trains_and_loss_goes_down(method):
                             DOMAINS)
     model.moe_layers.mlp.expert_mask[...] = jnp.asarray(masks)
     assert 0 < masks.mean() < 1
-  g, params, state = ts.split_model(model)
+  g, model_state = nnx.split(model)
   oc = optim.OptimConfig(learning_rate=1e-2, schedule="constant")
-  opt = ts.init_optimizer(mc, oc, params)
-  before = _eval_loss(g, params, state, held_out)
+  opt = ts.init_optimizer(mc, oc, model_state)
+  before = _eval_loss(g, model_state, held_out)
   steps, losses = {}, []
   for step, b in enumerate(train):
     phase = mc.phase(step)
+    if step and phase != mc.phase(step - 1):
+      model_state, info = ts.between_phases(g, model_state, mc, mc.phase(step - 1))
+      if duplication and mc.phase(step - 1) == 0:
+        assert info["copies"] > 0
     if phase not in steps:
       steps[phase] = jax.jit(ts.make_train_step(g, mc, oc, phase))
-    params, state, opt, metrics = steps[phase](params, state, opt, b, jnp.asarray(step))
+    model_state, opt, metrics = steps[phase](model_state, opt, b, jnp.asarray(step))
     losses.append(float(metrics["loss"]))
     assert np.isfinite(losses[-1])
-  after = _eval_loss(g, params, state, held_out)
+  after = _eval_loss(g, model_state, held_out)
   assert after < before - 0.05, (method, before, after)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
   assert sorted(steps) == ([0, 1, 2] if mc.use_schedule else [UNSCHEDULED])
@@ -66,3 +73,13 @@ def test_method_trains_and_loss_goes_down(method):
               "expert_overlap"):
     assert key in metrics
   assert metrics["domain_loss"].shape == (DOMAINS,)
+  if duplication:  # copies trained, and merging them back keeps a working, standard model
+    model = nnx.merge(g, model_state)
+    copies = model.moe_layers.mlp.expert_copies
+    origin = np.asarray(copies.origin[...])
+    bank, base = np.asarray(copies.up_proj[...]), np.asarray(model.moe_layers.mlp.experts.up_proj[...])
+    used = list(zip(*np.nonzero(origin >= 0)))
+    assert used and max(np.abs(bank[l, c] - base[l, origin[l, c]]).max() for l, c in used) > 0
+    merged = merge_copies(model)
+    assert merged.moe_layers.mlp.expert_copies is None
+    assert np.isfinite(np.asarray(merged(held_out[0]["tokens"]).logits)).all()

@@ -21,13 +21,14 @@ def _setup(method="desmoe", owners=None, **kw):
     for e, doms in owners.items():
       mask[:, doms, e] = 1
     model.moe_layers.mlp.expert_mask[...] = jnp.asarray(mask)
-  g, params, state = ts.split_model(model)
+  g, model_state = nnx.split(model)
   oc = optim.OptimConfig(learning_rate=1e-2, weight_decay=0.1)
-  return mc, oc, g, params, state, ts.init_optimizer(mc, oc, params)
+  return mc, oc, g, model_state, ts.init_optimizer(mc, oc, model_state)
 
 
-def _flat(params):
-  return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+def _flat(model_state):
+  return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(model_state)
+          if isinstance(v, nnx.Param)}
 
 
 OWNERS = {0: [0], 1: [1], 2: [2], 3: [0, 2], 4: [], 5: [1], 6: [0, 1, 2], 7: [2]}
@@ -43,19 +44,19 @@ def _changed_experts(before, after):
 
 
 def test_only_experts_owned_by_batch_domains_move_and_momentum_cannot_move_them():
-  mc, oc, g, params, state, opt = _setup(owners=OWNERS)
+  mc, oc, g, ms, opt = _setup(owners=OWNERS)
   step_fn = jax.jit(ts.make_train_step(g, mc, oc, STABILIZATION))
-  p0 = _flat(params)
+  p0 = _flat(ms)
   # Mixed batch of domains 0 and 1: experts owned by 0 or 1 may move; 2, 4, 7 may not.
-  params, state, opt, m = step_fn(params, state, opt, batch(0, [0, 1, 0, 1]), jnp.asarray(3))
-  p1 = _flat(params)
+  ms, opt, m = step_fn(ms, opt, batch(0, [0, 1, 0, 1]), jnp.asarray(3))
+  p1 = _flat(ms)
   changed = _changed_experts(p0, p1)
   allowed = np.array([bool(set(OWNERS[e]) & {0, 1}) for e in range(8)])
   np.testing.assert_array_equal(changed, np.broadcast_to(allowed, changed.shape))
   # Next step with domain 2 only: experts 0, 1, 5 have Adam momentum from step 1 but no owner in
   # the batch now; they must stay bit-for-bit (no momentum step, no weight decay).
-  params, state, opt, _ = step_fn(params, state, opt, batch(1, [2, 2]), jnp.asarray(4))
-  p2 = _flat(params)
+  ms, opt, _ = step_fn(ms, opt, batch(1, [2, 2]), jnp.asarray(4))
+  p2 = _flat(ms)
   changed = _changed_experts(p1, p2)
   allowed = np.array([2 in OWNERS[e] for e in range(8)])
   np.testing.assert_array_equal(changed, np.broadcast_to(allowed, changed.shape))
@@ -69,12 +70,12 @@ def test_only_experts_owned_by_batch_domains_move_and_momentum_cannot_move_them(
     (CONSOLIDATION, "router+backbone", {"routed_experts"}),
 ])
 def test_frozen_groups_do_not_move_in_each_phase(phase, warmup, moves):
-  mc, oc, g, params, state, opt = _setup(owners={e: [0, 1, 2] for e in range(8)},
-                                         schedule=ScheduleConfig(warmup_trains=warmup))
+  mc, oc, g, ms, opt = _setup(owners={e: [0, 1, 2] for e in range(8)},
+                              schedule=ScheduleConfig(warmup_trains=warmup))
   step_fn = jax.jit(ts.make_train_step(g, mc, oc, phase))
-  p0 = _flat(params)
-  params, *_ = step_fn(params, state, opt, batch(2, [0, 1, 2]), jnp.asarray(1))
-  p1 = _flat(params)
+  p0 = _flat(ms)
+  ms, *_ = step_fn(ms, opt, batch(2, [0, 1, 2]), jnp.asarray(1))
+  p1 = _flat(ms)
   moved = set()
   for path in p0:
     label = optim.label_of(path)
@@ -86,7 +87,8 @@ def test_frozen_groups_do_not_move_in_each_phase(phase, warmup, moves):
 
 
 def test_teacher_and_dges_state_are_not_parameters():
-  mc, oc, g, params, state, opt = _setup()
+  mc, oc, g, ms, opt = _setup()
+  params, state = nnx.split_state(ms, nnx.Param, ...)
   labels = {optim.label_of(p) for p, _ in nnx.to_flat_state(params)}
   assert labels == {"backbone", "router", "shared_experts", "routed_experts"}
   kinds = {type(v).__name__ for _, v in nnx.to_flat_state(state)}
@@ -95,7 +97,8 @@ def test_teacher_and_dges_state_are_not_parameters():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_optimizer_state_holds_trainable_groups_only(method):
-  mc, oc, g, params, state, opt = _setup(method=method)
+  mc, oc, g, ms, opt = _setup(method=method)
+  params = nnx.filter_state(ms, nnx.Param)
   ever = mc.trainable_ever()
   trainable_bytes = sum(np.asarray(v[...]).nbytes for p, v in nnx.to_flat_state(params)
                         if optim.label_of(p) in ever)

@@ -62,13 +62,13 @@ def test_lambda_schedule():
 def test_kd_weight_reaches_zero_in_training():
   mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10)
   model = prepare_model(tiny_model(), mc)
-  g, params, state = ts.split_model(model)
+  g, ms = nnx.split(model)
   oc = OptimConfig()
-  opt = ts.init_optimizer(mc, oc, params)
+  opt = ts.init_optimizer(mc, oc, ms)
   step_fn = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(9)))
-  *_, m = step_fn(params, state, opt, batch(1, [0, 1, 2]), jnp.asarray(9))
+  *_, m = step_fn(ms, opt, batch(1, [0, 1, 2]), jnp.asarray(9))
   np.testing.assert_allclose(m["lambda"], 0.1, rtol=1e-6)
-  *_, m = step_fn(params, state, opt, batch(1, [0, 1, 2]), jnp.asarray(10))
+  *_, m = step_fn(ms, opt, batch(1, [0, 1, 2]), jnp.asarray(10))
   assert float(m["lambda"]) == 0.0
 
 

@@ -19,21 +19,21 @@ def test_correlation_update_matches_numpy_over_steps():
   d, momentum = 3, 0.9
   mc = MethodConfig(method="desmoe", num_domains=d, total_steps=100)
   model = prepare_model(tiny_model(seed=5), mc)
-  g, params, state = ts.split_model(model)
+  g, ms = nnx.split(model)
   oc = OptimConfig(learning_rate=0.0)
-  opt = ts.init_optimizer(mc, oc, params)
+  opt = ts.init_optimizer(mc, oc, ms)
   step_fn = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(0)))
   batches = [batch(i, doms) for i, doms in enumerate([[0, 1, 1], [2, 0, 0], [1, 1, 1], [2, 2, 0]])]
   mask = [[1] * 12, [1] * 8 + [0] * 4, [1] * 12]  # padding does not count
   batches[0]["segment_ids"] = jnp.asarray(mask, jnp.int32)
 
-  ref = np.zeros(state["moe_layers"]["mlp"]["correlation"][...].shape)  # [L, D, E]
-  topk_ids = jax.jit(lambda p, s, tokens, seg: nnx.merge(g, p, s)(
+  ref = np.zeros(ms["moe_layers"]["mlp"]["correlation"][...].shape)  # [L, D, E]
+  topk_ids = jax.jit(lambda ms, tokens, seg: nnx.merge(g, ms)(
       tokens, segment_ids_bs=seg, return_routing=True).routing.topk_ids)
   for step, b in enumerate(batches):
     seg = np.asarray(b.get("segment_ids", np.ones(b["tokens"].shape, np.int32)))
-    ids = np.asarray(topk_ids(params, state, b["tokens"], seg))    # [L, T, K]
-    dom = np.asarray(b["domain_ids"]).reshape(-1)
+    ids = np.asarray(topk_ids(ms, b["tokens"], seg))               # [L, T, K]
+    dom = np.asarray(b["domain_id"]).reshape(-1)
     real = seg.reshape(-1) > 0
     for dd in range(d):
       sel = real & (dom == dd)
@@ -44,8 +44,8 @@ def test_correlation_update_matches_numpy_over_steps():
         for t in np.flatnonzero(sel):
           f[np.unique(ids[layer, t])] += 1
         ref[layer, dd] = momentum * ref[layer, dd] + (1 - momentum) * f / sel.sum()
-    params, state, opt, _ = step_fn(params, state, opt, b, jnp.asarray(step))
-    np.testing.assert_allclose(state["moe_layers"]["mlp"]["correlation"][...], ref, atol=1e-6)
+    ms, opt, _ = step_fn(ms, opt, b, jnp.asarray(step))
+    np.testing.assert_allclose(ms["moe_layers"]["mlp"]["correlation"][...], ref, atol=1e-6)
 
 
 def test_mask_rules_hand_examples():
@@ -82,8 +82,8 @@ def test_expert_gradient_comes_only_from_owning_domains():
       return ts.token_losses(out.logits, tokens).sum()  # a sum: batch rows are independent
     return jax.grad(loss)(params)["moe_layers"]["mlp"]["experts"]
 
-  mixed = expert_grads(b["tokens"], b["domain_ids"])
-  rows_domain = np.asarray(b["domain_ids"][:, 0])
+  mixed = expert_grads(b["tokens"], b["domain_id"])
+  rows_domain = np.asarray(b["domain_id"][:, 0])
   refs = {}
   for layer in range(mask.shape[0]):
     for e in range(mask.shape[2]):
@@ -94,7 +94,7 @@ def test_expert_gradient_comes_only_from_owning_domains():
         continue
       # Same masks (they shape every layer's backward), but only the owners' sequences.
       if keep.tobytes() not in refs:
-        refs[keep.tobytes()] = expert_grads(b["tokens"][keep], b["domain_ids"][keep])
+        refs[keep.tobytes()] = expert_grads(b["tokens"][keep], b["domain_id"][keep])
       ref = refs[keep.tobytes()]
       for name in ("gate_proj", "up_proj", "down_proj"):
         np.testing.assert_allclose(mixed[name][...][layer, e], ref[name][...][layer, e],
@@ -112,16 +112,16 @@ def test_duplicated_experts_dispatch_and_merge():
   mask[:, 1, 2] = 1
   moe.expert_mask[...] = jnp.asarray(mask)
   b = batch(4, [0, 1, 2])
-  before = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  before = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_id"])).logits
   summary = sp.duplicate(model)
   assert summary == {"copies": 2, "not_copied_bank_full": 0}      # one copy per layer
   np.testing.assert_array_equal(moe.expert_copies.table[...][:, 2, 1], [0, 0])
   # Fresh copies compute exactly what the original did.
-  after = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  after = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_id"])).logits
   np.testing.assert_allclose(after, before, atol=1e-6)
   # Move the copy: domain 2's tokens now see it, domain 0's do not.
   moe.expert_copies.up_proj[...] = moe.expert_copies.up_proj[...] + 0.5
-  moved = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_ids"])).logits
+  moved = model(b["tokens"], adapt=Adaptation(domain_bs=b["domain_id"])).logits
   routed = np.asarray(model(b["tokens"], return_routing=True).routing.topk_ids)  # [L, T, K]
   assert (routed.reshape(routed.shape[0], 3, -1, routed.shape[-1])[:, 2] == 1).any()
   assert not np.allclose(moved[2], before[2])                  # row of domain 2
