@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import Linear, RMSNorm
@@ -124,29 +124,79 @@ class MLAttention(nnx.Module):
     inv_freq, self.rope_scale = rope_inv_freq(cfg)
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: not a parameter
 
-  def __call__(self, x_bsd, positions_bs, mask_b1qk):
+  def _queries(self, x_bsd, positions_bs):
+    """(q_nope [B,S,H,nope], q_pe [B,S,H,rope] with RoPE applied)."""
     cfg = self.cfg
     b, s, _ = x_bsd.shape
-    h, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     if cfg.q_lora_rank is None:
       q = self.q_proj(x_bsd)
     else:
       q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_bsd)))
-    q_bshd = q.reshape(b, s, h, cfg.qk_head_dim)
-    q_nope, q_pe = q_bshd[..., :nope], q_bshd[..., nope:]
+    q_bshd = q.reshape(b, s, cfg.num_attention_heads, cfg.qk_head_dim)
+    q_pe = apply_rope(q_bshd[..., cfg.qk_nope_head_dim:], positions_bs,
+                      np.asarray(self.inv_freq, np.float32), self.rope_scale)
+    return q_bshd[..., :cfg.qk_nope_head_dim], q_pe
 
+  def latents(self, x_bsd, positions_bs):
+    """What MLA caches per token: the normalised kv latent [B,S,kv_lora] and the rotated shared
+    rope key [B,S,rope]."""
+    cfg = self.cfg
     ckv = self.kv_a_proj_with_mqa(x_bsd)                    # [batch, seq, kv_lora + rope]
     kv_latent = self.kv_a_layernorm(ckv[..., :cfg.kv_lora_rank])
-    k_pe = ckv[..., cfg.kv_lora_rank:][:, :, None, :]       # [batch, seq, 1, rope]: shared by heads
+    k_pe = apply_rope(ckv[..., cfg.kv_lora_rank:][:, :, None, :], positions_bs,
+                      np.asarray(self.inv_freq, np.float32), self.rope_scale)
+    return kv_latent, k_pe[:, :, 0, :]
 
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    q_pe = apply_rope(q_pe, positions_bs, inv_freq, self.rope_scale)
-    k_pe = apply_rope(k_pe, positions_bs, inv_freq, self.rope_scale)
-
+  def __call__(self, x_bsd, positions_bs, mask_b1qk, return_latents: bool = False):
+    """Full-sequence attention (training, prefill). With `return_latents`, also returns the
+    (kv_latent, k_pe) that a decode cache stores."""
+    cfg = self.cfg
+    b, s, _ = x_bsd.shape
+    h, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    q_nope, q_pe = self._queries(x_bsd, positions_bs)
+    kv_latent, k_pe = self.latents(x_bsd, positions_bs)
     kv = self.kv_b_proj(kv_latent).reshape(b, s, h, nope + cfg.v_head_dim)
     k_nope, v_bshv = kv[..., :nope], kv[..., nope:]
-    k_bshd = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, s, h, rope))], axis=-1)
+    k_bshd = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, rope))], -1)
     q_bshd = jnp.concatenate([q_nope, q_pe], axis=-1)
     out = dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, cfg.softmax_scale,
                                 cfg.attention_impl)
-    return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
+    out = self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
+    return (out, (kv_latent, k_pe)) if return_latents else out
+
+  def decode(self, x_b1d, positions_b1, cache: "KVCache", index, key_valid_bt):
+    """One new token per row against MLA's compressed cache, with the key/value up-projection
+    absorbed into the query and the output (DeepSeek-V2's inference form): per cached token
+    only kv_lora + rope numbers are read, never a per-head key or value.
+
+    index: scalar slot the new token is written to; key_valid_bt: [B, T] which slots attend.
+    Returns (out [B,1,D], updated cache).
+    """
+    cfg = self.cfg
+    b = x_b1d.shape[0]
+    h, nope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    q_nope, q_pe = self._queries(x_b1d, positions_b1)       # [B,1,H,nope], [B,1,H,rope]
+    kv_latent, k_pe = self.latents(x_b1d, positions_b1)     # [B,1,C], [B,1,rope]
+    cache = KVCache(
+        latent=jax.lax.dynamic_update_slice_in_dim(cache.latent, kv_latent.astype(
+            cache.latent.dtype), index, axis=1),
+        k_pe=jax.lax.dynamic_update_slice_in_dim(cache.k_pe, k_pe.astype(cache.k_pe.dtype),
+                                                 index, axis=1))
+    w_kv = self.kv_b_proj.kernel[...].astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, nope + dv)
+    q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_kv[..., :nope])    # [B,1,H,C]
+    latent, kpe = cache.latent.astype(q_nope.dtype), cache.k_pe.astype(q_nope.dtype)
+    scores = (jnp.einsum("bqhc,btc->bhqt", q_latent, latent)
+              + jnp.einsum("bqhr,btr->bhqt", q_pe, kpe)) * jnp.asarray(cfg.softmax_scale,
+                                                                       q_nope.dtype)
+    scores = jnp.where(key_valid_bt[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q_nope.dtype)
+    out_latent = jnp.einsum("bhqt,btc->bqhc", probs, latent)              # [B,1,H,C]
+    out = jnp.einsum("bqhc,chv->bqhv", out_latent, w_kv[..., nope:])      # [B,1,H,v]
+    return self.o_proj(out.reshape(b, 1, h * dv)), cache
+
+
+@struct.dataclass
+class KVCache:
+  """MLA's compressed decode cache for one layer (or stacked over layers on axis 0)."""
+  latent: jax.Array  # [B, T, kv_lora] normalised kv latents
+  k_pe: jax.Array    # [B, T, rope] rotated shared rope keys

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from desmoe_jax.attention import MLAttention, attention_mask
+from desmoe_jax.attention import KVCache, MLAttention, attention_mask
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
 from desmoe_jax.moe import Adaptation, MoE
@@ -28,6 +28,14 @@ class ModelOutput:
   kd_loss: jax.Array | None = None  # scalar: ALR distillation loss, mean over MoE layers
   domain_counts: jax.Array | None = None  # [L, D, E] tokens of domain d routed to e (DGES)
   domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
+  latents: "ModelCache | None" = None     # per-layer MLA cache contents; if return_latents
+
+
+@struct.dataclass
+class ModelCache:
+  """Decode cache of the whole model: one KVCache per dense layer, one stacked for MoE layers."""
+  dense: tuple
+  moe: KVCache | None
 
 
 class DecoderLayer(nnx.Module):
@@ -44,14 +52,28 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
     self.is_moe = moe
 
-  def __call__(self, x_bsd, positions_bs, mask_b1qk, token_mask_bs, adapt=None):
-    """Returns (x, Routing or None, LayerStats or None)."""
-    x_bsd = x_bsd + self.self_attn(self.input_layernorm(x_bsd), positions_bs, mask_b1qk)
-    h_bsd = self.post_attention_layernorm(x_bsd)
+  def __call__(self, x_bsd, positions_bs, mask_b1qk, token_mask_bs, adapt=None,
+               return_latents: bool = False):
+    """Returns (x, Routing or None, LayerStats or None, (kv_latent, k_pe) or None)."""
+    attn = self.self_attn(self.input_layernorm(x_bsd), positions_bs, mask_b1qk,
+                          return_latents=return_latents)
+    attn, latents = attn if return_latents else (attn, None)
+    x_bsd = x_bsd + attn
+    y_bsd, routing, stats = self._mlp(self.post_attention_layernorm(x_bsd), token_mask_bs, adapt)
+    return x_bsd + y_bsd, routing, stats, latents
+
+  def _mlp(self, h_bsd, token_mask_bs, adapt):
     if self.is_moe:
-      y_bsd, routing, stats = self.mlp(h_bsd, token_mask_bs, adapt)
-      return x_bsd + y_bsd, routing, stats
-    return x_bsd + self.mlp(h_bsd), None, None
+      return self.mlp(h_bsd, token_mask_bs, adapt)
+    return self.mlp(h_bsd), None, None
+
+  def decode(self, x_b1d, positions_b1, cache, index, key_valid_bt):
+    """One token per row with a KV cache; returns (x, updated cache)."""
+    attn, cache = self.self_attn.decode(self.input_layernorm(x_b1d), positions_b1, cache, index,
+                                        key_valid_bt)
+    x_b1d = x_b1d + attn
+    y, _, _ = self._mlp(self.post_attention_layernorm(x_b1d), None, None)
+    return x_b1d + y, cache
 
 
 _REMAT_POLICIES = {
@@ -78,7 +100,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
                rngs=rngs))
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
-               return_routing: bool = False, adapt: Adaptation | None = None) -> ModelOutput:
+               return_routing: bool = False, adapt: Adaptation | None = None,
+               return_latents: bool = False) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
@@ -96,41 +119,75 @@ class DeepseekV2ForCausalLM(nnx.Module):
     token_mask = segment_ids_bs != 0
 
     x = self.embed_tokens(input_ids_bs)
+    dense_latents = []
     for layer in self.dense_layers:
-      x, _, _ = layer(x, positions_bs, mask, token_mask)
+      x, _, _, latents = layer(x, positions_bs, mask, token_mask, return_latents=return_latents)
+      dense_latents.append(latents)
 
     out = ModelOutput(logits=None, aux_loss=jnp.zeros((), jnp.float32))
+    moe_latents = None
     if self.moe_layers is not None:
-      x, routing, stats = self._moe_stack(x, positions_bs, mask, token_mask, return_routing,
-                                          adapt)
+      x, routing, stats, moe_latents = self._moe_stack(x, positions_bs, mask, token_mask,
+                                                       return_routing, adapt, return_latents)
       out = out.replace(aux_loss=stats.balance.sum(), kd_loss=stats.kd.mean(), routing=routing)
       if stats.domain_counts is not None:
         out = out.replace(domain_counts=stats.domain_counts, domain_tokens=stats.domain_tokens[0])
+    if return_latents:
+      as_cache = lambda lat: None if lat is None else KVCache(latent=lat[0], k_pe=lat[1])
+      out = out.replace(latents=ModelCache(dense=tuple(as_cache(l) for l in dense_latents),
+                                           moe=as_cache(moe_latents)))
 
     x = self.norm(x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
     return out.replace(logits=logits)
 
-  def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt):
+  def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
+                 return_latents=False):
     """Applies the stacked MoE layers; per-layer outputs come back stacked on axis 0."""
     graphdef, state = nnx.split(self.moe_layers)
 
     def body(h, layer_state):
       layer = nnx.merge(graphdef, layer_state)
-      h, routing, stats = layer(h, positions_bs, mask, token_mask, adapt)
-      return h, (routing if return_routing else None, stats)
+      h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
+                                         return_latents=return_latents)
+      return h, (routing if return_routing else None, stats, latents)
 
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
+    x, (routing, stats, latents) = self._over_layers(body, x, state)
+    return x, routing, stats, latents
+
+  def _over_layers(self, body, carry, xs):
+    """lax.scan of `body` over the stacked MoE layers, or the same loop unrolled."""
     if self.config.scan_layers:
-      x, (routing, stats) = jax.lax.scan(body, x, state)
-      return x, routing, stats
+      return jax.lax.scan(body, carry, xs)
     outs = []
     for i in range(self.config.num_moe_layers):
-      x, out = body(x, jax.tree.map(lambda a: a[i], state))
+      carry, out = body(carry, jax.tree.map(lambda a: a[i], xs))
       outs.append(out)
-    routing, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x, routing, stats
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  def decode_step(self, tokens_b1, positions_b1, cache: ModelCache, index, key_valid_bt):
+    """Logits [B, 1, vocab] of one new token per row, and the cache with it written at slot
+    `index` (see generate.py)."""
+    x = self.embed_tokens(tokens_b1)
+    dense = []
+    for layer, layer_cache in zip(self.dense_layers, cache.dense):
+      x, layer_cache = layer.decode(x, positions_b1, layer_cache, index, key_valid_bt)
+      dense.append(layer_cache)
+    moe = cache.moe
+    if self.moe_layers is not None:
+      graphdef, state = nnx.split(self.moe_layers)
+
+      def body(h, xs):
+        layer_state, layer_cache = xs
+        return nnx.merge(graphdef, layer_state).decode(h, positions_b1, layer_cache, index,
+                                                       key_valid_bt)
+
+      x, moe = self._over_layers(body, x, (state, moe))
+    x = self.norm(x)
+    logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
+    return logits, ModelCache(dense=tuple(dense), moe=moe)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV2ForCausalLM:
