@@ -317,6 +317,11 @@ def save_pretrained(model: DeepseekV2ForCausalLM, path: str, *, dtype=None,
   Routers are written in float32 (as they compute); other tensors in their dtype, or `dtype`.
   `tokenizer_dir`: copy the tokenizer files found there, so the directory is self-contained.
   """
+  moe = model.moe_layers.mlp if model.moe_layers is not None else None
+  if moe is not None and (type(moe.gate).__name__ != "TopKRouter" or moe.expert_copies is not None):
+    raise ValueError("this model has DES-MoE parts the HF DeepSeek-V2 layout cannot hold (an "
+                     "adaptive router or duplicated experts): export it with "
+                     "desmoe_jax.export.export_hf, which folds/merges them")
   os.makedirs(path, exist_ok=True)
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   limit = _parse_size(max_shard_size)

@@ -100,13 +100,16 @@ class DeepseekV2ForCausalLM(nnx.Module):
                rngs=rngs))
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
-               return_routing: bool = False, adapt: Adaptation | None = None,
+               return_routing: bool | str = False, adapt: Adaptation | None = None,
                return_latents: bool = False) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
     positions: RoPE positions (restart at 0 in each packed example); default 0..seq-1.
     adapt: DES-MoE per-call inputs (domain ids, router gradient scale, gradient isolation).
+    return_routing: True for each MoE layer's Routing (stacked); "inputs" adds the hidden states
+      the routers saw ([L, T, D], e.g. to fit an exported router).
+    return_latents: also return what an MLA decode cache stores (see generate.py).
     """
     cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
@@ -150,6 +153,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
       layer = nnx.merge(graphdef, layer_state)
       h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
                                          return_latents=return_latents)
+      if return_routing != "inputs":  # the [T, D] router inputs only when asked for
+        routing = routing.replace(inputs=None)
       return h, (routing if return_routing else None, stats, latents)
 
     if self.config.remat != "none":

@@ -163,4 +163,5 @@ class MoE(nnx.Module):
       counts, tokens = domain_expert_counts(ids_tk, domain_t, mask_t,
                                             self.correlation.shape[0], cfg.n_routed_experts)
       stats = stats.replace(domain_counts=counts, domain_tokens=tokens)
-    return y_bsd, Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk), stats
+    routing = Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk, inputs=x_td)
+    return y_bsd, routing, stats

@@ -23,6 +23,7 @@ class Routing:
   logits: jax.Array        # [T, E] float32 router logits
   topk_ids: jax.Array      # [T, K] int32 expert ids
   topk_weights: jax.Array  # [T, K] gate weights applied to the expert outputs
+  inputs: jax.Array | None = None  # [T, D] the hidden states the router saw (if requested)
 
   @property
   def probs(self) -> jax.Array:  # [T, E] softmax scores
