@@ -105,8 +105,9 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> dict:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
-  """NamedShardings with the same tree structure as `state` (for jit in/out_shardings)."""
-  return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
+  """NamedShardings in exactly the tree structure of `state` (each Variable now holding its
+  sharding), for device_put, jit in/out_shardings and abstract restore targets."""
+  return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
