@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-file chatter
   logging.getLogger("desmoe_jax").setLevel(logging.INFO)
   summary = trainer.train(_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", summary)

@@ -150,10 +150,12 @@ class MoE(nnx.Module):
       y_tkd = jnp.where(allowed_tk[..., None], y_tkd, jax.lax.stop_gradient(y_tkd))
 
     # Gate weights stay float32 for the weighted sum, as in HF, then back to the compute dtype.
-    y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
-    y_bsd = y_td.astype(x_bsd.dtype).reshape(b, s, d)
+    y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk).astype(x_bsd.dtype)
     if self.shared_experts is not None:
-      y_bsd = y_bsd + self.shared_experts(x_bsd)
+      # On [T, D], not [B, S, D]: XLA:CPU builds the 3-D weight gradients with a slow
+      # transposing fusion (bench/RESULTS.md).
+      y_td = y_td + self.shared_experts(x_td)
+    y_bsd = y_td.reshape(b, s, d)
 
     stats = LayerStats(
         balance=balance_loss(scores_te.reshape(b, s, -1), ids_tk.reshape(b, s, -1),

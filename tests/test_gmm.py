@@ -46,12 +46,13 @@ def _assert_close(got, want, what):
 
 CASES = ([(routing, 37, (16, 4)) for routing in sorted(ROUTINGS)]
          + [("random", 1, (16, 4)), ("random", 70, (8, 8)), ("random", 70, (32, 8)),
-            ("skewed", 70, (128, 32))])
+            ("skewed", 70, (128, 32)), ("random", 37, (12, 4)), ("random", 3, (128, 32))])
 
 
 @pytest.mark.parametrize("routing,t,tiles", CASES)
 def test_matches_dense(routing, t, tiles):
-  """T*K = 74 and 140 are multiples of no tile size; every case checks y and all gradients."""
+  """T*K = 74 and 140 are multiples of no tile size; (12, 4) gives tiles of 12 and 6 rows; with
+  T=3 the row buffer is shorter than max_tile. Every case checks y and all gradients."""
   max_tile, min_tile = tiles
   ids = jnp.asarray(ROUTINGS[routing](t, 2), jnp.int32)
   k = ids.shape[1]
@@ -74,23 +75,23 @@ def test_matches_dense(routing, t, tiles):
 
 def test_layout_covers_every_slot_once():
   ids = jnp.asarray(ROUTINGS["skewed"](70, 2), jnp.int32)
+  n, flat = ids.size, np.asarray(ids).reshape(-1)
   sizes = gmm.tile_sizes(32, 8)
   assert sizes == (32, 16, 8)
-  row_slot, counts, offsets = gmm.tile_layout(ids, E, sizes)
-  row_slot, counts, offsets = map(np.asarray, (row_slot, counts, offsets))
-  n = ids.size
-  flat = np.asarray(ids).reshape(-1)
+  row_slot, start, padded = map(np.asarray, gmm.tile_layout(ids, E, sizes[-1]))
   seen = []
   for e in range(E):
-    for j, size in enumerate(sizes):
-      assert j == 0 or counts[e, j] in (0, 1)
-      for i in range(counts[e, j]):
-        rows = row_slot[offsets[e, j] + i * size: offsets[e, j] + (i + 1) * size]
+    plan = gmm.tile_plan(int(padded[e]), sizes)
+    assert sum(c * s for (c, _), s in zip(plan, sizes)) == padded[e]
+    assert all(c in (0, 1) for c, _ in plan[1:])
+    assert 0 <= padded[e] - (flat == e).sum() < sizes[-1]     # padding < the smallest tile
+    for (count, offset), size in zip(plan, sizes):
+      for i in range(count):
+        rows = row_slot[start[e] + offset + i * size: start[e] + offset + (i + 1) * size]
         real = rows[rows < n]
         assert (flat[real] == e).all()
+        assert (np.diff(rows) > 0).all()                      # sorted, distinct
         seen.extend(real.tolist())
-    # padding per expert is less than the smallest tile
-    assert (counts[e] * np.array(sizes)).sum() - (flat == e).sum() in range(sizes[-1])
   assert sorted(seen) == list(range(n))
 
 

@@ -1,0 +1,447 @@
+"""Multi-domain training data: labelled examples -> packed, domain-tagged, resumable batches.
+
+A domain is a file (JSONL / JSON / parquet; or a hub dataset name, when online) of chat
+`messages` or prompt/response rows. Examples are rendered with the tokenizer's chat template
+(loss only on assistant tokens), then packed into rows of `seq_len` tokens:
+
+  tokens      [B, S] int32  packed examples, padding 0
+  loss_mask   [B, S] int32  1 where tokens[t] is a TARGET (predicted from tokens[:t]): response
+                            tokens only, never the first token of an example, never padding
+  domain_id   [B, S] int32  the domain of the example each token belongs to (padding 0)
+  segment_ids [B, S] int32  1, 2, 3... per example in the row, 0 = padding
+  positions   [B, S] int32  restart at 0 in every example
+
+so attention (causal & same segment) and the loss never cross examples. Which domain the next
+example comes from is drawn with probability proportional to the domains' weights; each domain
+is reshuffled every epoch. Everything is a function of the seed, and `state()` / `restore()`
+capture the exact position, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Bad rows (invalid JSON, missing or mistyped fields, empty response, longer than seq_len) are
+counted and named by file and line in one warning per file, and kept in `report`; a domain with
+no usable row is an error before training starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import warnings
+
+import numpy as np
+
+FORMATS = ("auto", "messages", "prompt_response")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+  name: str
+  path: str
+  format: str = "auto"            # "messages" | "prompt_response" | "auto" (detect per row)
+  weight: float = 1.0             # mixing weight (probability proportional to it)
+  prompt_field: str = "prompt"
+  response_field: str = "response"
+  split: str = "train"            # for hub datasets
+  max_examples: int = 0           # 0: all rows
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
+    if not self.weight > 0:
+      raise ValueError(f"domain {self.name!r}: weight={self.weight} must be > 0")
+
+
+class BadRow(ValueError):
+  """A row that cannot become a training example (the reason is the message)."""
+
+
+# ------------------------------------------------------------------ reading rows
+
+
+def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+  """([(line, row)], [(line, reason)]) for a local file, or rows of a hub dataset."""
+  path = spec.path
+  if not path:
+    raise ValueError(f"domain {spec.name!r}: no data path given")
+  if not os.path.exists(path):
+    if os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip("/").split("/")[0]:
+      raise FileNotFoundError(f"domain {spec.name!r}: data file {path} does not exist")
+    return _hub_rows(spec), []
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"domain {spec.name!r}: data file {path} is empty")
+  if path.endswith(".parquet"):
+    import datasets
+    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    return [(i + 1, r) for i, r in enumerate(ds)], []
+  rows, bad = [], []
+  with open(path, encoding="utf-8") as f:
+    if path.endswith(".json") and f.read(1) == "[":
+      f.seek(0)
+      return [(i + 1, r) for i, r in enumerate(json.load(f))], []
+    f.seek(0)
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        bad.append((line_no, f"invalid JSON ({e.msg})"))
+        continue
+      if not isinstance(row, dict):
+        bad.append((line_no, f"a JSON {type(row).__name__}, not an object"))
+        continue
+      rows.append((line_no, row))
+  return rows, bad
+
+
+def _hub_rows(spec):
+  import datasets
+  if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    raise FileNotFoundError(f"domain {spec.name!r}: {spec.path!r} is not a local file and the hub "
+                            "is offline (HF_HUB_OFFLINE=1)")
+  ds = datasets.load_dataset(spec.path, split=spec.split)
+  return [(i + 1, r) for i, r in enumerate(ds)]
+
+
+def to_messages(row: dict, spec: DomainSpec) -> list[dict]:
+  """The row as chat messages; raises BadRow naming the problem."""
+  fmt = spec.format
+  if fmt == "auto":
+    fmt = "messages" if "messages" in row else "prompt_response"
+  if fmt == "messages":
+    msgs = row.get("messages")
+    if msgs is None:
+      raise BadRow("missing field 'messages'")
+    if not isinstance(msgs, list) or not msgs:
+      raise BadRow("field 'messages' is not a non-empty list")
+    for i, m in enumerate(msgs):
+      if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+          not isinstance(m.get("content"), str):
+        raise BadRow(f"messages[{i}] needs string 'role' and 'content'")
+      if m["role"] not in ("system", "user", "assistant"):
+        raise BadRow(f"messages[{i}] has role {m['role']!r}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+      raise BadRow("no non-empty assistant message (empty response)")
+    return msgs
+  for field in (spec.prompt_field, spec.response_field):
+    if field not in row:
+      raise BadRow(f"missing field {field!r}")
+    if not isinstance(row[field], str):
+      raise BadRow(f"field {field!r} is a {type(row[field]).__name__}, not a string")
+  if not row[spec.response_field].strip():
+    raise BadRow(f"empty response (field {spec.response_field!r})")
+  return [{"role": "user", "content": row[spec.prompt_field]},
+          {"role": "assistant", "content": row[spec.response_field]}]
+
+
+# ------------------------------------------------------------------ rendering and tokenising
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+  if tokenizer.chat_template:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+  # No template: DeepSeek-V2's plain chat format.
+  text = tokenizer.bos_token or ""
+  for m in messages:
+    if m["role"] == "assistant":
+      text += f"Assistant: {m['content']}{tokenizer.eos_token or ''}"
+    elif m["role"] == "user":
+      text += f"User: {m['content']}\n\n"
+    else:
+      text += m["content"] + "\n\n"
+  return text + ("Assistant: " if add_generation_prompt else "")
+
+
+def render_segments(tokenizer, messages) -> list[tuple[str, bool]]:
+  """The conversation as consecutive (text, is_target) pieces: assistant turns are targets."""
+  pieces, done = [], ""
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+    full = _render(tokenizer, messages[:i + 1])
+    if not (prefix.startswith(done) and full.startswith(prefix)):
+      raise BadRow("the chat template does not render turns as prefixes of each other")
+    pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+    done = full
+  return [(t, target) for t, target in pieces if t]
+
+
+def tokenize_messages(tokenizer, messages, seq_len: int):
+  """(ids int32 [n], targets int8 [n]); raises BadRow if the example is longer than seq_len."""
+  ids, targets = [], []
+  for text, is_target in render_segments(tokenizer, messages):
+    piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids += piece
+    targets += [int(is_target)] * len(piece)
+  if len(ids) > seq_len:
+    raise BadRow(f"over-long: {len(ids)} tokens > seq_len={seq_len}")
+  if len(ids) < 2 or not any(targets[1:]):
+    raise BadRow("no response token to learn from")
+  targets[0] = 0  # the first token of an example is never predicted from this example
+  return np.asarray(ids, np.int32), np.asarray(targets, np.int8)
+
+
+@dataclasses.dataclass
+class DomainReport:
+  name: str
+  path: str
+  rows: int = 0
+  examples: int = 0
+  bad: dict = dataclasses.field(default_factory=dict)   # reason -> [line numbers]
+
+  @property
+  def bad_count(self) -> int:
+    return sum(len(v) for v in self.bad.values())
+
+  def summary(self, max_lines: int = 10) -> str:
+    parts = [f"{reason}: {len(lines)} (lines {', '.join(map(str, lines[:max_lines]))}"
+             f"{', ...' if len(lines) > max_lines else ''})" for reason, lines in self.bad.items()]
+    return (f"{self.path}: {self.bad_count} of {self.rows} rows skipped for domain "
+            f"{self.name!r}: " + "; ".join(parts))
+
+
+def load_domain(spec: DomainSpec, tokenizer, seq_len: int):
+  """Tokenised examples of one domain and its report; raises if none is usable."""
+  rows, bad = read_rows(spec)
+  report = DomainReport(spec.name, spec.path, rows=len(rows) + len(bad))
+  grouped = collections.defaultdict(list)
+  for line, reason in bad:
+    grouped[reason.split(" (")[0] if reason.startswith("invalid JSON") else reason].append(line)
+  examples = []
+  for line, row in rows:
+    if spec.max_examples and len(examples) >= spec.max_examples:
+      break
+    try:
+      examples.append(tokenize_messages(tokenizer, to_messages(row, spec), seq_len))
+    except BadRow as e:
+      reason = str(e)
+      key = "over-long" if reason.startswith("over-long") else reason
+      grouped[key].append(line)
+  report.bad = dict(grouped)
+  report.examples = len(examples)
+  if report.bad:
+    warnings.warn(report.summary(), stacklevel=2)
+  if not examples:
+    raise ValueError(f"domain {spec.name!r}: no usable example in {spec.path} "
+                     f"({report.bad_count} bad rows: {report.summary()})")
+  return examples, report
+
+
+# ------------------------------------------------------------------ packing
+
+BATCH_KEYS = ("tokens", "loss_mask", "domain_id", "segment_ids", "positions")
+
+
+def _empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+  return {k: np.zeros((batch_size, seq_len), np.int32) for k in BATCH_KEYS}
+
+
+def _place(out, row: int, start: int, segment: int, ids, targets, domain: int):
+  sl = slice(start, start + len(ids))
+  out["tokens"][row, sl] = ids
+  out["loss_mask"][row, sl] = targets
+  out["domain_id"][row, sl] = domain
+  out["segment_ids"][row, sl] = segment
+  out["positions"][row, sl] = np.arange(len(ids))
+
+
+def pack_once(examples, seq_len: int, batch_size: int, max_batches: int,
+              domain: int = 0) -> list[dict]:
+  """One pass over `examples` in order, packed greedily into at most `max_batches` batches."""
+  batches, it = [], iter(examples)
+  pending = next(it, None)
+  while pending is not None and len(batches) < max_batches:
+    out = _empty_batch(batch_size, seq_len)
+    for row in range(batch_size):
+      used, segment = 0, 0
+      while pending is not None and used + len(pending[0]) <= seq_len:
+        segment += 1
+        _place(out, row, used, segment, pending[0], pending[1], domain)
+        used += len(pending[0])
+        pending = next(it, None)
+    batches.append(out)
+  return batches
+
+
+class MixtureIterator:
+  """Endless packed batches mixing `specs` by weight (see the module docstring)."""
+
+  def __init__(self, specs: list[DomainSpec], tokenizer, *, seq_len: int, batch_size: int,
+               seed: int = 0, domain_ids: list[int] | None = None):
+    if not specs:
+      raise ValueError("MixtureIterator needs at least one domain")
+    self.specs, self.seq_len, self.batch_size, self.seed = list(specs), seq_len, batch_size, seed
+    self.domain_ids = list(range(len(specs))) if domain_ids is None else list(domain_ids)
+    loaded = [load_domain(s, tokenizer, seq_len) for s in specs]
+    self.examples = [ex for ex, _ in loaded]
+    self.report = [rep for _, rep in loaded]
+    w = np.asarray([s.weight for s in specs], np.float64)
+    self.probs = w / w.sum()
+    self._rng = np.random.default_rng(seed)
+    self._epoch = [0] * len(specs)
+    self._pos = [0] * len(specs)
+    self._orders = [self._order(d, 0) for d in range(len(specs))]
+    self._carry = None  # (domain, example index) that did not fit in the previous row
+
+  def _order(self, d: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, d, epoch]).permutation(len(self.examples[d]))
+
+  def _next_example(self):
+    if self._carry is not None:
+      d, i = self._carry
+      self._carry = None
+      return d, i
+    d = int(self._rng.choice(len(self.specs), p=self.probs))
+    if self._pos[d] == len(self.examples[d]):
+      self._epoch[d] += 1
+      self._pos[d] = 0
+      self._orders[d] = self._order(d, self._epoch[d])
+    i = int(self._orders[d][self._pos[d]])
+    self._pos[d] += 1
+    return d, i
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = _empty_batch(self.batch_size, self.seq_len)
+    for row in range(self.batch_size):
+      used, segment = 0, 0
+      while used < self.seq_len:
+        d, i = self._next_example()
+        ids, targets = self.examples[d][i]
+        if used + len(ids) > self.seq_len:
+          self._carry = (d, i)  # every example fits an empty row (over-long ones were dropped)
+          break
+        segment += 1
+        _place(out, row, used, segment, ids, targets, self.domain_ids[d])
+        used += len(ids)
+    return out
+
+  def state(self) -> dict:
+    """JSON-serialisable position (see `restore`)."""
+    return {"rng": self._rng.bit_generator.state, "epoch": list(self._epoch),
+            "pos": list(self._pos), "carry": list(self._carry) if self._carry else None,
+            "sizes": [len(e) for e in self.examples]}
+
+  def restore(self, state: dict):
+    sizes = [len(e) for e in self.examples]
+    if state["sizes"] != sizes:
+      raise ValueError(f"data position was saved for domains of {state['sizes']} examples, the "
+                       f"data now has {sizes}: the data files changed since the checkpoint")
+    self._rng.bit_generator.state = state["rng"]
+    self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
+    self._orders = [self._order(d, e) for d, e in enumerate(self._epoch)]
+    self._carry = tuple(state["carry"]) if state["carry"] else None
+
+
+# ------------------------------------------------------------------ evaluation data
+
+
+def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0) -> list[dict]:
+  """Held-out examples for generation: {"prompt_text", "prompt_ids" (chat-formatted, ending
+  with the assistant prefix), "answers": [str], plus the row's other fields (e.g. HumanEval's
+  "test" / "entry_point", law's "reference")}. Rows need "prompt" (or "messages" whose last
+  message is the user's) and "answers" (a list of strings)."""
+  rows, bad = read_rows(spec)
+  out, problems = [], [f"line {line}: {reason}" for line, reason in bad]
+  for line, row in rows:
+    if max_examples and len(out) >= max_examples:
+      break
+    answers = row.get("answers")
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+      problems.append(f"line {line}: 'answers' must be a non-empty list of strings")
+      continue
+    if isinstance(row.get("prompt"), str):
+      messages = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(row.get("messages"), list) and row["messages"]:
+      messages = [m for m in row["messages"] if m.get("role") != "assistant"]
+    else:
+      problems.append(f"line {line}: needs a string 'prompt' (or 'messages')")
+      continue
+    ids = tokenizer(_render(tokenizer, messages, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "answers")}
+    out.append({"prompt_text": messages[-1]["content"], "prompt_ids": ids, "answers": answers,
+                **extra})
+  if problems:
+    warnings.warn(f"{spec.path}: {len(problems)} eval rows skipped for domain {spec.name!r}: "
+                  + "; ".join(problems[:10]), stacklevel=2)
+  if not out:
+    raise ValueError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
+  return out
+
+
+def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: int,
+                      max_batches: int) -> list[dict]:
+  """Packed held-out batches of (prompt, reference answer) pairs: the loss on answers given
+  prompts. The response is the row's "reference" if it has one, else its first answer."""
+  examples = load_eval_examples(spec, tokenizer)
+  rows = [{"prompt": ex["prompt_text"], "response": ex.get("reference", ex["answers"][0])}
+          for ex in examples]
+  tokenized = []
+  for row in rows:
+    try:
+      tokenized.append(tokenize_messages(tokenizer, to_messages(row, DomainSpec(
+          spec.name, spec.path, "prompt_response")), seq_len))
+    except BadRow:
+      continue  # over-long held-out examples do not fit the model's context: not scored
+  if not tokenized:
+    raise ValueError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
+                     f"seq_len={seq_len}")
+  return pack_once(tokenized, seq_len, batch_size, max_batches)
+
+
+def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
+                      max_batches: int) -> list[dict]:
+  """Plain text (e.g. held-out general text) cut into full rows: bos + seq_len - 1 tokens,
+  every token but the first a target."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"general text file {path} does not exist")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if not text.strip():
+    raise ValueError(f"general text file {path} is empty")
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  n = seq_len - len(bos)
+  rows = [bos + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)][:max_batches * batch_size]
+  if not rows:
+    raise ValueError(f"{path} has fewer than {seq_len} tokens")
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    b = len(chunk)
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    tokens[:b] = np.asarray(chunk, np.int32)
+    seg = np.zeros_like(tokens)
+    seg[:b] = 1
+    loss = seg.copy()
+    loss[:, 0] = 0
+    batches.append({"tokens": tokens, "loss_mask": loss, "domain_id": np.zeros_like(tokens),
+                    "segment_ids": seg,
+                    "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                                 tokens.shape).copy()})
+  return batches
+
+
+def load_multiple_choice(path: str) -> list[dict]:
+  """{"context", "choices": [str], "label": int} items, validated."""
+  spec = DomainSpec("general_mc", path)
+  rows, bad = read_rows(spec)
+  items, problems = [], [f"line {line}: {reason}" for line, reason in bad]
+  for line, row in rows:
+    choices, label = row.get("choices"), row.get("label")
+    if not isinstance(row.get("context"), str) or not isinstance(choices, list) or \
+        len(choices) < 2 or not all(isinstance(c, str) for c in choices) or \
+        not isinstance(label, int) or not 0 <= label < len(choices):
+      problems.append(f"line {line}: needs 'context' (str), 'choices' (>= 2 str), 'label' (index)")
+      continue
+    items.append(row)
+  if problems:
+    warnings.warn(f"{path}: {len(problems)} rows skipped: " + "; ".join(problems[:10]),
+                  stacklevel=2)
+  return items

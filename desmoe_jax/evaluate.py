@@ -1,0 +1,170 @@
+"""Evaluation behind `eval.py`: per-domain held-out loss and task metric, and general-ability
+retention against the base model.
+
+What is scored:
+* every domain: held-out loss and perplexity (answers given prompts, teacher-forced), and a task
+  metric from greedy generation with the KV cache: math final-number exact match, intent JSON
+  match, code pass@1 (sandboxed subprocess), law label accuracy, summary ROUGE-L, translation
+  BLEU (see `metrics.py`);
+* general abilities: held-out general-text loss and a multiple-choice log-likelihood score, for
+  the adapted model AND the base model, so that forgetting is a measured difference.
+
+The adapted model comes from an orbax checkpoint of a run (exactly what was trained: adaptive
+router included; duplicated experts merged, since evaluation has no domain ids) or from any HF
+DeepSeek-V2 directory (e.g. a run's `hf/` export).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from desmoe_jax import checkpoint as ckpt_lib
+from desmoe_jax import data as data_lib
+from desmoe_jax import metrics as metrics_lib
+from desmoe_jax import trainer
+from desmoe_jax.convert import from_pretrained
+from desmoe_jax.generate import greedy_generate
+from desmoe_jax.methods import prepare_model
+from desmoe_jax.specialization import merge_copies
+
+log = logging.getLogger("desmoe_jax")
+
+
+def load_run_model(config, workdir: str, step: int | None = None):
+  """The model of a training run at `step` (default latest), rebuilt from its config."""
+  mc = trainer.method_config(config)
+  model = from_pretrained(config.model.path, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype, moe_impl=config.model.moe_impl,
+                          attention_impl=config.model.attention_impl)
+  prepare_model(model, mc, seed=config.seed)
+  graphdef, state = nnx.split(model)
+  restored, _, meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
+      ckpt_lib.abstract_like(state), None, step=step)
+  model = nnx.merge(graphdef, restored)
+  merge_copies(model)
+  return model, meta
+
+
+def load_model(path: str, config):
+  return from_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                         moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl)
+
+
+def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
+  """(context, continuation) pairs -> (sum log p(continuation | context), n tokens)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def logprobs(state, tokens, segment_ids, positions):
+    logits = nnx.merge(graphdef, state)(tokens, segment_ids_bs=segment_ids,
+                                        positions_bs=positions).logits
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+  def score(pairs):
+    out = []
+    for start in range(0, len(pairs), batch_size):
+      chunk = pairs[start:start + batch_size]
+      rows = []
+      for context, continuation in chunk:
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ids = (ctx + cont)[-seq_len:]
+        rows.append((ids, min(len(cont), len(ids) - 1)))
+      tokens = np.zeros((batch_size, seq_len), np.int32)
+      seg = np.zeros((batch_size, seq_len), np.int32)
+      for r, (ids, _) in enumerate(rows):
+        tokens[r, :len(ids)] = ids
+        seg[r, :len(ids)] = 1
+      pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+      lp = np.asarray(logprobs(state, tokens, seg, pos))
+      for r, (ids, n) in enumerate(rows):
+        out.append((float(lp[r, len(ids) - 1 - n:len(ids) - 1].sum()), n))
+    return out
+
+  return score
+
+
+def task_metric(name: str, metric: str, examples: list[dict], generations: list[str],
+                code_timeout: float) -> dict:
+  """{metric name: value} for one domain from its generations."""
+  answers = [ex["answers"] for ex in examples]
+  if metric == "number_match":
+    preds = [metrics_lib.extract_final_number(g) or "" for g in generations]
+    return {"exact_match": metrics_lib.exact_match(preds, answers)}
+  if metric == "law_label":
+    return {"label_accuracy": metrics_lib.law_accuracy(generations, answers)}
+  if metric == "json_match":
+    return {"json_exact_match": metrics_lib.intent_json_match(generations, answers)}
+  if metric == "pass_at_1":
+    problems = [{"prompt": ex["prompt_text"], "test": ex["test"], "entry_point": ex["entry_point"]}
+                for ex in examples]
+    return {"pass@1": metrics_lib.pass_at_1(problems, generations, timeout=code_timeout)["pass@1"]}
+  if metric == "rouge_l":
+    return {"rouge_l": metrics_lib.rouge_l(generations, answers)}
+  if metric == "bleu":
+    return {"bleu": metrics_lib.bleu(generations, answers)}
+  raise ValueError(f"domain {name!r}: unknown metric {metric!r}")
+
+
+def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation: bool = True,
+                   out_dir: str | None = None) -> dict:
+  """All scores of `model` (and general-ability scores of `base_model`); writes JSON + table."""
+  results: dict[str, dict] = {}
+  loss_sets = trainer._eval_loss_batches(config, tokenizer)
+  graphdef, state = nnx.split(model)
+  losses = trainer.heldout_losses(graphdef, state, loss_sets)
+  eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [-1]
+  for d in config.data.domains:
+    row = results.setdefault(d.name, {})
+    if d.name in losses:
+      row["loss"] = losses[d.name]
+      row["perplexity"] = float(np.exp(min(losses[d.name], 50.0)))
+    if not with_generation or not d.eval:
+      continue
+    spec = data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format)
+    examples = data_lib.load_eval_examples(spec, tokenizer, max_examples=config.eval.max_examples)
+    t0 = time.perf_counter()
+    outputs = greedy_generate(model, [ex["prompt_ids"] for ex in examples],
+                              max_new_tokens=config.eval.max_new_tokens, eos_ids=eos,
+                              batch_size=config.eval.batch_size)
+    generations = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    row.update(task_metric(d.name, d.metric, examples, generations, config.eval.code_timeout))
+    row["generated"] = len(examples)
+    row["generation_s"] = time.perf_counter() - t0
+    if out_dir:
+      with open(os.path.join(out_dir, f"generations_{d.name}.jsonl"), "w") as f:
+        for ex, g in zip(examples, generations):
+          f.write(json.dumps({"prompt": ex.get("prompt_text", ""), "answers": ex["answers"],
+                              "generation": g}, ensure_ascii=False) + "\n")
+
+  general = results.setdefault("general", {})
+  if "general" in losses:
+    general["loss"] = losses["general"]
+  mc_items = data_lib.load_multiple_choice(config.data.general_mc) if config.data.general_mc else []
+  if mc_items:
+    general.update({f"mc_{k}": v for k, v in metrics_lib.multiple_choice_accuracy(
+        _score_fn(model, tokenizer, config.data.seq_len), mc_items).items()})
+  if base_model is not None:
+    bg, bs = nnx.split(base_model)
+    base_losses = trainer.heldout_losses(bg, bs, {"general": loss_sets["general"]}) \
+        if "general" in loss_sets else {}
+    if base_losses:
+      general["base_loss"] = base_losses["general"]
+    if mc_items:
+      base_mc = metrics_lib.multiple_choice_accuracy(
+          _score_fn(base_model, tokenizer, config.data.seq_len), mc_items)
+      general.update({f"base_mc_{k}": v for k, v in base_mc.items()})
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results

@@ -1,0 +1,162 @@
+"""Data pipeline: packing invariants on the bundled data, bad rows, determinism and resume."""
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from desmoe_jax import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return AutoTokenizer.from_pretrained(os.path.join(REPO, "assets", "tokenizer"))
+
+
+def _spec(name, **kw):
+  return data.DomainSpec(name=name, path=os.path.join(REPO, "data", name, "train.jsonl"), **kw)
+
+
+@pytest.fixture(scope="module")
+def mixture(tokenizer):
+  specs = [_spec("math", max_examples=200), _spec("law", max_examples=100),
+           _spec("translation", max_examples=200)]
+  return data.MixtureIterator(specs, tokenizer, seq_len=512, batch_size=4, seed=0)
+
+
+def test_packing_never_crosses_examples(mixture, tokenizer):
+  for _ in range(3):
+    b = next(mixture)
+    assert set(b) == set(data.BATCH_KEYS) and all(v.shape == (4, 512) for v in b.values())
+    for row in range(4):
+      seg, pos, loss, dom = (b[k][row] for k in ("segment_ids", "positions", "loss_mask",
+                                                 "domain_id"))
+      starts = np.flatnonzero(np.diff(np.concatenate([[0], seg])) != 0)
+      for s in starts:
+        if seg[s] == 0:
+          continue
+        assert pos[s] == 0 and loss[s] == 0          # a new example: position 0, not a target
+      inside = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
+      assert np.all(pos[1:][inside] == pos[:-1][inside] + 1)   # positions count up per example
+      assert np.all(np.diff(seg[seg > 0]) >= 0)                # segments increase along the row
+      pad = seg == 0
+      assert not loss[pad].any() and not b["tokens"][row][pad].any() and not dom[pad].any()
+      # Every target token lies in the assistant reply: decoding the targets of one example
+      # gives exactly its reply (plus the end-of-sequence token).
+      for s in np.unique(seg[seg > 0]):
+        ids, tgt = b["tokens"][row][seg == s], loss[seg == s]
+        text = tokenizer.decode(ids)
+        reply = tokenizer.decode(ids[tgt > 0])
+        assert text.endswith(reply) and reply.endswith(tokenizer.eos_token)
+        assert "Assistant: " in text[:len(text) - len(reply)] and "User:" not in reply
+
+
+def test_domain_tags_survive_packing(tokenizer):
+  specs = [_spec("math", max_examples=50), _spec("intent", max_examples=50)]
+  it = data.MixtureIterator(specs, tokenizer, seq_len=512, batch_size=4, seed=1,
+                            domain_ids=[3, 5])
+  math_texts = {tokenizer.decode(ids) for ids, _ in it.examples[0]}
+  intent_texts = {tokenizer.decode(ids) for ids, _ in it.examples[1]}
+  seen = set()
+  for _ in range(4):
+    b = next(it)
+    for row in range(4):
+      for s in np.unique(b["segment_ids"][row][b["segment_ids"][row] > 0]):
+        sel = b["segment_ids"][row] == s
+        dom = set(b["domain_id"][row][sel].tolist())
+        assert len(dom) == 1
+        text = tokenizer.decode(b["tokens"][row][sel])
+        assert text in (math_texts if dom == {3} else intent_texts)
+        seen |= dom
+  assert seen == {3, 5}
+
+
+def test_bad_rows_are_counted_and_named(tmp_path, tokenizer):
+  path = tmp_path / "bad.jsonl"
+  rows = [json.dumps({"prompt": "2+2?", "response": "4"}),
+          json.dumps({"prompt": "no answer"}),                          # 2: missing field
+          json.dumps({"prompt": "x", "response": 5}),                   # 3: wrong type
+          json.dumps({"prompt": "x", "response": "   "}),               # 4: empty response
+          json.dumps({"prompt": "long " * 400, "response": "y"}),       # 5: over-long
+          '{"prompt": "broken"',                                        # 6: invalid JSON
+          json.dumps(["not", "an", "object"]),                          # 7: not an object
+          json.dumps({"messages": [{"role": "user", "content": "hi"}]}),  # 8: no assistant
+          json.dumps({"prompt": "3+3?", "response": "6"})]
+  path.write_text("\n".join(rows) + "\n")
+  spec = data.DomainSpec("toy", str(path))
+  with pytest.warns(UserWarning) as record:
+    examples, report = data.load_domain(spec, tokenizer, seq_len=256)
+  assert len(examples) == 2 and report.rows == 9 and report.bad_count == 7
+  msg = str(record[0].message)
+  assert str(path) in msg and "'toy'" in msg
+  by_reason = {r: lines for r, lines in report.bad.items()}
+  assert by_reason["missing field 'response'"] == [2]
+  assert by_reason["field 'response' is a int, not a string"] == [3]
+  assert by_reason["empty response (field 'response')"] == [4]
+  assert by_reason["over-long"] == [5]
+  assert by_reason["invalid JSON"] == [6]
+  assert by_reason["a JSON list, not an object"] == [7]
+  assert by_reason["no non-empty assistant message (empty response)"] == [8]
+
+
+def test_empty_or_missing_domain_is_an_error(tmp_path, tokenizer):
+  with pytest.raises(FileNotFoundError, match="'law2'.*does not exist"):
+    data.load_domain(data.DomainSpec("law2", str(tmp_path / "nope.jsonl")), tokenizer, 256)
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(ValueError, match="'e'.*empty.jsonl is empty"):
+    data.load_domain(data.DomainSpec("e", str(tmp_path / "empty.jsonl")), tokenizer, 256)
+  (tmp_path / "allbad.jsonl").write_text('{"prompt": "x"}\n')
+  with pytest.raises(ValueError, match="'b': no usable example"), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data.load_domain(data.DomainSpec("b", str(tmp_path / "allbad.jsonl")), tokenizer, 256)
+
+
+def test_deterministic_and_resumable(tokenizer):
+  specs = [_spec("math", max_examples=40), _spec("translation", max_examples=60)]
+  make = lambda: data.MixtureIterator(specs, tokenizer, seq_len=256, batch_size=3, seed=7)
+  a = make()
+  run = [next(a) for _ in range(12)]  # several epochs of the small domains
+  b = make()
+  for _ in range(5):
+    next(b)
+  state = json.loads(json.dumps(b.state()))  # it goes through a JSON checkpoint record
+  c = make()
+  c.restore(state)
+  for expected in run[5:]:
+    got = next(c)
+    for k in expected:
+      np.testing.assert_array_equal(got[k], expected[k])
+  other = data.MixtureIterator(specs, tokenizer, seq_len=256, batch_size=3, seed=8)
+  assert not np.array_equal(next(other)["tokens"], run[0]["tokens"])
+
+
+def test_mixing_weights(tokenizer):
+  specs = [_spec("math", max_examples=100, weight=3.0),
+           _spec("translation", max_examples=100, weight=1.0)]
+  it = data.MixtureIterator(specs, tokenizer, seq_len=256, batch_size=8, seed=0)
+  counts = np.zeros(2)
+  for _ in range(30):
+    b = next(it)
+    for row in range(8):
+      for s in np.unique(b["segment_ids"][row][b["segment_ids"][row] > 0]):
+        counts[b["domain_id"][row][b["segment_ids"][row] == s][0]] += 1
+  assert 0.68 < counts[0] / counts.sum() < 0.82  # 3:1 -> 0.75 of the examples
+
+
+def test_eval_examples_and_text_batches(tokenizer):
+  code = data.load_eval_examples(data.DomainSpec("code", os.path.join(REPO, "data", "code",
+                                                                      "eval.jsonl")),
+                                 tokenizer, max_examples=3)
+  assert len(code) == 3 and {"test", "entry_point"} <= set(code[0])
+  assert tokenizer.decode(code[0]["prompt_ids"]).endswith("Assistant: ")
+  batches = data.text_loss_batches(os.path.join(REPO, "data", "general", "heldout.txt"),
+                                   tokenizer, seq_len=128, batch_size=2, max_batches=2)
+  assert len(batches) == 2 and batches[0]["tokens"][0, 0] == tokenizer.bos_token_id
+  assert batches[0]["loss_mask"][:, 0].sum() == 0 and batches[0]["loss_mask"][:, 1:].all()
+  mc = data.load_multiple_choice(os.path.join(REPO, "data", "general", "mc.jsonl"))
+  assert len(mc) == 200 and all(0 <= m["label"] < len(m["choices"]) for m in mc)
