@@ -141,6 +141,5 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
 
   c.export = ml_collections.ConfigDict()
-  c.export.router = "fold"      # fold: least-squares linear router (HF layout) | keep: ALR tensors
-  c.export.fit_tokens = 4096 if tiny else 65536  # held-out tokens for the least-squares fit
+  c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
   return c

@@ -333,7 +333,7 @@ def train(config, workdir: str) -> dict:
 
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)
-  if is_main:
+  if is_main and config.export.enabled:
     from desmoe_jax.export import export_hf
     fit = [b for batches in eval_sets.values() for b in batches]
     model = nnx.merge(graphdef, jax.device_get(model_state))
