@@ -283,7 +283,8 @@ def train(config, workdir: str) -> dict:
   def save(step_done):
     check_finite(step_done)
     meta = {"method": config.method, "phase": mc.phase(max(step_done - 1, 0)),
-            "data": train_iter.state(), "seed": config.seed}
+            "data": train_iter.state(), "seed": config.seed,
+            "config": json.loads(config.to_json_best_effort())}
     checkpoints.save(step_done, model_state, opt_state, meta)
 
   try:
