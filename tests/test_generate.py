@@ -1,5 +1,6 @@
 """Greedy generation with the compressed MLA cache = argmax of full forwards, token by token."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,10 +9,15 @@ from desmoe_jax.convert import from_pretrained
 from desmoe_jax.generate import greedy_generate
 
 
-def _naive(model, prompt, steps):
+def _naive(model, prompt, steps, width=32):
+  """Greedy decoding by re-running the full forward pass (fixed width: one compilation)."""
+  forward = jax.jit(lambda ids, seg: model(ids, segment_ids_bs=seg).logits)
   seq = list(prompt)
   for _ in range(steps):
-    seq.append(int(np.argmax(np.asarray(model(np.asarray([seq])).logits[0, -1]))))
+    ids = np.zeros((1, width), np.int32)
+    ids[0, :len(seq)] = seq
+    seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
+    seq.append(int(np.argmax(np.asarray(forward(ids, seg))[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 

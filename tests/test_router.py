@@ -82,17 +82,18 @@ def test_convex_mix_scales_router_gradient_only():
   lam = 0.3
   g, params, rest = nnx.split(model, nnx.Param, ...)
 
+  @jax.jit
   def grads(scale, kd_weight):
     def loss(p):
-      out = nnx.merge(g, p, rest)(b["tokens"], adapt=Adaptation(
-          router_grad_scale=None if scale is None else jnp.asarray(scale)))
+      out = nnx.merge(g, p, rest)(b["tokens"], adapt=Adaptation(router_grad_scale=scale))
       nll = ts.token_losses(out.logits, b["tokens"]).mean()
       return nll + kd_weight * out.kd_loss
-    return nnx.to_flat_state(jax.grad(loss)(params))
+    return jax.grad(loss)(params)
 
-  mixed = dict(grads(1 - lam, lam))
-  task = dict(grads(None, 0.0))
-  kd = dict(grads(0.0, 1.0))  # task gradient to the router switched off: KD alone
+  flat = lambda s: dict(nnx.to_flat_state(s))
+  mixed = flat(grads(jnp.float32(1 - lam), jnp.float32(lam)))
+  task = flat(grads(jnp.float32(1.0), jnp.float32(0.0)))  # scale 1: the plain task gradient
+  kd = flat(grads(jnp.float32(0.0), jnp.float32(1.0)))    # task gradient to the router off
   for path, v in mixed.items():
     if path[:3] == ("moe_layers", "mlp", "gate"):
       np.testing.assert_allclose(v[...], (1 - lam) * task[path][...] + lam * kd[path][...],
