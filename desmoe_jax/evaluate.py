@@ -98,8 +98,7 @@ def task_metric(name: str, metric: str, examples: list[dict], generations: list[
   """{metric name: value} for one domain from its generations."""
   answers = [ex["answers"] for ex in examples]
   if metric == "number_match":
-    preds = [metrics_lib.extract_final_number(g) or "" for g in generations]
-    return {"exact_match": metrics_lib.exact_match(preds, answers)}
+    return {"exact_match": metrics_lib.number_match(generations, answers)}
   if metric == "law_label":
     return {"label_accuracy": metrics_lib.law_accuracy(generations, answers)}
   if metric == "json_match":

@@ -3,13 +3,17 @@ predictions and references; the model side lives in `evaluate.py`.
 
 | domain      | metric                                                                  |
 |-------------|-------------------------------------------------------------------------|
-| math        | exact match of the final number (after "####", else the last number)   |
-| intent      | exact match of the parsed JSON (key order irrelevant)                   |
-| code        | pass@1: HumanEval tests run in a sandboxed subprocess with a timeout    |
-| law         | accuracy of the judgment's outcome label (`law_label`, keyword rules)   |
-| summary     | ROUGE-L F (rouge-score; CJK characters are tokens of their own)         |
-| translation | corpus BLEU (sacrebleu, its 13a tokenizer)                              |
+| math        | exact match of the final number (`number_match`)                        |
+| intent      | exact match of the parsed JSON, key order irrelevant (`intent_json_match`) |
+| code        | pass@1: HumanEval tests run in a sandboxed subprocess (`pass_at_1`)     |
+| law         | accuracy of the judgment's outcome label (`law_accuracy`, keyword rules) |
+| summary     | ROUGE-L F x100 (rouge-score; CJK characters are tokens of their own)    |
+| translation | corpus BLEU (sacrebleu; "zh" tokenizer for Chinese references, else 13a) |
 | general     | held-out text perplexity; multiple-choice log-likelihood accuracy      |
+
+Per-row `answers` are a list of acceptable references (a plain string counts as a list of one);
+a prediction scores against its best reference. Every function returns plain Python numbers,
+lists and dicts, so results go straight into `json.dump`.
 """
 
 from __future__ import annotations
@@ -19,61 +23,103 @@ import json
 import math
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+import unicodedata
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 
-def _check_pairs(preds, answers):
-  if not isinstance(preds, (list, tuple)) or not isinstance(answers, (list, tuple)):
-    raise TypeError("preds and answers must be lists")
+def _check_pairs(preds, answers, preds_name="preds", answers_name="answers"):
+  """Validated (preds, answers-as-lists): a wrong type or length is a bug in the caller, and a
+  silently misaligned metric is worse than a crash."""
+  for name, value in ((preds_name, preds), (answers_name, answers)):
+    if not isinstance(value, (list, tuple)):
+      raise TypeError(f"{name} must be a list, got {type(value).__name__}")
   if len(preds) != len(answers):
-    raise ValueError(f"preds has {len(preds)} items but answers has {len(answers)}")
-  for i, a in enumerate(answers):
-    if not isinstance(a, (list, tuple)) or not a or not all(isinstance(x, str) for x in a):
-      raise ValueError(f"answers[{i}] must be a non-empty list of strings")
+    raise ValueError(f"{preds_name} has {len(preds)} items but {answers_name} has {len(answers)}")
+  if not preds:
+    raise ValueError(f"{preds_name} is empty: nothing to score")
   for i, p in enumerate(preds):
     if not isinstance(p, str):
-      raise ValueError(f"preds[{i}] is a {type(p).__name__}, not a string")
-  if not preds:
-    raise ValueError("no predictions to score")
+      raise TypeError(f"{preds_name}[{i}] is a {type(p).__name__}, not a string")
+  refs = []
+  for i, a in enumerate(answers):
+    a = [a] if isinstance(a, str) else a
+    if not isinstance(a, (list, tuple)) or not a or not all(isinstance(x, str) for x in a):
+      raise ValueError(f"{answers_name}[{i}] must be a string or a non-empty list of strings")
+    refs.append(list(a))
+  return list(preds), refs
 
 
 # ------------------------------------------------------------------ exact match family
 
-_TRAILING = "。．.!！?？;；,，、 \n\t"
+_TRAILING = "。．.!！?？;；,，、:： \n\t"
 
 
 def normalize_answer(text: str) -> str:
-  """Whitespace collapsed and trailing punctuation (incl. CJK) removed."""
+  """Outer whitespace stripped, inner runs collapsed to one space, trailing punctuation (ASCII and
+  CJK, e.g. "。" and ".") removed. Case is kept: labels and numbers do not need folding."""
+  if not isinstance(text, str):
+    raise TypeError(f"text is a {type(text).__name__}, not a string")
   return re.sub(r"\s+", " ", text.strip()).rstrip(_TRAILING).strip()
 
 
-def exact_match(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
+def exact_match(preds: Sequence[str], answers: Sequence) -> float:
   """Fraction of predictions equal (after `normalize_answer`) to one of their answers."""
-  _check_pairs(preds, answers)
+  preds, refs = _check_pairs(preds, answers)
   return float(np.mean([normalize_answer(p) in {normalize_answer(a) for a in ans}
-                        for p, ans in zip(preds, answers)]))
+                        for p, ans in zip(preds, refs)]))
 
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# Thousands groups only where they are well formed, so "1,2,3" is three numbers, not 123.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_ANSWER_MARKERS = (  # tried in order; the number right after the LAST occurrence is the answer
+    re.compile(r"####"),
+    re.compile(r"\\boxed\{"),
+    re.compile(r"answer\s*(?:is|:)|答案\s*(?:是|为|：|:)", re.IGNORECASE),
+)
+
+
+def canonical_number(text: str) -> str:
+  """"1,200.50" -> "1200.5", "7.0" -> "7", "-0" -> "0": equal values compare equal as text."""
+  n = text.replace(",", "")
+  if "." in n:
+    n = n.rstrip("0").rstrip(".")
+  return "0" if n in ("-0", "") else n
 
 
 def extract_final_number(text: str) -> str | None:
-  """The final numeric answer of a worked solution: after "####" if present, else the last
-  number in the text; thousands separators and a trailing ".0" are removed."""
-  if "####" in text:
-    found = re.findall(_NUMBER, text.split("####")[-1])[:1]
-  else:
-    found = re.findall(_NUMBER, text)[-1:]
-  if not found:
-    return None
-  n = found[0].replace(",", "")
-  return n[:-2] if n.endswith(".0") else n
+  """The final numeric answer of a worked solution, canonicalised, or None. The first number after
+  the last "####" (GSM8K), else after the last "\\boxed{", else after the last "The answer is" /
+  "answer:" / "答案是", else the last number anywhere. Fractions and words are not numbers here."""
+  if not isinstance(text, str):
+    raise TypeError(f"text is a {type(text).__name__}, not a string")
+  for marker in _ANSWER_MARKERS:
+    hits = list(marker.finditer(text))
+    if hits:
+      found = _NUMBER.search(text, hits[-1].end())
+      if found:
+        return canonical_number(found.group())
+  found = _NUMBER.findall(text)
+  return canonical_number(found[-1]) if found else None
+
+
+def number_match(generations: Sequence[str], answers: Sequence) -> float:
+  """Math accuracy: the final number of each generation equals the number in one of its answers
+  ("1,200" and "1200.0" both match 1200). An answer without a number is compared as text."""
+  generations, refs = _check_pairs(generations, answers, "generations", "answers")
+  hits = []
+  for g, ans in zip(generations, refs):
+    got = extract_final_number(g)
+    want = {extract_final_number(a) or normalize_answer(a) for a in ans}
+    hits.append(got is not None and got in want)
+  return float(np.mean(hits))
 
 
 # ------------------------------------------------------------------ law outcome labels
@@ -100,165 +146,329 @@ def law_label(judgment: str) -> str:
   return "other"
 
 
-def law_accuracy(generations: Sequence[str], labels: Sequence[Sequence[str]]) -> float:
-  _check_pairs(generations, labels)
-  return float(np.mean([law_label(g) in ans for g, ans in zip(generations, labels)]))
+def law_accuracy(generations: Sequence[str], labels: Sequence) -> float:
+  """Fraction of generations whose `law_label` is one of the row's labels."""
+  generations, refs = _check_pairs(generations, labels, "generations", "labels")
+  return float(np.mean([law_label(g) in ans for g, ans in zip(generations, refs)]))
 
 
 # ------------------------------------------------------------------ intent JSON
 
+_DECODER = json.JSONDecoder()
+
 
 def first_json_object(text: str):
-  """The first balanced {...} in `text` parsed as JSON, or None."""
+  """The first JSON object ({...}) in `text`, or None. ESFT answers look like
+  `{"intent": ..., "slots": {...}}。` and generations may run on after the object, so the object
+  is decoded from its opening brace and whatever follows it is ignored."""
   start = text.find("{")
   while start >= 0:
-    depth, in_str, escape = 0, False, False
-    for i in range(start, len(text)):
-      ch = text[i]
-      if in_str:
-        escape = ch == "\\" and not escape
-        if ch == '"' and not escape:
-          in_str = False
-        continue
-      if ch == '"':
-        in_str = True
-      elif ch == "{":
-        depth += 1
-      elif ch == "}":
-        depth -= 1
-        if depth == 0:
-          try:
-            return json.loads(text[start:i + 1])
-          except json.JSONDecodeError:
-            break
+    try:
+      obj, _ = _DECODER.raw_decode(text, start)
+      if isinstance(obj, dict):
+        return obj
+    except json.JSONDecodeError:
+      pass
     start = text.find("{", start + 1)
   return None
 
 
-def intent_json_match(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-  """Fraction of predictions whose JSON equals one of the answers' JSON (unparsable = wrong)."""
-  _check_pairs(preds, answers)
+def intent_json_match(preds: Sequence[str], answers: Sequence) -> float:
+  """Fraction of predictions whose first JSON object equals one of the answers' (dict key order
+  irrelevant, list order and value types significant; no JSON object in a prediction = wrong)."""
+  preds, refs = _check_pairs(preds, answers)
   hits = []
-  for p, ans in zip(preds, answers):
+  for i, (p, ans) in enumerate(zip(preds, refs)):
+    wanted = []
+    for j, a in enumerate(ans):
+      obj = first_json_object(a)
+      if obj is None:
+        raise ValueError(f"answers[{i}][{j}] holds no JSON object: {a[:80]!r}")
+      wanted.append(obj)
     got = first_json_object(p)
-    hits.append(got is not None and any(got == first_json_object(a) for a in ans))
+    hits.append(got is not None and got in wanted)
   return float(np.mean(hits))
 
 
 # ------------------------------------------------------------------ code pass@1 (sandboxed)
 
+# Stop sequences of the Codex paper (plus a markdown fence): a completion is the function body,
+# and whatever the model writes after it (new top-level code) is cut before it can break the run.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 
-# Runs inside the child interpreter: limits first, then the untrusted program. (A preexec_fn
-# would fork the multithreaded JAX process, which can deadlock.)
-_LAUNCHER = """import resource, runpy, sys
-mem, cpu = int(sys.argv[2]), int(sys.argv[3])
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_FSIZE, (10 << 20, 10 << 20))
-resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))
-runpy.run_path(sys.argv[1], run_name="__main__")
+# Runs in the child interpreter. The limits are set here, before a byte of the untrusted program
+# runs, rather than in a `preexec_fn`: that runs Python between fork and exec, which the
+# subprocess docs call unsafe in a threaded parent (JAX's, and our own worker threads) -- it can
+# deadlock. Soft = hard, so the program cannot raise them again. The program's stdout/stdin go to
+# /dev/null; success is proven by writing a per-run secret (read from stdin before the program
+# starts) to the saved stdout after the tests returned, so an early `sys.exit(0)`/`os._exit(0)`
+# in a completion does not count as a pass. Exit 3 = a failed assertion, 4 = any other exception.
+_LAUNCHER = """import os, resource, runpy, sys, traceback
+token = sys.stdin.readline().strip()
+for kind, n in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_CPU, int(sys.argv[3])),
+                (resource.RLIMIT_FSIZE, int(sys.argv[4])), (resource.RLIMIT_CORE, 0),
+                (resource.RLIMIT_NPROC, 64)):
+  hard = resource.getrlimit(kind)[1]
+  n = n if hard == resource.RLIM_INFINITY else min(n, hard)
+  resource.setrlimit(kind, (n, n))
+result = os.dup(1)
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 0)
+os.dup2(null, 1)
+try:
+  runpy.run_path(sys.argv[1], run_name="__main__")
+except AssertionError:
+  traceback.print_exc()
+  sys.stderr.flush()
+  os._exit(3)
+except BaseException:
+  traceback.print_exc()
+  sys.stderr.flush()
+  os._exit(4)
+os.write(result, token.encode())
+os._exit(0)
 """
 
 
-def run_program(source: str, timeout: float, memory_bytes: int = 1 << 30) -> tuple[bool, str]:
-  """Runs `source` in an isolated `python3 -I` subprocess (own session, fresh temp dir,
-  memory/CPU/file/process limits, no inherited environment); returns (passed, reason)."""
-  env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-  with tempfile.TemporaryDirectory() as tmp:
+def _kill_group(pid: int):
+  try:
+    os.killpg(pid, signal.SIGKILL)  # the program and anything it spawned (own session)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def run_program(source: str, *, timeout: float = 5.0, memory_bytes: int = 1 << 30,
+                file_bytes: int = 16 << 20) -> dict:
+  """Runs untrusted Python `source` in a separate `python3 -I` process and reports how it ended:
+  {"passed": bool, "reason": "passed" | "failed" | "timeout" | "error", "detail": str,
+  "seconds": float}. "failed" = an AssertionError (a test said no); "error" = any other exception,
+  a crash or a memory limit hit; "timeout" = wall clock (`timeout`) or CPU time ran out.
+
+  Isolation: own session (the whole process group is SIGKILLed on timeout and afterwards), a fresh
+  temporary working directory (deleted afterwards), an environment of just PATH/HOME/TMPDIR/LANG
+  (no proxies, tokens or PYTHON* variables; -I also ignores user site-packages), limits on address
+  space, CPU seconds, file size and process count, no core files. This guards against accidents
+  (loops, memory bombs, stray files, forks) in generated code, not against a determined attacker:
+  there is no network or filesystem namespace."""
+  if not isinstance(source, str):
+    raise TypeError(f"source is a {type(source).__name__}, not a string")
+  if not timeout > 0:
+    raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+  token = secrets.token_hex(16)
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="desmoe_sandbox_") as tmp:
     for name, text in (("program.py", source), ("launcher.py", _LAUNCHER)):
-      with open(os.path.join(tmp, name), "w") as f:
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
         f.write(text)
-    cmd = [sys.executable, "-I", "launcher.py", "program.py", str(memory_bytes),
-           str(int(math.ceil(timeout)) + 1)]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-      _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)  # the whole session: program and its children
-      proc.communicate()
-      return False, "timeout"
-  if proc.returncode == 0:
-    return True, "passed"
-  last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-  return False, "failed: " + last[0][:200]
+    env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
+    cmd = [sys.executable, "-I", "-B", "launcher.py", "program.py", str(int(memory_bytes)),
+           str(int(math.ceil(timeout)) + 1), str(int(file_bytes))]
+    out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    # Output goes to files, not pipes: a program printing without end cannot fill our memory
+    # (the file-size limit stops it instead).
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+      proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out,
+                              stderr=err, start_new_session=True, close_fds=True)
+      timed_out = False
+      try:
+        proc.communicate(input=(token + "\n").encode(), timeout=timeout)
+      except subprocess.TimeoutExpired:
+        timed_out = True
+      finally:
+        _kill_group(proc.pid)
+        proc.wait()
+    with open(out_path, "rb") as f:
+      proved = f.read(4096).decode(errors="replace") == token
+    with open(err_path, "rb") as f:
+      f.seek(max(0, os.path.getsize(err_path) - 4096))
+      err_lines = f.read().decode(errors="replace").strip().splitlines()
+  seconds = round(time.perf_counter() - start, 3)
+  last = err_lines[-1][:300] if err_lines else ""
+  rc = proc.returncode
+  if proved and not timed_out:
+    reason, detail = "passed", ""
+  elif timed_out or rc == -signal.SIGXCPU:
+    reason, detail = "timeout", f"no result within {timeout:g} s"
+  elif rc == 3:
+    reason, detail = "failed", last or "AssertionError"
+  elif rc is not None and rc < 0:
+    name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+    reason, detail = "error", f"killed by {name}" + (f": {last}" if last else "")
+  else:
+    reason, detail = "error", last or f"exit {rc} before the tests finished"
+  return {"passed": reason == "passed", "reason": reason, "detail": detail, "seconds": seconds}
+
+
+def truncate_completion(completion: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
+  """`completion` up to the first stop sequence (the end of the function body)."""
+  cut = len(completion)
+  for s in stop:
+    i = completion.find(s)
+    if i >= 0:
+      cut = min(cut, i)
+  return completion[:cut]
 
 
 def pass_at_1(problems: Sequence[dict], completions: Sequence[str], *, timeout: float = 5.0,
-              workers: int = 2) -> dict:
-  """HumanEval-style pass@1 with one completion per problem ({"prompt", "test",
-  "entry_point"}): the program is prompt + completion + test + `check(entry_point)`."""
+              workers: int = 2, memory_bytes: int = 1 << 30,
+              stop: Sequence[str] | None = HUMANEVAL_STOP) -> dict:
+  """HumanEval-style pass@1, one completion per problem ({"prompt", "test", "entry_point"}; the
+  test defines `check(candidate)`). The program run is prompt + completion (cut at `stop`; None
+  keeps it whole) + test + `check(entry_point)`, each in `run_program`'s sandbox, `workers` at a
+  time (threads that each wait on one sandbox process; forking the JAX process would be unsafe).
+
+  Returns {"pass@1": float, "passed": int, "total": int, "results": [{"task_id", "passed",
+  "reason", "detail", "seconds"}, ...]} with results in problem order."""
+  if not isinstance(problems, (list, tuple)) or not isinstance(completions, (list, tuple)):
+    raise TypeError("problems and completions must be lists")
   if len(problems) != len(completions):
     raise ValueError(f"problems has {len(problems)} items but completions has {len(completions)}")
-  for i, p in enumerate(problems):
+  if not problems:
+    raise ValueError("problems is empty: nothing to run")
+  if not (isinstance(workers, int) and workers >= 1):
+    raise ValueError(f"workers must be a positive int, got {workers!r}")
+  programs = []
+  for i, (p, c) in enumerate(zip(problems, completions)):
+    if not isinstance(p, dict):
+      raise TypeError(f"problems[{i}] is a {type(p).__name__}, not a dict")
     for key in ("prompt", "test", "entry_point"):
       if not isinstance(p.get(key), str):
         raise ValueError(f"problems[{i}] needs a string {key!r}")
-  programs = [p["prompt"] + c + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n"
-              for p, c in zip(problems, completions)]
+    if not p["entry_point"].isidentifier():  # it is pasted into code: only a plain name
+      raise ValueError(f"problems[{i}]['entry_point'] is not an identifier: {p['entry_point']!r}")
+    if "def check(" not in p["test"]:
+      raise ValueError(f"problems[{i}]['test'] does not define check(candidate)")
+    if not isinstance(c, str):
+      raise TypeError(f"completions[{i}] is a {type(c).__name__}, not a string")
+    body = truncate_completion(c, stop) if stop else c
+    programs.append(p["prompt"] + body + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n")
+  run = lambda src: run_program(src, timeout=timeout, memory_bytes=memory_bytes)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    results = list(pool.map(lambda src: run_program(src, timeout), programs))
-  return {"pass@1": float(np.mean([ok for ok, _ in results])) if results else 0.0,
-          "results": [{"passed": ok, "reason": why} for ok, why in results]}
+    results = list(pool.map(run, programs))
+  for p, r in zip(problems, results):
+    r["task_id"] = p.get("task_id")
+  passed = sum(r["passed"] for r in results)
+  return {"pass@1": passed / len(results), "passed": passed, "total": len(results),
+          "results": results}
 
 
 # ------------------------------------------------------------------ BLEU and ROUGE-L
 
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+_HAS_CJK = re.compile(f"[{_CJK}]")
 
-def bleu(preds: Sequence[str], answers: Sequence[Sequence[str]], tokenize: str = "13a") -> float:
-  """Corpus BLEU (sacrebleu). Rows with fewer references repeat their first one."""
+
+def bleu_tokenizer(answers: Sequence) -> str:
+  """sacrebleu's "zh" if any reference has CJK characters (Chinese has no spaces: "13a" would
+  make whole sentences single tokens), else "13a", the WMT standard for English, German, etc."""
+  return "zh" if any(_HAS_CJK.search(a) for ans in answers
+                     for a in ([ans] if isinstance(ans, str) else ans)) else "13a"
+
+
+def _bleu_setup(preds, answers, tokenize):
   import sacrebleu
-  _check_pairs(preds, answers)
-  n_refs = max(len(a) for a in answers)
-  streams = [[a[i] if i < len(a) else a[0] for a in answers] for i in range(n_refs)]
-  return float(sacrebleu.corpus_bleu(list(preds), streams, tokenize=tokenize).score)
+  preds, refs = _check_pairs(preds, answers)
+  if tokenize == "auto":
+    tokenize = bleu_tokenizer(refs)
+  if tokenize not in sacrebleu.metrics.bleu.BLEU.TOKENIZERS:
+    raise ValueError(f"tokenize={tokenize!r} is not one of 'auto', "
+                     f"{sorted(sacrebleu.metrics.bleu.BLEU.TOKENIZERS)}")
+  return sacrebleu, preds, refs, tokenize
+
+
+def bleu(preds: Sequence[str], answers: Sequence, tokenize: str = "auto") -> float:
+  """Corpus BLEU (0-100) with sacrebleu's defaults (exp smoothing, closest reference length).
+  `tokenize`: "auto" (see `bleu_tokenizer`) or any sacrebleu tokenizer name. Rows with fewer
+  references than others are padded with None, which sacrebleu skips."""
+  sacrebleu, preds, refs, tokenize = _bleu_setup(preds, answers, tokenize)
+  n_refs = max(len(a) for a in refs)
+  streams = [[a[i] if i < len(a) else None for a in refs] for i in range(n_refs)]
+  return float(sacrebleu.corpus_bleu(preds, streams, tokenize=tokenize).score)
+
+
+def sentence_bleu(preds: Sequence[str], answers: Sequence, tokenize: str = "auto") -> list[float]:
+  """Per-example BLEU (0-100, sacrebleu's sentence_bleu with exp smoothing), for inspecting
+  individual generations; the reported score is the corpus `bleu`, not the mean of these."""
+  sacrebleu, preds, refs, tokenize = _bleu_setup(preds, answers, tokenize)
+  return [float(sacrebleu.sentence_bleu(p, a, tokenize=tokenize).score)
+          for p, a in zip(preds, refs)]
+
+
+_TOKEN = re.compile(f"[{_CJK}]|[0-9a-z\u00c0-\u024f]+")
+
+
+def cjk_tokenize(text: str) -> list[str]:
+  """ROUGE tokens: each CJK character (Chinese, kana, Hangul) is one token; Latin text is split into
+  lowercase alphanumeric words; punctuation and spaces are dropped. NFKC first, so full-width
+  digits and letters ("２０２３", "ＷｉＦｉ") match their ASCII forms. rouge-score's own tokenizer
+  drops every non-ASCII character, which would score any two Chinese summaries as empty."""
+  return _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 class _CjkTokenizer:
-  """rouge-score tokenizer keeping CJK: each CJK character is a token, other text splits into
-  lowercase alphanumeric words (rouge-score's default drops every non-ASCII character)."""
-
-  _TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|"
-                      r"[0-9A-Za-z\u00c0-\u024f]+")
+  """The object rouge-score wants (anything with .tokenize)."""
 
   def tokenize(self, text):
-    return [t.lower() for t in self._TOKEN.findall(text)]
+    return cjk_tokenize(text)
 
 
-def rouge_l(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-  """Mean ROUGE-L F-measure (x100), best over each row's references."""
+def rouge_l_scores(preds: Sequence[str], answers: Sequence) -> list[float]:
+  """Per-example ROUGE-L F-measure (0-1), best over the row's references."""
   from rouge_score import rouge_scorer
-  _check_pairs(preds, answers)
+  preds, refs = _check_pairs(preds, answers)
   scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CjkTokenizer())
-  return 100.0 * float(np.mean([max(scorer.score(a, p)["rougeL"].fmeasure for a in ans)
-                                for p, ans in zip(preds, answers)]))
+  return [max(float(scorer.score(a, p)["rougeL"].fmeasure) for a in ans)
+          for p, ans in zip(preds, refs)]
+
+
+def rouge_l(preds: Sequence[str], answers: Sequence) -> float:
+  """Mean over examples of ROUGE-L F (x100, the scale of BLEU), tokens from `cjk_tokenize`."""
+  return 100.0 * float(np.mean(rouge_l_scores(preds, answers)))
 
 
 # ------------------------------------------------------------------ general abilities
 
 
 def multiple_choice_accuracy(score_fn: Callable, items: Sequence[dict]) -> dict:
-  """Log-likelihood multiple choice. `score_fn([(context, continuation), ...])` returns
-  [(sum of log-probabilities, number of tokens)]; the choice with the highest total
-  ("accuracy") or per-token ("accuracy_norm") log-likelihood is the model's answer."""
-  if not items:
-    raise ValueError("no multiple-choice items")
+  """Log-likelihood multiple choice. `score_fn([(context, continuation), ...])` returns one
+  (sum of log-probabilities, number of tokens) per pair; a model's answer is the choice with the
+  highest total ("accuracy", favours short choices) or per-token ("accuracy_norm", favours none
+  by length) log-likelihood; ties go to the first choice. All pairs go to one score_fn call so it
+  can batch them. Returns {"accuracy", "accuracy_norm", "items"}."""
+  if not callable(score_fn):
+    raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+  if not isinstance(items, (list, tuple)) or not items:
+    raise ValueError("items must be a non-empty list of multiple-choice items")
   pairs, owners = [], []
   for i, item in enumerate(items):
-    if not isinstance(item.get("choices"), list) or not isinstance(item.get("label"), int):
-      raise ValueError(f"items[{i}] needs 'choices' (list) and 'label' (int)")
-    for c in item["choices"]:
+    if not isinstance(item, dict):
+      raise TypeError(f"items[{i}] is a {type(item).__name__}, not a dict")
+    if not isinstance(item.get("context"), str):
+      raise ValueError(f"items[{i}] needs a string 'context'")
+    choices = item.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or \
+        not all(isinstance(c, str) for c in choices):
+      raise ValueError(f"items[{i}]['choices'] must be a list of at least 2 strings")
+    label = item.get("label")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+      raise ValueError(f"items[{i}]['label'] must be an int in [0, {len(choices)}), got {label!r}")
+    for c in choices:
       pairs.append((item["context"], c))
       owners.append(i)
-  scores = score_fn(pairs)
+  scores = list(score_fn(pairs))
   if len(scores) != len(pairs):
     raise ValueError(f"score_fn returned {len(scores)} scores for {len(pairs)} pairs")
   raw, norm = [[] for _ in items], [[] for _ in items]
-  for i, (logp, n) in zip(owners, scores):
+  for k, (i, s) in enumerate(zip(owners, scores)):
+    try:
+      logp, n = float(s[0]), s[1]
+    except (TypeError, IndexError, ValueError):
+      raise ValueError(f"score_fn result {k} is not (sum logprob, n tokens): {s!r}") from None
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.number)) or not n >= 1 \
+        or math.isnan(logp):
+      raise ValueError(f"score_fn result {k} needs a token count >= 1 and a number: {s!r}")
     raw[i].append(logp)
-    norm[i].append(logp / max(n, 1))
+    norm[i].append(logp / float(n))
   labels = [item["label"] for item in items]
   return {"accuracy": float(np.mean([int(np.argmax(r)) == l for r, l in zip(raw, labels)])),
           "accuracy_norm": float(np.mean([int(np.argmax(r)) == l for r, l in zip(norm, labels)])),
@@ -266,9 +476,48 @@ def multiple_choice_accuracy(score_fn: Callable, items: Sequence[dict]) -> dict:
 
 
 def perplexity(total_nll: float, total_tokens: float) -> float:
+  """exp(mean NLL in nats). The exponent is capped at 50 (perplexity ~5e21, far worse than a
+  uniform guess over any real vocabulary) so a diverged model still gives a finite JSON number."""
+  for name, v in (("total_nll", total_nll), ("total_tokens", total_tokens)):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+      raise ValueError(f"{name} must be a finite number, got {v!r}")
   if total_tokens <= 0:
-    raise ValueError("perplexity of zero tokens")
-  return float(math.exp(min(total_nll / total_tokens, 50.0)))
+    raise ValueError(f"total_tokens must be > 0, got {total_tokens}")
+  return float(math.exp(min(float(total_nll) / float(total_tokens), 50.0)))
+
+
+# ------------------------------------------------------------------ result tables
+
+
+def _cell(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, (bool, int, np.integer)):
+    return str(int(v))
+  if isinstance(v, (float, np.floating)):
+    return f"{v:.2f}" if abs(v) >= 100 else f"{v:.4f}"
+  return str(v)
+
+
+def format_table(rows: dict, index_name: str = "domain") -> str:
+  """A plain-text table for stdout: one line per row key (domain), one column per metric name
+  (in first-seen order across rows), "-" where a row lacks that metric."""
+  if not isinstance(rows, dict):
+    raise TypeError(f"rows must be a dict of dicts, got {type(rows).__name__}")
+  columns = []
+  for name, row in rows.items():
+    if not isinstance(row, dict):
+      raise TypeError(f"rows[{name!r}] is a {type(row).__name__}, not a dict")
+    columns += [c for c in row if c not in columns]
+  table = [[index_name] + [str(c) for c in columns]]
+  table += [[str(name)] + [_cell(row.get(c)) for c in columns] for name, row in rows.items()]
+  widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
+  return "\n".join("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                             for j, (cell, w) in enumerate(zip(r, widths))).rstrip()
+                   for r in table)
+
+
+TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
 
 
 def format_results(results: dict[str, dict]) -> str:
@@ -294,6 +543,3 @@ def format_results(results: dict[str, dict]) -> str:
         base_s = "" if base is None else f"{base:8.4f}"
         lines.append(f"{label:<24} {g[key]:8.4f} {base_s:>8} {change:>8}")
   return "\n".join(lines)
-
-
-TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
