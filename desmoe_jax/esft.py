@@ -63,22 +63,24 @@ def _routed_sums(graphdef, state, tokens, segment_ids, positions, num_experts):
   return score_sums(out.routing.topk_ids, out.routing.topk_weights, mask, num_experts)
 
 
-def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_experts: int):
+def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_experts: int,
+                  place=jnp.asarray):
   """Scores one domain from batches {"tokens", "segment_ids"?, "positions"?} until
-  `sample_tokens` real tokens were seen. Returns normalised {"gate": [L,E], "token": [L,E]}."""
-
+  `sample_tokens` real tokens were seen. Returns normalised {"gate": [L,E], "token": [L,E]}.
+  `place` puts a host array on devices (e.g. sharded over a mesh)."""
   graphdef, state = nnx.split(model)
   gate = token = None
   seen = 0
   for batch in batches:
-    tokens = jnp.asarray(batch["tokens"])
-    segment_ids = jnp.asarray(batch.get("segment_ids", np.ones(tokens.shape, np.int32)))
-    positions = jnp.asarray(batch.get("positions", np.broadcast_to(
+    tokens = np.asarray(batch["tokens"])
+    segment_ids = np.asarray(batch.get("segment_ids", np.ones(tokens.shape, np.int32)))
+    positions = np.asarray(batch.get("positions", np.broadcast_to(
         np.arange(tokens.shape[1]), tokens.shape)))
-    g, t = _routed_sums(graphdef, state, tokens, segment_ids, positions, num_experts)
+    g, t = _routed_sums(graphdef, state, place(tokens), place(segment_ids), place(positions),
+                        num_experts)
     gate = g if gate is None else gate + g
     token = t if token is None else token + t
-    seen += int((np.asarray(segment_ids) != 0).sum())
+    seen += int((segment_ids != 0).sum())
     if seen >= sample_tokens:
       break
   if gate is None:
@@ -87,7 +89,7 @@ def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_expert
 
 
 def esft_masks(model, batches_by_domain: dict, score: str, cfg: EsftConfig,
-               num_domains: int) -> np.ndarray:
+               num_domains: int, place=jnp.asarray) -> np.ndarray:
   """ExpertMask [L, D, E] for an ESFT run: single-domain (`cfg.domain` = d: row d = d's
   selection, other rows 0) or multi-domain (every row = the union of the domains' selections).
 
@@ -99,7 +101,7 @@ def esft_masks(model, batches_by_domain: dict, score: str, cfg: EsftConfig,
     raise ValueError(f"ESFT expert scoring needs data for domain(s) {missing}")
   e = model.config.n_routed_experts
   selections = {d: np.asarray(select(domain_scores(model, batches_by_domain[d],
-                                                   cfg.sample_tokens, e)[score],
+                                                   cfg.sample_tokens, e, place)[score],
                                      cfg.threshold(score)))
                 for d in domains}
   layers = next(iter(selections.values())).shape[0]
