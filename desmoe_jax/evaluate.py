@@ -31,7 +31,7 @@ from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import trainer
 from desmoe_jax.convert import from_pretrained
-from desmoe_jax.generate import greedy_generate
+from desmoe_jax.generate import bucket, greedy_generate
 from desmoe_jax.methods import prepare_model
 from desmoe_jax.specialization import merge_copies
 
@@ -79,12 +79,14 @@ def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
         cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         ids = (ctx + cont)[-seq_len:]
         rows.append((ids, min(len(cont), len(ids) - 1)))
-      tokens = np.zeros((batch_size, seq_len), np.int32)
-      seg = np.zeros((batch_size, seq_len), np.int32)
+      # Pad to a power of two (>= 32), not to seq_len: a few programs, little wasted work.
+      width = min(seq_len, bucket(max(len(ids) for ids, _ in rows), 32))
+      tokens = np.zeros((batch_size, width), np.int32)
+      seg = np.zeros((batch_size, width), np.int32)
       for r, (ids, _) in enumerate(rows):
         tokens[r, :len(ids)] = ids
         seg[r, :len(ids)] = 1
-      pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+      pos = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
       lp = np.asarray(logprobs(state, tokens, seg, pos))
       for r, (ids, n) in enumerate(rows):
         out.append((float(lp[r, len(ids) - 1 - n:len(ids) - 1].sum()), n))
