@@ -59,6 +59,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # weights and optimizer moments
   c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
+  # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
+  # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
+  # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
+  c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
   c.model.remat = "none" if tiny else "full"  # none | full | dots: rematerialise each MoE layer
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls

@@ -212,6 +212,12 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  with jax.set_mesh(mesh):  # in context: model.expert_parallel="shard_map" reads it
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -219,12 +225,12 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   mc, oc = method_config(config), optim_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
-      remat=config.model.remat, scan_layers=config.model.scan_layers)
+      remat=config.model.remat, scan_layers=config.model.scan_layers,
+      expert_parallel=config.model.expert_parallel)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
