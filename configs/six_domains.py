@@ -142,6 +142,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 64 if tiny else 256  # greedy generation budget
   c.eval.batch_size = 16        # generation batch
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
+  c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
 
   c.export = ml_collections.ConfigDict()

@@ -375,9 +375,11 @@ def _eval_loss_batches(config, tokenizer) -> dict:
           seq_len=config.data.seq_len, batch_size=config.data.batch_size,
           max_batches=config.eval.loss_batches)
   if config.data.general:
+    general = config.eval.general_batches
     out["general"] = data_lib.text_loss_batches(
         config.data.general, tokenizer, seq_len=config.data.seq_len,
-        batch_size=config.data.batch_size, max_batches=config.eval.loss_batches)
+        batch_size=config.data.batch_size,
+        max_batches=config.eval.loss_batches if general < 0 else general)
   return out
 
 

@@ -71,12 +71,12 @@ SWEEP_LRS = (3e-4, 1e-3, 3e-3)
 SWEEP_METHODS = ("fft", "esft_token", "desmoe")
 
 SETTINGS = {
-    "full": dict(steps_per_domain=40, seeds=(0, 1, 2), num_domains=(2, 4, 6), evals=4,
-                 gen_examples=32, batch_size=4, loss_batches=4),
-    "quick": dict(steps_per_domain=8, seeds=(0,), num_domains=(2, 4, 6), evals=2,
+    "full": dict(steps_per_domain=30, seeds=(0, 1, 2), num_domains=(2, 4, 6), evals=3,
+                 gen_examples=32, batch_size=2, loss_batches=4),
+    "quick": dict(steps_per_domain=8, seeds=(0,), num_domains=(2, 4, 6), evals=1,
                   gen_examples=0, batch_size=2, loss_batches=2),
-    "sweep": dict(steps_per_domain=40, seeds=(0,), num_domains=(2,), evals=4,
-                  gen_examples=0, batch_size=4, loss_batches=4),
+    "sweep": dict(steps_per_domain=30, seeds=(0,), num_domains=(2,), evals=1,
+                  gen_examples=0, batch_size=2, loss_batches=4),
 }
 
 
@@ -145,6 +145,7 @@ def run_config(run: Run, s: dict, model_path: str | None):
   config.train.heatmap_layers = 3
   config.optim.learning_rate = run.lr
   config.eval.loss_batches = s["loss_batches"]
+  config.eval.general_batches = 0                 # forgetting: the whole held-out general text
   config.eval.max_examples = s["gen_examples"]
   config.export.enabled = False
   if run.variant == "router+experts":
