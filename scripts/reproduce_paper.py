@@ -67,7 +67,7 @@ LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
 # Learning rate per method family, from `--sweep` (docs/RESULTS.md): the one of SWEEP_LRS with
 # the lowest final mean in-domain held-out loss at D = 2, seed 0.
 LR = {"fft": 1e-3, "esft": 3e-3, "desmoe": 3e-3}
-SWEEP_LRS = (3e-4, 1e-3, 3e-3)
+SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 SWEEP_METHODS = ("fft", "esft_token", "desmoe")
 
 SETTINGS = {
