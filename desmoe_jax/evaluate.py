@@ -123,6 +123,8 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
                    out_dir: str | None = None) -> dict:
   """All scores of `model` (and general-ability scores of `base_model`); writes JSON + table."""
   results: dict[str, dict] = {}
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
   loss_sets = trainer._eval_loss_batches(config, tokenizer)
   graphdef, state = nnx.split(model)
   losses = trainer.heldout_losses(graphdef, state, loss_sets)
@@ -168,7 +170,6 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
           _score_fn(base_model, tokenizer, config.data.seq_len), mc_items)
       general.update({f"base_mc_{k}": v for k, v in base_mc.items()})
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results

@@ -22,7 +22,7 @@ def test_plan_has_every_method_at_every_d_with_equal_token_budgets(mode):
   runs = rp.plan(s)
   assert len({r.name for r in runs}) == len(runs)
   for seed in s["seeds"]:
-    for num in (2, 4, 6):
+    for num in s["num_domains"]:
       at_d = [r for r in runs if r.seed == seed and len(r.domains) == num]
       assert {(r.method, r.variant) for r in at_d} == set(rp.MULTI)
       assert all(r.domains == rp.DOMAINS[:num] for r in at_d)
@@ -31,6 +31,15 @@ def test_plan_has_every_method_at_every_d_with_equal_token_budgets(mode):
     assert sorted((r.method, r.domains[0]) for r in single) == sorted(
         (m, d) for m in rp.SINGLE for d in rp.DOMAINS)
     assert {r.steps for r in single} == {s["steps_per_domain"]}
+
+
+def test_quick_is_the_full_runs_seed_0_run_for_run():
+  """A full run continues from a --quick one in the same workdir: its runs must be identical."""
+  full, quick = rp.SETTINGS["full"], rp.SETTINGS["quick"]
+  assert set(rp.plan(quick)) <= set(rp.plan(full))
+  assert {k: v for k, v in quick.items() if k not in ("seeds", "num_domains")} == \
+      {k: v for k, v in full.items() if k not in ("seeds", "num_domains")}
+  assert max(quick["num_domains"]) == max(full["num_domains"])  # task metrics at the same D
 
 
 def test_run_configs_are_valid_trainer_configs():
@@ -44,6 +53,9 @@ def test_run_configs_are_valid_trainer_configs():
     assert config.train.steps == run.steps and config.optim.learning_rate == run.lr
     expected = "router+experts" if run.variant == "router+experts" else "router+backbone"
     assert config.schedule.warmup_trains == expected
+    with_tasks = run.variant == "single" or len(run.domains) == 6
+    assert config.eval.max_examples == (s["gen_examples"] if with_tasks else 0)
+    assert config.eval.general_batches == s["general_batches"]
 
 
 def _record(losses, step_s, phases, seed=0):
