@@ -142,8 +142,15 @@ def _jsonable(v):
   return v
 
 
-def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
-  """PNG heatmaps: domain x expert correlation (a few MoE layers) and domain mask overlap.
+def heatmap_paths(workdir: str, step: int) -> dict[str, str]:
+  """The PNGs drawn at the evaluation of `step`: {"correlation": path, "overlap": path}."""
+  prefix = os.path.join(workdir, "plots", f"step{step:06d}")
+  return {"correlation": prefix + "_correlation.png", "overlap": prefix + "_overlap.png"}
+
+
+def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: int):
+  """PNG heatmaps (`heatmap_paths`): domain x expert correlation (a few MoE layers) and domain
+  mask overlap.
 
   Every process of a multi-process run must call it (the matrices are gathered); process 0
   draws and writes them."""
@@ -151,7 +158,8 @@ def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
   corr, mask = distributed.to_host((mlp["correlation"][...], mlp["expert_mask"][...]))  # [L,D,E]
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path_prefix) or ".", exist_ok=True)
+  for path in paths.values():
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -170,7 +178,7 @@ def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
     fig.colorbar(im, ax=ax, fraction=0.02)
   axes[-1, 0].set_xlabel("routed expert")
   fig.tight_layout()
-  fig.savefig(path_prefix + "_correlation.png", dpi=110)
+  fig.savefig(paths["correlation"], dpi=110)
   plt.close(fig)
 
   overlap = np.asarray(mask_overlap(jnp.asarray(mask)))
@@ -185,7 +193,7 @@ def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
   ax.set_title("expert mask overlap (Jaccard, mean over layers)", fontsize=8)
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
-  fig.savefig(path_prefix + "_overlap.png", dpi=110)
+  fig.savefig(paths["overlap"], dpi=110)
   plt.close(fig)
 
 
@@ -222,6 +230,12 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  with jax.set_mesh(mesh):  # in context: model.expert_parallel="shard_map" reads it
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -229,12 +243,12 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   mc, oc = method_config(config), optim_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
-      remat=config.model.remat, scan_layers=config.model.scan_layers)
+      remat=config.model.remat, scan_layers=config.model.scan_layers,
+      expert_parallel=config.model.expert_parallel)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
@@ -351,6 +365,7 @@ def train(config, workdir: str) -> dict:
 
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)
+  summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if config.export.enabled:
     host_state = distributed.to_host(model_state)   # a gather: every process joins it
     if is_main:
@@ -380,9 +395,11 @@ def _eval_loss_batches(config, tokenizer) -> dict:
           seq_len=config.data.seq_len, batch_size=config.data.batch_size,
           max_batches=config.eval.loss_batches)
   if config.data.general:
+    general = config.eval.general_batches
     out["general"] = data_lib.text_loss_batches(
         config.data.general, tokenizer, seq_len=config.data.seq_len,
-        batch_size=config.data.batch_size, max_batches=config.eval.loss_batches)
+        batch_size=config.data.batch_size,
+        max_batches=config.eval.loss_batches if general < 0 else general)
   return out
 
 
@@ -391,8 +408,7 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   losses = heldout_losses(graphdef, model_state, eval_sets, batch_sharding)
   record = {"event": "eval", **{f"heldout_loss/{k}": v for k, v in losses.items()}}
   metrics_log.write(step, record)
-  save_heatmaps(model_state, names, os.path.join(workdir, "plots", f"step{step:06d}"),
-                config.train.heatmap_layers)
+  save_heatmaps(model_state, names, heatmap_paths(workdir, step), config.train.heatmap_layers)
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
   return losses
