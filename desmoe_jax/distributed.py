@@ -62,6 +62,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError("give all of --coordinator_address, --num_processes and --process_id, "
                      "or none (cluster environments are detected)")
+  if num_processes is not None:
+    if num_processes < 1:
+      raise ValueError(f"--num_processes={num_processes}: must be at least 1")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id}: must be in 0..{num_processes - 1} "
+                       f"(--num_processes={num_processes})")
   if mode == "off" or (num_processes is not None and num_processes <= 1):
     return False
   job = "flags" if coordinator_address is not None else cluster_job()
@@ -111,3 +117,9 @@ def _gather(x, chunk_bytes: int) -> np.ndarray:
   return np.concatenate([np.asarray(multihost_utils.process_allgather(x[i:i + rows], tiled=True))
                          for i in range(0, x.shape[0], rows)])
 
+
+def barrier(name: str):
+  """All processes wait here for each other (nothing to do in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

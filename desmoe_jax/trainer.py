@@ -16,6 +16,7 @@ writes the files above, and all of them write the checkpoints, through orbax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -369,13 +370,21 @@ def _train(config, workdir: str, mesh) -> dict:
   if config.export.enabled:
     host_state = distributed.to_host(model_state)   # a gather: every process joins it
     if is_main:
+      # Process 0 alone runs the export's forward passes (folding the router), so they must
+      # not be partitioned over a mesh that holds other processes' devices: there, the
+      # context is a mesh of one local device.
+      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
+               if jax.process_count() > 1 else contextlib.nullcontext())
       from desmoe_jax.export import export_hf
       fit = [b for batches in eval_sets.values() for b in batches]
       model = nnx.merge(graphdef, host_state)
-      summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                    tokenizer_dir=config.model.path, fit_batches=fit)
+      with alone:
+        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                      tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
+    # The others wait here rather than in the runtime's shutdown barrier, which times out.
+    distributed.barrier("export")
   metrics_log.close()
   return summary
 

@@ -2,8 +2,8 @@
 distributed runtime over localhost) against the same run in one process on 8 devices.
 
 The 2-process run must see the single-process batch sequence (losses equal to float
-tolerance), write checkpoints through orbax's multi-process path that a resumed 2-process run
-continues from, log once (process 0), and export the same weights.
+tolerance), log once (process 0), evaluate over both processes, and write checkpoints through
+orbax's multi-process path that a single process restores and continues from.
 """
 
 import contextlib
@@ -19,26 +19,31 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny preset, shrunk: one schedule phase (t1=0, t2=1: stabilization from step 0, so one
-# compilation per process), short rows (law's held-out answers do not fit 256 tokens: no law
-# held-out set). alr.loss=additive: under the convex mix the router's step-0 gradient is the KD
-# gradient alone, exactly zero in exact arithmetic (the ALR equals the pretrained router at
-# init), so its float value is rounding noise, which Adam (eps=1e-8) scales to full-size
-# steps; a different but equally valid reduction order (8 devices in one process vs gloo
-# across two) then takes another path. With the task gradient added, every step is determined.
-ARGS = ["--config=configs/six_domains.py:tiny", "--config.train.steps=4",
+# The tiny preset, shrunk to what CI's 2 cores compile quickly: one schedule phase (t1=0,
+# t2=1: stabilization from step 0, so one train-step compilation per run), 8 rows of 256
+# tokens (one per device), held-out loss on one batch of general text only, no HF export
+# (on one device of process 0, after a gather of the state: minutes of compilation here).
+# alr.loss=additive: under the convex mix the router's step-0 gradient is the KD gradient
+# alone, exactly zero in exact arithmetic (the ALR equals the pretrained router at init), so
+# its float value is rounding noise, which Adam (eps=1e-8) scales to full-size steps; a
+# different but equally valid reduction order (8 devices in one process vs gloo across two)
+# then takes another path. With the task gradient added, every step is determined.
+NO_DOMAIN_EVAL = [f"--config.data.domains[{i}].eval=" for i in range(6)]
+ARGS = ["--config=configs/six_domains.py:tiny", "--config.train.steps=3",
         "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.train.checkpoint_every=2", "--config.data.seq_len=256",
         "--config.data.batch_size=8", "--config.eval.loss_batches=1",
-        "--config.data.domains[2].eval=", "--config.schedule.t1=0.0",
-        "--config.schedule.t2=1.0", "--config.alr.loss=additive"]
+        "--config.schedule.t1=0.0", "--config.schedule.t2=1.0", "--config.alr.loss=additive",
+        "--config.export.enabled=False", *NO_DOMAIN_EVAL]
+TIMEOUT_S = 600
 
 
 def _env(devices: int, cache_dir=None) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
-  env.update(HF_HUB_OFFLINE="1", PYTHONPATH=REPO,
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))}
+  env.update(HF_HUB_OFFLINE="1", PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  if cache_dir:  # the resumed run reuses the first run's compiled programs
+  if cache_dir:  # the single-process resume reuses the reference run's compiled programs
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -66,18 +71,24 @@ def _launch(argv: list[str], logs: list, devices: int, processes: int = 1,
       procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=REPO, stdout=f,
                                     stderr=subprocess.STDOUT, env=_env(devices, cache_dir)))
   try:
-    return [p.wait(timeout=600) for p in procs]
+    return [p.wait(timeout=TIMEOUT_S) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
 
 
 def _train(workdir, logs, processes, *extra):
   devices = 8 // processes
-  codes = _launch([os.path.join(REPO, "train.py"), *ARGS, f"--workdir={workdir}", *extra], logs,
-                  devices, processes, cache_dir=os.path.join(os.path.dirname(workdir), "jit"))
-  assert codes == [0] * processes, "\n".join(open(l).read()[-3000:] for l in logs)
+  cache = os.path.join(os.path.dirname(workdir), "jit")
+  try:
+    codes = _launch([os.path.join(REPO, "train.py"), *ARGS, f"--workdir={workdir}", *extra],
+                    logs, devices, processes, cache_dir=cache)
+  except subprocess.TimeoutExpired:
+    codes = None
+  assert codes == [0] * processes, "\n".join(
+      f"=== {l} (exit codes {codes})\n" + open(l).read()[-4000:] for l in logs)
 
 
 def _records(workdir):
@@ -85,16 +96,11 @@ def _records(workdir):
 
 
 def _losses(records):
-  return {r["step"]: r["loss"] for r in records if "loss" in r}  # a resumed run: last wins
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def _tensors(hf_dir):
-  from safetensors.numpy import load_file
-  return load_file(os.path.join(hf_dir, "model.safetensors"))
-
-
-def test_two_processes_match_one_and_resume(tmp_path):
-  ref, work = tmp_path / "ref", tmp_path / "work"
+def test_two_processes_match_one_process(tmp_path):
+  ref, work, single = tmp_path / "ref", tmp_path / "work", tmp_path / "single"
   _train(ref, [tmp_path / "ref.log"], 1)
   logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
   _train(work, logs, 2)
@@ -103,46 +109,37 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert "process 0 of 2, 4 local devices of 8" in out0
   assert "process 1 of 2, 4 local devices of 8" in out1
   assert "mesh {'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1} over 8 devices" in out0
+  assert "held-out loss" in out0 and "held-out loss" not in out1  # process 1 logs warnings only
 
   # Logged once: one record per step (both processes appending would double them), one
   # TensorBoard event file, one set of plots.
   records = _records(work)
-  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-  assert [r.get("event") for r in records if "event" in r] == ["eval", "export"]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  assert [r.get("event") for r in records if "event" in r] == ["eval"]
   assert len(os.listdir(work / "tb")) == 1
-  assert sorted(os.listdir(work / "plots")) == ["step000004_correlation.png",
-                                                "step000004_overlap.png"]
-  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(work / "plots")) == ["step000003_correlation.png",
+                                                "step000003_overlap.png"]
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "3"]
 
   ref_losses, got = _losses(_records(ref)), _losses(records)
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref_losses[s] for s in range(1, 5)],
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref_losses[s] for s in (1, 2, 3)],
                              rtol=1e-5)
+  assert ref_losses[3] < ref_losses[1]  # it trained: equal losses are not equal constants
   ref_eval = next(r for r in _records(ref) if r.get("event") == "eval")
   got_eval = next(r for r in records if r.get("event") == "eval")
-  for key in ref_eval:
-    if key.startswith("heldout_loss/"):
-      np.testing.assert_allclose(got_eval[key], ref_eval[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(got_eval["heldout_loss/general"], ref_eval["heldout_loss/general"],
+                             rtol=1e-5)
 
-  # The export gathered the sharded state from both processes.
-  ref_w, got_w = _tensors(ref / "hf"), _tensors(work / "hf")
-  assert sorted(got_w) == sorted(ref_w)
-  for key in ref_w:
-    # Measured: 895 of 4.2M weights differ by more than 1e-6, none by more than 2e-5 (the
-    # folded router's least squares amplifies rounding); a misplaced shard would be O(1e-2).
-    np.testing.assert_allclose(got_w[key], ref_w[key], rtol=0, atol=1e-4, err_msg=key)
-
-  # Resume: as if killed after checkpoint 2 (orbax takes the newest committed step). No
-  # held-out sets or export this time: they were checked above and each costs a compilation.
-  shutil.rmtree(work / "checkpoints" / "4")
-  logs = [tmp_path / "r0.log", tmp_path / "r1.log"]
-  no_eval = [f"--config.data.domains[{i}].eval=" for i in range(6)] + ["--config.data.general="]
-  _train(work, logs, 2, "--config.export.enabled=False", *no_eval)
-  assert "resumed from step 2" in open(logs[0]).read()
-  records = _records(work)
-  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 3, 4]
-  got = _losses(records)
-  np.testing.assert_allclose([got[3], got[4]], [ref_losses[3], ref_losses[4]], rtol=1e-5)
-  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  # The 2-process checkpoint restores in one process (8 devices, another process layout):
+  # as if killed after step 2, step 3 then gives the reference loss again.
+  shutil.copytree(work / "checkpoints", single / "checkpoints")
+  shutil.rmtree(single / "checkpoints" / "3")
+  log = tmp_path / "single.log"
+  _train(single, [log], 1, "--config.data.general=")
+  assert "resumed from step 2" in open(log).read()
+  records = _records(single)
+  assert [r["step"] for r in records if "loss" in r] == [3]
+  np.testing.assert_allclose(_losses(records)[3], ref_losses[3], rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the runtime's pieces
@@ -196,16 +193,22 @@ def clean_env(monkeypatch):
   return monkeypatch
 
 
-def test_initialize_needs_all_three_flags_or_none(clean_env):
+def test_initialize_validates_its_flags(clean_env):
   from desmoe_jax import distributed
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id"):
     distributed.initialize("localhost:1234", num_processes=2)
+  with pytest.raises(ValueError, match=r"--process_id=2: must be in 0\.\.1 \(--num_processes=2\)"):
+    distributed.initialize("localhost:1234", 2, 2)
+  with pytest.raises(ValueError, match="--num_processes=0: must be at least 1"):
+    distributed.initialize("localhost:1234", 0, 0)
   with pytest.raises(ValueError, match="--distributed='maybe'"):
     distributed.initialize(mode="maybe")
   # Single-process cases return before touching JAX's runtime.
   assert not distributed.initialize()
   assert not distributed.initialize("localhost:1234", 1, 0)
   assert not distributed.initialize("localhost:1234", 2, 0, mode="off")
+  import jax
+  assert not jax.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("env, job", [
