@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -56,11 +57,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(argv: list[str], logs: list, devices: int, processes: int = 1,
-            cache_dir=None) -> list[int]:
-  """Runs `argv` in `processes` processes (a coordinator on a free localhost port); returns
-  their exit codes. Output goes to files: a full pipe would block one process while the other
-  waits for it in a collective."""
+def _start(argv: list[str], logs: list, devices: int, processes: int = 1,
+           cache_dir=None) -> list[subprocess.Popen]:
+  """Starts `argv` in `processes` processes (a coordinator on a free localhost port). Output
+  goes to files: a full pipe would block one process while the other waits for it in a
+  collective."""
   port = _free_port()
   flags = [[]] if processes == 1 else [
       [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
@@ -70,8 +71,19 @@ def _launch(argv: list[str], logs: list, devices: int, processes: int = 1,
     with open(log, "w") as f:
       procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=REPO, stdout=f,
                                     stderr=subprocess.STDOUT, env=_env(devices, cache_dir)))
+  return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[int | None]:
+  """Exit codes (None: still running after TIMEOUT_S, then killed)."""
+  deadline = time.monotonic() + TIMEOUT_S
   try:
-    return [p.wait(timeout=TIMEOUT_S) for p in procs]
+    for p in procs:
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+      except subprocess.TimeoutExpired:
+        break
+    return [p.poll() for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
@@ -79,16 +91,23 @@ def _launch(argv: list[str], logs: list, devices: int, processes: int = 1,
         p.wait()
 
 
-def _train(workdir, logs, processes, *extra):
-  devices = 8 // processes
-  cache = os.path.join(os.path.dirname(workdir), "jit")
-  try:
-    codes = _launch([os.path.join(REPO, "train.py"), *ARGS, f"--workdir={workdir}", *extra],
-                    logs, devices, processes, cache_dir=cache)
-  except subprocess.TimeoutExpired:
-    codes = None
-  assert codes == [0] * processes, "\n".join(
-      f"=== {l} (exit codes {codes})\n" + open(l).read()[-4000:] for l in logs)
+def _launch(argv: list[str], logs: list, devices: int, processes: int = 1) -> list[int | None]:
+  return _wait(_start(argv, logs, devices, processes))
+
+
+def _train(*runs):
+  """Runs train.py for each (workdir, logs, processes, extra flags), all at once: compiling
+  is single-threaded, so a 1-process and a 2-process run side by side fill CI's 2 cores."""
+  started = []
+  for workdir, logs, processes, extra in runs:
+    cache = os.path.join(os.path.dirname(workdir), "jit")
+    started.append((logs, _start([os.path.join(REPO, "train.py"), *ARGS,
+                                  f"--workdir={workdir}", *extra],
+                                 logs, 8 // processes, processes, cache_dir=cache)))
+  codes = [_wait(procs) for _, procs in started]  # all of them, even after a failure
+  for (logs, procs), got in zip(started, codes):
+    assert got == [0] * len(procs), "\n".join(
+        f"=== {l} (exit codes {got})\n" + open(l).read()[-4000:] for l in logs)
 
 
 def _records(workdir):
@@ -101,9 +120,8 @@ def _losses(records):
 
 def test_two_processes_match_one_process(tmp_path):
   ref, work, single = tmp_path / "ref", tmp_path / "work", tmp_path / "single"
-  _train(ref, [tmp_path / "ref.log"], 1)
   logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
-  _train(work, logs, 2)
+  _train((ref, [tmp_path / "ref.log"], 1, []), (work, logs, 2, []))
 
   out0, out1 = (open(l).read() for l in logs)
   assert "process 0 of 2, 4 local devices of 8" in out0
@@ -135,7 +153,7 @@ def test_two_processes_match_one_process(tmp_path):
   shutil.copytree(work / "checkpoints", single / "checkpoints")
   shutil.rmtree(single / "checkpoints" / "3")
   log = tmp_path / "single.log"
-  _train(single, [log], 1, "--config.data.general=")
+  _train((single, [log], 1, ["--config.data.general="]))
   assert "resumed from step 2" in open(log).read()
   records = _records(single)
   assert [r["step"] for r in records if "loss" in r] == [3]
