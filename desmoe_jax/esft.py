@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax.distributed import to_host
 from desmoe_jax.specialization import top_p_mask
 
 DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
@@ -67,7 +68,7 @@ def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_expert
                   place=jnp.asarray):
   """Scores one domain from batches {"tokens", "segment_ids"?, "positions"?} until
   `sample_tokens` real tokens were seen. Returns normalised {"gate": [L,E], "token": [L,E]}.
-  `place` puts a host array on devices (e.g. sharded over a mesh)."""
+  `place` puts a host array on devices (e.g. `distributed.global_array` over a mesh)."""
   graphdef, state = nnx.split(model)
   gate = token = None
   seen = 0
@@ -85,6 +86,7 @@ def domain_scores(model, batches: Iterable[dict], sample_tokens: int, num_expert
       break
   if gate is None:
     raise ValueError("ESFT expert scoring got no batches for a domain")
+  gate, token = to_host((gate, token))   # [L, E] each; may span processes
   return {"gate": normalise_per_layer(gate), "token": normalise_per_layer(token), "tokens": seen}
 
 

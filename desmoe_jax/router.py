@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
+from desmoe_jax.distributed import to_host
 from desmoe_jax.layers import normal_init, param, stack_modules
 
 
@@ -205,7 +206,7 @@ def attach_alr(model, cfg: AlrConfig, seed: int = 0):
   moe = model.moe_layers.mlp
   if isinstance(moe.gate, AdaptiveRouter):
     raise ValueError("the model already has an adaptive router")
-  pretrained_lde = moe.gate.weight[...]
+  pretrained_lde = to_host(moe.gate.weight[...])  # may span processes; iterated on the host
   rngs = nnx.Rngs(seed)
   moe.gate = stack_modules([AdaptiveRouter(w, cfg, rngs=rngs) for w in pretrained_lde])
   return model

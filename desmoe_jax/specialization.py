@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax.distributed import to_host
+
 
 @dataclasses.dataclass(frozen=True)
 class DgesConfig:
@@ -180,17 +182,19 @@ def duplicate(model) -> dict:
 
   Host-side and deterministic: owners in domain order, experts in index order, until the
   bank of a layer is full (what did not fit is reported, and those domains keep sharing).
+  In a multi-process run every process calls it (it gathers the expert banks).
   """
   moe = model.moe_layers.mlp
   copies = moe.expert_copies
-  mask = np.asarray(moe.expert_mask[...]) > 0                      # [L, D, E]
+  mask = to_host(moe.expert_mask[...]) > 0                         # [L, D, E]
   layers, num_domains, num_experts = mask.shape
   capacity = copies.origin.shape[1]
   table = np.full((layers, num_domains, num_experts), -1, np.int32)
   origin = np.full((layers, capacity), -1, np.int32)
   owner = np.full((layers, capacity), -1, np.int32)
-  banks = {n: np.array(getattr(copies, n)[...]) for n in ("gate_proj", "up_proj", "down_proj")}
-  experts = {n: np.asarray(getattr(moe.experts, n)[...]) for n in banks}
+  names = ("gate_proj", "up_proj", "down_proj")
+  banks = {n: np.array(to_host(getattr(copies, n)[...])) for n in names}  # writable copies
+  experts = {n: to_host(getattr(moe.experts, n)[...]) for n in banks}
   made, dropped = 0, 0
   for l in range(layers):
     slot = 0

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from desmoe_jax import optim, specialization
 from desmoe_jax.methods import MethodConfig
@@ -52,6 +53,23 @@ def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model
   """Optimizer state over the model's parameters (trainable-for-the-run groups only)."""
   params = nnx.filter_state(model_state, nnx.Param)
   return phase_optimizer(method_cfg, optim_cfg, method_cfg.phases()[0][0]).init(params)
+
+
+def optimizer_shardings(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state,
+                        state_shardings, mesh):
+  """Shardings of `init_optimizer`'s state: moments laid out like their parameters, counts
+  replicated. To jit the init with (its outputs depend on shapes only, so without them every
+  moment lands whole on one device) and to restore a checkpoint onto."""
+  tx = phase_optimizer(method_cfg, optim_cfg, method_cfg.phases()[0][0])
+  params = nnx.filter_state(model_state, nnx.Param)
+
+  def masked(x):  # a group that holds no optimizer state
+    return isinstance(x, optax.MaskedNode)
+
+  return optax.tree_map_params(
+      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding,
+      jax.eval_shape(tx.init, params), nnx.filter_state(state_shardings, nnx.Param),
+      transform_non_params=lambda _: NamedSharding(mesh, P()), is_leaf=masked)
 
 
 def _set(state, path: tuple, value):

@@ -9,10 +9,15 @@ Work directory layout:
   plots/                 correlation and mask-overlap heatmaps (PNG) at every evaluation
   eval/                  evaluation results (JSON)
   hf/                    the adapted model in the HF DeepSeek-V2 layout, with its tokenizer
+
+In a multi-process run every process calls `train` (desmoe_jax/distributed.py); process 0 alone
+writes the files above, and all of them write the checkpoints, through orbax.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,6 +32,7 @@ from flax import nnx
 
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
+from desmoe_jax import distributed
 from desmoe_jax import esft as esft_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import train_step as ts
@@ -145,15 +151,21 @@ def heatmap_paths(workdir: str, step: int) -> dict[str, str]:
 
 def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: int):
   """PNG heatmaps (`heatmap_paths`): domain x expert correlation (a few MoE layers) and domain
-  mask overlap."""
+  mask overlap.
+
+  Every process of a multi-process run must call it (the matrices are gathered); process 0
+  draws and writes them."""
+  mlp = model_state["moe_layers"]["mlp"]
+  corr, mask = distributed.to_host((mlp["correlation"][...], mlp["expert_mask"][...]))  # [L,D,E]
+  if jax.process_index() != 0:
+    return
+  for path in paths.values():
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from desmoe_jax.specialization import mask_overlap
 
-  mlp = model_state["moe_layers"]["mlp"]
-  corr = np.asarray(mlp["correlation"][...])       # [L, D, E]
-  mask = np.asarray(mlp["expert_mask"][...])
   layers = np.unique(np.linspace(0, corr.shape[0] - 1, min(max_layers, corr.shape[0])).astype(int))
   fig, axes = plt.subplots(len(layers), 1, figsize=(max(6, corr.shape[2] * 0.18),
                                                     1.2 + 0.35 * corr.shape[1] * len(layers)),
@@ -190,7 +202,8 @@ def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: 
 
 
 def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
-  """Mean next-token loss on held-out packed batches, {name: loss}."""
+  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
+  batches are split over its mesh (every process of a multi-process run must call this)."""
 
   @jax.jit
   def loss_sums(state, batch):
@@ -204,10 +217,9 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
   for name, batches in batches_by_domain.items():
     total, count = 0.0, 0.0
     for b in batches:
-      b = {k: jnp.asarray(v) for k, v in b.items()}
-      if batch_sharding is not None:
-        b = jax.device_put(b, batch_sharding)
-      s, n = loss_sums(model_state, b)
+      b = (distributed.global_batch(b, batch_sharding) if batch_sharding is not None
+           else {k: jnp.asarray(v) for k, v in b.items()})
+      s, n = loss_sums(model_state, b)                # replicated scalars: readable everywhere
       total, count = total + float(s), count + float(n)
     out[name] = total / max(count, 1.0)
   return out
@@ -249,19 +261,24 @@ def _train(config, workdir: str, mesh) -> dict:
                                         batch_size=config.data.batch_size, seed=config.seed)
   names = [d.name for d in config.data.domains]
 
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  place = functools.partial(distributed.global_array, sharding=batch_sharding)
+
   prepare_model(model, mc, seed=config.seed)
   if mc.is_esft:
     per_domain = {i: data_lib.MixtureIterator([s], tokenizer, seq_len=config.data.seq_len,
                                               batch_size=config.data.batch_size, seed=config.seed)
                   for i, s in enumerate(train_specs)}
-    masks = esft_lib.esft_masks(model, per_domain, mc.esft_score, mc.esft, mc.num_domains)
+    masks = esft_lib.esft_masks(model, per_domain, mc.esft_score, mc.esft, mc.num_domains,
+                                place=place)
     model.moe_layers.mlp.expert_mask[...] = jnp.asarray(masks)
     log.info("ESFT-%s selected %.1f%% of routed experts", mc.esft_score, 100 * masks.mean())
   sharding_lib.shard_model(model, mesh)
   graphdef, model_state = nnx.split(model)
   state_shardings = sharding_lib.state_shardings(model_state, mesh)
-  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms))(model_state)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
+  opt_shardings = ts.optimizer_shardings(mc, oc, model_state, state_shardings, mesh)
+  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms),
+                      out_shardings=opt_shardings)(model_state)
 
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.train.keep_checkpoints,
@@ -269,7 +286,8 @@ def _train(config, workdir: str, mesh) -> dict:
   start, last_phase = 0, mc.phase(0)
   if checkpoints.latest_step() is not None:
     model_state, opt_state, meta = checkpoints.restore(
-        ckpt_lib.abstract_like(model_state, state_shardings), ckpt_lib.abstract_like(opt_state))
+        ckpt_lib.abstract_like(model_state, state_shardings),
+        ckpt_lib.abstract_like(opt_state, opt_shardings))
     if meta.get("method") != config.method:
       raise ValueError(f"{checkpoints.directory} holds a {meta.get('method')!r} run; "
                        f"config.method={config.method!r}")
@@ -314,8 +332,9 @@ def _train(config, workdir: str, mesh) -> dict:
       if phase not in compiled:
         compiled[phase] = jax.jit(ts.make_train_step(graphdef, mc, oc, phase),
                                   donate_argnums=(0, 1))
-      batch = jax.device_put({k: jnp.asarray(v) for k, v in next(train_iter).items()},
-                             batch_sharding)
+      # Every process builds the whole global batch (the single-process sequence) and
+      # places only its own devices' rows.
+      batch = distributed.global_batch(next(train_iter), batch_sharding)
       model_state, opt_state, metrics = compiled[phase](model_state, opt_state, batch,
                                                         jnp.asarray(step, jnp.int32))
       pending_finite.append(jnp.isfinite(metrics["loss"]))
@@ -324,7 +343,7 @@ def _train(config, workdir: str, mesh) -> dict:
       if done % config.train.log_every == 0 or done == config.train.steps:
         check_finite(done)
         now = time.perf_counter()
-        record = jax.device_get(metrics)
+        record = distributed.to_host(metrics)
         record["tokens_per_s"] = tokens_seen / max(now - t_last, 1e-9)
         record["phase_name"] = PHASE_NAMES[phase] if phase != UNSCHEDULED else "unscheduled"
         tokens_seen, t_last = 0, now
@@ -348,14 +367,24 @@ def _train(config, workdir: str, mesh) -> dict:
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)
   summary["plots"] = heatmap_paths(workdir, config.train.steps)
-  if is_main and config.export.enabled:
-    from desmoe_jax.export import export_hf
-    fit = [b for batches in eval_sets.values() for b in batches]
-    model = nnx.merge(graphdef, jax.device_get(model_state))
-    summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                  tokenizer_dir=config.model.path, fit_batches=fit)
-    log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
-    metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
+  if config.export.enabled:
+    host_state = distributed.to_host(model_state)   # a gather: every process joins it
+    if is_main:
+      # Process 0 alone runs the export's forward passes (folding the router), so they must
+      # not be partitioned over a mesh that holds other processes' devices: there, the
+      # context is a mesh of one local device.
+      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
+               if jax.process_count() > 1 else contextlib.nullcontext())
+      from desmoe_jax.export import export_hf
+      fit = [b for batches in eval_sets.values() for b in batches]
+      model = nnx.merge(graphdef, host_state)
+      with alone:
+        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                      tokenizer_dir=config.model.path, fit_batches=fit)
+      log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
+      metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
+    # The others wait here rather than in the runtime's shutdown barrier, which times out.
+    distributed.barrier("export")
   metrics_log.close()
   return summary
 
@@ -388,10 +417,7 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   losses = heldout_losses(graphdef, model_state, eval_sets, batch_sharding)
   record = {"event": "eval", **{f"heldout_loss/{k}": v for k, v in losses.items()}}
   metrics_log.write(step, record)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    save_heatmaps(jax.device_get(model_state), names, heatmap_paths(workdir, step),
-                  config.train.heatmap_layers)
+  save_heatmaps(model_state, names, heatmap_paths(workdir, step), config.train.heatmap_layers)
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
   return losses

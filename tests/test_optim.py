@@ -108,3 +108,30 @@ def test_optimizer_state_holds_trainable_groups_only(method):
     expert_bytes = sum(np.asarray(v[...]).nbytes for p, v in nnx.to_flat_state(params)
                        if optim.label_of(p) == "routed_experts")
     assert trainable_bytes == expert_bytes
+
+
+def test_optimizer_state_is_sharded_like_its_parameters():
+  """A jitted init's outputs depend on shapes only: without explicit shardings every moment
+  would land whole on device 0 (and a checkpoint would restore there, next to an 8-device
+  model)."""
+  from desmoe_jax import sharding
+  mc, oc, g, ms, _ = _setup()
+  mesh = sharding.make_mesh({"fsdp": 8})
+  shardings = sharding.state_shardings(ms, mesh)
+  ms = jax.device_put(ms, shardings)
+  opt_shardings = ts.optimizer_shardings(mc, oc, ms, shardings, mesh)
+  opt = jax.jit(lambda m: ts.init_optimizer(mc, oc, m), out_shardings=opt_shardings)(ms)
+  param_specs = {tuple(p): v.sharding.spec for p, v in nnx.to_flat_state(
+      nnx.filter_state(ms, nnx.Param))}
+  moments = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt)[0]:
+    keys = [str(optim._key(k)) for k in path]
+    assert len(leaf.sharding.device_set) == 8, keys
+    if "mu" in keys or "nu" in keys:  # [..., "mu", *param path, "value"]
+      param = tuple(keys[keys.index("mu" if "mu" in keys else "nu") + 1:-1])
+      param = tuple(int(k) if k.isdigit() else k for k in param)
+      assert leaf.sharding.spec == param_specs[param], keys
+      moments += 1
+    else:
+      assert leaf.ndim == 0 and leaf.sharding.is_fully_replicated, keys
+  assert moments == 2 * len([p for p in param_specs if optim.label_of(p) in mc.trainable_ever()])
