@@ -534,12 +534,12 @@ def format_results(results: dict[str, dict]) -> str:
   g = results.get("general", {})
   if g:
     lines.append("")
-    lines.append("general abilities        model     base   change")
+    lines.append(f"{'general abilities':<25} {'model':>8} {'base':>8} {'change':>8}")
     for label, key in (("held-out text loss", "loss"), ("multiple choice acc", "mc_accuracy"),
                        ("multiple choice acc/token", "mc_accuracy_norm")):
       if key in g:
         base = g.get("base_" + key)
         change = "" if base is None else f"{g[key] - base:+8.4f}"
         base_s = "" if base is None else f"{base:8.4f}"
-        lines.append(f"{label:<24} {g[key]:8.4f} {base_s:>8} {change:>8}")
+        lines.append(f"{label:<25} {g[key]:8.4f} {base_s:>8} {change:>8}")
   return "\n".join(lines)

@@ -232,3 +232,13 @@ def test_format_table():
   ])
   with pytest.raises(TypeError, match=r"rows\['law'\] is a list"):
     metrics.format_table({"law": [1]})
+
+
+def test_format_results_general_block_is_aligned():
+  text = metrics.format_results({"general": {
+      "loss": 6.3237, "base_loss": 4.648, "mc_accuracy": 0.255, "base_mc_accuracy": 0.285,
+      "mc_accuracy_norm": 0.265, "base_mc_accuracy_norm": 0.29}})
+  block = text[text.index("general abilities"):].splitlines()
+  assert block[1].split() == ["held-out", "text", "loss", "6.3237", "4.6480", "+1.6757"]
+  assert block[3].startswith("multiple choice acc/token") and block[3].endswith("-0.0250")
+  assert len({len(line) for line in block}) == 1          # the columns line up
