@@ -212,6 +212,12 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  with jax.set_mesh(mesh):  # the model's activation constraints are laid out on this mesh
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -219,7 +225,6 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   mc, oc = method_config(config), optim_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -247,7 +252,9 @@ def train(config, workdir: str) -> dict:
   sharding_lib.shard_model(model, mesh)
   graphdef, model_state = nnx.split(model)
   state_shardings = sharding_lib.state_shardings(model_state, mesh)
-  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms))(model_state)
+  opt_shardings = ts.optimizer_shardings(mc, oc, model_state, mesh)
+  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms), out_shardings=opt_shardings)(
+      model_state)
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -299,8 +306,8 @@ def train(config, workdir: str) -> dict:
           metrics_log.write(step, {"event": "between_phases", **info})
         last_phase = phase
       if phase not in compiled:
-        compiled[phase] = jax.jit(ts.make_train_step(graphdef, mc, oc, phase),
-                                  donate_argnums=(0, 1))
+        compiled[phase] = ts.jit_train_step(graphdef, mc, oc, phase, state_shardings,
+                                            opt_shardings, batch_sharding)
       batch = jax.device_put({k: jnp.asarray(v) for k, v in next(train_iter).items()},
                              batch_sharding)
       model_state, opt_state, metrics = compiled[phase](model_state, opt_state, batch,
