@@ -8,11 +8,9 @@ cache); general abilities: held-out text loss and a multiple-choice score, each 
 model (config.model.path). Prints a table and writes <workdir>/eval/<name>/results.json.
 """
 
-import json
 import logging
 import os
 
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -33,19 +31,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("desmoe_jax").setLevel(logging.INFO)
-  config = _CONFIG.value
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(_HF.value or config.model.path)
-  if _HF.value:
-    model, name = evaluate.load_model(_HF.value, config), "hf"
-  else:
-    model, meta = evaluate.load_run_model(config, _WORKDIR.value, _STEP.value)
-    name = f"step{meta['step']}"
-  base = None if _NO_BASE.value else evaluate.load_model(config.model.path, config)
-  out_dir = os.path.join(_WORKDIR.value, "eval", name)
-  os.makedirs(out_dir, exist_ok=True)
-  results = evaluate.evaluate_model(model, tokenizer, config, base_model=base,
-                                    with_generation=not _NO_GEN.value, out_dir=out_dir)
+  results, out_dir = evaluate.evaluate_run(
+      _CONFIG.value, _WORKDIR.value, step=_STEP.value, hf_dir=_HF.value,
+      with_generation=not _NO_GEN.value, with_base=not _NO_BASE.value)
   print(metrics.format_results(results))
   print(f"\nresults: {os.path.join(out_dir, 'results.json')}")
 

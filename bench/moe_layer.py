@@ -122,22 +122,23 @@ def make_weights(shapes, seed):
   }
 
 
-def jax_config(shapes, impl, dtype, tile_size):
+def jax_config(shapes, impl, dtype, tile_size, **runtime):
   kw = dict(vocab_size=128, hidden_size=shapes["hidden"], intermediate_size=4 * shapes["hidden"],
             moe_intermediate_size=shapes["inter"], num_hidden_layers=2, num_attention_heads=2,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
             n_routed_experts=shapes["experts"], n_shared_experts=shapes["shared"],
             num_experts_per_tok=shapes["top_k"], first_k_dense_replace=1, topk_method="greedy",
             routed_scaling_factor=1.0, norm_topk_prob=False, dtype=dtype, param_dtype=dtype,
-            moe_impl=impl)
+            moe_impl=impl, **runtime)
   if tile_size is not None:
     kw["moe_tile_size"] = tile_size
   return ModelConfig(**kw)
 
 
-def build_jax(shapes, w, impl, dtype, tile_size):
-  """(jitted fwd+bwd step, params, x, layer): step(params, x) -> (loss, (dparams, dx))."""
-  cfg = jax_config(shapes, impl, dtype, tile_size)
+def build_jax(shapes, w, impl, dtype, tile_size, **runtime):
+  """(jitted fwd+bwd step, params, x, layer): step(params, x) -> (loss, (dparams, dx)).
+  `runtime`: other ModelConfig runtime fields (e.g. expert_parallel)."""
+  cfg = jax_config(shapes, impl, dtype, tile_size, **runtime)
   layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
   f = shapes["inter"]
   pd = jnp.dtype(dtype)

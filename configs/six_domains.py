@@ -59,6 +59,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # weights and optimizer moments
   c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
+  # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
+  # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
+  # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
+  c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
   c.model.remat = "none" if tiny else "full"  # none | full | dots: rematerialise each MoE layer
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
@@ -138,6 +142,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 64 if tiny else 256  # greedy generation budget
   c.eval.batch_size = 16        # generation batch
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
+  c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
 
   c.export = ml_collections.ConfigDict()

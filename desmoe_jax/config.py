@@ -27,8 +27,8 @@ _IGNORED_HF_FIELDS = frozenset({
 })
 
 # Runtime (non-architecture) fields: how to compute, not what. Never written to config.json.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "moe_tile_size", "attention_impl",
-                   "scan_layers", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "moe_tile_size", "expert_parallel",
+                   "attention_impl", "scan_layers", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,7 @@ class ModelConfig:
   param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
   moe_impl: str = "auto"                  # "auto" | "dense" | "ragged" | "tiled" (see moe.py)
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
+  expert_parallel: str = "compiler"       # "compiler" | "shard_map": see expert_parallel.py
   attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
   scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
   remat: str = "none"                     # "none" | "full" | "dots": rematerialise each MoE layer
@@ -98,6 +99,8 @@ class ModelConfig:
                       f"[1, n_routed_experts={self.n_routed_experts}]")
     if self.moe_impl not in ("auto", "dense", "ragged", "tiled"):
       problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tiled')")
+    if self.expert_parallel not in ("compiler", "shard_map"):
+      problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
     if self.attention_impl not in ("einsum", "jax"):
       problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax')")
     if self.remat not in ("none", "full", "dots"):

@@ -246,7 +246,7 @@ def from_pretrained(path: str, dtype=jnp.bfloat16, *, param_dtype=None, mesh=Non
   routers in float32). With `mesh`, parameters are laid out by `sharding.py`'s logical rules.
 
   `model(input_ids).logits` is then [batch, seq, vocab]. `runtime` overrides ModelConfig's
-  runtime fields (moe_impl, attention_impl, scan_layers, remat, moe_tile_size).
+  runtime fields (moe_impl, expert_parallel, attention_impl, scan_layers, remat, moe_tile_size).
   """
   dtype = jnp.dtype(dtype).name
   param_dtype = jnp.dtype(param_dtype or dtype).name

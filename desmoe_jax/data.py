@@ -398,7 +398,7 @@ def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: 
 def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
                       max_batches: int) -> list[dict]:
   """Plain text (e.g. held-out general text) cut into full rows: bos + seq_len - 1 tokens,
-  every token but the first a target."""
+  every token but the first a target; at most `max_batches` batches (0: the whole text)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"general text file {path} does not exist")
   with open(path, encoding="utf-8") as f:
@@ -408,7 +408,9 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   n = seq_len - len(bos)
-  rows = [bos + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)][:max_batches * batch_size]
+  rows = [bos + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
+  if max_batches:
+    rows = rows[:max_batches * batch_size]
   if not rows:
     raise ValueError(f"{path} has fewer than {seq_len} tokens")
   batches = []

@@ -29,33 +29,36 @@ from flax import nnx
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
+from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import trainer
 from desmoe_jax.convert import from_pretrained
-from desmoe_jax.generate import greedy_generate
+from desmoe_jax.generate import bucket, greedy_generate
 from desmoe_jax.methods import prepare_model
 from desmoe_jax.specialization import merge_copies
 
 log = logging.getLogger("desmoe_jax")
 
 
-def load_run_model(config, workdir: str, step: int | None = None):
-  """The model of a training run at `step` (default latest), rebuilt from its config."""
+def load_run_model(config, workdir: str, step: int | None = None, mesh=None):
+  """The model of a training run at `step` (default latest), rebuilt from its config; with
+  `mesh`, sharded over it as in training (a model that does not fit on one device)."""
   mc = trainer.method_config(config)
-  model = from_pretrained(config.model.path, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype, moe_impl=config.model.moe_impl,
-                          attention_impl=config.model.attention_impl)
+  model = load_model(config.model.path, config, mesh)
   prepare_model(model, mc, seed=config.seed)
+  if mesh is not None:
+    sharding_lib.shard_model(model, mesh)  # the parts prepare_model added
   graphdef, state = nnx.split(model)
   restored, _, meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
-      ckpt_lib.abstract_like(state), None, step=step)
+      ckpt_lib.abstract_like(state), None, step=step)  # onto each array's current sharding
   model = nnx.merge(graphdef, restored)
   merge_copies(model)
   return model, meta
 
 
-def load_model(path: str, config):
+def load_model(path: str, config, mesh=None):
   return from_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                         moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl)
+                         mesh=mesh, moe_impl=config.model.moe_impl,
+                         attention_impl=config.model.attention_impl)
 
 
 def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
@@ -79,12 +82,14 @@ def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
         cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         ids = (ctx + cont)[-seq_len:]
         rows.append((ids, min(len(cont), len(ids) - 1)))
-      tokens = np.zeros((batch_size, seq_len), np.int32)
-      seg = np.zeros((batch_size, seq_len), np.int32)
+      # Pad to a power of two (>= 32), not to seq_len: a few programs, little wasted work.
+      width = min(seq_len, bucket(max(len(ids) for ids, _ in rows), 32))
+      tokens = np.zeros((batch_size, width), np.int32)
+      seg = np.zeros((batch_size, width), np.int32)
       for r, (ids, _) in enumerate(rows):
         tokens[r, :len(ids)] = ids
         seg[r, :len(ids)] = 1
-      pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+      pos = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
       lp = np.asarray(logprobs(state, tokens, seg, pos))
       for r, (ids, n) in enumerate(rows):
         out.append((float(lp[r, len(ids) - 1 - n:len(ids) - 1].sum()), n))
@@ -167,3 +172,29 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results
+
+
+def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str | None = None,
+                 with_generation: bool = True, with_base: bool = True,
+                 mesh=None) -> tuple[dict, str]:
+  """What `eval.py` does: scores a run's checkpoint at `step` (default latest), or the HF
+  directory `hf_dir` instead (e.g. `<workdir>/hf`), against the base model `config.model.path`.
+  Models are sharded over `mesh` (default: the run's `config.mesh`, so what trained fits).
+
+  Returns (results, out_dir): results as `evaluate_model` gives them ({row: {metric: value}};
+  `metrics.format_results` prints them as a table), written to `<out_dir>/results.json`.
+  """
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(hf_dir or config.model.path)
+  mesh = sharding_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
+  if hf_dir:
+    model, name = load_model(hf_dir, config, mesh), "hf"
+  else:
+    model, meta = load_run_model(config, workdir, step, mesh)
+    name = f"step{meta['step']}"
+  base = load_model(config.model.path, config, mesh) if with_base else None
+  out_dir = os.path.join(workdir, "eval", name)
+  os.makedirs(out_dir, exist_ok=True)
+  results = evaluate_model(model, tokenizer, config, base_model=base,
+                           with_generation=with_generation, out_dir=out_dir)
+  return results, out_dir

@@ -21,7 +21,7 @@ from desmoe_jax.attention import KVCache
 from desmoe_jax.model import ModelCache
 
 
-def _bucket(n: int, minimum: int) -> int:
+def bucket(n: int, minimum: int) -> int:
   size = minimum
   while size < n:
     size *= 2
@@ -85,8 +85,8 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos
   results: list[list[int] | None] = [None] * len(prompts)
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
-    p = _bucket(max(len(prompts[i]) for i in idx), 16)
-    b = _bucket(len(idx), 1)
+    p = bucket(max(len(prompts[i]) for i in idx), 16)
+    b = bucket(len(idx), 1)
     tokens = np.full((b, p), pad_id, np.int32)
     pad = np.full((b,), p - 1, np.int32)  # filler rows: one token, discarded
     for row, i in enumerate(idx):

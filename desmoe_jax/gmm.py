@@ -60,7 +60,7 @@ def tile_layout(ids_tk, num_experts: int, min_tile: int):
   Expert e's slots occupy rows [start_e, start_e + padded_e) of a buffer of R rows, padded_e
   being its slot count rounded up to a multiple of `min_tile`; the rows after its slots are
   padding. R = ceil(n / min_tile) * min_tile + E * min_tile bounds the buffer for any routing
-  (n = T*K slots). Returns
+  (n = T*K slots). Slots with id E (no expert) hold no row. Returns
     row_slot [R]  slot (t*K + k) held by each row; padding rows hold n + row (out of range,
                   distinct and increasing along the buffer, so reads give 0, writes drop)
     start [E], padded [E]
@@ -73,9 +73,11 @@ def tile_layout(ids_tk, num_experts: int, min_tile: int):
   start = jnp.cumsum(padded) - padded                                    # [E]
   rows = -(-n // min_tile) * min_tile + num_experts * min_tile
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)              # slots by expert
-  rank = jnp.arange(n, dtype=jnp.int32) - (jnp.cumsum(count) - count)[flat[order]]
-  row = start[flat[order]] + rank                                        # row of order[i]
-  row_slot = (n + jnp.arange(rows, dtype=jnp.int32)).at[row].set(order)
+  expert = flat[order]
+  rank = jnp.arange(n, dtype=jnp.int32) - (jnp.cumsum(count) - count)[expert]
+  # Slots of id E (no expert; sorted last) get no row: their outputs stay 0.
+  row = jnp.where(expert < num_experts, start[expert] + rank, rows)     # row of order[i]
+  row_slot = (n + jnp.arange(rows, dtype=jnp.int32)).at[row].set(order, mode="drop")
   return row_slot, start, padded
 
 
@@ -111,6 +113,16 @@ def _from_bits(a, dtype):
   return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
 
 
+def _zeros(shape, dtype, *like):
+  """Zeros for a loop carry that varies over the same manual mesh axes as the arrays `like`:
+  inside `jax.shard_map` (expert_parallel.py) a carry must keep one type through the loop, and
+  `zeros_like` carries that type (outside shard_map these are plain zeros)."""
+  zeros = jnp.zeros(shape, dtype)
+  for a in like:
+    zeros = zeros + jnp.zeros_like(a, dtype=dtype, shape=())
+  return zeros
+
+
 def _rows(a, idx):
   """a[idx] for sorted idx; out-of-range idx (padding) read zeros."""
   return a.at[idx].get(mode="fill", fill_value=0, indices_are_sorted=True)
@@ -138,8 +150,9 @@ def _forward(x_td, gate, up, down, row_slot, start, padded, k, sizes):
 
     return _for_each_tile(carry, start_e, padded_e, sizes, tile), None
 
-  init = (_as_bits(jnp.zeros((n, d), x_td.dtype)),
-          _as_bits(jnp.zeros((row_slot.shape[0], 2 * f), x_td.dtype)))
+  like = (x_td, gate, up, down, row_slot)
+  init = (_as_bits(_zeros((n, d), x_td.dtype, *like)),
+          _as_bits(_zeros((row_slot.shape[0], 2 * f), x_td.dtype, *like)))
   (y_nd, gu_rf), _ = jax.lax.scan(expert, init, (gate, up, down, start, padded))
   return _from_bits(y_nd, x_td.dtype), gu_rf
 
@@ -159,6 +172,7 @@ def _bwd(k, sizes, res, dy_nd):
   x_td, gate, up, down, row_slot, start, padded, gu_rf = res
   _, d, f = gate.shape
   acc = jnp.promote_types(x_td.dtype, jnp.float32)   # weight gradients are summed in float32
+  like = (x_td, gate, up, down, row_slot, dy_nd)
 
   def expert(dx_td, xs):
     gate_df, up_df, down_fd, start_e, padded_e = xs
@@ -182,13 +196,13 @@ def _bwd(k, sizes, res, dy_nd):
                                    indices_are_sorted=True)
       return dx_td, dgate_up, ddown
 
-    init = (dx_td, jnp.zeros((d, 2 * f), acc), jnp.zeros((f, d), acc))
+    init = (dx_td, _zeros((d, 2 * f), acc, *like), _zeros((f, d), acc, *like))
     dx_td, dgate_up, ddown = _for_each_tile(init, start_e, padded_e, sizes, tile)
     dt = gate_df.dtype
     return dx_td, (dgate_up[:, :f].astype(dt), dgate_up[:, f:].astype(dt), ddown.astype(dt))
 
   dx_td, (dgate, dup, ddown) = jax.lax.scan(
-      expert, jnp.zeros(x_td.shape, acc), (gate, up, down, start, padded))
+      expert, _zeros(x_td.shape, acc, *like), (gate, up, down, start, padded))
   return dx_td.astype(x_td.dtype), dgate, dup, ddown, None, None, None
 
 
@@ -201,6 +215,7 @@ def grouped_ffn(x_td, ids_tk, gate_edf, up_edf, down_efd, *, max_tile: int = 128
 
   SwiGLU experts: FFN_e(x) = (silu(x @ gate[e]) * (x @ up[e])) @ down[e], with gate/up
   [E, D, F] and down [E, F, D]. Differentiable in x and the three weights (ids_tk is not).
+  An id equal to E selects no expert: the slot's output is 0 and costs no matmul.
   Tiles have at most `max_tile` rows; each expert's group is padded to a multiple of
   `min_tile` rows, lowered (to 8 at least) when experts get few slots on average.
   """

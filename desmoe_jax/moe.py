@@ -9,6 +9,11 @@ same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
            ragged_dot lowers to a dense dot over all experts.
 "auto" picks "tiled" on CPU and "ragged" elsewhere.
 
+`model.expert_parallel` picks how a mesh with an `expert` axis runs this dispatch: "compiler"
+partitions it with XLA's SPMD partitioner; "shard_map" exchanges token rows between the devices
+holding the experts explicitly (`expert_parallel.py`), each device running the kernel above on
+its own experts.
+
 The layer returns per-slot outputs before the gate weights are applied, plus its `Routing`, so
 that DES-MoE can build statistics, swap the router and mask gradients per token without
 reaching into this module.
@@ -16,11 +21,13 @@ reaching into this module.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from desmoe_jax import gmm
+from desmoe_jax import expert_parallel, gmm
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import MLP, normal_init, param
 from desmoe_jax.router import AdaptiveRouter, Routing, TopKRouter, balance_loss, select_experts
@@ -40,7 +47,8 @@ def resolve_impl(impl: str) -> str:
 def _dense(x_td, ids_tk, gate, up, down):
   h_tef = jax.nn.silu(jnp.einsum("td,edf->tef", x_td, gate)) * jnp.einsum("td,edf->tef", x_td, up)
   y_ted = jnp.einsum("tef,efd->ted", h_tef, down)
-  return jnp.take_along_axis(y_ted, ids_tk[:, :, None], axis=1)  # [T, K, D]
+  # id E (no expert) reads 0
+  return jnp.take_along_axis(y_ted, ids_tk[:, :, None], axis=1, mode="fill", fill_value=0)
 
 
 def _ragged(x_td, ids_tk, gate, up, down):
@@ -57,7 +65,12 @@ def _ragged(x_td, ids_tk, gate, up, down):
 
 def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "auto",
                    tile_size: int = 128):
-  """y[t, k] = FFN_{ids[t,k]}(x[t]) with SwiGLU experts; returns [T, K, D]."""
+  """y[t, k] = FFN_{ids[t,k]}(x[t]) with SwiGLU experts; returns [T, K, D].
+
+  An id equal to E (one past the last expert) selects no expert: its output is 0, "tiled" spends
+  no matmul on it and "ragged" leaves it out of every group (the unused rows of expert
+  parallelism's receive buffers).
+  """
   impl = resolve_impl(impl)
   dt = x_td.dtype
   gate, up, down = gate_edf.astype(dt), up_edf.astype(dt), down_efd.astype(dt)
@@ -140,8 +153,12 @@ class MoE(nnx.Module):
     dispatch_tk = ids_tk
     if self.expert_copies is not None and domain_t is not None:
       gate, up, down, dispatch_tk = self.expert_copies.dispatch(gate, up, down, ids_tk, domain_t)
-    y_tkd = expert_outputs(x_td, dispatch_tk, gate, up, down, impl=cfg.moe_impl,
-                           tile_size=cfg.moe_tile_size)
+    local = functools.partial(expert_outputs, impl=cfg.moe_impl, tile_size=cfg.moe_tile_size)
+    if cfg.expert_parallel == "shard_map":
+      y_tkd = expert_parallel.expert_outputs(local, x_td, dispatch_tk, gate, up, down,
+                                             num_experts=cfg.n_routed_experts)
+    else:
+      y_tkd = local(x_td, dispatch_tk, gate, up, down)
     if adapt.isolate:
       if self.expert_mask is None or domain_t is None:
         raise ValueError("gradient isolation needs specialization.attach(...) and domain ids")

@@ -229,6 +229,7 @@ def merge_copies(model):
     summed = base[...].astype(jnp.float32) + jnp.einsum(
         "lce,lc...->le...", onehot, getattr(copies, n)[...].astype(jnp.float32))
     ndim = base[...].ndim
-    base[...] = (summed / counts.reshape(counts.shape + (1,) * (ndim - 2))).astype(base.dtype)
+    # set_value, not base[...] =: after jax.device_get the old value is a read-only numpy array.
+    base.set_value((summed / counts.reshape(counts.shape + (1,) * (ndim - 2))).astype(base.dtype))
   moe.expert_copies = None
   return model

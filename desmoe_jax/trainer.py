@@ -137,8 +137,15 @@ def _jsonable(v):
   return v
 
 
-def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
-  """PNG heatmaps: domain x expert correlation (a few MoE layers) and domain mask overlap."""
+def heatmap_paths(workdir: str, step: int) -> dict[str, str]:
+  """The PNGs drawn at the evaluation of `step`: {"correlation": path, "overlap": path}."""
+  prefix = os.path.join(workdir, "plots", f"step{step:06d}")
+  return {"correlation": prefix + "_correlation.png", "overlap": prefix + "_overlap.png"}
+
+
+def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: int):
+  """PNG heatmaps (`heatmap_paths`): domain x expert correlation (a few MoE layers) and domain
+  mask overlap."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -160,7 +167,7 @@ def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
     fig.colorbar(im, ax=ax, fraction=0.02)
   axes[-1, 0].set_xlabel("routed expert")
   fig.tight_layout()
-  fig.savefig(path_prefix + "_correlation.png", dpi=110)
+  fig.savefig(paths["correlation"], dpi=110)
   plt.close(fig)
 
   overlap = np.asarray(mask_overlap(jnp.asarray(mask)))
@@ -175,7 +182,7 @@ def save_heatmaps(model_state, domain_names, path_prefix: str, max_layers: int):
   ax.set_title("expert mask overlap (Jaccard, mean over layers)", fontsize=8)
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
-  fig.savefig(path_prefix + "_overlap.png", dpi=110)
+  fig.savefig(paths["overlap"], dpi=110)
   plt.close(fig)
 
 
@@ -213,7 +220,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh):  # the model's activation constraints are laid out on this mesh
+  with jax.set_mesh(mesh):  # model.expert_parallel="shard_map" and the activation constraints read it
     return _train(config, workdir, mesh)
 
 
@@ -229,7 +236,8 @@ def _train(config, workdir: str, mesh) -> dict:
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
-      remat=config.model.remat, scan_layers=config.model.scan_layers)
+      remat=config.model.remat, scan_layers=config.model.scan_layers,
+      expert_parallel=config.model.expert_parallel)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
@@ -341,6 +349,7 @@ def _train(config, workdir: str, mesh) -> dict:
 
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)
+  summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if is_main and config.export.enabled:
     from desmoe_jax.export import export_hf
     fit = [b for batches in eval_sets.values() for b in batches]
@@ -368,9 +377,11 @@ def _eval_loss_batches(config, tokenizer) -> dict:
           seq_len=config.data.seq_len, batch_size=config.data.batch_size,
           max_batches=config.eval.loss_batches)
   if config.data.general:
+    general = config.eval.general_batches
     out["general"] = data_lib.text_loss_batches(
         config.data.general, tokenizer, seq_len=config.data.seq_len,
-        batch_size=config.data.batch_size, max_batches=config.eval.loss_batches)
+        batch_size=config.data.batch_size,
+        max_batches=config.eval.loss_batches if general < 0 else general)
   return out
 
 
@@ -381,8 +392,8 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   metrics_log.write(step, record)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    save_heatmaps(jax.device_get(model_state), names,
-                  os.path.join(workdir, "plots", f"step{step:06d}"), config.train.heatmap_layers)
+    save_heatmaps(jax.device_get(model_state), names, heatmap_paths(workdir, step),
+                  config.train.heatmap_layers)
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
   return losses

@@ -7,7 +7,6 @@ installed it also loads the exported directory with transformers and compares lo
 """
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -18,14 +17,12 @@ import numpy as np
 import desmoe_jax
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.model import init_model
+from desmoe_jax.run_config import load_config
 
 
 def load_arch(name):
-  spec = importlib.util.spec_from_file_location(
-      "models", os.path.join(os.path.dirname(__file__), "..", "configs", "models.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(name).to_dict()
+  return load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                  f"models.py:{name}")).to_dict()
 
 
 def main():

@@ -158,5 +158,10 @@ def test_eval_examples_and_text_batches(tokenizer):
                                    tokenizer, seq_len=128, batch_size=2, max_batches=2)
   assert len(batches) == 2 and batches[0]["tokens"][0, 0] == tokenizer.bos_token_id
   assert batches[0]["loss_mask"][:, 0].sum() == 0 and batches[0]["loss_mask"][:, 1:].all()
+  whole = data.text_loss_batches(os.path.join(REPO, "data", "general", "heldout.txt"),
+                                 tokenizer, seq_len=128, batch_size=2, max_batches=0)
+  ids = tokenizer(open(os.path.join(REPO, "data", "general", "heldout.txt")).read(),
+                  add_special_tokens=False)["input_ids"]
+  assert sum(int(b["segment_ids"][:, 0].sum()) for b in whole) == len(ids) // 127  # every row
   mc = data.load_multiple_choice(os.path.join(REPO, "data", "general", "mc.jsonl"))
   assert len(mc) == 200 and all(0 <= m["label"] < len(m["choices"]) for m in mc)

@@ -50,6 +50,31 @@ def test_impls_agree_outputs_and_grads(routing, t):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{impl} d{name}")
 
 
+@pytest.mark.parametrize("impl", ["dense", "ragged", "tiled"])
+def test_no_expert_id_selects_nothing(impl):
+  """Id E (the unused rows of expert parallelism's buffers): output 0 and no gradient; the
+  other slots are computed as if those were absent."""
+  t, k = 21, 2
+  ids = ROUTINGS["random"](t, k)
+  ids[::3, 1] = E
+  valid = jnp.asarray(ids < E)[..., None]
+  x = jax.random.normal(jax.random.key(7), (t, D))
+  cot = jax.random.normal(jax.random.key(8), (t, k, D))
+  weights = _weights(3)
+
+  def run(impl, ids, cot):
+    f = lambda x, g, u, d: (expert_outputs(x, ids, g, u, d, impl=impl, tile_size=8) * cot).sum()
+    return (expert_outputs(x, ids, *weights, impl=impl, tile_size=8),
+            jax.grad(f, argnums=(0, 1, 2, 3))(x, *weights))
+
+  y, grads = jax.jit(run, static_argnums=0)(impl, jnp.asarray(ids), cot)
+  ref_y, ref_grads = run("dense", jnp.asarray(np.minimum(ids, E - 1)), cot * valid)
+  assert not np.any(np.asarray(y)[ids == E])
+  np.testing.assert_allclose(y, ref_y * valid, atol=1e-5, rtol=1e-5)
+  for a, b, name in zip(grads, ref_grads, ("x", "gate", "up", "down")):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
 def _cfg(**kw):
   base = dict(vocab_size=32, hidden_size=D, intermediate_size=24, moe_intermediate_size=F,
               num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=8, qk_nope_head_dim=4,

@@ -128,6 +128,8 @@ def test_duplicated_experts_dispatch_and_merge():
   np.testing.assert_allclose(moved[:2], before[:2], atol=1e-6)  # domains 0 and 1 untouched
   # Merge: expert 1 becomes the mean of its two versions; the bank is gone.
   up_before = np.asarray(moe.experts.up_proj[...][:, 1])
+  # As the trainer's export hands it over: host copies of the state (read-only numpy arrays).
+  nnx.update(model, jax.device_get(nnx.state(model)))
   sp.merge_copies(model)
   assert model.moe_layers.mlp.expert_copies is None
   np.testing.assert_allclose(model.moe_layers.mlp.experts.up_proj[...][:, 1], up_before + 0.25,

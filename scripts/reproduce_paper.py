@@ -1,0 +1,309 @@
+r"""The paper's claims in miniature: DES-MoE against FFT, ESFT and its own ablations, as the
+number of domains grows, on the embedded tiny model pretrained by scripts/pretrain_tiny.py.
+
+  python scripts/reproduce_paper.py --quick       # 1 seed, short runs: < 30 min on 2 CPU cores
+  python scripts/reproduce_paper.py               # 3 seeds: the numbers of docs/RESULTS.md
+  python scripts/reproduce_paper.py --sweep       # the learning-rate sweep behind LR below
+  python scripts/reproduce_paper.py --report      # only rebuild the report from results.jsonl
+
+What runs: every run is `desmoe_jax.trainer.train` on a `configs/six_domains.py:tiny` config,
+exactly what `train.py` does, followed by `desmoe_jax.evaluate.evaluate_model`, what `eval.py`
+does.
+* For D = 2, 4, 6 (the first D of math, code, law, intent, summary, translation): FFT,
+  ESFT-Token and ESFT-Gate on the union of the domains' expert selections, DES-MoE under both
+  readings of its warm-up (`schedule.warmup_trains` = router+backbone, the default, and
+  router+experts), and the ablations without ALR, without DGES, without the schedule.
+* Single-domain ESFT-Token and ESFT-Gate, one run per domain: the paper's "one ESFT model per
+  domain" reference.
+* Equal token budgets: every run gets `steps_per_domain` optimizer steps per domain of the same
+  batch shape. Each run for each seed (the seed sets the data order and the ALR's initial
+  weights; the pretrained model is the same).
+
+What is measured per run: (a) general-ability retention: held-out general-text loss (plays never
+seen in pretraining) minus the base model's, and the multiple-choice score against the base
+model's; (b) per-domain held-out loss (reference answers given prompts) and, in the full run, the
+task metric; (c) the training curve (per-step loss and wall time) and periodic held-out losses,
+for steps-to-target; (d) expert overlap between domains: Jaccard of the final DGES masks.
+
+Results are appended to `<workdir>/results.jsonl` as runs finish; a rerun skips finished runs, so
+an interrupted reproduction continues where it stopped. The report is written between the
+GENERATED markers of `--report_file` (docs/RESULTS.md for the full run; <workdir>/RESULTS.md
+for --quick and --sweep), with its PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("reproduce")
+
+DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
+# (method, variant) of the multi-domain runs at each D, in report order.
+MULTI = (("fft", ""), ("esft_token", "union"), ("esft_gate", "union"), ("desmoe", ""),
+         ("desmoe", "router+experts"), ("desmoe_no_alr", ""), ("desmoe_no_dges", ""),
+         ("desmoe_no_schedule", ""))
+SINGLE = ("esft_token", "esft_gate")
+LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
+          ("esft_gate", "union"): "ESFT-Gate (union)", ("desmoe", ""): "DES-MoE",
+          ("desmoe", "router+experts"): "DES-MoE (warm-up: router+experts)",
+          ("desmoe_no_alr", ""): "DES-MoE w/o ALR", ("desmoe_no_dges", ""): "DES-MoE w/o DGES",
+          ("desmoe_no_schedule", ""): "DES-MoE w/o schedule",
+          ("esft_token", "single"): "ESFT-Token (one model per domain)",
+          ("esft_gate", "single"): "ESFT-Gate (one model per domain)"}
+# Learning rate per method family, from `--sweep` (docs/RESULTS.md): the one of SWEEP_LRS with
+# the lowest final mean in-domain held-out loss at D = 2, seed 0.
+LR = {"fft": 1e-3, "esft": 3e-3, "desmoe": 3e-3}
+SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SWEEP_METHODS = ("fft", "esft_token", "desmoe")
+
+SETTINGS = {
+    "full": dict(steps_per_domain=30, seeds=(0, 1, 2), num_domains=(2, 4, 6), evals=3,
+                 gen_examples=32, batch_size=2, loss_batches=4),
+    "quick": dict(steps_per_domain=8, seeds=(0,), num_domains=(2, 4, 6), evals=1,
+                  gen_examples=0, batch_size=2, loss_batches=2),
+    "sweep": dict(steps_per_domain=30, seeds=(0,), num_domains=(2,), evals=1,
+                  gen_examples=0, batch_size=2, loss_batches=4),
+}
+
+
+def family(method: str) -> str:
+  return "esft" if method.startswith("esft") else "fft" if method == "fft" else "desmoe"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  method: str
+  variant: str              # "" | "union" | "single" | "router+experts" | "lr=<lr>"
+  domains: tuple[str, ...]
+  seed: int
+  steps: int
+  lr: float
+
+  @property
+  def key(self) -> tuple:
+    return (self.method, self.variant, len(self.domains),
+            self.domains[0] if self.variant == "single" else "")
+
+  @property
+  def name(self) -> str:
+    parts = [self.method, self.variant.replace("+", "_").replace("=", ""),
+             f"D{len(self.domains)}", self.domains[0] if self.variant == "single" else "",
+             f"s{self.seed}"]
+    return "-".join(p for p in parts if p)
+
+
+def plan(s: dict, sweep: bool = False) -> list[Run]:
+  """Every run of a reproduction, in execution order."""
+  spd = s["steps_per_domain"]
+  if sweep:
+    return [Run(m, f"lr={lr:g}", DOMAINS[:2], 0, spd * 2, lr)
+            for m in SWEEP_METHODS for lr in SWEEP_LRS]
+  runs = []
+  for seed in s["seeds"]:
+    for method in SINGLE:
+      runs += [Run(method, "single", (d,), seed, spd, LR["esft"]) for d in DOMAINS]
+    for num in s["num_domains"]:
+      runs += [Run(m, v, DOMAINS[:num], seed, spd * num, LR[family(m)]) for m, v in MULTI]
+  return runs
+
+
+def six_domains():
+  spec = importlib.util.spec_from_file_location("six_domains",
+                                                os.path.join(REPO, "configs", "six_domains.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_config(run: Run, s: dict, model_path: str | None):
+  """The trainer config of one run: the `:tiny` preset with the experiment's settings."""
+  config = six_domains().get_config(f"tiny,{run.method}")
+  if model_path:
+    config.model.path = model_path
+  config.seed = run.seed
+  config.data.domains = [d for d in config.data.domains if d.name in run.domains]
+  config.data.batch_size = s["batch_size"]
+  config.train.steps = run.steps
+  config.train.log_every = 1
+  config.train.eval_every = max(1, run.steps // s["evals"])
+  config.train.checkpoint_every = run.steps       # one checkpoint: the final model
+  config.train.keep_checkpoints = 1
+  config.train.heatmap_layers = 3
+  config.optim.learning_rate = run.lr
+  config.eval.loss_batches = s["loss_batches"]
+  config.eval.general_batches = 0                 # forgetting: the whole held-out general text
+  config.eval.max_examples = s["gen_examples"]
+  config.export.enabled = False
+  if run.variant == "router+experts":
+    config.schedule.warmup_trains = "router+experts"
+  return config
+
+
+def base_config(s: dict, model_path: str | None):
+  """A config over all six domains, for evaluating the base model."""
+  return run_config(Run("fft", "", DOMAINS, 0, 1, 0.0), s, model_path)
+
+
+# ------------------------------------------------------------------ running
+
+
+def machine() -> dict:
+  import jax
+  cpu = platform.processor()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name")), cpu)
+  return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "python": platform.python_version()}
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def curves(workdir: str, tokens_per_step: int) -> dict:
+  """The run's training curves, from its metrics.jsonl."""
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  steps = [r for r in records if "event" not in r and "loss" in r]
+  evals = [r for r in records if r.get("event") == "eval"]
+  return {
+      "loss": [r["loss"] for r in steps],
+      "domain_loss": [r["domain_loss"] for r in steps],
+      "domain_tokens": [r["domain_tokens"] for r in steps],
+      "step_s": [tokens_per_step / r["tokens_per_s"] for r in steps],   # log_every = 1
+      "phase": [r["phase_name"] for r in steps],
+      "heldout": [[r["step"], {k.split("/", 1)[1]: v for k, v in r.items()
+                               if k.startswith("heldout_loss/")}] for r in evals],
+      "overlap": steps[-1]["overlap_matrix"] if steps else None,
+      "mask_density": steps[-1]["mask_density"] if steps else None,
+  }
+
+
+def evaluate_run(config, workdir: str, tokenizer, with_generation: bool) -> dict:
+  from desmoe_jax import evaluate
+  model, _ = evaluate.load_run_model(config, workdir)
+  return evaluate.evaluate_model(model, tokenizer, config, with_generation=with_generation,
+                                 out_dir=os.path.join(workdir, "eval"))
+
+
+def execute(run: Run, s: dict, workdir: str, tokenizer, model_path) -> dict:
+  import jax
+  from desmoe_jax import trainer
+  config = run_config(run, s, model_path)
+  run_dir = os.path.join(workdir, "runs", run.name)
+  if os.path.exists(run_dir):   # an interrupted run: start it again (its timings must be clean)
+    shutil.rmtree(run_dir)
+  t0 = time.perf_counter()
+  trainer.train(config, run_dir)
+  train_s = time.perf_counter() - t0
+  results = evaluate_run(config, run_dir, tokenizer, with_generation=s["gen_examples"] > 0)
+  record = {"name": run.name, **dataclasses.asdict(run), "D": len(run.domains),
+            "train_wall_s": train_s, "eval": results,
+            "curves": curves(run_dir, s["batch_size"] * config.data.seq_len)}
+  shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # disk: keep logs only
+  jax.clear_caches()
+  return record
+
+
+def reproduce(args, s: dict, runs: list[Run]) -> str:
+  import jax
+  from transformers import AutoTokenizer
+  from desmoe_jax import evaluate
+  os.makedirs(args.workdir, exist_ok=True)
+  # The same programs come back for every seed: compile each once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  results_path = os.path.join(args.workdir, "results.jsonl")
+  done = {r["name"] for r in read_jsonl(results_path)}
+  header_path = os.path.join(args.workdir, "setup.json")
+  if not os.path.exists(header_path):
+    with open(header_path, "w") as f:
+      json.dump({"machine": machine(), "settings": s, "lr": LR,
+                 "command": " ".join(sys.argv)}, f, indent=2)
+  model_path = args.model or base_config(s, None).model.path
+  tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+  base_path = os.path.join(args.workdir, "base.json")
+  if not os.path.exists(base_path):
+    config = base_config(s, args.model)
+    t0 = time.perf_counter()
+    base = evaluate.evaluate_model(evaluate.load_model(config.model.path, config), tokenizer,
+                                   config, with_generation=s["gen_examples"] > 0)
+    with open(base_path, "w") as f:
+      json.dump({"eval": base, "wall_s": time.perf_counter() - t0}, f, indent=2)
+    log.info("base model: %s", base)
+
+  todo = [r for r in runs if r.name not in done]
+  log.info("%d runs planned, %d done, %d to go", len(runs), len(runs) - len(todo), len(todo))
+  for i, run in enumerate(todo):
+    t0 = time.perf_counter()
+    record = execute(run, s, args.workdir, tokenizer, args.model)
+    with open(results_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    log.info("[%d/%d] %s: %.0f s (train %.0f s)", i + 1, len(todo), run.name,
+             time.perf_counter() - t0, record["train_wall_s"])
+  return results_path
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="1 seed, short runs (< 30 min)")
+  p.add_argument("--sweep", action="store_true", help="the learning-rate sweep at D = 2")
+  p.add_argument("--report", action="store_true", help="only rebuild the report")
+  p.add_argument("--workdir", default=None,
+                 help="runs and results.jsonl (default /tmp/desmoe_repro_<mode>)")
+  p.add_argument("--report_file", default=None,
+                 help="markdown file to write the report into (default: docs/RESULTS.md for "
+                      "the full run, <workdir>/RESULTS.md otherwise)")
+  p.add_argument("--model", default=None, help="HF DeepSeek-V2 directory (default: the "
+                 "embedded tiny model of the :tiny preset)")
+  p.add_argument("--steps_per_domain", type=int, default=None)
+  p.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
+  p.add_argument("--only", default=None,
+                 help="run only the runs whose name contains this string (e.g. D2, fft-)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  logging.getLogger("desmoe_jax").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+  mode = "sweep" if args.sweep else "quick" if args.quick else "full"
+  s = dict(SETTINGS[mode])
+  if args.steps_per_domain:
+    s["steps_per_domain"] = args.steps_per_domain
+  if args.seeds:
+    s["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+  args.workdir = args.workdir or f"/tmp/desmoe_repro_{mode}"
+  report_file = args.report_file or (os.path.join(REPO, "docs", "RESULTS.md") if mode == "full"
+                                     else os.path.join(args.workdir, "RESULTS.md"))
+  runs = plan(s, sweep=args.sweep)
+  if args.only:
+    runs = [r for r in runs if args.only in r.name]
+  if not args.report:
+    t0 = time.perf_counter()
+    reproduce(args, s, runs)
+    log.info("all runs done in %.1f min", (time.perf_counter() - t0) / 60)
+  import paper_report  # scripts/ is on sys.path when this script runs
+  paper_report.write(args.workdir, report_file, sweep=args.sweep)
+  log.info("report: %s", report_file)
+
+
+if __name__ == "__main__":
+  main()
