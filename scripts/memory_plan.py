@@ -82,6 +82,10 @@ _BATCH = flags.DEFINE_list("batch", [], "global batch sizes in sequences (defaul
 _SEQ = flags.DEFINE_integer("seq", 0, "sequence length (default config.data.seq_len)")
 _TARGET = flags.DEFINE_string("target", "cpu", "cpu (simulated devices) or a TPU topology, "
                               "e.g. v5e:2x4, v4:2x2x4 (needs libtpu)")
+_PHASES = flags.DEFINE_list(
+    "phases", [], "phases to compile, by name (warmup, stabilization, consolidation; FFT/ESFT's "
+    "single phase is 'all'); default every phase. A TPU compile of V2-Lite takes minutes: "
+    "compile the largest phase first")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -227,9 +231,13 @@ class PhasePlan:
     return self.argument + self.output - self.alias + self.temp
 
 
+def phase_name(phase: int) -> str:
+  return PHASE_NAMES[phase] if phase >= 0 else "all"
+
+
 def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None):
-  """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`);
-  returns a PhasePlan per phase."""
+  """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`, by
+  index or name); returns a PhasePlan per phase."""
   ts_ = abstract_train_state(config, model_cfg, mesh)
   batch_sh = sharding_lib.batch_sharding(mesh, 2)
   splits = math.prod(mesh.shape[a] for a in _axes(batch_sh.spec[0]))
@@ -248,7 +256,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   exact_args = sum(exact[k] for k in ("params", "model_state", "opt_state", "batch_bytes"))
   out = []
   for phase, _, _ in ts_.method_cfg.phases():
-    if phases is not None and phase not in phases:
+    if phases and phase not in phases and phase_name(phase) not in phases:
       continue
     t0 = time.perf_counter()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
@@ -266,7 +274,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       sizes = dict(argument=exact_args, output=0, alias=0, temp=temp)
     out.append(PhasePlan(
         mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
-        method=config.method, phase=PHASE_NAMES[phase] if phase >= 0 else "all", batch=batch,
+        method=config.method, phase=phase_name(phase), batch=batch,
         seq=seq, seqs_per_device=batch / splits, **exact, **sizes,
         compile_s=time.perf_counter() - t0, error=error))
   return out
@@ -332,6 +340,10 @@ def main(argv):
   seq = _SEQ.value or config.data.seq_len
   target = _TARGET.value
   hbm = _HBM.value or HBM_GIB.get(target.split(":")[0], 16.0)
+  phases = set(_PHASES.value)
+  if phases - {*PHASE_NAMES, "all"}:
+    raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
+                         f"(one of {(*PHASE_NAMES, 'all')})")
   model_cfg = model_config(config, _ARCH.value, target)
   print(f"# {_ARCH.value or config.model.path} on {target}: dtype {model_cfg.dtype}, params "
         f"{model_cfg.param_dtype}, remat {model_cfg.remat}, scan {model_cfg.scan_layers}, "
@@ -343,7 +355,7 @@ def main(argv):
       with config.unlocked():
         config.method = method
       for batch in batches:
-        for p in plan(config, model_cfg, mesh, batch, seq):
+        for p in plan(config, model_cfg, mesh, batch, seq, phases):
           plans.append(p)
           print(" | ".join(row(p, hbm)), flush=True)
           print("   ", check(p), flush=True)
