@@ -10,6 +10,8 @@ laptop.
   python scripts/memory_plan.py --arch=v2_lite --methods=desmoe,fft \
       --meshes='fsdp=8;fsdp=4,expert=2' --batch=8,32 --seq=4096
   python scripts/memory_plan.py --target=v5e:2x4 --meshes='fsdp=8' --batch=8   # TPU compiler
+  python scripts/memory_plan.py --methods=desmoe --target=v4:2x2x4 --meshes=fsdp=16 \
+      --batch=32 --phases=stabilization,consolidation                           # some phases
   python scripts/memory_plan.py --config=configs/six_domains.py:tiny --arch=tiny --batch=8
 
 --target=cpu (default) compiles for simulated CPU devices (as many as the largest mesh).
@@ -26,7 +28,8 @@ From XLA's `memory_analysis()` of the compiled step:
   temp      everything else live at some point of the step: activations kept for the backward,
             gradients, optimizer temporaries, logits and their cross-entropy, gathered weights
   peak      argument + output - alias + temp: what must fit at once
-`argument` equals the exact sum on every backend (checked on each row). `temp` is the
+`argument` equals the exact sum with XLA:CPU, to the byte (printed on each row; the TPU
+compiler's is slightly larger: padded layouts, under 1 MB for V2-Lite). `temp` is the
 compiler's: XLA:CPU upcasts bf16 arithmetic to f32 and fuses less, so its temp is larger
 than the TPU compiler's for the same program. XLA_FLAGS=--xla_dump_to=DIR adds, per compiled
 step, *memory-usage-report.txt: the largest buffers by shape.
@@ -355,7 +358,11 @@ def main(argv):
       with config.unlocked():
         config.method = method
       for batch in batches:
-        for p in plan(config, model_cfg, mesh, batch, seq, phases):
+        method_plans = plan(config, model_cfg, mesh, batch, seq, phases)
+        if not method_plans:
+          print(f"# {method}: none of its phases is in --phases={','.join(sorted(phases))}",
+                flush=True)
+        for p in method_plans:
           plans.append(p)
           print(" | ".join(row(p, hbm)), flush=True)
           print("   ", check(p), flush=True)
