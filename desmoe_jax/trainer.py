@@ -220,7 +220,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh):  # model.expert_parallel="shard_map" and the activation constraints read it
+  with jax.set_mesh(mesh):  # read by expert_parallel="shard_map" and sharding.constrain
     return _train(config, workdir, mesh)
 
 
