@@ -18,6 +18,10 @@ from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
 from desmoe_jax.moe import Adaptation, MoE
 from desmoe_jax.router import Routing
+from desmoe_jax.sharding import constrain
+
+
+ACTIVATIONS = ("batch", None, None)  # [batch, seq, d_model]: split over the batch only
 
 
 @struct.dataclass
@@ -60,7 +64,7 @@ class DecoderLayer(nnx.Module):
     attn, latents = attn if return_latents else (attn, None)
     x_bsd = x_bsd + attn
     y_bsd, routing, stats = self._mlp(self.post_attention_layernorm(x_bsd), token_mask_bs, adapt)
-    return x_bsd + y_bsd, routing, stats, latents
+    return constrain(x_bsd + y_bsd, ACTIVATIONS), routing, stats, latents
 
   def _mlp(self, h_bsd, token_mask_bs, adapt):
     if self.is_moe:
@@ -121,7 +125,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
     mask = attention_mask(segment_ids_bs)
     token_mask = segment_ids_bs != 0
 
-    x = self.embed_tokens(input_ids_bs)
+    x = constrain(self.embed_tokens(input_ids_bs), ACTIVATIONS)
     dense_latents = []
     for layer in self.dense_layers:
       x, _, _, latents = layer(x, positions_bs, mask, token_mask, return_latents=return_latents)
@@ -142,7 +146,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
 
     x = self.norm(x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
-    return out.replace(logits=logits)
+    return out.replace(logits=constrain(logits, ("batch", None, "vocab")))
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
                  return_latents=False):

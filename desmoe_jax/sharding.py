@@ -104,11 +104,21 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> dict:
           for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+def state_shardings(state, mesh: Mesh, rules=None):
   """NamedShardings in exactly the tree structure of `state` (each Variable now holding its
-  sharding), for device_put, jit in/out_shardings and abstract restore targets."""
-  return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  sharding), for device_put, jit in/out_shardings and abstract restore targets.
+
+  Also takes an optax state over an nnx parameter State: its moments are Variables that carry
+  their parameter's logical axes, so they are laid out like the parameter; plain leaves (step
+  counts) are replicated."""
+  def one(x):
+    if not isinstance(x, nnx.Variable):
+      return NamedSharding(mesh, P())
+    if not hasattr(x.get_value(), "shape"):  # optax.MaskedNode: a moment another group holds
+      return x
+    return x.replace(variable_sharding(x, mesh, rules))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
@@ -127,6 +137,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
                if mesh.shape[a] > 1)
   lead = None if not axes else axes[0] if len(axes) == 1 else axes
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """`x` laid out by logical axis names on the mesh in context (`with jax.set_mesh(mesh):`);
+  unchanged without one. Activations need it: from the parameters alone (d_model split over
+  fsdp) the partitioner may split d_model instead of the batch and replicate every activation
+  on every device (scripts/memory_plan.py shows it: the whole batch's logits on each device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 @contextlib.contextmanager

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 from desmoe_jax import optim, specialization
+from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe import Adaptation
 from desmoe_jax.router import kd_lambda
@@ -56,20 +57,26 @@ def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model
 
 
 def optimizer_shardings(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state,
-                        state_shardings, mesh):
-  """Shardings of `init_optimizer`'s state: moments laid out like their parameters, counts
-  replicated. To jit the init with (its outputs depend on shapes only, so without them every
-  moment lands whole on one device) and to restore a checkpoint onto."""
-  tx = phase_optimizer(method_cfg, optim_cfg, method_cfg.phases()[0][0])
-  params = nnx.filter_state(model_state, nnx.Param)
+                        mesh, rules=None):
+  """Layout of `init_optimizer`'s state on `mesh`: every moment like its parameter, counts
+  replicated. `jit(init_optimizer)` alone has nothing to follow (moments are fresh zeros, not
+  computed from the sharded parameters) and would put the whole state on one device."""
+  abstract = jax.eval_shape(lambda ms: init_optimizer(method_cfg, optim_cfg, ms), model_state)
+  return sharding_lib.state_shardings(abstract, mesh, rules)
 
-  def masked(x):  # a group that holds no optimizer state
-    return isinstance(x, optax.MaskedNode)
 
-  return optax.tree_map_params(
-      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding,
-      jax.eval_shape(tx.init, params), nnx.filter_state(state_shardings, nnx.Param),
-      transform_non_params=lambda _: NamedSharding(mesh, P()), is_leaf=masked)
+def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
+                   state_shardings, opt_shardings, batch_shardings):
+  """`make_train_step(...)` under `jax.jit` with its layout pinned: model and optimizer state
+  keep their shardings from step to step (and are donated: updated in place), the batch is
+  split as `batch_shardings` says, metrics come back replicated. The trainer runs this, and
+  `scripts/memory_plan.py` compiles this, ahead of time."""
+  mesh = jax.tree.leaves(batch_shardings)[0].mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(make_train_step(graphdef, method_cfg, optim_cfg, phase),
+                 in_shardings=(state_shardings, opt_shardings, batch_shardings, replicated),
+                 out_shardings=(state_shardings, opt_shardings, replicated),
+                 donate_argnums=(0, 1))
 
 
 def _set(state, path: tuple, value):

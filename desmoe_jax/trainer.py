@@ -232,7 +232,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   check_config(config)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh):  # in context: model.expert_parallel="shard_map" reads it
+  with jax.set_mesh(mesh):  # read by expert_parallel="shard_map" and sharding.constrain
     return _train(config, workdir, mesh)
 
 
@@ -276,9 +276,9 @@ def _train(config, workdir: str, mesh) -> dict:
   sharding_lib.shard_model(model, mesh)
   graphdef, model_state = nnx.split(model)
   state_shardings = sharding_lib.state_shardings(model_state, mesh)
-  opt_shardings = ts.optimizer_shardings(mc, oc, model_state, state_shardings, mesh)
-  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms),
-                      out_shardings=opt_shardings)(model_state)
+  opt_shardings = ts.optimizer_shardings(mc, oc, model_state, mesh)
+  opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms), out_shardings=opt_shardings)(
+      model_state)
 
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.train.keep_checkpoints,
@@ -330,8 +330,8 @@ def _train(config, workdir: str, mesh) -> dict:
           metrics_log.write(step, {"event": "between_phases", **info})
         last_phase = phase
       if phase not in compiled:
-        compiled[phase] = jax.jit(ts.make_train_step(graphdef, mc, oc, phase),
-                                  donate_argnums=(0, 1))
+        compiled[phase] = ts.jit_train_step(graphdef, mc, oc, phase, state_shardings,
+                                            opt_shardings, batch_sharding)
       # Every process builds the whole global batch (the single-process sequence) and
       # places only its own devices' rows.
       batch = distributed.global_batch(next(train_iter), batch_sharding)

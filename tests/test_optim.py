@@ -119,7 +119,7 @@ def test_optimizer_state_is_sharded_like_its_parameters():
   mesh = sharding.make_mesh({"fsdp": 8})
   shardings = sharding.state_shardings(ms, mesh)
   ms = jax.device_put(ms, shardings)
-  opt_shardings = ts.optimizer_shardings(mc, oc, ms, shardings, mesh)
+  opt_shardings = ts.optimizer_shardings(mc, oc, ms, mesh)
   opt = jax.jit(lambda m: ts.init_optimizer(mc, oc, m), out_shardings=opt_shardings)(ms)
   param_specs = {tuple(p): v.sharding.spec for p, v in nnx.to_flat_state(
       nnx.filter_state(ms, nnx.Param))}

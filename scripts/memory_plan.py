@@ -1,0 +1,386 @@
+r"""Memory plan: bytes per device of the real train step, compiled ahead of time, no weights.
+
+For a trainer config (configs/six_domains.py, any method), an architecture (configs/models.py
+name, or config.model.path's config.json) and device meshes, the model is built abstractly
+(`nnx.eval_shape` of init + `methods.prepare_model`), laid out by `sharding.py`'s rules, and
+`train_step.jit_train_step` (what the trainer runs) is compiled once per phase of each method.
+Every argument is a `jax.ShapeDtypeStruct`: nothing is allocated, and a 16B model plans on a
+laptop.
+
+  python scripts/memory_plan.py --arch=v2_lite --methods=desmoe,fft \
+      --meshes='fsdp=8;fsdp=4,expert=2' --batch=8,32 --seq=4096
+  python scripts/memory_plan.py --target=v5e:2x4 --meshes='fsdp=8' --batch=8   # TPU compiler
+  python scripts/memory_plan.py --methods=desmoe --target=v4:2x2x4 --meshes=fsdp=16 \
+      --batch=32 --phases=stabilization,consolidation                           # some phases
+  python scripts/memory_plan.py --config=configs/six_domains.py:tiny --arch=tiny --batch=8
+
+--target=cpu (default) compiles for simulated CPU devices (as many as the largest mesh).
+--target=<TPU topology> (v5e:2x4 = v5e-8, v4:2x2x4 = v4-32, v5e:4x8 = v5e-32) compiles with the
+real TPU compiler on this CPU machine (compile-only; needs `pip install libtpu`, the version
+`jax[tpu]` pins); a step that does not fit then fails to compile, and is reported as such.
+
+Per row, bytes per device. Exact, from the shardings (sum of shard sizes):
+  params    the model's parameters; opt: the optimizer state (groups never trained hold none)
+From XLA's `memory_analysis()` of the compiled step:
+  argument  every input buffer: parameters, model state, optimizer state, batch, step
+  output    every output buffer: new model state and optimizer state, metrics
+  alias     outputs written in place of a donated input (model and optimizer state)
+  temp      everything else live at some point of the step: activations kept for the backward,
+            gradients, optimizer temporaries, logits and their cross-entropy, gathered weights
+  peak      argument + output - alias + temp: what must fit at once
+`argument` equals the exact sum with XLA:CPU, to the byte (printed on each row; the TPU
+compiler's is slightly larger: padded layouts, under 1 MB for V2-Lite). `temp` is the
+compiler's: XLA:CPU upcasts bf16 arithmetic to f32 and fuses less, so its temp is larger
+than the TPU compiler's for the same program. XLA_FLAGS=--xla_dump_to=DIR adds, per compiled
+step, *memory-usage-report.txt: the largest buffers by shape.
+Every config field can be overridden as in train.py (`--config.model.remat=dots`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from desmoe_jax import data as data_lib  # noqa: E402
+from desmoe_jax import sharding as sharding_lib  # noqa: E402
+from desmoe_jax import train_step as ts  # noqa: E402
+from desmoe_jax.config import ModelConfig  # noqa: E402
+from desmoe_jax.methods import prepare_model  # noqa: E402
+from desmoe_jax.model import init_model  # noqa: E402
+from desmoe_jax.optim import label_of  # noqa: E402
+from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
+from desmoe_jax.trainer import method_config, optim_config  # noqa: E402
+
+GIB = 2**30
+HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(REPO, "configs", "six_domains.py"),
+    "Trainer config, e.g. configs/six_domains.py (the paper's setting) or ...py:tiny")
+_ARCH = flags.DEFINE_string(
+    "arch", "v2_lite", "configs/models.py architecture (tiny, v2_lite, v2), or '' to read "
+    "config.model.path/config.json")
+_METHODS = flags.DEFINE_list("methods", ["desmoe", "fft"], "methods to plan (config.method)")
+_MESHES = flags.DEFINE_string(
+    "meshes", "fsdp=8", "';'-separated meshes, each ','-separated axis=size over data, fsdp, "
+    "expert, tensor (e.g. 'fsdp=8;fsdp=4,expert=2')")
+_BATCH = flags.DEFINE_list("batch", [], "global batch sizes in sequences (default "
+                           "config.data.batch_size)")
+_SEQ = flags.DEFINE_integer("seq", 0, "sequence length (default config.data.seq_len)")
+_TARGET = flags.DEFINE_string("target", "cpu", "cpu (simulated devices) or a TPU topology, "
+                              "e.g. v5e:2x4, v4:2x2x4 (needs libtpu)")
+_PHASES = flags.DEFINE_list(
+    "phases", [], "phases to compile, by name (warmup, stabilization, consolidation; FFT/ESFT's "
+    "single phase is 'all'); default every phase. A TPU compile of V2-Lite takes minutes: "
+    "compile the largest phase first")
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
+                          "(default: the TPU chip's, 16 for cpu)")
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'fsdp=4,expert=2' -> {'fsdp': 4, 'expert': 2}."""
+  shape = {}
+  for part in text.split(","):
+    axis, _, size = part.partition("=")
+    if axis.strip() not in sharding_lib.MESH_AXES or not size.strip().isdigit():
+      raise ValueError(f"--meshes: {part!r} in {text!r} is not axis=size with axis one of "
+                       f"{sharding_lib.MESH_AXES}")
+    shape[axis.strip()] = int(size)
+  return shape
+
+
+def target_devices(target: str, count: int):
+  """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only)."""
+  if target == "cpu":
+    if jax.device_count() < count:
+      raise ValueError(f"a {count}-device mesh on {jax.device_count()} CPU devices: run this "
+                       "script directly (it sets the device count) or set "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+    return jax.devices()[:count]
+  from jax.experimental import topologies
+  megacore = target.split(":")[0] in ("v4", "v5p")  # one JAX device per chip, as JAX runs them
+  devices = topologies.get_topology_desc(
+      platform="tpu", topology_name=target,
+      chip_config_name="megacore" if megacore else "default").devices
+  if len(devices) != count:
+    raise ValueError(f"--target={target} has {len(devices)} devices; every mesh must use all "
+                     f"of them, this one uses {count}")
+  return devices
+
+
+def model_config(config, arch: str = "", target: str = "cpu") -> ModelConfig:
+  """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
+  trainer config's runtime fields (config.model.* other than path)."""
+  runtime = {k: v for k, v in config.model.items() if k != "path"}
+  if target != "cpu" and runtime.get("moe_impl") == "auto":
+    runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
+  if not arch:
+    if not config.model.path:
+      raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")
+    return ModelConfig.from_pretrained(config.model.path, **runtime)
+  spec = importlib.util.spec_from_file_location("models", os.path.join(REPO, "configs",
+                                                                      "models.py"))
+  models = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(models)
+  return ModelConfig.from_hf_dict(models.get_config(arch).to_dict(), source=f"--arch={arch}",
+                                  **runtime)
+
+
+# ------------------------------------------------------------------ abstract state, exact bytes
+
+
+@dataclasses.dataclass
+class TrainState:
+  """The abstract (ShapeDtypeStruct, sharded) arguments of one method's train step."""
+  method_cfg: object
+  optim_cfg: object
+  graphdef: object
+  state: object             # nnx.State: parameters + DES-MoE state
+  opt_state: object
+  state_shardings: object
+  opt_shardings: object
+
+
+def abstract_train_state(config, model_cfg: ModelConfig, mesh) -> TrainState:
+  mc, oc = method_config(config), optim_config(config)
+  model = nnx.eval_shape(lambda: prepare_model(init_model(model_cfg, config.seed), mc,
+                                               config.seed))
+  graphdef, state = nnx.split(model)
+  state_sh = sharding_lib.state_shardings(state, mesh)
+  opt_sh = ts.optimizer_shardings(mc, oc, state, mesh)
+  opt = jax.eval_shape(lambda ms: ts.init_optimizer(mc, oc, ms), state)
+  return TrainState(mc, oc, graphdef, with_shardings(state, state_sh), with_shardings(opt, opt_sh),
+                    state_sh, opt_sh)
+
+
+def with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _shard_bytes(x) -> int:
+  return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (sum of shard sizes)."""
+  return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def param_bytes_by_group(state) -> dict[str, int]:
+  out = dict.fromkeys(LABELS, 0)
+  for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
+    out[label_of(path)] += _shard_bytes(var.get_value())
+  return out
+
+
+def opt_bytes_by_group(opt_state) -> dict[str, int]:
+  """Optimizer-state bytes per device of each parameter group (optax.multi_transform's inner
+  state of that label); 0 for a group never trained in the run (set_to_zero holds nothing)."""
+  out = dict.fromkeys(LABELS, 0)
+  for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if "inner_states" in names:
+      out[names[names.index("inner_states") + 1]] += _shard_bytes(x)
+  return out
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass
+class PhasePlan:
+  mesh: dict
+  method: str
+  phase: str
+  batch: int                # global sequences per step
+  seq: int
+  seqs_per_device: float
+  params: int               # bytes per device, exact from the shardings
+  model_state: int          # non-parameter model state (correlation, masks, router teacher)
+  opt_state: int
+  params_by_group: dict
+  opt_by_group: dict
+  batch_bytes: int          # the batch and the step counter
+  argument: int             # XLA memory_analysis of the compiled step, per device
+  output: int
+  alias: int
+  temp: int
+  compile_s: float
+  error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
+                            # from its message
+
+  @property
+  def peak(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+
+def phase_name(phase: int) -> str:
+  return PHASE_NAMES[phase] if phase >= 0 else "all"
+
+
+def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None):
+  """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`, by
+  index or name); returns a PhasePlan per phase."""
+  ts_ = abstract_train_state(config, model_cfg, mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh, 2)
+  splits = math.prod(mesh.shape[a] for a in _axes(batch_sh.spec[0]))
+  if batch % splits:
+    raise ValueError(f"--batch={batch} sequences cannot be split over the {splits} "
+                     f"data-parallel devices of mesh {dict(mesh.shape)}")
+  abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
+               for k in data_lib.BATCH_KEYS}
+  abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  params, rest = nnx.split_state(ts_.state, nnx.Param, ...)
+  exact = dict(params=shard_bytes(params), model_state=shard_bytes(rest),
+               opt_state=shard_bytes(ts_.opt_state),
+               params_by_group=param_bytes_by_group(ts_.state),
+               opt_by_group=opt_bytes_by_group(ts_.opt_state),
+               batch_bytes=shard_bytes((abs_batch, abs_step)))
+  exact_args = sum(exact[k] for k in ("params", "model_state", "opt_state", "batch_bytes"))
+  out = []
+  for phase, _, _ in ts_.method_cfg.phases():
+    if phases and phase not in phases and phase_name(phase) not in phases:
+      continue
+    t0 = time.perf_counter()
+    step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
+                             ts_.state_shardings, ts_.opt_shardings, batch_sh)
+    error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
+    try:
+      with jax.set_mesh(mesh):
+        mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
+      sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
+                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+    except Exception as e:  # the TPU compiler refuses a program that does not fit in HBM
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      error, temp = _oom_summary(str(e))
+      sizes = dict(argument=exact_args, output=0, alias=0, temp=temp)
+    out.append(PhasePlan(
+        mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
+        method=config.method, phase=phase_name(phase), batch=batch,
+        seq=seq, seqs_per_device=batch / splits, **exact, **sizes,
+        compile_s=time.perf_counter() - t0, error=error))
+  return out
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _oom_summary(message: str) -> tuple[str, int]:
+  """(short message, temp bytes) of the TPU compiler's out-of-memory error."""
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)G\)",
+                message)
+  if not m:
+    return message.strip().splitlines()[0][:200], 0
+  temp = int(float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+  return f"temp alone exceeds the {m.group(3)} GiB of HBM", temp
+
+
+# ------------------------------------------------------------------ report
+
+COLUMNS = ("mesh", "method", "phase", "batch", "seqs/device", "params", "opt state",
+           "opt groups", "argument", "temp", "peak", "fits", "compile s")
+SHORT = {"backbone": "bb", "shared_experts": "shared", "router": "router",
+         "routed_experts": "experts"}
+
+
+def _gib(n: int) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def row(p: PhasePlan, hbm_gib: float) -> list[str]:
+  groups = "+".join(SHORT[g] for g in LABELS if p.opt_by_group[g]) or "none"
+  head = [",".join(f"{k}={v}" for k, v in p.mesh.items()), p.method, p.phase,
+          f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
+          groups]
+  fits = "NO (compiler)" if p.error else "yes" if p.peak <= hbm_gib * GIB else "NO"
+  return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}"]
+
+
+def markdown(plans, hbm_gib: float) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(row(p, hbm_gib)) + " |" for p in plans]
+  return "\n".join(lines)
+
+
+def check(p: PhasePlan) -> str:
+  """XLA's sizes against the exact shard sizes."""
+  exact = p.params + p.model_state + p.opt_state + p.batch_bytes
+  if p.error:
+    return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
+  return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
+          f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
+          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  meshes = [parse_mesh(m) for m in _MESHES.value.split(";") if m.strip()]
+  batches = [int(b) for b in _BATCH.value] or [config.data.batch_size]
+  seq = _SEQ.value or config.data.seq_len
+  target = _TARGET.value
+  hbm = _HBM.value or HBM_GIB.get(target.split(":")[0], 16.0)
+  phases = set(_PHASES.value)
+  if phases - {*PHASE_NAMES, "all"}:
+    raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
+                         f"(one of {(*PHASE_NAMES, 'all')})")
+  model_cfg = model_config(config, _ARCH.value, target)
+  print(f"# {_ARCH.value or config.model.path} on {target}: dtype {model_cfg.dtype}, params "
+        f"{model_cfg.param_dtype}, remat {model_cfg.remat}, scan {model_cfg.scan_layers}, "
+        f"moe_impl {model_cfg.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB", flush=True)
+  plans = []
+  for shape in meshes:
+    mesh = sharding_lib.make_mesh(shape, target_devices(target, math.prod(shape.values())))
+    for method in _METHODS.value:
+      with config.unlocked():
+        config.method = method
+      for batch in batches:
+        method_plans = plan(config, model_cfg, mesh, batch, seq, phases)
+        if not method_plans:
+          print(f"# {method}: none of its phases is in --phases={','.join(sorted(phases))}",
+                flush=True)
+        for p in method_plans:
+          plans.append(p)
+          print(" | ".join(row(p, hbm)), flush=True)
+          print("   ", check(p), flush=True)
+  print()
+  print(markdown(plans, hbm))
+
+
+def _setup_devices(argv):
+  """Before JAX starts a backend: simulated CPU devices for the largest mesh (target cpu)."""
+  value = lambda name, default: next(
+      (a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), default)
+  jax.config.update("jax_platforms", "cpu")
+  if value("target", _TARGET.default) == "cpu":
+    meshes = value("meshes", _MESHES.default)
+    n = max(math.prod(parse_mesh(m).values()) for m in meshes.split(";") if m.strip())
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+if __name__ == "__main__":
+  _setup_devices(sys.argv)
+  app.run(main)

@@ -1,0 +1,101 @@
+"""scripts/memory_plan.py: bytes per device from the shardings equal a hand computation from the
+shapes and the mesh, and the compiled train step's arguments are exactly those bytes."""
+
+import collections
+import importlib.util
+import math
+import os
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from desmoe_jax import sharding
+from desmoe_jax.optim import label_of
+from desmoe_jax.schedule import CONSOLIDATION, LABELS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, *path):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, *path))
+  module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses need it
+  spec.loader.exec_module(module)
+  return module
+
+
+memory_plan = _load("memory_plan", "scripts", "memory_plan.py")
+six_domains = _load("six_domains", "configs", "six_domains.py")
+
+BATCH, SEQ = 4, 32
+COUNT = 4  # bytes of one Adam step count (int32, replicated): one per trained group
+
+
+def _setup(method):
+  config = six_domains.get_config(f"tiny,{method}")
+  config.model.param_dtype = "bfloat16"  # moments take the parameters' dtype; routers stay f32
+  model_cfg = memory_plan.model_config(config, "tiny")
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices=jax.devices()[:4])
+  return config, model_cfg, mesh
+
+
+def _hand_param_bytes(state) -> dict:
+  """Per device on fsdp=2 x expert=2: a dimension named "embed" is halved by fsdp, one named
+  "experts" by expert (when they divide it); everything else is whole on every device."""
+  out = collections.defaultdict(int)
+  for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
+    axes, shape = var.get_metadata()["logical_axes"], var.shape
+    n = math.prod(shape)
+    for name in ("embed", "experts"):
+      if name in axes and shape[axes.index(name)] % 2 == 0:
+        n //= 2
+    out[label_of(path)] += n * var.dtype.itemsize
+  return out
+
+
+def _batch_bytes():
+  return 5 * (BATCH // 4) * SEQ * 4 + 4  # five int32 [B, S] arrays split 4 ways, the step
+
+
+def test_fft_state_is_params_plus_two_moments_and_compiles_to_those_bytes():
+  config, model_cfg, mesh = _setup("fft")
+  (p,) = memory_plan.plan(config, model_cfg, mesh, BATCH, SEQ)
+  hand = _hand_param_bytes(memory_plan.abstract_train_state(config, model_cfg, mesh).state)
+  assert p.params_by_group == hand and p.params == sum(hand.values())
+  assert all(hand[g] > 0 for g in LABELS)
+  assert p.opt_by_group == {g: 2 * hand[g] + COUNT for g in LABELS}
+  assert p.opt_state == 2 * p.params + len(LABELS) * COUNT
+  assert p.seqs_per_device == BATCH / 4 and p.batch_bytes == _batch_bytes()
+  # XLA's view of the compiled step: the inputs are exactly these shards, and every state
+  # buffer is donated and updated in place.
+  state_bytes = p.params + p.model_state + p.opt_state
+  assert p.argument == state_bytes + p.batch_bytes
+  assert p.alias == state_bytes
+  assert p.output >= state_bytes and p.temp > 0 and p.peak > p.argument
+
+
+def test_desmoe_holds_state_for_phase_frozen_groups_esft_only_for_routed_experts():
+  config, model_cfg, mesh = _setup("desmoe")
+  (p,) = memory_plan.plan(config, model_cfg, mesh, BATCH, SEQ, phases=[CONSOLIDATION])
+  hand = _hand_param_bytes(memory_plan.abstract_train_state(config, model_cfg, mesh).state)
+  assert p.params_by_group == hand
+  # Every group trains in some phase, so every group has moments in every phase (optim.hold
+  # carries a frozen group's state): phases share one optimizer-state structure.
+  assert p.opt_by_group == {g: 2 * hand[g] + COUNT for g in LABELS}
+  assert p.argument == p.params + p.model_state + p.opt_state + p.batch_bytes
+
+  config, model_cfg, mesh = _setup("esft_gate")
+  esft = memory_plan.abstract_train_state(config, model_cfg, mesh)
+  hand = _hand_param_bytes(esft.state)
+  assert memory_plan.opt_bytes_by_group(esft.opt_state) == {
+      "backbone": 0, "shared_experts": 0, "router": 0,
+      "routed_experts": 2 * hand["routed_experts"] + COUNT}
+
+
+def test_bad_inputs_are_named():
+  with pytest.raises(ValueError, match="'pipe=2'"):
+    memory_plan.parse_mesh("fsdp=2,pipe=2")
+  config, model_cfg, mesh = _setup("fft")
+  with pytest.raises(ValueError, match="--batch=6"):
+    memory_plan.plan(config, model_cfg, mesh, 6, SEQ)
