@@ -102,12 +102,16 @@ def to_host(tree, chunk_bytes: int = 1 << 30):
   others are all-gathered. That is a collective, so every process must make the same calls
   in the same order (the branch depends on shardings only, which all processes share). A
   gather replicates its input on every device, so arrays above `chunk_bytes` are gathered in
-  slices along their first axis (e.g. a few stacked layers at a time).
+  slices along their first axis (e.g. a few stacked layers at a time). Under tracing (e.g.
+  `nnx.eval_shape` of a model build, as scripts/memory_plan.py does) there is no value to
+  read: tracers pass through unchanged.
   """
   return jax.tree.map(lambda x: _gather(x, chunk_bytes), tree)
 
 
 def _gather(x, chunk_bytes: int) -> np.ndarray:
+  if isinstance(x, jax.core.Tracer):
+    return x
   if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
