@@ -60,7 +60,8 @@ DRIVER = textwrap.dedent("""
 def _run(tmp_path, workdir, action="none", at=0, **overrides):
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER)
-  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  env = dict(os.environ, HF_HUB_OFFLINE="1",   # this checkout's package, whatever is installed
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   env.pop("XLA_FLAGS", None)  # one device, as a user's laptop
   return subprocess.run(
       [sys.executable, str(driver), os.path.join(REPO, "configs", "six_domains.py"),
