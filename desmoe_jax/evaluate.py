@@ -195,7 +195,6 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
     name = f"step{meta['step']}"
   base = load_model(config.model.path, config, mesh) if with_base else None
   out_dir = os.path.join(workdir, "eval", name)
-  os.makedirs(out_dir, exist_ok=True)
   results = evaluate_model(model, tokenizer, config, base_model=base,
                            with_generation=with_generation, out_dir=out_dir)
   return results, out_dir

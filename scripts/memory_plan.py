@@ -39,7 +39,6 @@ Every config field can be overridden as in train.py (`--config.model.remat=dots`
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -64,6 +63,7 @@ from desmoe_jax.config import ModelConfig  # noqa: E402
 from desmoe_jax.methods import prepare_model  # noqa: E402
 from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
+from desmoe_jax.run_config import load_config  # noqa: E402
 from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
 from desmoe_jax.trainer import method_config, optim_config  # noqa: E402
 
@@ -137,12 +137,8 @@ def model_config(config, arch: str = "", target: str = "cpu") -> ModelConfig:
     if not config.model.path:
       raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")
     return ModelConfig.from_pretrained(config.model.path, **runtime)
-  spec = importlib.util.spec_from_file_location("models", os.path.join(REPO, "configs",
-                                                                      "models.py"))
-  models = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(models)
-  return ModelConfig.from_hf_dict(models.get_config(arch).to_dict(), source=f"--arch={arch}",
-                                  **runtime)
+  arch_config = load_config(os.path.join(REPO, "configs", f"models.py:{arch}"))
+  return ModelConfig.from_hf_dict(arch_config.to_dict(), source=f"--arch={arch}", **runtime)
 
 
 # ------------------------------------------------------------------ abstract state, exact bytes

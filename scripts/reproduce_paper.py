@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -123,17 +122,10 @@ def plan(s: dict, sweep: bool = False) -> list[Run]:
   return runs
 
 
-def six_domains():
-  spec = importlib.util.spec_from_file_location("six_domains",
-                                                os.path.join(REPO, "configs", "six_domains.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def run_config(run: Run, s: dict, model_path: str | None):
   """The trainer config of one run: the `:tiny` preset with the experiment's settings."""
-  config = six_domains().get_config(f"tiny,{run.method}")
+  from desmoe_jax.run_config import load_config
+  config = load_config(os.path.join(REPO, "configs", f"six_domains.py:tiny,{run.method}"))
   if model_path:
     config.model.path = model_path
   config.seed = run.seed
