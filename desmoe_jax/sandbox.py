@@ -55,7 +55,10 @@ tests run in another process that calls the candidate through serialized argumen
 Where the machine cannot isolate (no `unshare`, not root and no user namespaces, a container
 that forbids mounts), `run_program` refuses with a one-line reason (`SandboxUnavailable`) unless
 `allow_unisolated=True`: then the program runs with layers 3-5 only (own session, scrubbed
-environment, limits, a temporary working directory).
+environment, limits, a temporary working directory; a random uid only if the Python
+installation is reachable by any uid, else as the evaluator's own user), and its results say
+`"isolated": false`. It can then read what that user reads, reach the network, and leave
+`setsid` daemons behind.
 """
 
 from __future__ import annotations
@@ -218,11 +221,22 @@ def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes:
 def _run_unisolated(source: str, *, timeout: float, memory_bytes: int, file_bytes: int) -> dict:
   with tempfile.TemporaryDirectory(prefix="desmoe_sandbox_") as tmp:
     ids = None
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and _world_can_run_python():
       ids = _random_ids()
       os.chown(tmp, *ids)
     return _supervise(source, tmp, timeout=timeout, memory_bytes=memory_bytes,
                       file_bytes=file_bytes, ids=ids, drop_caps=False, launcher=__file__)
+
+
+def _world_can_run_python() -> bool:
+  """Whether any uid can reach the Python installation (every directory above it other-
+  executable): without namespaces to bind it elsewhere, a uid change is only possible then."""
+  for p in _keep_paths():
+    while p != "/":
+      if not os.stat(p).st_mode & 0o001:
+        return False
+      p = os.path.dirname(p)
+  return True
 
 
 def run_program(source: str, *, timeout: float = 5.0, memory_bytes: int = 1 << 30,
@@ -315,7 +329,8 @@ def _supervise(source: str, workdir: str, *, timeout: float, memory_bytes: int, 
   rc = proc.returncode
   proved = nonce is not None and got == b"ran\n" + nonce + b"\n"
   if timed_out or rc == -signal.SIGXCPU:
-    reason, detail = "timeout", f"no result within {timeout:g} s"
+    reason, detail = "timeout", f"no result within {timeout:g} s" + (
+        f"; last output: {last}" if last else "")
   elif rc == 0 and proved:
     reason, detail = "passed", ""
   elif rc == _EXIT_ASSERTION:
