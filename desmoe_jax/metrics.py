@@ -424,6 +424,16 @@ def format_table(rows: dict, index_name: str = "domain") -> str:
 TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
 
 
+def _task_cell(row: dict, key: str) -> str:
+  """"pass@1 0.5", or for a metric that was not run (None), why: "pass@1 not run
+  (eval.allow_code_execution=False)", never a number that would read as a score."""
+  if row[key] is not None:
+    return f"{key} {row[key]:.4g}"
+  why = row.get(key + "_not_run", "")
+  why = why.removeprefix("not run: ").split(" (")[0]
+  return f"{key} not run" + (f" ({why})" if why else "")
+
+
 def format_results(results: dict[str, dict]) -> str:
   """The evaluation table: one line per domain (loss, perplexity, task metric) and the general
   abilities against the base model."""
@@ -431,7 +441,7 @@ def format_results(results: dict[str, dict]) -> str:
   for name, r in results.items():
     if name == "general":
       continue
-    task = ", ".join(f"{k} {r[k]:.4g}" for k in TASK_KEYS if k in r)
+    task = ", ".join(_task_cell(r, k) for k in TASK_KEYS if k in r)
     loss = f"{r['loss']:8.4f}" if "loss" in r else f"{'-':>8}"
     ppl = f"{r['perplexity']:9.2f}" if "perplexity" in r else f"{'-':>9}"
     lines.append(f"{name:<12} {loss} {ppl}  {task}")

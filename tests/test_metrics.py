@@ -242,3 +242,12 @@ def test_format_results_general_block_is_aligned():
   assert block[1].split() == ["held-out", "text", "loss", "6.3237", "4.6480", "+1.6757"]
   assert block[3].startswith("multiple choice acc/token") and block[3].endswith("-0.0250")
   assert len({len(line) for line in block}) == 1          # the columns line up
+
+
+def test_format_results_names_a_metric_that_was_not_run():
+  text = metrics.format_results({"code": {"loss": 1.5, "pass@1": None,
+                                          "pass@1_not_run": "not run: eval.allow_code_execution="
+                                                            "False (set it to True ...)"},
+                                 "math": {"loss": 1.0, "exact_match": 0.0}})
+  assert "pass@1 not run (eval.allow_code_execution=False)" in text
+  assert "exact_match 0" in text  # a measured zero is still a number
