@@ -94,7 +94,9 @@ def check_config(config):
 
 def domain_specs(config, split: str = "train") -> list:
   return [data_lib.DomainSpec(name=d.name, path=getattr(d, split), format=d.format,
-                              weight=d.weight) for d in config.data.domains]
+                              weight=d.weight,
+                              max_bad_fraction=config.data.get("max_bad_fraction", 0.1))
+          for d in config.data.domains]
 
 
 # ------------------------------------------------------------------ logging
