@@ -153,4 +153,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
+  # The ALR is folded into a linear router by least squares on the model's mesh, from the
+  # first fold_tokens real tokens of the held-out sets (default: one paper batch, 64 tokens
+  # per unknown of a V2-Lite router column); the folded routing is checked against the
+  # adapted one on at most check_tokens further tokens (desmoe_export.json reports both).
+  c.export.fold_tokens = 131072
+  c.export.check_tokens = 65536
   return c

@@ -367,37 +367,80 @@ def _is_router(spec: LeafSpec) -> bool:
   return spec.path[-3:] == ("mlp", "gate", "weight")
 
 
+def _hf_plan(model: DeepseekV2ForCausalLM, dtype=None) -> list[tuple[str, tuple, np.dtype]]:
+  """(hf_key, shape, dtype) of every HF tensor, in the order `_hf_tensors` yields them: shards
+  and headers are laid out from this before any tensor is read."""
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  plan = []
+  for spec in leaf_specs(model):
+    var = flat[spec.path]
+    shape = tuple(var.shape)[len(spec.stack):]
+    shape = tuple(reversed(shape)) if spec.transpose else shape
+    want = np.dtype(var.dtype) if dtype is None or _is_router(spec) else np.dtype(dtype)
+    plan.extend((key, shape, want) for _, key in spec.keys())
+  return plan
+
+
 def _hf_tensors(model: DeepseekV2ForCausalLM, dtype=None):
-  """Yields (hf_key, numpy array) in a deterministic order, one HF tensor at a time."""
+  """Yields (hf_key, numpy array) in `_hf_plan`'s order, one HF tensor at a time.
+
+  Host memory is bounded by one layer of one stacked leaf (e.g. one MoE layer's 64 experts'
+  up_proj, 369 MiB for V2-Lite in bf16) or the largest unstacked tensor (the embedding): a
+  sharded model is gathered a layer at a time (`distributed.to_host`, a collective across the
+  processes of a multi-host run: every process must run this generator to its end)."""
+  from desmoe_jax import distributed
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for spec in leaf_specs(model):
     value = flat[spec.path][...]
-    for idx, key in spec.keys():
-      arr = value[idx] if idx else value
-      arr = np.asarray(jax.device_get(arr))
-      if spec.transpose:
-        arr = arr.T
-      if dtype is not None and not _is_router(spec):
-        arr = arr.astype(dtype)
-      yield key, np.ascontiguousarray(arr)
+    outer = range(spec.stack[0]) if spec.stack else [None]
+    for j in outer:
+      block = distributed.to_host(value if j is None else value[j])
+      for rest in itertools.product(*(range(n) for n in spec.stack[1:])):
+        idx = () if j is None else (j, *rest)
+        arr = block[rest] if rest else block
+        if spec.transpose:
+          arr = arr.T
+        if dtype is not None and not _is_router(spec):
+          arr = arr.astype(dtype)
+        yield spec.hf_key(*idx), np.ascontiguousarray(arr)
 
 
 def _write_safetensors(path: str, tensors: list[tuple[str, np.ndarray]]):
+  """Writes (key, array) pairs held in memory as one safetensors file."""
+  _stream_safetensors(path, [(k, a.shape, a.dtype) for k, a in tensors], iter(tensors))
+
+
+def _stream_safetensors(path: str | None, plan: list[tuple[str, tuple, np.dtype]], tensors):
+  """Writes the tensors of `plan` (header first, from shapes alone), drawing each array from
+  the iterator `tensors` as it is written, so only one is held at a time. `path` None: draw
+  them and write nothing (the other processes of a multi-host run, which join the gathers)."""
   header, offset = {}, 0
-  for key, arr in tensors:
-    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                   "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
+  for key, shape, dtype in plan:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[key] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for _, arr in tensors:
-      f.write(arr.tobytes())
-  os.replace(tmp, path)
+  tmp = None if path is None else path + ".tmp"
+  f = None if tmp is None else open(tmp, "wb")
+  try:
+    if f is not None:
+      f.write(len(blob).to_bytes(8, "little"))
+      f.write(blob)
+    for key, shape, dtype in plan:
+      got_key, arr = next(tensors)
+      if (got_key, arr.shape, arr.dtype) != (key, tuple(shape), np.dtype(dtype)):
+        raise AssertionError(f"export order: expected {key} {shape} {dtype}, got {got_key} "
+                             f"{arr.shape} {arr.dtype}")
+      if f is not None:
+        f.write(arr.tobytes())
+  finally:
+    if f is not None:
+      f.close()
+  if tmp is not None:
+    os.replace(tmp, path)
 
 
 def save_pretrained(model: DeepseekV2ForCausalLM, path: str, *, dtype=None,
@@ -407,36 +450,42 @@ def save_pretrained(model: DeepseekV2ForCausalLM, path: str, *, dtype=None,
 
   Routers are written in float32 (as they compute); other tensors in their dtype, or `dtype`.
   `tokenizer_dir`: copy the tokenizer files found there, so the directory is self-contained.
+  The model may be sharded over a mesh spanning several processes: every process then calls
+  this (tensors are gathered a layer at a time, see `_hf_tensors`) and process 0 writes.
   """
   moe = model.moe_layers.mlp if model.moe_layers is not None else None
   if moe is not None and (type(moe.gate).__name__ != "TopKRouter" or moe.expert_copies is not None):
     raise ValueError("this model has DES-MoE parts the HF DeepSeek-V2 layout cannot hold (an "
                      "adaptive router or duplicated experts): export it with "
                      "desmoe_jax.export.export_hf, which folds/merges them")
-  os.makedirs(path, exist_ok=True)
+  writer = jax.process_index() == 0
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   limit = _parse_size(max_shard_size)
   shards, current, size = [], [], 0
-  for key, arr in _hf_tensors(model, np_dtype):
-    if current and size + arr.nbytes > limit:
+  for key, shape, want in _hf_plan(model, np_dtype):
+    nbytes = int(np.prod(shape, dtype=np.int64)) * want.itemsize
+    if current and size + nbytes > limit:
       shards.append(current)
       current, size = [], 0
-    current.append((key, arr))
-    size += arr.nbytes
+    current.append((key, shape, want))
+    size += nbytes
   shards.append(current)
-  for name in os.listdir(path):  # stale shards of an earlier export would shadow the new ones
-    if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
-      os.remove(os.path.join(path, name))
-  if len(shards) == 1:
-    _write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
-  else:
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      _write_safetensors(os.path.join(path, name), shard)
-      for key, arr in shard:
-        weight_map[key] = name
-        total += arr.nbytes
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # stale shards of an earlier export would shadow the new ones
+      if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
+        os.remove(os.path.join(path, name))
+  tensors = _hf_tensors(model, np_dtype)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for name, shard in zip(names, shards):
+    _stream_safetensors(os.path.join(path, name) if writer else None, shard, tensors)
+  if not writer:
+    return
+  if len(shards) > 1:
+    weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+    total = sum(int(np.prod(shape, dtype=np.int64)) * want.itemsize
+                for shard in shards for _, shape, want in shard)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   param_dtype = np_dtype or np.dtype(jnp.dtype(model.config.param_dtype))

@@ -16,7 +16,6 @@ writes the files above, and all of them write the checkpoints, through orbax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -90,6 +89,12 @@ def check_config(config):
       raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
   if config.train.steps < 1:
     raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
+  if config.export.enabled:
+    for field in ("fold_tokens", "check_tokens"):
+      value = config.export.get(field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.export.{field}={value!r}: expected a positive number of "
+                         "held-out tokens")
 
 
 def domain_specs(config, split: str = "train") -> list:
@@ -370,19 +375,19 @@ def _train(config, workdir: str, mesh) -> dict:
                               config.train.steps, config, metrics_log, batch_sharding)
   summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if config.export.enabled:
-    host_state = distributed.to_host(model_state)   # a gather: every process joins it
+    # On the training mesh, in every process (the fold's programs and the writer's per-layer
+    # gathers are collectives); the optimizer state is dropped first to make room.
+    from desmoe_jax.export import export_hf
+    opt_state = None
+    model = nnx.merge(graphdef, model_state)
+    model_state = None  # the model now holds the arrays; merging copies replaces some of them
+    fit = [b for batches in eval_sets.values() for b in batches]
+    summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                  tokenizer_dir=config.model.path, fit_batches=fit,
+                                  fold_tokens=config.export.fold_tokens,
+                                  check_tokens=config.export.check_tokens,
+                                  batch_sharding=batch_sharding)
     if is_main:
-      # Process 0 alone runs the export's forward passes (folding the router), so they must
-      # not be partitioned over a mesh that holds other processes' devices: there, the
-      # context is a mesh of one local device.
-      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
-               if jax.process_count() > 1 else contextlib.nullcontext())
-      from desmoe_jax.export import export_hf
-      fit = [b for batches in eval_sets.values() for b in batches]
-      model = nnx.merge(graphdef, host_state)
-      with alone:
-        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                      tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
     # The others wait here rather than in the runtime's shutdown barrier, which times out.
