@@ -208,8 +208,8 @@ class MoE(nnx.Module):
 
     kd = jnp.zeros((), jnp.float32)
     if isinstance(self.gate, AdaptiveRouter):
-      logits_te = self.gate(x_td, grad_scale=adapt.router_grad_scale)
-      kd = self.gate.distillation_loss(jax.lax.stop_gradient(x_td), mask_t)
+      # One forward of the fp32 MLP serves routing and L_KD (router.py).
+      logits_te, kd = self.gate.route_and_distill(x_td, mask_t, adapt.router_grad_scale)
     else:
       logits_te = self.gate(x_td)
     weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg)
