@@ -208,9 +208,11 @@ def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: 
 # ------------------------------------------------------------------ evaluation during training
 
 
-def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
-  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
-  batches are split over its mesh (every process of a multi-process run must call this)."""
+@functools.lru_cache(maxsize=8)
+def _loss_sums_fn(graphdef):
+  """The jitted held-out loss of one model structure. Cached so that every evaluation of a run
+  reuses one compiled program (jax.jit caches by shapes per function object, and a function
+  defined inside `heldout_losses` was a new object, so a new compile, at every evaluation)."""
 
   @jax.jit
   def loss_sums(state, batch):
@@ -220,6 +222,14 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
     w = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 
+  return loss_sums
+
+
+def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
+  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
+  batches are split over its mesh (every process of a multi-process run must call this).
+  Compiles once per model structure and batch shape, not once per call."""
+  loss_sums = _loss_sums_fn(graphdef)
   out = {}
   for name, batches in batches_by_domain.items():
     total, count = 0.0, 0.0
