@@ -13,8 +13,10 @@ Everything stays on this machine: the only socket is a loopback listener the tes
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -291,3 +293,37 @@ def test_problem_without_test_names_its_source():
                                        r"'test' \(missing\)"):
     metrics.pass_at_1([PROBLEM, bad], [CORRECT, CORRECT],
                       sources=["data/code/eval.jsonl:6", "data/code/eval.jsonl:7"])
+
+
+def _ppid(pid: int) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    return int(next(line for line in f if line.startswith("PPid:")).split()[1])
+
+
+def test_supervisor_killed_from_outside_is_an_error_result(mode):
+  """If the sandbox's init dies mid-run (the OOM killer, an operator), the program's result is
+  an error naming that, not an exception that loses the other results."""
+  out = {}
+  worker = threading.Thread(target=lambda: out.update(r=sandbox.run_program(
+      "import time\ntime.sleep(30)\n", timeout=25)))
+  worker.start()
+  init, deadline = None, time.monotonic() + 20
+  while init is None and time.monotonic() < deadline:
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          if not f.read().endswith(b"sandbox.py\0init\0"):
+            continue
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+          started = bool(f.read().split())  # the program's interpreter is running
+        if started and _ppid(_ppid(pid)) == os.getpid():  # ours: init <- unshare/bwrap <- us
+          init = pid
+      except (OSError, StopIteration, ValueError):
+        pass
+    time.sleep(0.05)
+  assert init is not None, "the sandbox's init never started its program"
+  os.kill(init, signal.SIGKILL)
+  worker.join(30)
+  r = out["r"]
+  assert (r["passed"], r["reason"]) == (False, "error") and "without a verdict" in r["detail"], r
+  assert r["seconds"] < 20
