@@ -627,7 +627,11 @@ def reliability_guard():
 
 def _launch_main(args: dict):
   """The program's interpreter: limits, privileges, guard, then the program; on a normal end,
-  the handshake with the supervisor (module docstring)."""
+  the handshake with the supervisor (module docstring). Limits and privileges are set here,
+  before a byte of the program runs, rather than in a `preexec_fn`: that runs Python between
+  fork and exec, which the subprocess docs call unsafe in a threaded parent (the evaluator is
+  JAX's, with worker threads) -- it can deadlock. Soft = hard, so the program cannot raise them.
+  Exit 3 = a failed assertion, 4 = any other exception."""
   import resource
   import runpy
   import traceback
