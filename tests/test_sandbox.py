@@ -75,7 +75,8 @@ def test_cannot_read_parent_environment(mode, monkeypatch):
   r, = _run(_body(f"""
 import os
 ok, why = False, []
-for pid in {{os.getppid(), 1, {os.getpid()}}} | {{int(p) for p in os.listdir('/proc') if p.isdigit()}}:
+listed = {{int(p) for p in os.listdir('/proc') if p.isdigit()}}
+for pid in {{os.getppid(), 1, {os.getpid()}}} | listed:
     try:
         with open(f'/proc/{{pid}}/environ', 'rb') as fh:
             ok = ok or b'DESMOE_TEST_SECRET' in fh.read()
