@@ -75,9 +75,10 @@ def main():
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   blocks = {spec.name: math.prod(flat[spec.path].shape[1 if spec.stack else 0:])
             * flat[spec.path].dtype.itemsize for spec in leaf_specs(model)}
-  name = max(blocks, key=blocks.get)
-  print(f"writer: largest gathered block {blocks[name] / 2**20:.0f} MiB ({name}); whole model "
-        f"{sum(math.prod(v.shape) * v.dtype.itemsize for v in flat.values()) / 2**30:.2f} GiB")
+  top = sorted(blocks, key=blocks.get, reverse=True)[:3]
+  print("writer: largest gathered blocks " + ", ".join(f"{blocks[n] / 2**20:.0f} MiB ({n})"
+                                                       for n in top)
+        + f"; whole model {sum(math.prod(v.shape) * v.dtype.itemsize for v in flat.values()) / 2**30:.2f} GiB")
   gib = lambda n: f"{n / 2**30:.2f}"
   print(f"{args.arch}, mesh {shape}, batch {args.batch} x {args.seq}; GiB per device")
   print("| program | argument | output | temp | argument + output + temp | compile s |")
