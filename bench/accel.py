@@ -55,14 +55,16 @@ TIMEOUT_S = {"preflight_jax": 45, "preflight_torch": 45, "ceiling_jax": 45, "cei
              "moe_torch": 90, "moe_torch_compile": 100, "moe_jax": 120, "train_jax": 150}
 TORCH_COMPILE_BUDGET_S = 60
 
-FULL = dict(matmul=8192, copy_bytes=1 << 30, reps=10,
+FULL = dict(matmul=8192, copy_bytes=1 << 30, reps=10, warmup=2, torch_compile_backend="inductor",
             moe=dict(batch=2, seq=8192, hidden=2048, inter=1408, experts=64, top_k=6, shared=2),
             moe_dtype="bfloat16", check_tol=3e-2,
             train=dict(layers=4, vocab=102400, batch=2, seq=4096, widths="v2_lite"))
-SMOKE = dict(matmul=256, copy_bytes=1 << 22, reps=3,
+# --smoke: torch.compile with "aot_eager" (dynamo + autograd tracing, no code generation):
+# inductor's C++ build alone takes minutes on a CPU.
+SMOKE = dict(matmul=256, copy_bytes=1 << 22, reps=2, warmup=1, torch_compile_backend="aot_eager",
              moe=dict(batch=2, seq=64, hidden=64, inter=32, experts=8, top_k=2, shared=2),
              moe_dtype="float32", check_tol=1e-4,
-             train=dict(layers=4, vocab=512, batch=2, seq=64, widths="tiny"))
+             train=dict(layers=4, vocab=256, batch=2, seq=32, widths="tiny"))
 
 # Dense bf16 peak FLOP/s from the vendors' datasheets, by JAX/torch device kind.
 DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12,
@@ -137,7 +139,7 @@ def _jsonable(v):
   return str(v)
 
 
-def median_ms(fn, reps: int, warmup: int = 2) -> tuple[float, list[float]]:
+def median_ms(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
   """Median wall ms of `fn()` (which must block until its work is done)."""
   for _ in range(warmup):
     fn()
@@ -213,11 +215,11 @@ def stage_ceiling_jax(out: Out, preset: dict):
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
   mm = jax.jit(lambda a, b: a @ b)
-  ms, _ = median_ms(lambda: mm(a, b).block_until_ready(), preset["reps"])
+  ms, _ = median_ms(lambda: mm(a, b).block_until_ready(), preset["reps"], preset["warmup"])
   words = preset["copy_bytes"] // 4
   src = jnp.ones((words,), jnp.float32)
   copy = jax.jit(lambda x: x + 0.0)   # read + write every byte (a plain copy may be elided)
-  cms, _ = median_ms(lambda: copy(src).block_until_ready(), preset["reps"])
+  cms, _ = median_ms(lambda: copy(src).block_until_ready(), preset["reps"], preset["warmup"])
   dev = jax.devices()[0]
   out.emit({"stage": "ceiling_jax", "device": dev.device_kind, "matmul_n": n,
             "matmul_ms": ms, "matmul_tflops": matmul_flops(n) / ms / 1e9,
@@ -238,7 +240,7 @@ def stage_ceiling_torch(out: Out, preset: dict):
     a @ b
     sync()
 
-  ms, _ = median_ms(mm, preset["reps"])
+  ms, _ = median_ms(mm, preset["reps"], preset["warmup"])
   src = torch.ones(preset["copy_bytes"] // 4, device=dev)
   dst = torch.empty_like(src)
 
@@ -246,7 +248,7 @@ def stage_ceiling_torch(out: Out, preset: dict):
     dst.copy_(src)
     sync()
 
-  cms, _ = median_ms(copy, preset["reps"])
+  cms, _ = median_ms(copy, preset["reps"], preset["warmup"])
   out.emit({"stage": "ceiling_torch", "device": torch.cuda.get_device_name(0) if dev == "cuda"
             else "cpu", "matmul_n": n, "matmul_ms": ms,
             "matmul_tflops": matmul_flops(n) / ms / 1e9, "copy_ms": cms,
@@ -279,7 +281,7 @@ def _torch_layer_record(name, step, layer, x, s, preset, tokens, ref=None):
     rec["check_vs_eager"] = compare(samples, ref, preset["check_tol"])
   if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
-  ms, _ = median_ms(step, preset["reps"])
+  ms, _ = median_ms(step, preset["reps"], preset["warmup"])
   rec.update(median_ms=ms, tokens_per_s=tokens / ms * 1e3,
              tflops=_layer_flops(s) / ms / 1e9,
              peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
@@ -310,7 +312,7 @@ def stage_moe_torch_compile(out: Out, preset: dict):
   s, dtype = preset["moe"], preset["moe_dtype"]
   w = moe_layer.make_weights(s, seed=0)
   step, layer, x = moe_layer.build_torch(s, w, "grouped_mm", dtype)
-  compiled = torch.compile(layer)
+  compiled = torch.compile(layer, backend=preset["torch_compile_backend"])
   params = list(layer.parameters())
   sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -325,13 +327,15 @@ def stage_moe_torch_compile(out: Out, preset: dict):
   compile_s = time.perf_counter() - t0
   if compile_s > TORCH_COMPILE_BUDGET_S:
     out.emit({"stage": "moe_torch_compile", "compile_s": compile_s,
+              "backend": preset["torch_compile_backend"],
               "skipped": f"compiled in more than {TORCH_COMPILE_BUDGET_S} s"})
     return
   ref_path = os.path.join(out.dir, "torch_eager_samples.npz")
   ref = dict(np.load(ref_path)) if os.path.exists(ref_path) else None
   rec, _ = _torch_layer_record("compile(grouped_mm)", cstep, layer, x, s, preset,
                                s["batch"] * s["seq"], ref)
-  out.emit(dict(rec, stage="moe_torch_compile", compile_s=compile_s))
+  out.emit(dict(rec, stage="moe_torch_compile", compile_s=compile_s,
+                backend=preset["torch_compile_backend"]))
 
 
 def stage_moe_jax(out: Out, preset: dict):
@@ -367,7 +371,8 @@ def stage_moe_jax(out: Out, preset: dict):
         rec["check_vs_ragged"] = compare(samples, first, preset["check_tol"])
       first = first or samples
       del y, dparams, dx, flat
-      ms, _ = median_ms(lambda: jax.block_until_ready(compiled(params, x)), preset["reps"])
+      ms, _ = median_ms(lambda: jax.block_until_ready(compiled(params, x)), preset["reps"],
+                        preset["warmup"])
       stats = jax.devices()[0].memory_stats() or {}
       rec.update(median_ms=ms, tokens_per_s=tokens / ms * 1e3, tflops=_layer_flops(s) / ms / 1e9,
                  peak_bytes=stats.get("peak_bytes_in_use"))
@@ -479,9 +484,10 @@ def main(argv=None):
   p.add_argument("--out_dir", default=os.environ.get("OUT") or "accel_out")
   p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every stage")
   p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
-  p.add_argument("--budget_s", type=float, default=470.0,
-                 help="wall-clock budget of the whole run; a stage's timeout never exceeds what "
-                      "is left of it")
+  p.add_argument("--budget_s", type=float, default=0.0,
+                 help="wall-clock budget of the whole run (default 470 s; 900 s with --smoke, "
+                      "whose stage timeouts are tripled for slow CI machines); a stage's timeout "
+                      "never exceeds what is left of it")
   p.add_argument("--train_moe_impl", default="tokamax")
   p.add_argument("--train_attention_impl", default="tokamax")
   p.add_argument("--stage", default="", help=argparse.SUPPRESS)   # a stage's subprocess
@@ -491,6 +497,7 @@ def main(argv=None):
   if args.stage:
     run_stage(args.stage, out, preset, args)
     return 0
+  budget = args.budget_s or (900.0 if args.smoke else 470.0)
   stages = [s for s in args.stages.split(",") if s]
   for s in stages:
     if s not in STAGES:
@@ -500,11 +507,11 @@ def main(argv=None):
   if args.smoke:
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   start = time.perf_counter()
-  out.emit({"stage": "start", "smoke": args.smoke, "stages": stages, "budget_s": args.budget_s,
+  out.emit({"stage": "start", "smoke": args.smoke, "stages": stages, "budget_s": budget,
             "argv": sys.argv[1:]})
   for name in stages:
-    left = args.budget_s - (time.perf_counter() - start)
-    timeout = min(TIMEOUT_S[name], left)
+    left = budget - (time.perf_counter() - start)
+    timeout = min(TIMEOUT_S[name] * (3 if args.smoke else 1), left)
     if timeout < 5:
       out.emit({"stage": name, "status": "skipped", "reason": "budget spent"})
       continue
