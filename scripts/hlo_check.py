@@ -4,10 +4,11 @@ program, not the source.
 One DeepSeek-V2-Lite-shaped MoE layer (d_model 2048, 64 experts of width 1408, top-6, 2 shared
 experts, fp32 router, bf16 weights and activations), loss = sum(y * cotangent), gradients with
 respect to the input and every parameter, is compiled for the target and its optimized HLO read:
-  dense_fallback  matmuls (dot or convolution) whose result spans every expert for every token
-                  row, i.e. has the expert count as a dimension next to >= tokens rows and a
-                  feature dimension: what "dense" does on purpose and XLA's expansion of
-                  ragged_dot into zero-padded per-expert matmuls does behind our back.
+  dense_fallback  matmuls (dot or convolution) with a result or operand that spans every expert
+                  for every token row, i.e. has the expert count as a dimension next to >=
+                  tokens rows and a feature dimension: what "dense" does on purpose and XLA's
+                  expansion of ragged_dot into zero-padded per-expert matmuls does behind our
+                  back.
   kernels         Mosaic (Pallas) custom calls, other custom calls, and dots/convolutions.
   flops           XLA's cost analysis of the compiled program against the ideal
                   6 x tokens x top_k x 3 x d_model x expert_width of the routed experts (and the
@@ -118,31 +119,37 @@ class HloReport:
     return self.flops / self.ideal_layer_flops if self.ideal_layer_flops else float("nan")
 
 
-def matmul_result_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-  """Result shapes of every dot/convolution instruction in an (optimized) HLO text, fused
-  computations included."""
-  shapes = []
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    first = _SHAPE.search(line.split("=", 1)[1])
-    if first:
-      shapes.append(tuple(int(v) for v in first.group(1).split(",") if v))
-  return shapes
-
-
-def dense_fallback_shapes(shapes, experts: int, tokens: int, features: tuple[int, ...]):
-  """Matmul results with the expert count as a dimension next to >= `tokens` rows and a feature
-  dimension (d_model or the expert width): one matmul per expert over every token."""
+def matmul_shapes(hlo_text: str) -> list[tuple[tuple[int, ...], ...]]:
+  """(result shape, operand shapes...) of every dot/convolution instruction in an (optimized)
+  HLO text, fused computations included."""
   out = []
-  for s in shapes:
-    if len(s) < 3 or experts not in s:
+  for line in hlo_text.splitlines():
+    if not _OP.search(line):
       continue
-    rest = list(s)
-    rest.remove(experts)
-    if any(r >= tokens for r in rest) and any(f in rest for f in features):
-      out.append(s)
+    rhs = line.split("=", 1)[1]
+    out.append(tuple(tuple(int(v) for v in m.group(1).split(",") if v)
+                     for m in _SHAPE.finditer(rhs)))
+  return out
+
+
+def _spans_all(shape, experts: int, tokens: int, features) -> bool:
+  if len(shape) < 3 or experts not in shape:
+    return False
+  rest = list(shape)
+  rest.remove(experts)
+  return any(r >= tokens for r in rest) and any(f in rest for f in features)
+
+
+def dense_fallback_shapes(matmuls, experts: int, tokens: int, features: tuple[int, ...]):
+  """Matmuls with a result or an operand that has the expert count as a dimension next to
+  >= `tokens` rows and a feature dimension (d_model or the expert width): every expert over
+  every token, forward ([T, E, F] results) or backward (weight gradients contracting [T, E, .]
+  operands). Returns the first such shape of each."""
+  out = []
+  for shapes in matmuls:
+    hit = [s for s in shapes if _spans_all(s, experts, tokens, features)]
+    if hit:
+      out.append(hit[0])
   return out
 
 
@@ -165,7 +172,7 @@ def analyze(compiled, impl: str, *, tokens: int, shapes: dict, compile_s: float)
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   calls = custom_call_targets(text)
-  mm = matmul_result_shapes(text)
+  mm = matmul_shapes(text)
   return HloReport(
       impl=impl,
       dense_fallback=[list(s) for s in dense_fallback_shapes(
