@@ -79,7 +79,11 @@ class ModelConfig:
   moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see expert_parallel.py
-  attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
+  # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
+  # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see attention.py). Not in
+  # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
+  # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.
+  attention_impl: str = "einsum"
   scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
   remat: str = "none"                     # "none" | "full" | "dots": rematerialise each MoE layer
 
@@ -105,8 +109,9 @@ class ModelConfig:
                       "'tiled')")
     if self.expert_parallel not in ("compiler", "shard_map"):
       problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
-    if self.attention_impl not in ("einsum", "jax"):
-      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax')")
+    if self.attention_impl not in ("einsum", "jax", "tokamax"):
+      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax', "
+                      "'tokamax')")
     if self.remat not in ("none", "full", "dots"):
       problems.append(f"remat={self.remat!r} (one of 'none', 'full', 'dots')")
     if self.rope_scaling is not None:
