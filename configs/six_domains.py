@@ -64,7 +64,13 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
-  c.model.remat = "none" if tiny else "full"  # none | full | dots: rematerialise each MoE layer
+  # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
+  # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
+  c.model.remat = "none" if tiny else "full"
+  # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
+  # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
+  # vocabulary); 0: the plain loss over the whole logits
+  c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
   c.data = ml_collections.ConfigDict()

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from desmoe_jax import optim, specialization
+from desmoe_jax import losses, optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe import Adaptation
@@ -86,11 +86,7 @@ def _set(state, path: tuple, value):
   return nnx.from_flat_state(flat)
 
 
-def token_losses(logits_bsv, tokens_bs):
-  """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
-  logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(nll, ((0, 0), (1, 0)))
+token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
 
 
 def per_domain(values_bs, weights_bs, domain_bs, num_domains: int):
@@ -128,8 +124,9 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
 
     def loss_fn(diff):
       model = nnx.merge(graphdef, diff, frozen, state)
-      out = model(tokens, segment_ids_bs=segment_ids, positions_bs=positions, adapt=adapt)
-      nll = token_losses(out.logits, tokens)
+      out = model(tokens, segment_ids_bs=segment_ids, positions_bs=positions, adapt=adapt,
+                  logits=not model.config.ce_chunk)
+      nll = model.token_losses(out, tokens)  # chunked (model.ce_chunk): no [B, S, V] logits
       n = jnp.maximum(loss_mask.sum(), 1.0)
       task = jnp.sum(nll * loss_mask) / n
       total = task + (out.aux_loss if cfg.balance_loss else 0.0)

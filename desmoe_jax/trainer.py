@@ -249,7 +249,7 @@ def _train(config, workdir: str, mesh) -> dict:
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
       remat=config.model.remat, scan_layers=config.model.scan_layers,
-      expert_parallel=config.model.expert_parallel)
+      expert_parallel=config.model.expert_parallel, ce_chunk=config.model.ce_chunk)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:

@@ -89,6 +89,9 @@ _PHASES = flags.DEFINE_list(
     "phases", [], "phases to compile, by name (warmup, stabilization, consolidation; FFT/ESFT's "
     "single phase is 'all'); default every phase. A TPU compile of V2-Lite takes minutes: "
     "compile the largest phase first")
+_LAYERS = flags.DEFINE_integer(
+    "layers", 0, "override the architecture's num_hidden_layers (0: keep it). A quick look at "
+    "a deep model: state and compile time grow with the MoE layers, temp barely does")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -127,18 +130,23 @@ def target_devices(target: str, count: int):
   return devices
 
 
-def model_config(config, arch: str = "", target: str = "cpu") -> ModelConfig:
+def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -> ModelConfig:
   """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
-  trainer config's runtime fields (config.model.* other than path)."""
+  trainer config's runtime fields (config.model.* other than path); `layers` > 0 replaces
+  num_hidden_layers."""
   runtime = {k: v for k, v in config.model.items() if k != "path"}
   if target != "cpu" and runtime.get("moe_impl") == "auto":
     runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
   if not arch:
     if not config.model.path:
       raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")
-    return ModelConfig.from_pretrained(config.model.path, **runtime)
-  arch_config = load_config(os.path.join(REPO, "configs", f"models.py:{arch}"))
-  return ModelConfig.from_hf_dict(arch_config.to_dict(), source=f"--arch={arch}", **runtime)
+    cfg = ModelConfig.from_pretrained(config.model.path, **runtime)
+  else:
+    arch_config = load_config(os.path.join(REPO, "configs", f"models.py:{arch}"))
+    cfg = ModelConfig.from_hf_dict(arch_config.to_dict(), source=f"--arch={arch}", **runtime)
+  if layers < 0:
+    raise ValueError(f"--layers={layers}: expected 0 (the architecture's) or a layer count")
+  return cfg.replace(num_hidden_layers=layers) if layers else cfg
 
 
 # ------------------------------------------------------------------ abstract state, exact bytes
@@ -343,7 +351,7 @@ def main(argv):
   if phases - {*PHASE_NAMES, "all"}:
     raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
                          f"(one of {(*PHASE_NAMES, 'all')})")
-  model_cfg = model_config(config, _ARCH.value, target)
+  model_cfg = model_config(config, _ARCH.value, target, _LAYERS.value)
   print(f"# {_ARCH.value or config.model.path} on {target}: dtype {model_cfg.dtype}, params "
         f"{model_cfg.param_dtype}, remat {model_cfg.remat}, scan {model_cfg.scan_layers}, "
         f"moe_impl {model_cfg.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB", flush=True)
