@@ -229,7 +229,11 @@ class PhasePlan:
   output: int
   alias: int
   temp: int
-  compile_s: float
+  compile_s: float          # wall seconds of lowering + compiling this phase
+  compile_cpu_s: float = 0.0  # CPU seconds of this process meanwhile (all its threads): the
+                              # machine-independent part when other jobs share the cores
+  flops: float = 0.0        # per device per step, extrapolated to every layer (see step_cost)
+  bytes: float = 0.0        # per device per step, before fusion (an upper bound on HBM traffic)
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -265,7 +269,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   for phase, _, _ in ts_.method_cfg.phases():
     if phases and phase not in phases and phase_name(phase) not in phases:
       continue
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
                              ts_.state_shardings, ts_.opt_shardings, batch_sh)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
@@ -283,7 +287,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
         mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
         method=config.method, phase=phase_name(phase), batch=batch,
         seq=seq, seqs_per_device=batch / splits, **exact, **sizes,
-        compile_s=time.perf_counter() - t0, error=error))
+        compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0,
+        error=error))
   return out
 
 
@@ -304,7 +309,7 @@ def _oom_summary(message: str) -> tuple[str, int]:
 # ------------------------------------------------------------------ report
 
 COLUMNS = ("mesh", "method", "phase", "batch", "seqs/device", "params", "opt state",
-           "opt groups", "argument", "temp", "peak", "fits", "compile s")
+           "opt groups", "argument", "temp", "peak", "fits", "compile s", "compile cpu s")
 SHORT = {"backbone": "bb", "shared_experts": "shared", "router": "router",
          "routed_experts": "experts"}
 
@@ -319,7 +324,8 @@ def row(p: PhasePlan, hbm_gib: float) -> list[str]:
           f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
           groups]
   fits = "NO (compiler)" if p.error else "yes" if p.peak <= hbm_gib * GIB else "NO"
-  return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}"]
+  return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}",
+                 f"{p.compile_cpu_s:.0f}"]
 
 
 def markdown(plans, hbm_gib: float) -> str:
