@@ -65,7 +65,8 @@ from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
 from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
-from desmoe_jax.trainer import method_config, optim_config  # noqa: E402
+from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: E402
+                                optim_config, step_config)
 
 GIB = 2**30
 HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
@@ -243,6 +244,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   if batch % splits:
     raise ValueError(f"--batch={batch} sequences cannot be split over the {splits} "
                      f"data-parallel devices of mesh {dict(mesh.shape)}")
+  step_cfg = step_config(config)
+  check_microbatch_split(step_cfg, batch, batch_sh)
   abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
                for k in data_lib.BATCH_KEYS}
   abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -259,7 +262,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       continue
     t0 = time.perf_counter()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
-                             ts_.state_shardings, ts_.opt_shardings, batch_sh)
+                             ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
     try:
       with jax.set_mesh(mesh):
