@@ -118,6 +118,11 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16. The optimizer
   # computes in float32 whatever this is; bfloat16 halves the state (rounded to nearest).
   c.optim.moments_dtype = "auto"
+  # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
+  # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
+  # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
+  # pinned_host memory (TPU, GPU; the error names this field otherwise).
+  c.optim.host_offload = False
   if tiny:
     c.optim.learning_rate = 3e-3 if c.method not in PAPER_LR else 1e-3
 

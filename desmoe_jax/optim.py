@@ -41,6 +41,7 @@ class OptimConfig:
   grad_clip: float = 1.0        # global-norm clip over trainable gradients; 0 disables
   name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
   moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16"
+  host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
@@ -202,9 +203,15 @@ def _stochastic_round_bf16(x_f32, key):
   step that `x` lies above the value below it: unbiased, E[result] = x. Adds 16 random bits
   below bfloat16's mantissa and truncates. Non-finite values round to nearest (the random carry
   could otherwise turn a NaN into a finite number and hide a divergence)."""
+  return round_bf16_with_noise(x_f32, jax.random.bits(key, x_f32.shape, jnp.uint16))
+
+
+def round_bf16_with_noise(x_f32, noise_u16):
+  """The rounding of `_stochastic_round_bf16` for given 16-bit noise (uniform noise makes it
+  stochastic rounding; averaging over all 65536 values gives its exact expectation)."""
   bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
-  noise = jax.random.bits(key, x_f32.shape, jnp.uint16).astype(jnp.uint32)
-  rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+  noisy = bits + noise_u16.astype(jnp.uint32)
+  rounded = jax.lax.bitcast_convert_type(noisy & jnp.uint32(0xFFFF0000), jnp.float32)
   return jnp.where(jnp.isfinite(x_f32), rounded, x_f32).astype(jnp.bfloat16)
 
 

@@ -96,7 +96,27 @@ def optimizer_shardings(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, 
   replicated. `jit(init_optimizer)` alone has nothing to follow (moments are fresh zeros, not
   computed from the sharded parameters) and would put the whole state on one device."""
   abstract = jax.eval_shape(lambda ms: init_optimizer(method_cfg, optim_cfg, ms), model_state)
-  return sharding_lib.state_shardings(abstract, mesh, rules)
+  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  if optim_cfg.host_offload:
+    check_host_offload(mesh)
+    shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings,
+                             is_leaf=lambda x: isinstance(x, NamedSharding))
+  return shardings
+
+
+def check_host_offload(mesh):
+  """optim.host_offload keeps the optimizer state in each device's host memory (the memory kind
+  `pinned_host`, as MaxText's optimizer_memory_host_offload); fails, naming the field, on a
+  backend whose devices have none."""
+  device = mesh.devices.flat[0]
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception as e:  # a compile-only (topology) device may not list its memories
+    kinds = {"unknown: " + type(e).__name__}
+  if "pinned_host" not in kinds:
+    raise ValueError(f"optim.host_offload=True needs host memory (memory kind 'pinned_host') on "
+                     f"the devices; {device.platform} device {device} has {sorted(kinds)}: set "
+                     "optim.host_offload=False")
 
 
 def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
@@ -162,6 +182,10 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   def step_fn(model_state, opt_state, batch, step):
     params, state = nnx.split_state(model_state, nnx.Param, ...)
     check_precision(params, step_cfg.precision)
+    if optim_cfg.host_offload:
+      # The state lives in host memory between steps (optimizer_shardings); the update runs on
+      # the device, and jit_train_step's out_shardings write the new state back to the host.
+      opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
     tokens = batch["tokens"]
     domain_bs = batch["domain_id"]
     if domain_bs.ndim == 1:

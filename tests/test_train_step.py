@@ -122,3 +122,162 @@ def test_microbatch_errors_name_the_field():
     ts.StepConfig(microbatches=0)
   with pytest.raises(ValueError, match="train.precision='bf16'"):
     ts.StepConfig(precision="bf16")
+
+
+# ------------------------------------------------------------------ precision
+
+
+def _weights(n=2048, seed=0):
+  """bfloat16 weights ~ N(0, 0.02) [n, n], as a model's (HF's initializer_range)."""
+  w = np.random.RandomState(seed).randn(n, n).astype(np.float32) * 0.02
+  return jnp.asarray(w, jnp.bfloat16)
+
+
+def test_stochastic_rounding_keeps_every_weights_update_in_expectation():
+  """A 1e-5 relative update (100x below bfloat16's resolution): added to nearest, no weight
+  moves; rounded stochastically, every weight's expected change is its update. The expectation
+  is exact: the rounding averaged over all 65536 values of its 16 noise bits."""
+  w = _weights(64)                                           # 4096 weights
+  u = 1e-5 * w.astype(jnp.float32)
+  nearest = optim.apply_updates(w, u)
+  assert nearest.dtype == jnp.bfloat16 and np.array_equal(nearest, w)   # the update is lost
+  x = w.astype(jnp.float32) + u
+  noise = jnp.arange(65536, dtype=jnp.uint32).astype(jnp.uint16)
+  expected = jax.lax.map(lambda xi: optim.round_bf16_with_noise(
+      jnp.full(noise.shape, xi), noise).astype(jnp.float32).mean(), x.reshape(-1), batch_size=64)
+  ratio = np.asarray(expected - w.reshape(-1).astype(jnp.float32)) / np.asarray(u.reshape(-1))
+  nonzero = np.asarray(w.reshape(-1)) != 0
+  # float32 itself rounds w + u by up to 2^-24 |w| (0.6% of a 1e-5 |w| update).
+  assert np.mean(np.abs(ratio[nonzero] - 1) <= 0.01) >= 0.99, np.percentile(ratio, [0, 1, 50])
+  assert np.all(np.abs(ratio[nonzero] - 1) <= 0.01)
+
+
+def test_stochastic_rounding_in_apply_updates_is_unbiased_and_deterministic():
+  w = _weights()                                             # 4.2M weights
+  u = 1e-5 * w.astype(jnp.float32)
+  key = ts.rounding_key(0, 7)
+  new = optim.apply_updates(w, u, key)
+  assert new.dtype == jnp.bfloat16
+  moved = np.asarray(new != w)
+  realised = float(jnp.sum((new.astype(jnp.float32) - w.astype(jnp.float32)) * jnp.sign(w)))
+  intended = float(jnp.sum(jnp.abs(u)))
+  # Each weight moves one bfloat16 step with probability ~|u| / step (~0.2%): the sum over 4.2M
+  # weights has a relative standard deviation of ~1.1%.
+  assert abs(realised / intended - 1) < 0.05, realised / intended
+  assert 0.001 < moved.mean() < 0.004, moved.mean()
+  np.testing.assert_array_equal(optim.apply_updates(w, u, ts.rounding_key(0, 7)), new)
+  assert not np.array_equal(optim.apply_updates(w, u, ts.rounding_key(0, 8)), new)
+  # An update of exactly zero (a frozen or masked weight) leaves it bit for bit.
+  np.testing.assert_array_equal(optim.apply_updates(w, jnp.zeros_like(u), key), w)
+
+
+@pytest.mark.parametrize("dtype,key", [("float32", None), ("bfloat16", 3)])
+def test_weight_decay_moves_the_weights(dtype, key):
+  """AdamW at the FFT learning rate with no gradient: the update is the decay lr x 0.1 x w alone
+  (3e-6 of each weight). float32 weights move by exactly that; bfloat16 weights rounded
+  stochastically by that in expectation. (To nearest in bfloat16 nothing moved: the bug.)"""
+  w = _weights().astype(dtype)
+  params = {"w": w}
+  oc = optim.OptimConfig(learning_rate=3e-5, schedule="constant", weight_decay=0.1)
+  tx = optim.build_optimizer(oc, 100, {"backbone"}, {"backbone"})
+  updates, _ = tx.update({"w": jnp.zeros_like(w)}, tx.init(params), params, step=0)
+  assert updates["w"].dtype == jnp.float32
+  rounding = None if key is None else ts.rounding_key(key, 0)
+  new = optim.apply_updates(params, updates, rounding)["w"]
+  wf = w.astype(jnp.float32)
+  delta, decay = new.astype(jnp.float32) - wf, -3e-6 * wf
+  if dtype == "float32":
+    assert np.mean(np.asarray(delta != 0)) > 0.999
+    # float32 rounds w - 3e-6 w to 2^-24 |w|, 2% of the decay.
+    np.testing.assert_allclose(delta, decay, rtol=0.03, atol=1e-12)
+  else:
+    assert float(jnp.sum(delta * decay)) > 0
+    ratio = float(jnp.sum(delta * jnp.sign(decay))) / float(jnp.sum(jnp.abs(decay)))
+    assert abs(ratio - 1) < 0.1, ratio     # ~2300 weights move: relative std ~2%
+    assert np.array_equal(optim.apply_updates(params, updates)["w"], w)  # to nearest: lost
+
+
+def test_rmsnorm_keeps_the_compute_dtype_with_float32_weights():
+  """fp32_master: float32 gains must not promote the bfloat16 activations after a norm."""
+  from desmoe_jax.layers import RMSNorm
+  x = jnp.ones((2, 8), jnp.bfloat16)
+  assert RMSNorm(8, 1e-6, param_dtype=jnp.float32)(x).dtype == jnp.bfloat16
+
+
+def test_bf16_sr_train_step_matches_the_float32_step_in_expectation():
+  """The tiny model with bfloat16 weights and float32 compute, one FFT step: bf16_sr keeps the
+  dtypes, repeats itself exactly, and its parameter change agrees with the float32-weight
+  step's (the same gradients: the weights are bfloat16 values in both) in sum."""
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  model = prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc)
+  g, state = nnx.split(model)
+  as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
+  oc = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32")
+  sr = jax.jit(ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="bf16_sr")))
+  opt = ts.init_optimizer(mc, oc, state)
+  new, _, m = sr(state, opt, _batch(), jnp.asarray(5))
+  again, _, _ = sr(state, ts.init_optimizer(mc, oc, state), _batch(), jnp.asarray(5))
+  g32, state32 = nnx.split(nnx.merge(g, as_f32))
+  exact = jax.jit(ts.make_train_step(g32, mc, oc, UNSCHEDULED))
+  new32, _, m32 = exact(state32, ts.init_optimizer(mc, oc, state32), _batch(), jnp.asarray(5))
+  np.testing.assert_allclose(m["loss"], m32["loss"], rtol=1e-6)
+  realised = intended = 0.0
+  for (path, v0), (_, v1), (_, v2), (_, v32) in zip(
+      nnx.to_flat_state(state), nnx.to_flat_state(new), nnx.to_flat_state(again),
+      nnx.to_flat_state(new32)):
+    assert v1.dtype == v0.dtype, path
+    np.testing.assert_array_equal(v1[...], v2[...])
+    if isinstance(v0, nnx.Param) and v0.dtype == jnp.bfloat16:
+      want = np.asarray(v32[...], np.float64) - np.asarray(v0[...], np.float64)
+      got = np.asarray(v1[...], np.float64) - np.asarray(v0[...], np.float64)
+      realised += np.sum(got * np.sign(want))
+      intended += np.sum(np.abs(want))
+  assert intended > 0 and abs(realised / intended - 1) < 0.1, realised / intended
+
+
+def test_precision_must_match_the_weights_dtype():
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  g, state = nnx.split(prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc))
+  oc = optim.OptimConfig()
+  opt = jax.eval_shape(lambda s: ts.init_optimizer(mc, oc, s), state)
+  fn = ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="fp32_master"))
+  with pytest.raises(ValueError, match="set model.param_dtype=float32"):
+    jax.eval_shape(fn, state, opt, _batch(), jnp.asarray(0))
+
+
+# ------------------------------------------------------------------ optimizer levers
+
+
+def test_host_offloaded_optimizer_state_gives_the_same_step():
+  """optim.host_offload: the state is laid out in pinned_host memory, moved to the device inside
+  the step and written back to the host, and the step's numbers do not change."""
+  from desmoe_jax import sharding
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  g, state = nnx.split(prepare_model(tiny_model(seed=4), mc))
+  mesh = sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+  state_sh = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, state_sh)
+  batch_sh = sharding.batch_sharding(mesh)
+  out = {}
+  for offload in (False, True):
+    oc = optim.OptimConfig(learning_rate=1e-3, host_offload=offload)
+    opt_sh = ts.optimizer_shardings(mc, oc, state, mesh)
+    kinds = {s.memory_kind for s in jax.tree.leaves(opt_sh)}
+    assert kinds == ({"pinned_host"} if offload else {"device"}), kinds
+    opt = jax.jit(lambda s: ts.init_optimizer(mc, oc, s), out_shardings=opt_sh)(state)
+    step = ts.jit_train_step(g, mc, oc, UNSCHEDULED, state_sh, opt_sh, batch_sh)
+    with jax.set_mesh(mesh):
+      new_state, new_opt, m = step(jax.tree.map(jnp.copy, state), opt,
+                                   jax.device_put(_batch(), batch_sh), jnp.asarray(1))
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(new_opt)} == kinds
+    out[offload] = (new_state, new_opt, m)
+  for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_host_offload_fails_naming_the_field_without_host_memory():
+  from types import SimpleNamespace
+  device = SimpleNamespace(platform="fake", addressable_memories=lambda: [
+      SimpleNamespace(kind="device")])
+  with pytest.raises(ValueError, match="optim.host_offload=True needs host memory"):
+    ts.check_host_offload(SimpleNamespace(devices=np.array([device], dtype=object)))
