@@ -182,10 +182,6 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   def step_fn(model_state, opt_state, batch, step):
     params, state = nnx.split_state(model_state, nnx.Param, ...)
     check_precision(params, step_cfg.precision)
-    if optim_cfg.host_offload:
-      # The state lives in host memory between steps (optimizer_shardings); the update runs on
-      # the device, and jit_train_step's out_shardings write the new state back to the host.
-      opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
     tokens = batch["tokens"]
     domain_bs = batch["domain_id"]
     if domain_bs.ndim == 1:
@@ -251,6 +247,13 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, parts)
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
     full_grads = nnx.merge_state(jax.tree.map(jnp.zeros_like, frozen), grads)
+    if optim_cfg.host_offload:
+      # The state lives in host memory between steps (optimizer_shardings); the update runs on
+      # the device, and jit_train_step's out_shardings write the new state back to the host.
+      # The barrier ties the copy to the finished gradients, so the scheduler cannot fetch the
+      # state early and hold it in device memory through the forward and backward passes.
+      opt_state, full_grads = jax.lax.optimization_barrier((opt_state, full_grads))
+      opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
 
     moe_state = state["moe_layers"]["mlp"]
     mask = moe_state["expert_mask"][...]                                   # [L, D, E]

@@ -223,6 +223,7 @@ class PhasePlan:
   alias: int
   temp: int
   compile_s: float
+  host: int = 0             # XLA: input buffers in host memory (optim.host_offload), per device
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -268,7 +269,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       with jax.set_mesh(mesh):
         mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
       sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                   host=mem.host_argument_size_in_bytes)
     except Exception as e:  # the TPU compiler refuses a program that does not fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -330,7 +332,8 @@ def check(p: PhasePlan) -> str:
     return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
   return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
           f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
-          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B")
+          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
+          f"host arguments {p.host} B")
 
 
 def main(argv):

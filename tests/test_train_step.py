@@ -281,3 +281,34 @@ def test_host_offload_fails_naming_the_field_without_host_memory():
       SimpleNamespace(kind="device")])
   with pytest.raises(ValueError, match="optim.host_offload=True needs host memory"):
     ts.check_host_offload(SimpleNamespace(devices=np.array([device], dtype=object)))
+
+
+def test_trainer_config_errors_name_the_fields():
+  import os
+
+  from desmoe_jax import sharding, trainer
+  from desmoe_jax.run_config import load_config
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "six_domains.py")
+  config = load_config(spec + ":tiny")
+  assert trainer.step_config(config) == ts.StepConfig(microbatches=1, precision="fp32_master")
+  paper = load_config(spec)
+  assert (paper.train.precision, paper.model.param_dtype) == ("bf16_sr", "bfloat16")
+  assert trainer.step_config(paper).precision == "bf16_sr"
+  bad = load_config(spec + ":tiny", {"train.precision": "bf16_sr"})
+  with pytest.raises(ValueError, match=r"--config.model.param_dtype=bfloat16"):
+    trainer.step_config(bad)
+  bad = load_config(spec + ":tiny", {"train.microbatches": 3})
+  with pytest.raises(ValueError, match=r"train.microbatches=3 does not divide data.batch_size=4"):
+    trainer.step_config(bad)
+  # 4 sequences in 2 microbatches of 2 rows: fine on 2 data-parallel devices, not on 4.
+  step_cfg = ts.StepConfig(microbatches=2)
+  trainer.check_microbatch_split(step_cfg, 4, sharding.batch_sharding(
+      sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])))
+  with pytest.raises(ValueError, match=r"2 rows per microbatch, not a multiple of the 4 data"):
+    trainer.check_microbatch_split(step_cfg, 4, sharding.batch_sharding(
+        sharding.make_mesh({"fsdp": 4}, devices=jax.devices()[:4])))
+  with pytest.raises(ValueError, match="optim.name='sgd'"):
+    optim.OptimConfig(name="sgd")
+  with pytest.raises(ValueError, match="optim.moments_dtype='float16'"):
+    optim.OptimConfig(moments_dtype="float16")
