@@ -57,7 +57,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # HF DeepSeek-V2 directory (config.json, safetensors, tokenizer). Required for the paper preset.
   c.model.path = os.path.join(REPO, "assets", "tiny_deepseek_v2") if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
-  c.model.param_dtype = "float32" if tiny else "bfloat16"  # weights and optimizer moments
+  # Storage dtype of the weights (routers and the ALR are always float32); must agree with
+  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr.
+  c.model.param_dtype = "float32" if tiny else "bfloat16"
   c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
@@ -92,6 +94,21 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True          # save in the background
   c.train.heatmap_layers = 4               # MoE layers drawn in the correlation heatmaps
   c.train.nan_check = True                 # stop on a non-finite loss (keeps last good checkpoint)
+  # Gradient accumulation: data.batch_size is split into this many microbatches (strided rows),
+  # run one after the other inside the jitted step (lax.scan) with their gradients summed.
+  # Memory of activations: one microbatch's; the update, the DGES statistics, the KD and balance
+  # losses and every metric are the whole batch's (equal to microbatches=1 up to float
+  # rounding). data.batch_size / microbatches must be a multiple of the data-parallel devices.
+  c.train.microbatches = 1
+  # How updates reach the weights (docs/SCALING.md, "Precision" has the bytes of each):
+  #   fp32_master  float32 weights (model.param_dtype=float32), computation in model.dtype:
+  #                exact updates; 4 bytes per weight.
+  #   bf16_sr      bfloat16 weights (model.param_dtype=bfloat16); the update is computed and added
+  #                in float32 and the sum rounded stochastically to bfloat16: unbiased, so an
+  #                update or a weight decay far below bfloat16's resolution (3e-5 x w) still
+  #                moves the weights by the right amount in expectation; 2 bytes per weight.
+  #                Deterministic: the random bits come from (seed, step).
+  c.train.precision = "fp32_master" if tiny else "bf16_sr"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = -1.0             # -1: the paper's value for the method (see PAPER_LR)
@@ -102,6 +119,16 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95                        # Adam beta2 (ESFT's)
   c.optim.eps = 1e-8                       # Adam epsilon
   c.optim.grad_clip = 1.0                  # global-norm clipping; 0 disables
+  c.optim.name = "adamw"                   # adamw (the paper's) | adafactor (flagged alternative:
+                                           # factored 2nd moment, no 1st; ~0 bytes of state)
+  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16. The optimizer
+  # computes in float32 whatever this is; bfloat16 halves the state (rounded to nearest).
+  c.optim.moments_dtype = "auto"
+  # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
+  # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
+  # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
+  # pinned_host memory (TPU, GPU; the error names this field otherwise).
+  c.optim.host_offload = False
   if tiny:
     c.optim.learning_rate = 3e-3 if c.method not in PAPER_LR else 1e-3
 

@@ -65,7 +65,8 @@ from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
 from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
-from desmoe_jax.trainer import method_config, optim_config  # noqa: E402
+from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: E402
+                                optim_config, step_config)
 
 GIB = 2**30
 HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
@@ -234,6 +235,7 @@ class PhasePlan:
                               # machine-independent part when other jobs share the cores
   flops: float = 0.0        # per device per step, extrapolated to every layer (see step_cost)
   bytes: float = 0.0        # per device per step, before fusion (an upper bound on HBM traffic)
+  host: int = 0             # XLA: input buffers in host memory (optim.host_offload), per device
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -255,6 +257,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   if batch % splits:
     raise ValueError(f"--batch={batch} sequences cannot be split over the {splits} "
                      f"data-parallel devices of mesh {dict(mesh.shape)}")
+  step_cfg = step_config(config)
+  check_microbatch_split(step_cfg, batch, batch_sh)
   abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
                for k in data_lib.BATCH_KEYS}
   abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -271,13 +275,14 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       continue
     t0, c0 = time.perf_counter(), time.process_time()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
-                             ts_.state_shardings, ts_.opt_shardings, batch_sh)
+                             ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
     try:
       with jax.set_mesh(mesh):
         mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
       sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                   host=mem.host_argument_size_in_bytes)
     except Exception as e:  # the TPU compiler refuses a program that does not fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -341,7 +346,8 @@ def check(p: PhasePlan) -> str:
     return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
   return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
           f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
-          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B")
+          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
+          f"host arguments {p.host} B")
 
 
 def main(argv):
