@@ -39,15 +39,66 @@ def _domain(name, folder=None, weight=1.0):
   return d
 
 
+# One preset per machine people rent: the paper's 32 x 4096-token batch (through
+# train.microbatches) with the memory levers that machine needs. docs/SCALING.md has the memory
+# plan of each (TPU compiler) and why each lever is set; `scripts/memory_plan.py
+# --config=configs/six_domains.py:<preset>` re-checks one before renting. Keys are config paths.
+_LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the temporaries)
+    "model.remat": "full",
+    "model.ce_chunk": 1024,                 # no [seq, 102400] float32 logits
+    "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
+}
+MACHINES = {
+    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
+    # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
+    "v5e8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 4, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
+    "v4_8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 8, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
+    "v5p8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
+    "8xh100": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
+    "h200": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 1, "train.microbatches": 16, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+}
+
+
+def _apply_machine(c, machine: str):
+  for key, value in MACHINES[machine].items():
+    section, field = key.split(".")
+    if field not in c[section]:
+      raise KeyError(f"preset {machine}: {key} is not a config field")
+    c[section][field] = value
+
+
 def get_config(presets: str = "") -> ml_collections.ConfigDict:
   tokens = [t for t in presets.split(",") if t]
-  unknown = [t for t in tokens if t not in METHODS + ("tiny",)]
+  unknown = [t for t in tokens if t not in METHODS + ("tiny",) + tuple(MACHINES)]
   if unknown:
-    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}")
+    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}, "
+                     f"machines {', '.join(MACHINES)}")
   tiny = "tiny" in tokens
   methods = [t for t in tokens if t in METHODS]
   if len(methods) > 1:
     raise ValueError(f"give at most one method preset, got {methods}")
+  machines = [t for t in tokens if t in MACHINES]
+  if len(machines) > 1 or (machines and tiny):
+    raise ValueError(f"give at most one machine preset, and not with tiny: got {tokens}")
 
   c = ml_collections.ConfigDict()
   c.method = methods[0] if methods else "desmoe"  # desmoe | fft | esft_* | desmoe_no_* ablations
@@ -180,4 +231,6 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
+  if machines:
+    _apply_machine(c, machines[0])
   return c

@@ -134,6 +134,35 @@ def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCon
                  donate_argnums=(0, 1))
 
 
+def _zeros_like_params(params):
+  """Zeros shaped and laid out like `params` (each split as its logical axes say). A bare
+  zeros_like has no layout of its own, and the partitioner, blocked by the host-offload
+  barrier, made them whole on every device: measured on the TPU compiler for V2-Lite's DES-MoE
+  warm-up (frozen routed experts), [26, 64, 2048, 1408] zeros of 8.9 GiB per chip."""
+  def zeros(var):
+    if not isinstance(var, nnx.Variable):
+      return jnp.zeros_like(var)
+    value = jnp.zeros(var.shape, var.dtype)
+    axes = var.get_metadata().get("logical_axes")
+    return var.replace(value if axes is None else sharding_lib.constrain(value, axes))
+
+  return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _to_device(opt_state, labels):
+  """The optimizer state of the parameter groups `labels` (optax.multi_transform's inner
+  states) moved to device memory; every other leaf left where it is."""
+  labels = set(labels)
+
+  def move(path, x):
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if "inner_states" in names and names[names.index("inner_states") + 1] not in labels:
+      return x
+    return jax.device_put(x, jax.memory.Space.Device)
+
+  return jax.tree_util.tree_map_with_path(move, opt_state)
+
+
 def _set(state, path: tuple, value):
   """A copy of `state` with the Variable at `path` holding `value`."""
   flat = dict(nnx.to_flat_state(state))
@@ -239,17 +268,21 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
 
       parts = {k: microbatched(v, n_micro) for k, v in whole.items()}
       zero_sums = jax.eval_shape(loss_fn, diff, jax.tree.map(lambda x: x[0], parts))[1]
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (diff, zero_sums))
+      zeros = (_zeros_like_params(diff),
+               jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, parts)
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
-    full_grads = nnx.merge_state(jax.tree.map(jnp.zeros_like, frozen), grads)
     if optim_cfg.host_offload:
       # The state lives in host memory between steps (optimizer_shardings); the update runs on
       # the device, and jit_train_step's out_shardings write the new state back to the host.
       # The barrier ties the copy to the finished gradients, so the scheduler cannot fetch the
       # state early and hold it in device memory through the forward and backward passes.
-      opt_state, full_grads = jax.lax.optimization_barrier((opt_state, full_grads))
-      opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
+      # Only the groups trained in this phase come to the device: a phase-frozen group's
+      # state is carried unchanged (optim.hold) and stays on the host.
+      opt_state, grads = jax.lax.optimization_barrier((opt_state, grads))
+      opt_state = _to_device(opt_state, cfg.trainable(phase))
+    # After the barrier: the zeros of the phase-frozen groups need never exist as buffers.
+    full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
 
     moe_state = state["moe_layers"]["mlp"]
     mask = moe_state["expert_mask"][...]                                   # [L, D, E]

@@ -69,6 +69,7 @@ from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: 
                                 optim_config, step_config)
 
 GIB = 2**30
+CPU_DEVICES = 8  # simulated devices for a config mesh with a -1 axis on --target=cpu
 HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,8 +80,9 @@ _ARCH = flags.DEFINE_string(
     "config.model.path/config.json")
 _METHODS = flags.DEFINE_list("methods", ["desmoe", "fft"], "methods to plan (config.method)")
 _MESHES = flags.DEFINE_string(
-    "meshes", "fsdp=8", "';'-separated meshes, each ','-separated axis=size over data, fsdp, "
-    "expert, tensor (e.g. 'fsdp=8;fsdp=4,expert=2')")
+    "meshes", "", "';'-separated meshes, each ','-separated axis=size over data, fsdp, "
+    "expert, tensor (e.g. 'fsdp=8;fsdp=4,expert=2'); default: the config's mesh (its -1 axis "
+    "takes the target's devices; 8 simulated devices for cpu)")
 _BATCH = flags.DEFINE_list("batch", [], "global batch sizes in sequences (default "
                            "config.data.batch_size)")
 _SEQ = flags.DEFINE_integer("seq", 0, "sequence length (default config.data.seq_len)")
@@ -112,6 +114,26 @@ def parse_mesh(text: str) -> dict[str, int]:
   return shape
 
 
+def config_mesh(config, target: str) -> dict[str, int]:
+  """config.mesh as a mesh shape, its -1 axis resolved to the target's devices (8 on cpu)."""
+  shape = {a: int(config.mesh[a]) for a in sharding_lib.MESH_AXES}
+  if list(shape.values()).count(-1) > 1:
+    raise ValueError(f"config.mesh {shape}: at most one axis may be -1")
+  if -1 in shape.values():
+    total = CPU_DEVICES if target == "cpu" else len(_topology(target))
+    known = math.prod(v for v in shape.values() if v != -1)
+    shape = {a: (total // known if v == -1 else v) for a, v in shape.items()}
+  return {a: v for a, v in shape.items() if v != 1} or {"fsdp": 1}
+
+
+def _topology(target: str):
+  from jax.experimental import topologies
+  megacore = target.split(":")[0] in ("v4", "v5p")  # one JAX device per chip, as JAX runs them
+  return topologies.get_topology_desc(
+      platform="tpu", topology_name=target,
+      chip_config_name="megacore" if megacore else "default").devices
+
+
 def target_devices(target: str, count: int):
   """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only)."""
   if target == "cpu":
@@ -120,11 +142,7 @@ def target_devices(target: str, count: int):
                        "script directly (it sets the device count) or set "
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
     return jax.devices()[:count]
-  from jax.experimental import topologies
-  megacore = target.split(":")[0] in ("v4", "v5p")  # one JAX device per chip, as JAX runs them
-  devices = topologies.get_topology_desc(
-      platform="tpu", topology_name=target,
-      chip_config_name="megacore" if megacore else "default").devices
+  devices = _topology(target)
   if len(devices) != count:
     raise ValueError(f"--target={target} has {len(devices)} devices; every mesh must use all "
                      f"of them, this one uses {count}")
@@ -354,7 +372,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  meshes = [parse_mesh(m) for m in _MESHES.value.split(";") if m.strip()]
+  meshes = ([parse_mesh(m) for m in _MESHES.value.split(";") if m.strip()]
+            or [config_mesh(config, _TARGET.value)])
   batches = [int(b) for b in _BATCH.value] or [config.data.batch_size]
   seq = _SEQ.value or config.data.seq_len
   target = _TARGET.value
@@ -392,7 +411,7 @@ def _setup_devices(argv):
       (a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), default)
   jax.config.update("jax_platforms", "cpu")
   if value("target", _TARGET.default) == "cpu":
-    meshes = value("meshes", _MESHES.default)
+    meshes = value("meshes", _MESHES.default) or f"fsdp={CPU_DEVICES}"
     n = max(math.prod(parse_mesh(m).values()) for m in meshes.split(";") if m.strip())
     jax.config.update("jax_num_cpu_devices", n)
 
