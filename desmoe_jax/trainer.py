@@ -73,6 +73,39 @@ def optim_config(config) -> OptimConfig:
   return OptimConfig(**kw)
 
 
+def step_config(config) -> ts.StepConfig:
+  """train.microbatches / train.precision, checked against model.param_dtype."""
+  step_cfg = ts.StepConfig(microbatches=config.train.microbatches,
+                           precision=config.train.precision, seed=config.seed)
+  want = {"fp32_master": "float32", "bf16_sr": "bfloat16"}[step_cfg.precision]
+  if config.model.param_dtype != want:
+    raise ValueError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
+                     f"model.param_dtype={config.model.param_dtype!r}: set "
+                     f"--config.model.param_dtype={want}, or pick the other train.precision "
+                     f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
+  if config.data.batch_size % step_cfg.microbatches:
+    raise ValueError(f"train.microbatches={step_cfg.microbatches} does not divide "
+                     f"data.batch_size={config.data.batch_size}")
+  return step_cfg
+
+
+def check_microbatch_split(step_cfg: ts.StepConfig, batch_size: int, batch_sharding):
+  """Each microbatch must split evenly over the data-parallel devices, or every device would
+  compute the whole microbatch."""
+  spec = batch_sharding.spec[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  devices = math.prod(batch_sharding.mesh.shape[a] for a in axes)
+  if batch_size % step_cfg.microbatches:
+    raise ValueError(f"train.microbatches={step_cfg.microbatches} does not divide the batch of "
+                     f"{batch_size} sequences")
+  rows = batch_size // step_cfg.microbatches
+  if rows % devices:
+    raise ValueError(f"data.batch_size={batch_size} / train.microbatches="
+                     f"{step_cfg.microbatches} = {rows} rows per microbatch, not a multiple of "
+                     f"the {devices} data-parallel devices: lower train.microbatches or raise "
+                     "data.batch_size")
+
+
 def check_config(config):
   """Fails before anything heavy happens, naming the field to set."""
   if not config.model.path:
@@ -95,6 +128,7 @@ def check_config(config):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config.export.{field}={value!r}: expected a positive number of "
                          "held-out tokens")
+  step_config(config)
 
 
 def domain_specs(config, split: str = "train") -> list:
@@ -260,13 +294,13 @@ def _train(config, workdir: str, mesh) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mc, oc = method_config(config), optim_config(config)
+  mc, oc, sc = method_config(config), optim_config(config), step_config(config)
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
       remat=config.model.remat, scan_layers=config.model.scan_layers,
-      expert_parallel=config.model.expert_parallel)
+      expert_parallel=config.model.expert_parallel, ce_chunk=config.model.ce_chunk)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
@@ -279,6 +313,7 @@ def _train(config, workdir: str, mesh) -> dict:
   names = [d.name for d in config.data.domains]
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
+  check_microbatch_split(sc, config.data.batch_size, batch_sharding)
   place = functools.partial(distributed.global_array, sharding=batch_sharding)
 
   prepare_model(model, mc, seed=config.seed)
@@ -348,7 +383,7 @@ def _train(config, workdir: str, mesh) -> dict:
         last_phase = phase
       if phase not in compiled:
         compiled[phase] = ts.jit_train_step(graphdef, mc, oc, phase, state_shardings,
-                                            opt_shardings, batch_sharding)
+                                            opt_shardings, batch_sharding, sc)
       # Every process builds the whole global batch (the single-process sequence) and
       # places only its own devices' rows.
       batch = distributed.global_batch(next(train_iter), batch_sharding)
