@@ -86,6 +86,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True          # save in the background
   c.train.heatmap_layers = 4               # MoE layers drawn in the correlation heatmaps
   c.train.nan_check = True                 # stop on a non-finite loss (keeps last good checkpoint)
+  c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = -1.0             # -1: the paper's value for the method (see PAPER_LR)

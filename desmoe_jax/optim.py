@@ -36,6 +36,10 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip: float = 1.0        # global-norm clip over trainable gradients; 0 disables
+  # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
+  # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
+  # and the trainer's finiteness checks stop the run).
+  skip_nonfinite_updates: int = 0
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
