@@ -19,6 +19,7 @@ one reduction the trainer runs before each save, so that a non-finite state is n
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any
@@ -143,8 +144,7 @@ class Checkpointer:
     self._last_committed = step
 
   def _failed(self, step: int, cause) -> SaveFailed:
-    cause = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
-    cause = " ".join(str(cause).split())[:500]
+    cause = _reason(cause) if isinstance(cause, BaseException) else cause
     return SaveFailed(f"saving checkpoint {self.path(step)} failed ({cause}); "
                       f"{self.describe_last_good()}. Free space or fix the directory's "
                       "permissions, then rerun the same command to resume from it.")
@@ -198,6 +198,24 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def _reason(error: BaseException) -> str:
+  """The cause of a failed write, short: the innermost OSError of the chain, else the OS
+  error's text inside the message (tensorstore reports a full disk as a ValueError whose
+  message ends in it, after several long paths), else the message's start."""
+  seen, e = [], error
+  while e is not None and e not in seen:
+    seen.append(e)
+    if isinstance(e, OSError) and e.strerror:
+      return f"OSError: [Errno {e.errno}] {e.strerror}"
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(error).split())
+  for code in sorted(errno.errorcode):
+    reason = os.strerror(code)
+    if reason and reason in text:
+      return f"{type(error).__name__}: {reason} ({text[:200]}{'...' if len(text) > 200 else ''})"
+  return f"{type(error).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
 
 
 def all_finite(tree) -> jax.Array:
