@@ -297,6 +297,15 @@ def _open_run(config, workdir: str, allow_config_change: bool):
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.train.async_checkpoint)
+  try:
+    tokenizer, fingerprint, meta = _check_resume(config, checkpoints, allow_config_change)
+  except BaseException:
+    checkpoints.close()
+    raise
+  return checkpoints, tokenizer, fingerprint, meta
+
+
+def _check_resume(config, checkpoints, allow_config_change: bool):
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   fingerprint = resume_lib.tokenizer_fingerprint(tokenizer)
@@ -324,7 +333,7 @@ def _open_run(config, workdir: str, allow_config_change: bool):
                         f"{where} was trained with (fingerprint {fingerprint[:19]} vs "
                         f"{stored[:19]}: vocabulary, merges, special tokens or chat template "
                         "differ)")
-  return checkpoints, tokenizer, fingerprint, meta
+  return tokenizer, fingerprint, meta
 
 
 def _train(config, workdir: str, mesh, guard: PreemptionGuard, allow_config_change: bool) -> dict:
