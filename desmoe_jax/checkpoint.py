@@ -22,6 +22,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
@@ -137,6 +140,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
+      _join_orbax_threads()
       raise self._failed(step, e) from e
     # orbax's finalize thread logs some failures instead of raising them: the step must exist.
     if step not in self._manager.all_steps():
@@ -200,6 +204,23 @@ class Checkpointer:
       self._manager.close()
 
 
+def _join_orbax_threads(timeout: float = 120.0):
+  """After a failed save, orbax's other worker threads of that save are still running; left
+  alone they fail again at interpreter shutdown ("cannot schedule new futures", "Event loop is
+  closed" tracebacks). Wait for them so that the run ends on the one-line error."""
+  try:
+    from orbax.checkpoint._src.futures.future import _SignalingThread
+  except ImportError:   # another orbax layout: nothing to wait for by name
+    return
+  deadline = time.monotonic() + timeout
+  for thread in threading.enumerate():
+    if isinstance(thread, _SignalingThread) and thread is not threading.current_thread():
+      try:
+        thread.join(max(0.0, deadline - time.monotonic()))
+      except Exception:  # noqa: BLE001 (orbax re-raises the thread's error: already reported)
+        pass
+
+
 def _reason(error: BaseException) -> str:
   """The cause of a failed write, short: the innermost OSError of the chain, else the OS
   error's text inside the message (tensorstore reports a full disk as a ValueError whose
@@ -248,11 +269,34 @@ class _NoOrbaxTracebacks(logging.Filter):
     return True
 
 
+def _closed_loop_callback(unraisable) -> bool:
+  """tensorstore completing a write of a failed save after orbax closed that save's event loop:
+  'Event loop is closed' from asyncio's call_soon_threadsafe, reported as an unraisable
+  exception, dozens of times per failed save (one per pending chunk). Nothing is lost."""
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+          and tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename)
+
+
 def quiet_orbax_tracebacks():
-  """Installs the filter above on the absl logger orbax logs to (idempotent)."""
+  """For entry points (train.py, eval.py): orbax's background-failure records lose their
+  tracebacks (filter above), and the closed-event-loop leftovers of a failed save are dropped;
+  every other unraisable exception still goes to the previous hook. Idempotent."""
   logger = logging.getLogger("absl")
   if not any(isinstance(f, _NoOrbaxTracebacks) for f in logger.filters):
     logger.addFilter(_NoOrbaxTracebacks())
+  previous = sys.unraisablehook
+  if getattr(previous, "_desmoe_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not _closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook._desmoe_quiet = True
+  sys.unraisablehook = hook
 
 
 def abstract_like(tree, shardings=None):

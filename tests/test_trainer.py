@@ -214,10 +214,12 @@ def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
 
 def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_path):
   """A real SIGTERM to train.py mid-run: it saves the current step, exits 75, and the rerun
-  resumes there to the reference run's losses, bit for bit, each step logged once. A third
-  run with a changed config is then refused before any model load."""
+  resumes there to the reference run's losses, bit for bit, each step logged once. No periodic
+  checkpoint is due (checkpoint_every=100, a free-to-change field): the preemption's own save is
+  the only one to resume from. A third run with a changed config is then refused before any
+  model load."""
   work = tmp_path / "work"
-  proc = _train_py(work, wait=False)
+  proc = _train_py(work, wait=False, checkpoint_every=100)
   metrics = work / "metrics.jsonl"
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -229,13 +231,13 @@ def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_p
   _, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 75, stderr[-3000:]
   step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", stderr).group(1))
-  assert 2 < step < 8, stderr[-3000:]
-  assert str(step) in os.listdir(work / "checkpoints")
+  assert 2 <= step < 8, stderr[-3000:]
+  assert os.listdir(work / "checkpoints") == [str(step)]
   assert stderr.rstrip().splitlines()[-1] == (
       f"preempted at step {step} by SIGTERM; {work}/checkpoints/{step} is committed: rerun the "
       "same command to resume")
 
-  resumed = _train_py(work)
+  resumed = _train_py(work, checkpoint_every=100)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from step {step}" in resumed.stderr
   ref, got = _losses(reference_run), _losses(work)
