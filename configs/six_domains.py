@@ -161,6 +161,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   #                moves the weights by the right amount in expectation; 2 bytes per weight.
   #                Deterministic: the random bits come from (seed, step).
   c.train.precision = "fp32_master" if tiny else "bf16_sr"
+  c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = -1.0             # -1: the paper's value for the method (see PAPER_LR)
