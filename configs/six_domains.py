@@ -58,7 +58,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.path = os.path.join(REPO, "assets", "tiny_deepseek_v2") if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # weights and optimizer moments
-  c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
+  c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
