@@ -111,7 +111,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
   # train.precision: float32 for fp32_master, bfloat16 for bf16_sr.
   c.model.param_dtype = "float32" if tiny else "bfloat16"
-  c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
+  c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
