@@ -115,8 +115,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0                  # global-norm clipping; 0 disables
   c.optim.name = "adamw"                   # adamw (the paper's) | adafactor (flagged alternative:
                                            # factored 2nd moment, no 1st; ~0 bytes of state)
-  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16. The optimizer
-  # computes in float32 whatever this is; bfloat16 halves the state (rounded to nearest).
+  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16 | int8. The
+  # optimizer computes in float32 whatever this is; bfloat16 halves float32's 8 bytes per weight
+  # (rounded to nearest), int8 quarters them (blockwise-quantised codes, ~2 bytes per weight;
+  # less accurate: tests/test_train_step.py measures it, docs/SCALING.md). int8: adamw only.
   c.optim.moments_dtype = "auto"
   # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
   # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
