@@ -58,7 +58,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.path = os.path.join(REPO, "assets", "tiny_deepseek_v2") if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
-  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr.
+  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
   c.model.param_dtype = "float32" if tiny else "bfloat16"
   c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
@@ -102,6 +102,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   #                update or a weight decay far below bfloat16's resolution (3e-5 x w) still
   #                moves the weights by the right amount in expectation; 2 bytes per weight.
   #                Deterministic: the random bits come from (seed, step).
+  #   bf16_master  bfloat16 weights (model.param_dtype=bfloat16) + a float32 master copy of the
+  #                trained groups in the optimizer state: exact updates; 2 bytes per weight on
+  #                the device + 4 in the optimizer state (on the host with optim.host_offload).
   c.train.precision = "fp32_master" if tiny else "bf16_sr"
 
   c.optim = ml_collections.ConfigDict()

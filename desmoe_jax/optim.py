@@ -43,6 +43,7 @@ class OptimConfig:
   name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
   moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16" | "int8"
   host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
+  master_weights: bool = False  # a float32 master copy in the state (train.precision=bf16_master)
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
@@ -307,6 +308,29 @@ def round_bf16_with_noise(x_f32, noise_u16):
   return jnp.where(jnp.isfinite(x_f32), rounded, x_f32).astype(jnp.bfloat16)
 
 
+class MasterState(NamedTuple):
+  """float32 master copy of the (bfloat16) weights, in the optimizer state: checkpointed with
+  it and offloaded with it (`optim.host_offload`)."""
+  master: optax.Params
+
+
+def master_weights() -> optax.GradientTransformation:
+  """The last transform under `train.precision=bf16_master`: the update is added to a float32
+  master copy, and the update handed on is (new master - weight), so that `apply_updates`
+  (nearest rounding) leaves each weight at its master rounded to bfloat16. The master keeps
+  what bfloat16 cannot hold, so no update is lost, deterministically."""
+
+  def init(params):
+    return MasterState(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+  def update(updates, state, params=None):
+    master = jax.tree.map(lambda m, u: m + u.astype(jnp.float32), state.master, updates)
+    out = jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params)
+    return out, MasterState(master)
+
+  return optax.GradientTransformation(init, update)
+
+
 def apply_updates(params, updates, key=None):
   """params + updates, added in float32. A bfloat16 parameter gets the sum rounded
   stochastically when `key` is given (`train.precision=bf16_sr`; each leaf its own bits from
@@ -349,6 +373,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
   if cfg.grad_clip:
     chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
+  if cfg.master_weights:  # only for groups trained in some phase: the others never move
+    chain.append(optax.masked(master_weights(), lambda params: jax.tree.map(
+        lambda label: label in trainable_ever, param_labels(params))))
   return optax.chain(*chain)
 
 
