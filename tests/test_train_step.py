@@ -205,22 +205,31 @@ def test_rmsnorm_keeps_the_compute_dtype_with_float32_weights():
   assert RMSNorm(8, 1e-6, param_dtype=jnp.float32)(x).dtype == jnp.bfloat16
 
 
-def test_bf16_sr_train_step_matches_the_float32_step_in_expectation():
+@pytest.fixture(scope="module")
+def float32_step():
+  """One FFT step (lr 1e-5, float32 moments, step 5) of the tiny model whose weights are
+  bfloat16 values held in float32: the exact reference of the bfloat16-weight precisions.
+  Returns (method config, graphdef and state of the bfloat16 model, (new state, metrics))."""
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  g, state = nnx.split(prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc))
+  as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
+  g32, state32 = nnx.split(nnx.merge(g, as_f32))
+  oc = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32")
+  exact = jax.jit(ts.make_train_step(g32, mc, oc, UNSCHEDULED))
+  new32, _, m32 = exact(state32, ts.init_optimizer(mc, oc, state32), _batch(), jnp.asarray(5))
+  return mc, g, state, (new32, m32)
+
+
+def test_bf16_sr_train_step_matches_the_float32_step_in_expectation(float32_step):
   """The tiny model with bfloat16 weights and float32 compute, one FFT step: bf16_sr keeps the
   dtypes, repeats itself exactly, and its parameter change agrees with the float32-weight
   step's (the same gradients: the weights are bfloat16 values in both) in sum."""
-  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
-  model = prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc)
-  g, state = nnx.split(model)
-  as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
+  mc, g, state, (new32, m32) = float32_step
   oc = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32")
   sr = jax.jit(ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="bf16_sr")))
   opt = ts.init_optimizer(mc, oc, state)
   new, _, m = sr(state, opt, _batch(), jnp.asarray(5))
   again, _, _ = sr(state, ts.init_optimizer(mc, oc, state), _batch(), jnp.asarray(5))
-  g32, state32 = nnx.split(nnx.merge(g, as_f32))
-  exact = jax.jit(ts.make_train_step(g32, mc, oc, UNSCHEDULED))
-  new32, _, m32 = exact(state32, ts.init_optimizer(mc, oc, state32), _batch(), jnp.asarray(5))
   np.testing.assert_allclose(m["loss"], m32["loss"], rtol=1e-6)
   realised = intended = 0.0
   for (path, v0), (_, v1), (_, v2), (_, v32) in zip(
@@ -506,21 +515,15 @@ def test_bf16_master_weight_decay_moves_the_master_exactly():
   assert optim.state_bytes(state) == 4 * w.size + 2 * 2 * w.size + 4   # master + bf16 moments
 
 
-def test_bf16_master_train_step_carries_the_float32_step():
+def test_bf16_master_train_step_carries_the_float32_step(float32_step):
   """One FFT step of the tiny model with bfloat16 weights (float32 compute): the master after
   the step is the float32-weight step's weights (to 1e-6), and the weights are it rounded to
   nearest; the master exists for trained groups only (esft_token: routed experts)."""
-  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
-  g, state = nnx.split(prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc))
+  mc, g, state, (new32, _) = float32_step
   oc = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32",
                          master_weights=True)
   step = jax.jit(ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="bf16_master")))
   new, new_opt, _ = step(state, ts.init_optimizer(mc, oc, state), _batch(), jnp.asarray(5))
-  as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
-  g32, state32 = nnx.split(nnx.merge(g, as_f32))
-  oc32 = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32")
-  exact = jax.jit(ts.make_train_step(g32, mc, oc32, UNSCHEDULED))
-  new32, _, _ = exact(state32, ts.init_optimizer(mc, oc32, state32), _batch(), jnp.asarray(5))
   masters = _master_leaves(new_opt)
   flat32 = dict(nnx.to_flat_state(new32))
   checked = 0
