@@ -39,15 +39,66 @@ def _domain(name, folder=None, weight=1.0):
   return d
 
 
+# One preset per machine people rent: the paper's 32 x 4096-token batch (through
+# train.microbatches) with the memory levers that machine needs. docs/SCALING.md has the memory
+# plan of each (TPU compiler) and why each lever is set; `scripts/memory_plan.py
+# --config=configs/six_domains.py:<preset>` re-checks one before renting. Keys are config paths.
+_LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the temporaries)
+    "model.remat": "full",
+    "model.ce_chunk": 1024,                 # no [seq, 102400] float32 logits
+    "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
+}
+MACHINES = {
+    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
+    # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
+    "v5e8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 4, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
+    "v4_8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 8, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
+    "v5p8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
+    "8xh100": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
+    "h200": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 1, "train.microbatches": 16, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+}
+
+
+def _apply_machine(c, machine: str):
+  for key, value in MACHINES[machine].items():
+    section, field = key.split(".")
+    if field not in c[section]:
+      raise KeyError(f"preset {machine}: {key} is not a config field")
+    c[section][field] = value
+
+
 def get_config(presets: str = "") -> ml_collections.ConfigDict:
   tokens = [t for t in presets.split(",") if t]
-  unknown = [t for t in tokens if t not in METHODS + ("tiny",)]
+  unknown = [t for t in tokens if t not in METHODS + ("tiny",) + tuple(MACHINES)]
   if unknown:
-    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}")
+    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}, "
+                     f"machines {', '.join(MACHINES)}")
   tiny = "tiny" in tokens
   methods = [t for t in tokens if t in METHODS]
   if len(methods) > 1:
     raise ValueError(f"give at most one method preset, got {methods}")
+  machines = [t for t in tokens if t in MACHINES]
+  if len(machines) > 1 or (machines and tiny):
+    raise ValueError(f"give at most one machine preset, and not with tiny: got {tokens}")
 
   c = ml_collections.ConfigDict()
   c.method = methods[0] if methods else "desmoe"  # desmoe | fft | esft_* | desmoe_no_* ablations
@@ -66,7 +117,13 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
-  c.model.remat = "none" if tiny else "full"  # none | full | dots: rematerialise each MoE layer
+  # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
+  # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
+  c.model.remat = "none" if tiny else "full"
+  # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
+  # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
+  # vocabulary); 0: the plain loss over the whole logits
+  c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
   c.data = ml_collections.ConfigDict()
@@ -78,6 +135,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.data.general_mc = os.path.join(REPO, "data", "general", "mc.jsonl")  # forgetting: MC score
   c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
   c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
+  c.data.max_bad_fraction = 0.1  # a domain with more bad rows than this (of those read) is an error
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 120 if tiny else 500     # total optimizer steps T (phases are fractions of T)
@@ -106,6 +164,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   #                trained groups in the optimizer state: exact updates; 2 bytes per weight on
   #                the device + 4 in the optimizer state (on the host with optim.host_offload).
   c.train.precision = "fp32_master" if tiny else "bf16_sr"
+  c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = -1.0             # -1: the paper's value for the method (see PAPER_LR)
@@ -176,7 +235,20 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
   c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
+  # pass@1 runs model-written code: off unless asked for (then reported as not run, never as 0).
+  # When on, each program runs isolated (desmoe_jax/sandbox.py: own pid/mount/network
+  # namespaces, read-only filesystem, non-root uid); a machine that cannot isolate refuses...
+  c.eval.allow_code_execution = False
+  c.eval.allow_unisolated_code_execution = False  # ...unless this is set too (limits only)
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
+  # The ALR is folded into a linear router by least squares on the model's mesh, from the
+  # first fold_tokens real tokens of the held-out sets (default: one paper batch, 64 tokens
+  # per unknown of a V2-Lite router column); the folded routing is checked against the
+  # adapted one on at most check_tokens further tokens (desmoe_export.json reports both).
+  c.export.fold_tokens = 131072
+  c.export.check_tokens = 65536
+  if machines:
+    _apply_machine(c, machines[0])
   return c

@@ -44,6 +44,10 @@ class OptimConfig:
   moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16" | "int8"
   host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
   master_weights: bool = False  # a float32 master copy in the state (train.precision=bf16_master)
+  # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
+  # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
+  # and the trainer's finiteness checks stop the run).
+  skip_nonfinite_updates: int = 0
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
@@ -314,18 +318,27 @@ class MasterState(NamedTuple):
   master: optax.Params
 
 
-def master_weights() -> optax.GradientTransformation:
+def master_weights(trainable_now: Iterable[str]) -> optax.GradientTransformation:
   """The last transform under `train.precision=bf16_master`: the update is added to a float32
   master copy, and the update handed on is (new master - weight), so that `apply_updates`
   (nearest rounding) leaves each weight at its master rounded to bfloat16. The master keeps
-  what bfloat16 cannot hold, so no update is lost, deterministically."""
+  what bfloat16 cannot hold, so no update is lost, deterministically.
+
+  Groups not trained in this phase are not touched at all (their master passes through, their
+  update is 0): with `optim.host_offload` their masters never leave the host
+  (`train_step._to_device` moves the trained groups' only)."""
+  trainable_now = frozenset(trainable_now)
 
   def init(params):
     return MasterState(jax.tree.map(lambda p: p.astype(jnp.float32), params))
 
   def update(updates, state, params=None):
-    master = jax.tree.map(lambda m, u: m + u.astype(jnp.float32), state.master, updates)
-    out = jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params)
+    labels = param_labels(params)
+    master = jax.tree.map(lambda m, u, label: m + u.astype(jnp.float32)
+                          if label in trainable_now else m, state.master, updates, labels)
+    out = jax.tree.map(lambda m, p, u, label: m - p.astype(jnp.float32)
+                       if label in trainable_now else jnp.zeros(u.shape, jnp.float32),
+                       master, params, updates, labels)
     return out, MasterState(master)
 
   return optax.GradientTransformation(init, update)
@@ -374,7 +387,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
     chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
   if cfg.master_weights:  # only for groups trained in some phase: the others never move
-    chain.append(optax.masked(master_weights(), lambda params: jax.tree.map(
+    chain.append(optax.masked(master_weights(trainable_now), lambda params: jax.tree.map(
         lambda label: label in trainable_ever, param_labels(params))))
   return optax.chain(*chain)
 

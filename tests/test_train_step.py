@@ -543,3 +543,26 @@ def test_bf16_master_train_step_carries_the_float32_step(float32_step):
   esft = MethodConfig(method="esft_token", num_domains=D, total_steps=20)
   opt = jax.eval_shape(lambda s: ts.init_optimizer(esft, oc, s), state)
   assert {optim.label_of(p) for p in _master_leaves(opt)} == {"routed_experts"}
+
+
+def test_bf16_master_leaves_phase_frozen_groups_untouched():
+  """A group frozen in this phase (held by optim.hold) keeps its master as it was and gets an
+  update of exactly 0; the trained group's master takes the update."""
+  rng = np.random.RandomState(7)
+  params = {"embed_tokens": {"embedding": jnp.asarray(rng.randn(64, 32) * 0.02, jnp.bfloat16)},
+            "moe_layers": {"mlp": {"experts": {"up_proj": jnp.asarray(
+                rng.randn(2, 4, 32, 16) * 0.02, jnp.bfloat16)}}}}
+  oc = optim.OptimConfig(learning_rate=1e-3, schedule="constant", master_weights=True)
+  ever = {"backbone", "routed_experts"}
+  tx = optim.build_optimizer(oc, 10, {"routed_experts"}, ever)     # backbone frozen now
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape), p.dtype), params)
+  updates, new_state = tx.update(grads, state, params, step=0)
+  before, after = _master_leaves(state), _master_leaves(new_state)
+  assert set(before) == {("embed_tokens", "embedding"), ("moe_layers", "mlp", "experts", "up_proj")}
+  np.testing.assert_array_equal(after[("embed_tokens", "embedding")],
+                                before[("embed_tokens", "embedding")])
+  assert np.all(np.asarray(updates["embed_tokens"]["embedding"]) == 0)
+  moved = after[("moe_layers", "mlp", "experts", "up_proj")] != before[
+      ("moe_layers", "mlp", "experts", "up_proj")]
+  assert moved.mean() > 0.99
