@@ -109,7 +109,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.path = os.path.join(REPO, "assets", "tiny_deepseek_v2") if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
-  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr.
+  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
   c.model.param_dtype = "float32" if tiny else "bfloat16"
   c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
@@ -160,6 +160,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   #                update or a weight decay far below bfloat16's resolution (3e-5 x w) still
   #                moves the weights by the right amount in expectation; 2 bytes per weight.
   #                Deterministic: the random bits come from (seed, step).
+  #   bf16_master  bfloat16 weights (model.param_dtype=bfloat16) + a float32 master copy of the
+  #                trained groups in the optimizer state: exact updates; 2 bytes per weight on
+  #                the device + 4 in the optimizer state (on the host with optim.host_offload).
   c.train.precision = "fp32_master" if tiny else "bf16_sr"
   c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
 
@@ -174,8 +177,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0                  # global-norm clipping; 0 disables
   c.optim.name = "adamw"                   # adamw (the paper's) | adafactor (flagged alternative:
                                            # factored 2nd moment, no 1st; ~0 bytes of state)
-  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16. The optimizer
-  # computes in float32 whatever this is; bfloat16 halves the state (rounded to nearest).
+  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16 | int8. The
+  # optimizer computes in float32 whatever this is; bfloat16 halves float32's 8 bytes per weight
+  # (rounded to nearest), int8 quarters them (blockwise-quantised codes, ~2 bytes per weight;
+  # less accurate: tests/test_train_step.py measures it, docs/SCALING.md). int8: adamw only.
   c.optim.moments_dtype = "auto"
   # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
   # kind pinned_host) between steps; it is copied to the device for the update and back. Frees

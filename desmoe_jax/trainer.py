@@ -82,6 +82,7 @@ def optim_config(config) -> OptimConfig:
   kw = config.optim.to_dict()
   if kw["learning_rate"] < 0:
     kw["learning_rate"] = PAPER_LR.get(config.method, 1e-4)
+  kw["master_weights"] = config.train.precision == "bf16_master"  # a float32 copy in the state
   kw["skip_nonfinite_updates"] = int(config.train.get("skip_nonfinite_updates", 0))
   return OptimConfig(**kw)
 
@@ -90,7 +91,8 @@ def step_config(config) -> ts.StepConfig:
   """train.microbatches / train.precision, checked against model.param_dtype."""
   step_cfg = ts.StepConfig(microbatches=config.train.microbatches,
                            precision=config.train.precision, seed=config.seed)
-  want = {"fp32_master": "float32", "bf16_sr": "bfloat16"}[step_cfg.precision]
+  want = {"fp32_master": "float32", "bf16_sr": "bfloat16",
+          "bf16_master": "bfloat16"}[step_cfg.precision]
   if config.model.param_dtype != want:
     raise ConfigError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
                      f"model.param_dtype={config.model.param_dtype!r}: set "
