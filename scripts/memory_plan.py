@@ -95,6 +95,10 @@ _PHASES = flags.DEFINE_list(
 _LAYERS = flags.DEFINE_integer(
     "layers", 0, "override the architecture's num_hidden_layers (0: keep it). A quick look at "
     "a deep model: state and compile time grow with the MoE layers, temp barely does")
+_COST = flags.DEFINE_bool(
+    "cost", False, "also estimate each phase's step time from XLA's cost analysis (FLOPs and "
+    "bytes of the step, lowered with the layers unrolled; see step_cost) against the chip's "
+    "published peaks")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -315,6 +319,38 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   return out
 
 
+# Published peaks per chip (dense bf16 FLOP/s, HBM bytes/s): Google Cloud TPU system
+# architecture pages (v4, v5e, v5p, v6e), NVIDIA H100 SXM / H200 data sheets.
+PEAKS = {"v4": (275e12, 1.228e12), "v5e": (197e12, 0.819e12), "v5p": (459e12, 2.765e12),
+         "v6e": (918e12, 1.64e12), "h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
+
+
+def step_cost(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phase: int):
+  """(FLOPs, bytes) per device of one optimizer step of `phase`, from XLA's cost analysis.
+
+  XLA's cost analysis counts a loop body once, whatever its trip count, so the step is lowered
+  with the MoE layers unrolled (scan_layers=False) and for one microbatch (batch / microbatches
+  sequences, train.microbatches=1), and the microbatch's costs are multiplied back (the
+  optimizer update, counted once per microbatch this way, is a rounding error next to the
+  model). The module analysed is the one before XLA's fusion: its bytes count every
+  intermediate as written and read back, an upper bound on HBM traffic; FLOPs are exact
+  (remat's recomputation included). Lowering only: no compilation."""
+  micro = int(config.train.microbatches)
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.train.microbatches = 1
+  ts_ = abstract_train_state(cfg, model_cfg.replace(scan_layers=False), mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh, 2)
+  abs_batch = {k: jax.ShapeDtypeStruct((batch // micro, seq), jnp.int32, sharding=batch_sh)
+               for k in data_lib.BATCH_KEYS}
+  abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
+                           ts_.state_shardings, ts_.opt_shardings, batch_sh, step_config(cfg))
+  with jax.set_mesh(mesh):
+    cost = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).cost_analysis()
+  return (micro * cost["flops"] / mesh.size, micro * cost["bytes accessed"] / mesh.size)
+
+
 def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
@@ -368,6 +404,17 @@ def check(p: PhasePlan) -> str:
           f"host arguments {p.host} B")
 
 
+def cost_line(p: PhasePlan, target: str) -> str:
+  chip = target.split(":")[0]
+  line = (f"cost per device and step: {p.flops / 1e12:.1f} TFLOP, {p.bytes / 1e9:.0f} GB "
+          f"accessed before fusion")
+  if chip in PEAKS:
+    flops_s, bytes_s = PEAKS[chip]
+    line += (f"; at {chip}'s peaks: compute {p.flops / flops_s:.2f} s, memory (upper bound) "
+             f"{p.bytes / bytes_s:.2f} s per step")
+  return line
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -401,6 +448,10 @@ def main(argv):
           plans.append(p)
           print(" | ".join(row(p, hbm)), flush=True)
           print("   ", check(p), flush=True)
+          if _COST.value:
+            phase = PHASE_NAMES.index(p.phase) if p.phase in PHASE_NAMES else -1
+            p.flops, p.bytes = step_cost(config, model_cfg, mesh, batch, seq, phase)
+            print("   ", cost_line(p, target), flush=True)
   print()
   print(markdown(plans, hbm))
 
