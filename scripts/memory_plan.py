@@ -95,10 +95,12 @@ _PHASES = flags.DEFINE_list(
 _LAYERS = flags.DEFINE_integer(
     "layers", 0, "override the architecture's num_hidden_layers (0: keep it). A quick look at "
     "a deep model: state and compile time grow with the MoE layers, temp barely does")
-_COST = flags.DEFINE_bool(
-    "cost", False, "also estimate each phase's step time from XLA's cost analysis (FLOPs and "
-    "bytes of the step, lowered with the layers unrolled; see step_cost) against the chip's "
-    "published peaks")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "TPU targets: stop each phase's compile at buffer assignment, where the "
+    "compiler decides whether the step fits, and read temp from its memory-usage report (about "
+    "a minute per phase, against minutes to tens of minutes for the full compile's code "
+    "generation). temp is then the report's total, within ~0.4 GiB of the full compile's "
+    "memory_analysis (docs/SCALING.md, Compile time)")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -255,9 +257,9 @@ class PhasePlan:
   compile_s: float          # wall seconds of lowering + compiling this phase
   compile_cpu_s: float = 0.0  # CPU seconds of this process meanwhile (all its threads): the
                               # machine-independent part when other jobs share the cores
-  flops: float = 0.0        # per device per step, extrapolated to every layer (see step_cost)
-  bytes: float = 0.0        # per device per step, before fusion (an upper bound on HBM traffic)
   host: int = 0             # XLA: input buffers in host memory (optim.host_offload), per device
+  quick: bool = False       # --quick: temp from the memory report at buffer assignment; the
+                            # device arguments are the exact shard sizes, output = alias = 0
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -270,9 +272,11 @@ def phase_name(phase: int) -> str:
   return PHASE_NAMES[phase] if phase >= 0 else "all"
 
 
-def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None):
+def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None,
+         quick=None):
   """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`, by
-  index or name); returns a PhasePlan per phase."""
+  index or name); returns a PhasePlan per phase. `quick(phase_name)` -> temp bytes replaces
+  the compile by one stopped at buffer assignment (`--quick`)."""
   ts_ = abstract_train_state(config, model_cfg, mesh)
   batch_sh = sharding_lib.batch_sharding(mesh, 2)
   splits = math.prod(mesh.shape[a] for a in _axes(batch_sh.spec[0]))
@@ -299,6 +303,16 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
                              ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
+    device_args = exact_args - (exact["opt_state"] if ts_.optim_cfg.host_offload else 0)
+    if quick is not None:
+      temp = quick(phase_name(phase))
+      out.append(PhasePlan(
+          mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
+          method=config.method, phase=phase_name(phase), batch=batch, seq=seq,
+          seqs_per_device=batch / splits, **exact, argument=device_args, output=0, alias=0,
+          temp=temp, compile_s=time.perf_counter() - t0, compile_cpu_s=0.0,
+          host=exact_args - device_args, quick=True))
+      continue
     try:
       with jax.set_mesh(mesh):
         mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
@@ -309,7 +323,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       error, temp = _oom_summary(str(e))
-      sizes = dict(argument=exact_args, output=0, alias=0, temp=temp)
+      sizes = dict(argument=device_args, output=0, alias=0, temp=temp)
     out.append(PhasePlan(
         mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
         method=config.method, phase=phase_name(phase), batch=batch,
@@ -319,36 +333,47 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   return out
 
 
-# Published peaks per chip (dense bf16 FLOP/s, HBM bytes/s): Google Cloud TPU system
-# architecture pages (v4, v5e, v5p, v6e), NVIDIA H100 SXM / H200 data sheets.
-PEAKS = {"v4": (275e12, 1.228e12), "v5e": (197e12, 0.819e12), "v5p": (459e12, 2.765e12),
-         "v6e": (918e12, 1.64e12), "h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
+def quick_runner(argv, method: str, batch: int, mesh_text: str):
+  """`quick(phase)` for `plan`: compiles the phase in a child process (this script, full
+  compile) with XLA's dumps on, waits for the TPU compiler's memory-usage report (written at
+  buffer assignment, whether or not the program then fits) and stops the child there.
+  Returns temp bytes: the report's total. The code generation that follows buffer
+  assignment is what makes a fitting TPU compile of V2-Lite take minutes."""
+  import signal
+  import subprocess
+  import tempfile
+  keep = [a for a in argv[1:] if not a.startswith(("--methods=", "--phases=", "--batch=",
+                                                   "--meshes=", "--quick"))]
 
+  def run(phase: str):
+    with tempfile.TemporaryDirectory() as dump:
+      env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                        f" --xla_dump_to={dump}").strip())
+      child = subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *keep, f"--methods={method}",
+           f"--phases={phase}", f"--batch={batch}", f"--meshes={mesh_text}"],
+          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+          start_new_session=True)
+      report = None
+      while report is None:
+        found = [f for f in os.listdir(dump) if f.endswith("memory-usage-report.txt")]
+        if found:
+          time.sleep(2)  # the file is written in one go; let it finish
+          report = open(os.path.join(dump, found[0])).read()
+        elif child.poll() is not None:
+          raise RuntimeError(f"--quick: the compile of {method}/{phase} ended without a memory "
+                             f"report:\n{child.stderr.read()[-2000:]}")
+        else:
+          time.sleep(1)
+      if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+      child.wait()
+    m = re.search(r"Total bytes: (\d+)", report)
+    if not m:
+      raise RuntimeError(f"--quick: no 'Total bytes' in the memory report of {method}/{phase}")
+    return int(m.group(1))
 
-def step_cost(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phase: int):
-  """(FLOPs, bytes) per device of one optimizer step of `phase`, from XLA's cost analysis.
-
-  XLA's cost analysis counts a loop body once, whatever its trip count, so the step is lowered
-  with the MoE layers unrolled (scan_layers=False) and for one microbatch (batch / microbatches
-  sequences, train.microbatches=1), and the microbatch's costs are multiplied back (the
-  optimizer update, counted once per microbatch this way, is a rounding error next to the
-  model). The module analysed is the one before XLA's fusion: its bytes count every
-  intermediate as written and read back, an upper bound on HBM traffic; FLOPs are exact
-  (remat's recomputation included). Lowering only: no compilation."""
-  micro = int(config.train.microbatches)
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.train.microbatches = 1
-  ts_ = abstract_train_state(cfg, model_cfg.replace(scan_layers=False), mesh)
-  batch_sh = sharding_lib.batch_sharding(mesh, 2)
-  abs_batch = {k: jax.ShapeDtypeStruct((batch // micro, seq), jnp.int32, sharding=batch_sh)
-               for k in data_lib.BATCH_KEYS}
-  abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-  step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
-                           ts_.state_shardings, ts_.opt_shardings, batch_sh, step_config(cfg))
-  with jax.set_mesh(mesh):
-    cost = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).cost_analysis()
-  return (micro * cost["flops"] / mesh.size, micro * cost["bytes accessed"] / mesh.size)
+  return run
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -383,6 +408,8 @@ def row(p: PhasePlan, hbm_gib: float) -> list[str]:
           f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
           groups]
   fits = "NO (compiler)" if p.error else "yes" if p.peak <= hbm_gib * GIB else "NO"
+  if p.quick:
+    fits += " (report)"
   return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}",
                  f"{p.compile_cpu_s:.0f}"]
 
@@ -398,21 +425,13 @@ def check(p: PhasePlan) -> str:
   exact = p.params + p.model_state + p.opt_state + p.batch_bytes
   if p.error:
     return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
+  if p.quick:
+    return (f"--quick: device arguments {p.argument} B (shard sizes; {p.host} B on the host), "
+            f"temp {p.temp} B from the memory-usage report at buffer assignment")
   return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
           f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
           f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
           f"host arguments {p.host} B")
-
-
-def cost_line(p: PhasePlan, target: str) -> str:
-  chip = target.split(":")[0]
-  line = (f"cost per device and step: {p.flops / 1e12:.1f} TFLOP, {p.bytes / 1e9:.0f} GB "
-          f"accessed before fusion")
-  if chip in PEAKS:
-    flops_s, bytes_s = PEAKS[chip]
-    line += (f"; at {chip}'s peaks: compute {p.flops / flops_s:.2f} s, memory (upper bound) "
-             f"{p.bytes / bytes_s:.2f} s per step")
-  return line
 
 
 def main(argv):
@@ -440,7 +459,13 @@ def main(argv):
       with config.unlocked():
         config.method = method
       for batch in batches:
-        method_plans = plan(config, model_cfg, mesh, batch, seq, phases)
+        quick = None
+        if _QUICK.value:
+          if target == "cpu":
+            raise app.UsageError("--quick needs a TPU --target (the TPU compiler's report)")
+          quick = quick_runner(sys.argv, method, batch,
+                               ",".join(f"{k}={v}" for k, v in shape.items()))
+        method_plans = plan(config, model_cfg, mesh, batch, seq, phases, quick)
         if not method_plans:
           print(f"# {method}: none of its phases is in --phases={','.join(sorted(phases))}",
                 flush=True)
@@ -448,10 +473,6 @@ def main(argv):
           plans.append(p)
           print(" | ".join(row(p, hbm)), flush=True)
           print("   ", check(p), flush=True)
-          if _COST.value:
-            phase = PHASE_NAMES.index(p.phase) if p.phase in PHASE_NAMES else -1
-            p.flops, p.bytes = step_cost(config, model_cfg, mesh, batch, seq, phase)
-            print("   ", cost_line(p, target), flush=True)
   print()
   print(markdown(plans, hbm))
 
