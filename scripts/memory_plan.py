@@ -70,8 +70,8 @@ from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: 
 
 GIB = 2**30
 CPU_DEVICES = 8  # simulated devices for a config mesh with a -1 axis on --target=cpu
-HBM_GIB = {"v5e": 15.75, "v5litepod": 15.75, "v4": 32, "v5p": 95, "v6e": 32}  # per chip; v5e:
-# what its compiler calls "available HBM" (15.75G) in a refusal, of the 16 GiB
+HBM_GIB = {"v5e": 15.75, "v5litepod": 15.75, "v4": 30.75, "v5p": 95, "v6e": 32}  # per chip; v5e, v4:
+# what the TPU compiler calls "available HBM" in a refusal (15.75 of 16, 30.75 of 32 GiB)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "six_domains.py"),
