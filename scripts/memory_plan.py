@@ -306,12 +306,12 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
     device_args = exact_args - (exact["opt_state"] if ts_.optim_cfg.host_offload else 0)
     if quick is not None:
-      temp = quick(phase_name(phase))
+      temp, cpu = quick(phase_name(phase))
       out.append(PhasePlan(
           mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
           method=config.method, phase=phase_name(phase), batch=batch, seq=seq,
           seqs_per_device=batch / splits, **exact, argument=device_args, output=0, alias=0,
-          temp=temp, compile_s=time.perf_counter() - t0, compile_cpu_s=0.0,
+          temp=temp, compile_s=time.perf_counter() - t0, compile_cpu_s=cpu,
           host=exact_args - device_args, quick=True))
       continue
     try:
@@ -338,8 +338,9 @@ def quick_runner(argv, method: str, batch: int, mesh_text: str):
   """`quick(phase)` for `plan`: compiles the phase in a child process (this script, full
   compile) with XLA's dumps on, waits for the TPU compiler's memory-usage report (written at
   buffer assignment, whether or not the program then fits) and stops the child there.
-  Returns temp bytes: the report's total. The code generation that follows buffer
+  Returns (temp bytes: the report's total, CPU seconds of the child). The code generation that follows buffer
   assignment is what makes a fitting TPU compile of V2-Lite take minutes."""
+  import resource
   import signal
   import subprocess
   import tempfile
@@ -347,6 +348,7 @@ def quick_runner(argv, method: str, batch: int, mesh_text: str):
                                                    "--meshes=", "--quick"))]
 
   def run(phase: str):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as dump:
       env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                                         f" --xla_dump_to={dump}").strip())
@@ -369,10 +371,12 @@ def quick_runner(argv, method: str, batch: int, mesh_text: str):
       if child.poll() is None:
         os.killpg(child.pid, signal.SIGKILL)
       child.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     m = re.search(r"Total bytes: (\d+)", report)
     if not m:
       raise RuntimeError(f"--quick: no 'Total bytes' in the memory report of {method}/{phase}")
-    return int(m.group(1))
+    return int(m.group(1)), cpu
 
   return run
 
