@@ -13,6 +13,8 @@ laptop.
   python scripts/memory_plan.py --methods=desmoe --target=v4:2x2x4 --meshes=fsdp=16 \
       --batch=32 --phases=stabilization,consolidation                           # some phases
   python scripts/memory_plan.py --config=configs/six_domains.py:tiny --arch=tiny --batch=8
+  python scripts/memory_plan.py --config=configs/six_domains.py:v5e8 --methods=desmoe \
+      --target=v5e:2x4 --seq=4096 --quick    # a machine preset's mesh and batch; fit verdict only
 
 --target=cpu (default) compiles for simulated CPU devices (as many as the largest mesh).
 --target=<TPU topology> (v5e:2x4 = v5e-8, v4:2x2x4 = v4-32, v5e:4x8 = v5e-32) compiles with the
