@@ -12,7 +12,7 @@ from helpers import tiny_model
 from desmoe_jax import optim
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
-from desmoe_jax.schedule import STABILIZATION
+from desmoe_jax.schedule import LABELS as LABELS_ALL, STABILIZATION
 
 D, B, S = 3, 4, 12
 
@@ -566,3 +566,38 @@ def test_bf16_master_leaves_phase_frozen_groups_untouched():
   moved = after[("moe_layers", "mlp", "experts", "up_proj")] != before[
       ("moe_layers", "mlp", "experts", "up_proj")]
   assert moved.mean() > 0.99
+def test_frozen_zero_gradients_are_laid_out_like_their_parameters():
+  """The zeros standing in for a phase-frozen group's gradients are split like the parameters
+  (a bare zeros_like was made whole on every device by the TPU partitioner: 8.9 GiB per chip
+  for V2-Lite's routed experts), and the host-offloaded state moves to the device only for the
+  groups trained now."""
+  from desmoe_jax import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh({"fsdp": 2, "expert": 2}, devices=jax.devices()[:4])
+  params = nnx.eval_shape(lambda: nnx.state(tiny_model(), nnx.Param))
+  want = sharding_lib.state_shardings(params, mesh)
+  with jax.set_mesh(mesh):
+    out = jax.jit(ts._zeros_like_params).lower(params).compile().output_shardings
+  for (path, got), (_, sh) in zip(jax.tree_util.tree_leaves_with_path(out),
+                                  jax.tree_util.tree_leaves_with_path(want)):
+    assert got.is_equivalent_to(sh, 4), path
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(out))
+
+  # _to_device: only the inner states of the labels trained now are moved.
+  tx = optim.build_optimizer(optim.OptimConfig(), 10, ["router"], LABELS_ALL)
+  opt = jax.eval_shape(tx.init, params)
+  moved = []
+
+  def spy(x, space):
+    moved.append(x.shape)
+    return x
+
+  real = jax.device_put
+  try:
+    jax.device_put = spy
+    ts._to_device(opt, ["router"])
+  finally:
+    jax.device_put = real
+  router = [x.shape for p, x in jax.tree_util.tree_leaves_with_path(opt)
+            if "'router'" in jax.tree_util.keystr(p) or "router" not in jax.tree_util.keystr(p)
+            and "inner_states" not in jax.tree_util.keystr(p)]
+  assert sorted(moved) == sorted(router) and len(moved) < len(jax.tree.leaves(opt))
