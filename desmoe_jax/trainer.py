@@ -95,9 +95,9 @@ def step_config(config) -> ts.StepConfig:
           "bf16_master": "bfloat16"}[step_cfg.precision]
   if config.model.param_dtype != want:
     raise ConfigError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
-                     f"model.param_dtype={config.model.param_dtype!r}: set "
-                     f"--config.model.param_dtype={want}, or pick the other train.precision "
-                     f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
+                      f"model.param_dtype={config.model.param_dtype!r}: set "
+                      f"--config.model.param_dtype={want}, or pick another train.precision "
+                      f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
   if config.data.batch_size % step_cfg.microbatches:
     raise ConfigError(f"train.microbatches={step_cfg.microbatches} does not divide "
                       f"data.batch_size={config.data.batch_size}")
