@@ -1,4 +1,4 @@
-r"""DES-MoE on six domains (METHOD.md): the paper's setting, and presets.
+r"""DES-MoE on six domains (docs/METHOD.md): the paper's setting, and presets.
 
   python train.py --config=configs/six_domains.py --config.model.path=/path/to/DeepSeek-V2-Lite
   python train.py --config=configs/six_domains.py:tiny            # embedded tiny model, CPU
@@ -17,7 +17,7 @@ import ml_collections
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_no_dges",
            "desmoe_no_schedule")
-# The paper's learning rates (METHOD.md): DES-MoE 1e-4, ESFT 1e-5, FFT 3e-5.
+# The paper's learning rates (docs/METHOD.md): DES-MoE 1e-4, ESFT 1e-5, FFT 3e-5.
 PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}
 DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
 

@@ -46,7 +46,7 @@ from desmoe_jax.specialization import DgesConfig
 
 log = logging.getLogger("desmoe_jax")
 
-PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (METHOD.md)
+PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (docs/METHOD.md)
 
 
 class TrainingDiverged(RuntimeError):
