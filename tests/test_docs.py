@@ -76,3 +76,40 @@ def test_citations_point_at_the_file_in_the_repository():
          if not (os.path.isfile(os.path.join(REPO, c))
                  or (f.endswith(".md") and os.path.isfile(os.path.join(os.path.dirname(f), c))))]
   assert bad == []
+
+
+# ------------------------------------------------------------------ licences
+
+
+def _data_sets():
+  data = os.path.join(REPO, "data")
+  return sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)))
+
+
+def test_licence_files_cover_every_shipped_data_set_and_asset():
+  license_text = open(os.path.join(REPO, "LICENSE"), encoding="utf-8").read()
+  assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+  assert 'license = {text = "Apache-2.0"}' in open(os.path.join(REPO, "pyproject.toml")).read()
+  notice = open(os.path.join(REPO, "NOTICE"), encoding="utf-8").read()
+  assets = sorted(os.listdir(os.path.join(REPO, "assets")))
+  assert [d for d in _data_sets() if f"data/{d}/" not in notice] == []
+  assert [a for a in assets if f"assets/{a}/" not in notice] == []
+  readme = open(os.path.join(REPO, "data", "README.md"), encoding="utf-8").read()
+  rows = {line.split("|")[1].strip(" `"): line.split("|")[-2] for line in readme.splitlines()
+          if line.startswith("| `")}
+  for domain in set(_data_sets()) - {"general"}:
+    assert re.search(r"Apache|PSF|MIT|licen[cs]e", rows[domain]), domain
+  assert "public domain" in readme and "general/" in readme
+
+
+def test_gpl_data_is_labelled_row_by_row():
+  """Every catalog / package present in the data has its line in the folder's LICENSES.md."""
+  import json
+  for folder, key in (("translation", "catalog"), ("summary", "package")):
+    listed = open(os.path.join(REPO, "data", folder, "LICENSES.md"), encoding="utf-8").read()
+    assert "not under the repository's Apache-2.0 licence" in listed
+    sources = set()
+    for split in ("train", "eval"):
+      with open(os.path.join(REPO, "data", folder, f"{split}.jsonl"), encoding="utf-8") as f:
+        sources |= {json.loads(line)[key] for line in f if line.strip()}
+    assert sources and [s for s in sorted(sources) if f"| `{s}` |" not in listed] == []
