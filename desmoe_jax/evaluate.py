@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import sharding as sharding_lib
+from desmoe_jax import sources
 from desmoe_jax import trainer
-from desmoe_jax.convert import from_pretrained
 from desmoe_jax.generate import bucket, greedy_generate
 from desmoe_jax.methods import prepare_model
 from desmoe_jax.specialization import merge_copies
@@ -56,9 +57,8 @@ def load_run_model(config, workdir: str, step: int | None = None, mesh=None):
 
 
 def load_model(path: str, config, mesh=None):
-  return from_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                         mesh=mesh, moe_impl=config.model.moe_impl,
-                         attention_impl=config.model.attention_impl)
+  """The HF model at `path` as the run builds it (`build.load_model`: every runtime field)."""
+  return build.load_model(config, path, mesh)
 
 
 def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
@@ -136,7 +136,7 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
       row["perplexity"] = float(np.exp(min(losses[d.name], 50.0)))
     if not with_generation or not d.eval:
       continue
-    spec = data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format)
+    spec = trainer.domain_spec(d, "eval")
     examples = data_lib.load_eval_examples(spec, tokenizer, max_examples=config.eval.max_examples)
     t0 = time.perf_counter()
     outputs = greedy_generate(model, [ex["prompt_ids"] for ex in examples],
@@ -186,6 +186,7 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   `metrics.format_results` prints them as a table), written to `<out_dir>/results.json`.
   """
   from transformers import AutoTokenizer
+  config = sources.resolve(config)  # data.select applied, hub ids fetched
   tokenizer = AutoTokenizer.from_pretrained(hf_dir or config.model.path)
   mesh = sharding_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
   if hf_dir:

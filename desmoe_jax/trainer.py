@@ -2,7 +2,7 @@
 checkpoints, evaluations, and the final Hugging Face export. Notebooks call `train()` directly.
 
 Work directory layout:
-  config.json            the resolved config
+  config.json            the config as given (data.select applied, hub ids kept): eval.py reads it
   checkpoints/<step>/    orbax: model state, optimizer state, meta (data position, RNG, phase)
   metrics.jsonl          one JSON record per logged step / evaluation
   tb/                    TensorBoard event files
@@ -17,6 +17,7 @@ writes the files above, and all of them write the checkpoints, through orbax.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -30,23 +31,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import distributed
 from desmoe_jax import esft as esft_lib
 from desmoe_jax import sharding as sharding_lib
+from desmoe_jax import sources
 from desmoe_jax import train_step as ts
-from desmoe_jax.convert import from_pretrained
 from desmoe_jax.esft import EsftConfig
-from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
+from desmoe_jax.methods import (DEFAULT_PAPER_LR, PAPER_LR, UNSCHEDULED, MethodConfig,
+                                prepare_model)
 from desmoe_jax.optim import OptimConfig
 from desmoe_jax.router import AlrConfig
 from desmoe_jax.schedule import PHASE_NAMES, ScheduleConfig
 from desmoe_jax.specialization import DgesConfig
 
 log = logging.getLogger("desmoe_jax")
-
-PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (docs/METHOD.md)
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,7 +71,7 @@ def method_config(config) -> MethodConfig:
 def optim_config(config) -> OptimConfig:
   kw = config.optim.to_dict()
   if kw["learning_rate"] < 0:
-    kw["learning_rate"] = PAPER_LR.get(config.method, 1e-4)
+    kw["learning_rate"] = PAPER_LR.get(config.method, DEFAULT_PAPER_LR)
   return OptimConfig(**kw)
 
 
@@ -81,8 +82,9 @@ def check_config(config):
                      "DeepSeek-V2-Lite (a Hugging Face directory with config.json, safetensors "
                      "and tokenizer), or use the embedded model with --config=configs/"
                      "six_domains.py:tiny")
-  if not os.path.isdir(config.model.path):
-    raise FileNotFoundError(f"config.model.path={config.model.path!r} is not a directory")
+  if not config.model.path.startswith(sources.PREFIX) and os.path.isfile(config.model.path):
+    raise FileNotFoundError(f"config.model.path={config.model.path!r} is a file, not a "
+                            "directory")
   if not config.data.domains:
     raise ValueError("config.data.domains is empty: give at least one domain")
   for i, d in enumerate(config.data.domains):
@@ -90,11 +92,23 @@ def check_config(config):
       raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
   if config.train.steps < 1:
     raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
+  if config.export.get("hub_repo") and not config.export.enabled:
+    raise ValueError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
+                     "but config.export.enabled=False")
+
+
+def domain_spec(d, split: str = "train") -> data_lib.DomainSpec:
+  """The data of one `data.domains` entry; fields a custom config omits take their defaults."""
+  return data_lib.DomainSpec(
+      name=d.name, path=d[split], format=d.format, weight=d.get("weight", 1.0),
+      prompt_field=d.get("prompt_field", "prompt"),
+      response_field=d.get("response_field", "response"),
+      messages_field=d.get("messages_field", "messages"),
+      split=d.get("split", "train") if split == "train" else d.get("eval_split", "test"))
 
 
 def domain_specs(config, split: str = "train") -> list:
-  return [data_lib.DomainSpec(name=d.name, path=getattr(d, split), format=d.format,
-                              weight=d.weight) for d in config.data.domains]
+  return [domain_spec(d, split) for d in config.data.domains]
 
 
 # ------------------------------------------------------------------ logging
@@ -230,26 +244,73 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
+  config = copy.deepcopy(config)
+  sources.select_domains(config)
   check_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  resolved = sources.resolve(config)  # hub ids fetched; `config` (saved) keeps them
+  mesh = sharding_lib.make_mesh(dict(resolved.mesh))
   with jax.set_mesh(mesh):  # read by expert_parallel="shard_map" and sharding.constrain
-    return _train(config, workdir, mesh)
+    return _train(resolved, workdir, mesh, saved_config=config)
 
 
-def _train(config, workdir: str, mesh) -> dict:
+def provenance() -> dict:
+  """The code that ran: git commit of the checkout (if any) and the versions of the packages
+  that decide the numbers, recorded in every checkpoint."""
+  import importlib.metadata
+  import platform
+  import subprocess
+  out: dict[str, Any] = {"python": platform.python_version(), "git_commit": None,
+                         "git_dirty": None}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.exists(os.path.join(repo, ".git")):
+    try:
+      out["git_commit"] = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                                         capture_output=True, text=True).stdout.strip()
+      out["git_dirty"] = bool(subprocess.run(
+          ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], check=True,
+          capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+      pass
+  versions = {}
+  for dist in ("desmoe-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+               "transformers", "numpy", "ml-dtypes"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  out["versions"] = versions
+  return out
+
+
+def init_from(path: str, abstract_model_state):
+  """Model state (parameters and DES-MoE state) of another run's newest checkpoint. `path`: a
+  work directory, or its `checkpoints/` directory."""
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = path
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.train.init_from={path!r} does not exist")
+  checkpoints = ckpt_lib.Checkpointer(directory)
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f"config.train.init_from={path!r}: no checkpoint in {directory}")
+  try:
+    state, _, meta = checkpoints.restore(abstract_model_state)
+  except ValueError as e:
+    raise ValueError(f"config.train.init_from={path!r}: {e}") from None
+  return state, meta
+
+
+def _train(config, workdir: str, mesh, saved_config=None) -> dict:
+  saved_config = config if saved_config is None else saved_config
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(saved_config.to_json_best_effort(indent=2))
 
   mc, oc = method_config(config), optim_config(config)
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-  model = from_pretrained(
-      config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
-      remat=config.model.remat, scan_layers=config.model.scan_layers,
-      expert_parallel=config.model.expert_parallel)
+  model = build.load_model(config, mesh=mesh)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
@@ -294,6 +355,11 @@ def _train(config, workdir: str, mesh) -> dict:
     train_iter.restore(meta["data"])
     start, last_phase = int(meta["step"]), int(meta["phase"])
     log.info("resumed from step %d", start)
+  elif config.train.get("init_from"):
+    model_state, source_meta = init_from(config.train.init_from,
+                                         ckpt_lib.abstract_like(model_state, state_shardings))
+    log.info("model state from %s (step %d of a %r run); fresh optimizer",
+             config.train.init_from, source_meta["step"], source_meta.get("method"))
 
   metrics_log = MetricsLog(workdir, enabled=is_main)
   eval_sets = _eval_loss_batches(config, tokenizer)
@@ -311,11 +377,13 @@ def _train(config, workdir: str, mesh) -> dict:
           "is intact. Lower optim.learning_rate or check the data.")
     pending_finite.clear()
 
+  run_provenance = provenance()
+
   def save(step_done):
     check_finite(step_done)
     meta = {"method": config.method, "phase": mc.phase(max(step_done - 1, 0)),
             "data": train_iter.state(), "seed": config.seed,
-            "config": json.loads(config.to_json_best_effort())}
+            "config": json.loads(saved_config.to_json_best_effort()), **run_provenance}
     checkpoints.save(step_done, model_state, opt_state, meta)
 
   try:
@@ -383,6 +451,9 @@ def _train(config, workdir: str, mesh) -> dict:
                                       tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
+      if config.export.get("hub_repo"):
+        summary["hub_commit"] = sources.push(os.path.join(workdir, "hf"), config.export.hub_repo)
+        log.info("pushed %s to the hub: %s", os.path.join(workdir, "hf"), summary["hub_commit"])
     # The others wait here rather than in the runtime's shutdown barrier, which times out.
     distributed.barrier("export")
   metrics_log.close()
@@ -400,7 +471,7 @@ def _eval_loss_batches(config, tokenizer) -> dict:
   for d in config.data.domains:
     if d.eval:
       out[d.name] = data_lib.eval_loss_batches(
-          data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format), tokenizer,
+          domain_spec(d, "eval"), tokenizer,
           seq_len=config.data.seq_len, batch_size=config.data.batch_size,
           max_batches=config.eval.loss_batches)
   if config.data.general:

@@ -56,6 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from desmoe_jax import build  # noqa: E402
 from desmoe_jax import data as data_lib  # noqa: E402
 from desmoe_jax import sharding as sharding_lib  # noqa: E402
 from desmoe_jax import train_step as ts  # noqa: E402
@@ -130,7 +131,7 @@ def target_devices(target: str, count: int):
 def model_config(config, arch: str = "", target: str = "cpu") -> ModelConfig:
   """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
   trainer config's runtime fields (config.model.* other than path)."""
-  runtime = {k: v for k, v in config.model.items() if k != "path"}
+  runtime = build.runtime_fields(config)
   if target != "cpu" and runtime.get("moe_impl") == "auto":
     runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
   if not arch:
