@@ -115,15 +115,38 @@ def domain_specs(config, split: str = "train") -> list:
 
 
 class MetricsLog:
-  """JSON lines + TensorBoard, written by process 0 only."""
+  """JSON lines + TensorBoard (+ Weights & Biases with `logging.wandb.enabled`), written by
+  process 0 only.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  TensorBoard and W&B get the same scalars: every number of a record under its key, and
+  per-domain lists as `key/<domain>`; W&B also gets the record's strings (phase name, event)
+  and the heatmaps as images (`images`). W&B is imported only when enabled."""
+
+  def __init__(self, workdir: str, enabled: bool = True, wandb_config=None,
+               run_config: dict | None = None):
     self.enabled = enabled
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
-    self._tb = None
+    self._tb = self._wandb = None
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      if wandb_config is not None and wandb_config.get("enabled"):
+        self._wandb = _start_wandb(workdir, wandb_config, run_config)
+
+  @staticmethod
+  def scalars(record: dict[str, Any], domain_names=()) -> dict[str, Any]:
+    """{key: number} as TensorBoard gets them (per-domain lists split into key/<domain>)."""
+    out = {}
+    for key, value in record.items():
+      if key == "step":
+        continue
+      if isinstance(value, list) and len(value) == len(domain_names) and domain_names:
+        for name, v in zip(domain_names, value):
+          if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{key}/{name}"] = v
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[key] = value
+    return out
 
   def write(self, step: int, record: dict[str, Any], domain_names=()):
     if not self.enabled:
@@ -131,21 +154,49 @@ class MetricsLog:
     record = {"step": step, **{k: _jsonable(v) for k, v in record.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
-      if key == "step":
-        continue
-      if isinstance(value, list) and len(value) == len(domain_names) and domain_names:
-        for name, v in zip(domain_names, value):
-          if isinstance(v, (int, float)):
-            self._tb.add_scalar(f"{key}/{name}", v, step)
-      elif isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, step)
+    scalars = self.scalars(record, domain_names)
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    if self._wandb is not None:
+      strings = {k: v for k, v in record.items() if isinstance(v, str)}
+      self._wandb.log({**scalars, **strings}, step=step)
+
+  def images(self, step: int, paths: dict[str, str]):
+    """The heatmap PNGs of `step` ({"correlation": path, ...}) as W&B images."""
+    if self.enabled and self._wandb is not None:
+      import wandb
+      self._wandb.log({f"heatmap/{k}": wandb.Image(p) for k, p in paths.items()
+                       if os.path.isfile(p)}, step=step)
 
   def close(self):
     if self.enabled:
       self._file.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _start_wandb(workdir: str, cfg, run_config: dict | None):
+  """A W&B run for `workdir`: its id is kept in <workdir>/wandb_id, so a resumed training run
+  continues the same W&B run."""
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("config.logging.wandb.enabled=True, but wandb is not installed: "
+                      "pip install 'desmoe-jax[wandb]' (or wandb)") from None
+  id_file = os.path.join(workdir, "wandb_id")
+  if os.path.isfile(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    import secrets
+    run_id = secrets.token_hex(4)
+    with open(id_file, "w") as f:
+      f.write(run_id)
+  return wandb.init(project=cfg.get("project") or None, entity=cfg.get("entity") or None,
+                    name=cfg.get("name") or None, mode=cfg.get("mode") or None, dir=workdir,
+                    id=run_id, resume="allow", config=run_config)
 
 
 def _jsonable(v):
@@ -361,7 +412,9 @@ def _train(config, workdir: str, mesh, saved_config=None) -> dict:
     log.info("model state from %s (step %d of a %r run); fresh optimizer",
              config.train.init_from, source_meta["step"], source_meta.get("method"))
 
-  metrics_log = MetricsLog(workdir, enabled=is_main)
+  wandb_config = config.logging.get("wandb") if "logging" in config else None
+  metrics_log = MetricsLog(workdir, enabled=is_main, wandb_config=wandb_config,
+                           run_config=json.loads(saved_config.to_json_best_effort()))
   eval_sets = _eval_loss_batches(config, tokenizer)
   compiled: dict[int, Any] = {}
   pending_finite = []           # device scalars: loss finite, since the last host check
@@ -489,6 +542,7 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   record = {"event": "eval", **{f"heldout_loss/{k}": v for k, v in losses.items()}}
   metrics_log.write(step, record)
   save_heatmaps(model_state, names, heatmap_paths(workdir, step), config.train.heatmap_layers)
+  metrics_log.images(step, heatmap_paths(workdir, step))
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
   return losses

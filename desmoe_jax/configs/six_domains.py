@@ -160,6 +160,14 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
 
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = ml_collections.ConfigDict()
+  c.logging.wandb.enabled = False   # also log to Weights & Biases (pip install 'desmoe-jax[wandb]')
+  c.logging.wandb.project = "desmoe-jax"
+  c.logging.wandb.entity = ""       # "": W&B's default entity
+  c.logging.wandb.name = ""         # "": W&B names the run
+  c.logging.wandb.mode = ""         # online | offline | disabled; "": W&B's default (WANDB_MODE)
+
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
   c.export.hub_repo = ""        # owner/name: push <workdir>/hf there at the end (needs a token)
