@@ -198,4 +198,24 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   out_dir = os.path.join(workdir, "eval", name)
   results = evaluate_model(model, tokenizer, config, base_model=base,
                            with_generation=with_generation, out_dir=out_dir)
+  if config.eval.get("lm_eval_tasks"):
+    results["lm_eval"] = lm_eval_scores(model, tokenizer, config, base_model=base)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results, out_dir
+
+
+def lm_eval_scores(model, tokenizer, config, *, base_model=None) -> dict:
+  """lm-evaluation-harness tasks `eval.lm_eval_tasks` (comma-separated names; YAML tasks under
+  `eval.lm_eval_include` too) on the model and the base model: {task: {metric: value,
+  "base_" + metric: base value}}."""
+  from desmoe_jax import lm_eval_adapter
+  tasks = [t.strip() for t in config.eval.lm_eval_tasks.split(",") if t.strip()]
+  kw = dict(include_path=config.eval.get("lm_eval_include", ""),
+            limit=config.eval.get("lm_eval_limit", 0), max_length=config.data.seq_len,
+            batch_size=config.eval.batch_size, max_gen_toks=config.eval.max_new_tokens)
+  scores = lm_eval_adapter.run_tasks(model, tokenizer, tasks, **kw)
+  if base_model is not None:
+    for task, metrics in lm_eval_adapter.run_tasks(base_model, tokenizer, tasks, **kw).items():
+      scores.setdefault(task, {}).update({f"base_{k}": v for k, v in metrics.items()})
+  return scores

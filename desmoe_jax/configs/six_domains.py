@@ -159,6 +159,11 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
   c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
+  # lm-evaluation-harness tasks (comma-separated, e.g. "mmlu,gsm8k,hellaswag") for the base and
+  # the adapted model (pip install 'desmoe-jax[lm_eval]'); "" runs none.
+  c.eval.lm_eval_tasks = ""
+  c.eval.lm_eval_include = ""   # a folder of extra lm-eval task YAMLs (e.g. local tasks)
+  c.eval.lm_eval_limit = 0      # examples per lm-eval task (0: all)
 
   c.logging = ml_collections.ConfigDict()
   c.logging.wandb = ml_collections.ConfigDict()
