@@ -133,7 +133,8 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
     row = results.setdefault(d.name, {})
     if d.name in losses:
       row["loss"] = losses[d.name]
-      row["perplexity"] = float(np.exp(min(losses[d.name], 50.0)))
+      row["perplexity"] = (metrics_lib.perplexity(losses[d.name], 1.0)
+                           if np.isfinite(losses[d.name]) else float("nan"))
     if not with_generation or not d.eval:
       continue
     spec = trainer.domain_spec(d, "eval")

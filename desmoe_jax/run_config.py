@@ -54,11 +54,18 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value: Any, source: str = "config"):
-  """config.<key> = value for a dotted `key` naming an existing field (e.g. "train.steps")."""
+  """config.<key> = value for a dotted `key` naming an existing field (e.g. "train.steps", or
+  "data.domains[1].prompt_field" for an entry of a list of groups, as on the command line)."""
   *parents, leaf = key.split(".")
   node = config
   for i, name in enumerate(parents):
+    name, index = _split_index(name, key)
     node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+    if index is not None:
+      if not isinstance(node, (list, tuple)) or not -len(node) <= index < len(node):
+        raise KeyError(f"override {key!r}: {'.'.join(parents[:i + 1])!r} is not an entry of a "
+                       f"list of {source}")
+      node = node[index]
     if not isinstance(node, ml_collections.ConfigDict):
       raise KeyError(f"override {key!r}: {'.'.join(parents[:i + 1])!r} is not a config group "
                      f"of {source}")
@@ -70,6 +77,17 @@ def set_field(config: ml_collections.ConfigDict, key: str, value: Any, source: s
     node[leaf] = value
   except TypeError as e:  # ConfigDict's own type check (e.g. a string for an int field)
     raise TypeError(f"override {key!r}={value!r}: {e}") from None
+
+
+def _split_index(name: str, key: str) -> tuple[str, int | None]:
+  """"domains[1]" -> ("domains", 1); "train" -> ("train", None)."""
+  if not name.endswith("]"):
+    return name, None
+  base, _, index = name[:-1].partition("[")
+  try:
+    return base, int(index)
+  except ValueError:
+    raise KeyError(f"override {key!r}: {name!r} needs an integer index") from None
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:

@@ -92,6 +92,10 @@ def check_config(config):
       raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
   if config.train.steps < 1:
     raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
+  init = config.train.get("init_from", "")
+  if init and not os.path.isdir(init):
+    raise FileNotFoundError(f"config.train.init_from={init!r} does not exist (a run's work "
+                            "directory)")
   if config.export.get("hub_repo") and not config.export.enabled:
     raise ValueError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
                      "but config.export.enabled=False")
