@@ -157,7 +157,7 @@ class DesmoeLM(LM):
 
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str = "", limit: int = 0,
               max_length: int = 1024, batch_size: int = 8, max_gen_toks: int = 256) -> dict:
-  """{task: {metric: value}} of lm-eval `tasks` on `model` (numbers only; stderr dropped)."""
+  """{task: {metric: value}} of lm-eval `tasks` on `model` (metrics only: no stderr, no counts)."""
   import lm_eval
   from lm_eval.tasks import TaskManager
   manager = TaskManager(include_path=include_path or None)
@@ -167,7 +167,8 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str = "", lim
                                 limit=limit or None, log_samples=False, bootstrap_iters=0)
   results = {}
   for task, metrics in out["results"].items():
+    # Metrics are "name,filter" keys ("acc,none"); "sample_len", "alias" and stderrs are not.
     results[task] = {k.replace(",none", ""): float(v) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and "stderr" not in k}
+                     if "," in k and "stderr" not in k and isinstance(v, (int, float))
+                     and not isinstance(v, bool)}
   return results

@@ -16,6 +16,7 @@ from desmoe_jax import cli, run_config
 from desmoe_jax.run_config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAD_AT_RUN = None  # the checkout's commit when the tiny run trained
 FAST = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.data.seq_len=256", "--config.data.batch_size=2", "--config.eval.loss_batches=1",
         "--config.data.general_mc=", "--config.export.enabled=False",
@@ -101,6 +102,9 @@ def _run(command, cwd, env):
 
 @pytest.fixture(scope="module")
 def tiny_run(installed, hub_env, tmp_path_factory):
+  global HEAD_AT_RUN
+  HEAD_AT_RUN = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                               text=True).stdout.strip()
   elsewhere = tmp_path_factory.mktemp("elsewhere")      # not the checkout: presets and bundled
   work = elsewhere / "run"                              # data must resolve from the package
   _run([str(installed / "desmoe-train"), "--config=six_domains:tiny,fft", f"--workdir={work}",
@@ -134,9 +138,7 @@ def test_installed_commands_run_from_any_folder(installed, hub_env, tiny_run):
   import jax
   assert meta["versions"]["jax"] == jax.__version__ and meta["versions"]["desmoe-jax"] == "0.1.0"
   if os.path.isdir(os.path.join(REPO, ".git")) or os.path.isfile(os.path.join(REPO, ".git")):
-    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    assert meta["git_commit"] == head and isinstance(meta["git_dirty"], bool)
+    assert meta["git_commit"] == HEAD_AT_RUN and isinstance(meta["git_dirty"], bool)
   assert _counts(str(tiny_run / "checkpoints" / "2")) == {2}
 
 
