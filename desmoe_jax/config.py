@@ -73,7 +73,10 @@ class ModelConfig:
   # --- runtime choices (not part of the checkpoint) ---
   dtype: str = "float32"                  # activation / compute dtype
   param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
-  moe_impl: str = "auto"                  # "auto" | "dense" | "ragged" | "tiled" (see moe.py)
+  # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (see moe.py). "auto": "tiled" on CPU;
+  # "tokamax" on TPU (verified compile-only: Mosaic kernels, no dense-fallback dot, CPU numerics
+  # of its TPU kernel in interpret mode); "ragged" on GPU until bench/accel.py has run there.
+  moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see expert_parallel.py
   attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
@@ -97,8 +100,9 @@ class ModelConfig:
     if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
       problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                       f"[1, n_routed_experts={self.n_routed_experts}]")
-    if self.moe_impl not in ("auto", "dense", "ragged", "tiled"):
-      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tiled')")
+    if self.moe_impl not in ("auto", "dense", "ragged", "tokamax", "tiled"):
+      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tokamax', "
+                      "'tiled')")
     if self.expert_parallel not in ("compiler", "shard_map"):
       problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
     if self.attention_impl not in ("einsum", "jax"):

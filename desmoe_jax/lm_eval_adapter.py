@@ -31,7 +31,10 @@ from flax import nnx
 from desmoe_jax.generate import bucket, greedy_generate
 
 try:
+  import lm_eval
   from lm_eval.api.model import LM
+  from lm_eval.tasks import TaskManager
+  from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # the optional extra
   raise ImportError("config.eval.lm_eval_tasks needs lm-evaluation-harness: pip install "
                     "'desmoe-jax[lm_eval]' (or lm_eval)") from e
@@ -117,7 +120,6 @@ class DesmoeLM(LM):
     return self.score_pairs([self.encode_pair(*req.args) for req in requests])
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
     windows, owner = [], []
     for i, req in enumerate(requests):
       for w in get_rolling_token_windows(self.tok_encode(req.args[0]), self.prefix_token_id,
@@ -158,8 +160,6 @@ class DesmoeLM(LM):
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str = "", limit: int = 0,
               max_length: int = 1024, batch_size: int = 8, max_gen_toks: int = 256) -> dict:
   """{task: {metric: value}} of lm-eval `tasks` on `model` (metrics only: no stderr, no counts)."""
-  import lm_eval
-  from lm_eval.tasks import TaskManager
   manager = TaskManager(include_path=include_path or None)
   lm = DesmoeLM(model, tokenizer, max_length=max_length, batch_size=batch_size,
                 max_gen_toks=max_gen_toks)

@@ -16,7 +16,6 @@ writes the files above, and all of them write the checkpoints, through orbax.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -99,20 +98,29 @@ def check_config(config):
   if config.export.get("hub_repo") and not config.export.enabled:
     raise ValueError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
                      "but config.export.enabled=False")
+  if config.export.enabled:
+    for field in ("fold_tokens", "check_tokens"):
+      value = config.export.get(field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.export.{field}={value!r}: expected a positive number of "
+                         "held-out tokens")
 
 
-def domain_spec(d, split: str = "train") -> data_lib.DomainSpec:
+def domain_spec(d, split: str = "train",
+                max_bad_fraction: float = 0.1) -> data_lib.DomainSpec:
   """The data of one `data.domains` entry; fields a custom config omits take their defaults."""
   return data_lib.DomainSpec(
       name=d.name, path=d[split], format=d.format, weight=d.get("weight", 1.0),
       prompt_field=d.get("prompt_field", "prompt"),
       response_field=d.get("response_field", "response"),
       messages_field=d.get("messages_field", "messages"),
-      split=d.get("split", "train") if split == "train" else d.get("eval_split", "test"))
+      split=d.get("split", "train") if split == "train" else d.get("eval_split", "test"),
+      max_bad_fraction=max_bad_fraction)
 
 
 def domain_specs(config, split: str = "train") -> list:
-  return [domain_spec(d, split) for d in config.data.domains]
+  return [domain_spec(d, split, config.data.get("max_bad_fraction", 0.1))
+          for d in config.data.domains]
 
 
 # ------------------------------------------------------------------ logging
@@ -130,12 +138,12 @@ class MetricsLog:
                run_config: dict | None = None):
     self.enabled = enabled
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
-    self._tb = self._wandb = None
+    self._tb = self._wandb = self._wandb_lib = None
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       if wandb_config is not None and wandb_config.get("enabled"):
-        self._wandb = _start_wandb(workdir, wandb_config, run_config)
+        self._wandb_lib, self._wandb = _start_wandb(workdir, wandb_config, run_config)
 
   @staticmethod
   def scalars(record: dict[str, Any], domain_names=()) -> dict[str, Any]:
@@ -169,8 +177,7 @@ class MetricsLog:
   def images(self, step: int, paths: dict[str, str]):
     """The heatmap PNGs of `step` ({"correlation": path, ...}) as W&B images."""
     if self.enabled and self._wandb is not None:
-      import wandb
-      self._wandb.log({f"heatmap/{k}": wandb.Image(p) for k, p in paths.items()
+      self._wandb.log({f"heatmap/{k}": self._wandb_lib.Image(p) for k, p in paths.items()
                        if os.path.isfile(p)}, step=step)
 
   def close(self):
@@ -182,8 +189,8 @@ class MetricsLog:
 
 
 def _start_wandb(workdir: str, cfg, run_config: dict | None):
-  """A W&B run for `workdir`: its id is kept in <workdir>/wandb_id, so a resumed training run
-  continues the same W&B run."""
+  """(the wandb module, a W&B run for `workdir`): the run's id is kept in <workdir>/wandb_id, so
+  a resumed training run continues the same W&B run."""
   try:
     import wandb
   except ImportError:
@@ -198,9 +205,9 @@ def _start_wandb(workdir: str, cfg, run_config: dict | None):
     run_id = secrets.token_hex(4)
     with open(id_file, "w") as f:
       f.write(run_id)
-  return wandb.init(project=cfg.get("project") or None, entity=cfg.get("entity") or None,
-                    name=cfg.get("name") or None, mode=cfg.get("mode") or None, dir=workdir,
-                    id=run_id, resume="allow", config=run_config)
+  return wandb, wandb.init(project=cfg.get("project") or None, entity=cfg.get("entity") or None,
+                           name=cfg.get("name") or None, mode=cfg.get("mode") or None,
+                           dir=workdir, id=run_id, resume="allow", config=run_config)
 
 
 def _jsonable(v):
@@ -270,9 +277,11 @@ def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: 
 # ------------------------------------------------------------------ evaluation during training
 
 
-def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
-  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
-  batches are split over its mesh (every process of a multi-process run must call this)."""
+@functools.lru_cache(maxsize=8)
+def _loss_sums_fn(graphdef):
+  """The jitted held-out loss of one model structure. Cached so that every evaluation of a run
+  reuses one compiled program (jax.jit caches by shapes per function object, and a function
+  defined inside `heldout_losses` was a new object, so a new compile, at every evaluation)."""
 
   @jax.jit
   def loss_sums(state, batch):
@@ -282,6 +291,14 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
     w = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 
+  return loss_sums
+
+
+def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
+  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
+  batches are split over its mesh (every process of a multi-process run must call this).
+  Compiles once per model structure and batch shape, not once per call."""
+  loss_sums = _loss_sums_fn(graphdef)
   out = {}
   for name, batches in batches_by_domain.items():
     total, count = 0.0, 0.0
@@ -493,19 +510,19 @@ def _train(config, workdir: str, mesh, saved_config=None) -> dict:
                               config.train.steps, config, metrics_log, batch_sharding)
   summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if config.export.enabled:
-    host_state = distributed.to_host(model_state)   # a gather: every process joins it
+    # On the training mesh, in every process (the fold's programs and the writer's per-layer
+    # gathers are collectives); the optimizer state is dropped first to make room.
+    from desmoe_jax.export import export_hf
+    opt_state = None
+    model = nnx.merge(graphdef, model_state)
+    model_state = None  # the model now holds the arrays; merging copies replaces some of them
+    fit = [b for batches in eval_sets.values() for b in batches]
+    summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                  tokenizer_dir=config.model.path, fit_batches=fit,
+                                  fold_tokens=config.export.fold_tokens,
+                                  check_tokens=config.export.check_tokens,
+                                  batch_sharding=batch_sharding)
     if is_main:
-      # Process 0 alone runs the export's forward passes (folding the router), so they must
-      # not be partitioned over a mesh that holds other processes' devices: there, the
-      # context is a mesh of one local device.
-      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
-               if jax.process_count() > 1 else contextlib.nullcontext())
-      from desmoe_jax.export import export_hf
-      fit = [b for batches in eval_sets.values() for b in batches]
-      model = nnx.merge(graphdef, host_state)
-      with alone:
-        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                      tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
       if config.export.get("hub_repo"):
