@@ -1,23 +1,85 @@
-r"""The command lines: `desmoe-train` / `python train.py` and `desmoe-eval` / `python eval.py`.
+"""The command lines: `desmoe-train` / `python train.py` and `desmoe-eval` / `python eval.py`, and
+what they share about failing: the user's mistakes are one line each and a documented exit code
+(errors.py), bugs keep their traceback.
 
-`--config` takes a config file (`configs/six_domains.py:tiny`) or a preset name carried by the
-installed package (`six_domains:tiny`), so the installed commands work from any folder;
-`--config.<field>=<value>` overrides a field. `desmoe-eval --workdir=DIR` alone evaluates the run
-with the config it saved there; `--config` replaces that config, and overrides change it.
+* `train_main`, `eval_main`: `--config` takes a config file (`configs/six_domains.py:tiny`) or a
+  preset name carried by the installed package (`six_domains:tiny`), so the installed commands
+  work from any folder; `--config.<field>=<value>` overrides a field. `desmoe-eval --workdir=DIR`
+  alone evaluates the run with the config it saved there; `--config` replaces that config, and
+  overrides change it.
+
+* `parse_flags` (app.run's `flags_parser`): a bad flag, config file, preset or override
+  (`--config.train.stepz=3`, `--config.train.steps=abc`, `--config=...:tinyy`) is one
+  `error:` line and exit 2, instead of absl's "FATAL Flags parsing error" with a traceback
+  embedded in it (or, for a misspelt override, a raw AttributeError traceback).
+* `run`: calls the entry point and turns a `UserError` into its lines and its exit code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from desmoe_jax import run_config
+from desmoe_jax.errors import Preempted, UserError
 
 log = logging.getLogger("desmoe_jax")
+
+
+def _clean(text: str) -> str:
+  """The useful last line of an exception text that may embed a traceback."""
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  for line in reversed(lines):
+    m = re.match(r"^(?:[\w.]+(?:Error|Exception)): (.*)$", line)
+    if m:
+      return m.group(1)
+  return " ".join(lines)
+
+
+def parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = _clean(e)
+  except (AttributeError, KeyError) as e:   # ml_collections: an override of a missing field
+    while e.args and isinstance(e.args[0], BaseException):   # KeyError in AttributeError
+      e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    field, _, hint = text.partition("\n")
+    message = f"--config.*: no config field {field.strip(chr(39))!r}" + (
+        f" ({hint.strip()})" if hint.strip() else "")
+  except (TypeError, ValueError) as e:      # ml_collections: an override of the wrong type
+    message = _clean(e)
+  print(f"error: {message}", file=sys.stderr)
+  print("(pass --helpfull to see every flag)", file=sys.stderr)
+  sys.exit(2)
+
+
+def report(error: UserError) -> int:
+  """Prints `error` (first line prefixed with 'error:', the rest indented); returns its code."""
+  lines = [l for l in str(error).splitlines() if l.strip()] or [type(error).__name__]
+  prefix = "" if isinstance(error, Preempted) else "error: "
+  print(prefix + lines[0], file=sys.stderr)
+  for line in lines[1:]:
+    print("  " + line.strip(), file=sys.stderr)
+  return error.exit_code
+
+
+def run(fn, *args, **kwargs):
+  """fn(*args, **kwargs); a `UserError` becomes its message and `sys.exit(exit_code)`."""
+  try:
+    return fn(*args, **kwargs)
+  except UserError as e:
+    sys.stderr.flush()
+    sys.exit(report(e))
+
+
+# ------------------------------------------------------------------ the commands
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -43,8 +105,19 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
 
 
 def _quiet_logs():
+  from desmoe_jax import checkpoint
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-file chatter
   logging.getLogger("desmoe_jax").setLevel(logging.INFO)
+  checkpoint.quiet_orbax_tracebacks()
+
+
+def _resolved_argv(argv):
+  """argv with preset names resolved; an unknown preset is one `error:` line and exit 2."""
+  try:
+    return resolve_config_arg(sys.argv if argv is None else argv)
+  except ValueError as e:
+    print(f"error: --config: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 # ------------------------------------------------------------------ train
@@ -58,7 +131,7 @@ def train_main(argv: list[str] | None = None):
   desmoe_jax/distributed.py).
   """
   from desmoe_jax import distributed
-  argv = resolve_config_arg(sys.argv if argv is None else argv)
+  argv = _resolved_argv(argv)
   cfg = config_flags.DEFINE_config_file(
       "config", None, "Config file or preset, e.g. configs/six_domains.py:tiny or "
       "six_domains:tiny", lock_config=True, sys_argv=argv)
@@ -72,6 +145,9 @@ def train_main(argv: list[str] | None = None):
       "detect (with --num_processes and --process_id).")
   num_processes = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
   process_id = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+  allow_change = flags.DEFINE_bool(
+      "allow_config_change", False, "Resume even though the config changes the run (steps, "
+      "batch, learning rate, method, schedule, data, model); the differences are printed.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(rest):
@@ -81,14 +157,15 @@ def train_main(argv: list[str] | None = None):
     from desmoe_jax import trainer
     _quiet_logs()
     # Before anything touches a device.
-    distributed.initialize(coordinator.value, num_processes.value, process_id.value,
-                           mode=mode.value)
+    run(distributed.initialize, coordinator.value, num_processes.value, process_id.value,
+        mode=mode.value)
     if jax.process_index() != 0:
       logging.getLogger("desmoe_jax").setLevel(logging.WARNING)  # process 0 tells the story
-    summary = trainer.train(cfg.value, workdir.value)
+    summary = run(trainer.train, cfg.value, workdir.value,
+                  allow_config_change=allow_change.value)
     logging.info("done: %s", summary)
 
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 # ------------------------------------------------------------------ eval
@@ -111,12 +188,16 @@ def eval_main(argv: list[str] | None = None):
   base model (config.model.path); with `--config.eval.lm_eval_tasks`, lm-evaluation-harness
   tasks on both. Prints a table and writes <workdir>/eval/<name>/results.json.
   """
-  argv = resolve_config_arg(sys.argv if argv is None else argv)
+  argv = _resolved_argv(argv)
   workdir_arg, config_arg = _flag_value(argv, "workdir"), _flag_value(argv, "config")
   saved = None
   if workdir_arg and (os.path.isfile(os.path.join(workdir_arg, "config.json"))
                       or os.path.isdir(os.path.join(workdir_arg, "checkpoints"))):
-    saved = run_config.saved_config(workdir_arg)
+    try:
+      saved = run_config.saved_config(workdir_arg)
+    except (OSError, ValueError) as e:
+      print(f"error: --workdir={workdir_arg}: saved config unreadable: {e}", file=sys.stderr)
+      sys.exit(2)
   if config_arg is None and saved is not None:
     cfg = config_flags.DEFINE_config_dict("config", saved, "The run's config (default: the one "
                                           "it saved in --workdir).", lock_config=True,
@@ -146,10 +227,10 @@ def eval_main(argv: list[str] | None = None):
       if changed:
         log.info("--config differs from the config saved in %s in: %s", workdir.value,
                  ", ".join(changed))
-    results, out_dir = evaluate.evaluate_run(
-        cfg.value, workdir.value, step=step.value, hf_dir=hf.value,
+    results, out_dir = run(
+        evaluate.evaluate_run, cfg.value, workdir.value, step=step.value, hf_dir=hf.value,
         with_generation=not no_gen.value, with_base=not no_base.value)
     print(metrics.format_results(results))
     print(f"\nresults: {os.path.join(out_dir, 'results.json')}")
 
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=parse_flags)

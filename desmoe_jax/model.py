@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
+from desmoe_jax import losses
 from desmoe_jax.attention import KVCache, MLAttention, attention_mask
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
@@ -26,13 +28,14 @@ ACTIVATIONS = ("batch", None, None)  # [batch, seq, d_model]: split over the bat
 
 @struct.dataclass
 class ModelOutput:
-  logits: jax.Array                 # [batch, seq, vocab]
+  logits: jax.Array | None          # [batch, seq, vocab]; None with logits=False
   aux_loss: jax.Array               # scalar: DeepSeek balance loss summed over MoE layers
   routing: Routing | None = None    # stacked over MoE layers: [L, batch*seq, ...]; if requested
   kd_loss: jax.Array | None = None  # scalar: ALR distillation loss, mean over MoE layers
   domain_counts: jax.Array | None = None  # [L, D, E] tokens of domain d routed to e (DGES)
   domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
   latents: "ModelCache | None" = None     # per-layer MLA cache contents; if return_latents
+  hidden: jax.Array | None = None   # [batch, seq, d_model] final-norm output; with logits=False
 
 
 @struct.dataclass
@@ -80,10 +83,22 @@ class DecoderLayer(nnx.Module):
     return x_b1d + y, cache
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+_LAYER_INPUT = "moe_layer_input"  # checkpoint_name of a scanned MoE layer's input
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of config.remat (see config.REMAT_POLICIES for what each keeps)."""
+  cp = jax.checkpoint_policies
+  return {
+      "full": None,
+      "dots": cp.dots_with_no_batch_dims_saveable,
+      "dots_offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+      # Only the named layer input is a residual, and it lives on the host; everything else
+      # is recomputed.
+      "full_offload": cp.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=[_LAYER_INPUT],
+          offload_src="device", offload_dst="pinned_host"),
+  }[name]
 
 
 class DeepseekV2ForCausalLM(nnx.Module):
@@ -105,7 +120,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
                return_routing=False, adapt: Adaptation | None = None,
-               return_latents: bool = False) -> ModelOutput:
+               return_latents: bool = False, logits: bool = True) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
@@ -117,6 +132,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
       stacked over layers: statistics of the router inputs without the [L, T, D] array (the
       export's router fold, export.py).
     return_latents: also return what an MLA decode cache stores (see generate.py).
+    logits: False returns the final hidden states (`hidden`) instead of the logits, for a loss
+      that never materialises them (`token_losses`, `model.ce_chunk`).
     """
     cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
@@ -148,8 +165,25 @@ class DeepseekV2ForCausalLM(nnx.Module):
                                            moe=as_cache(moe_latents)))
 
     x = self.norm(x)
+    if not logits:
+      return out.replace(hidden=x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
     return out.replace(logits=constrain(logits, ("batch", None, "vocab")))
+
+  def output_kernel(self):
+    """The output projection [d_model, vocab] (the tied embedding's transpose if tied)."""
+    if self.lm_head is not None:
+      return self.lm_head.kernel[...]
+    return self.embed_tokens.embedding[...].T
+
+  def token_losses(self, out: ModelOutput, tokens_bs):
+    """Next-token cross-entropy [B, S] (position 0 gets 0) of a forward pass made with
+    `logits=not self.config.ce_chunk`: plain from the logits, or chunked from the hidden
+    states (`losses.chunked_token_losses`: never the whole batch's float32 logits)."""
+    if self.config.ce_chunk:
+      return losses.chunked_token_losses(out.hidden, self.output_kernel(), tokens_bs,
+                                         self.config.ce_chunk)
+    return losses.token_losses(out.logits, tokens_bs)
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
                  return_latents=False):
@@ -157,6 +191,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
     graphdef, state = nnx.split(self.moe_layers)
 
     def body(h, layer_state):
+      if self.config.remat == "full_offload":  # every use of h goes through the named copy
+        h = checkpoint_name(h, _LAYER_INPUT)
       layer = nnx.merge(graphdef, layer_state)
       h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
                                          return_latents=return_latents)
@@ -167,7 +203,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
       return h, (routing if return_routing else None, stats, latents)
 
     if self.config.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
+      body = jax.checkpoint(body, policy=remat_policy(self.config.remat))
     x, (routing, stats, latents) = self._over_layers(body, x, state)
     return x, routing, stats, latents
 

@@ -23,11 +23,15 @@ from __future__ import annotations
 import copy
 import os
 
+from desmoe_jax.errors import ConfigError, UserError
+
 PREFIX = "hf://"
 
 
-class SourceError(FileNotFoundError):
-  """A path or hub id named by a config field cannot be used (the message names the field)."""
+class SourceError(UserError, FileNotFoundError):
+  """A path or hub id named by a config field cannot be used (the message names the field):
+  one `error:` line and exit 2 from train.py / eval.py."""
+  exit_code = 2
 
 
 def parse_hub_id(value: str, field: str) -> tuple[str, str | None, str]:
@@ -83,7 +87,7 @@ def select_domains(config) -> None:
   by_name = {d.name: d for d in config.data.domains}
   unknown = [n for n in names if n not in by_name]
   if unknown or len(set(names)) != len(names):
-    raise ValueError(f"config.data.select={select!r}: "
+    raise ConfigError(f"config.data.select={select!r}: "
                      + (f"unknown domain(s) {unknown}" if unknown else "a name is repeated")
                      + f"; domains: {', '.join(by_name)}")
   config.data.domains = [by_name[n] for n in names]

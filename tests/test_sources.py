@@ -103,8 +103,12 @@ def test_every_unusable_source_names_its_field(hub, tmp_path):
     sources.resolve(_config(**{"data.general": "hf://desmoe/qa/nope.txt"}))
   with pytest.raises(sources.SourceError, match="hf://owner/name"):
     sources.resolve(_config(**{"model.path": "hf://just-a-name"}))
-  with pytest.raises(sources.SourceError, match=r"config.model.path='/nowhere/model' does not"):
+  from desmoe_jax.errors import UserError   # validate.py or sources.py: one `error:` line
+  with pytest.raises(UserError, match=r"model.path='/nowhere/model' is not a directory \(a hub "
+                                      r"id needs the prefix hf://\)"):
     trainer.train(_config(**{"model.path": "/nowhere/model"}), str(tmp_path / "w"))
+  with pytest.raises(UserError, match=r"config.data.domains\[0\].train \('math'\)="):
+    trainer.train(_config(**{"data.domains[0].train": "nowhere.jsonl"}), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")                # nothing written before the check
 
 
