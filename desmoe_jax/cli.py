@@ -217,8 +217,10 @@ def eval_main(argv: list[str] | None = None):
     if len(rest) > 1:
       raise app.UsageError(f"unexpected arguments: {rest[1:]}")
     if cfg.value is None:
-      raise app.UsageError(f"--workdir={workdir.value} holds no saved config (config.json or "
-                           "a checkpoint): give --config")
+      where = workdir.value if os.path.isdir(workdir.value) else f"{workdir.value!r} (absent)"
+      print(f"error: --workdir={where} holds no saved config (config.json or checkpoints/): "
+            "give --config", file=sys.stderr)
+      sys.exit(2)
     from desmoe_jax import evaluate, metrics
     _quiet_logs()
     if config_arg is not None and saved is not None:
