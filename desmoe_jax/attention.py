@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from desmoe_jax.config import ModelConfig
+from desmoe_jax.config import ModelConfig, yarn_get_mscale
 from desmoe_jax.layers import Linear, RMSNorm
 
 
@@ -33,15 +33,13 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     factor = cfg.max_position_embeddings / original_max
   mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
 
-  def get_mscale(scale, m=1.0):
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
   attention_factor = rs.get("attention_factor")
   if attention_factor is None:
     if mscale and mscale_all_dim:
-      attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+      attention_factor = float(yarn_get_mscale(factor, mscale)
+                               / yarn_get_mscale(factor, mscale_all_dim))
     else:
-      attention_factor = get_mscale(factor)
+      attention_factor = yarn_get_mscale(factor)
   beta_fast = rs.get("beta_fast") or 32
   beta_slow = rs.get("beta_slow") or 1
 

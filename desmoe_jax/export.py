@@ -1,4 +1,5 @@
-"""Export an adapted model to the plain Hugging Face DeepSeek-V2 layout (transformers / vLLM).
+"""Export an adapted model to the plain Hugging Face DeepSeek-V2 layout (transformers loads it;
+tests/test_export.py checks its logits).
 
 Two DES-MoE additions are not part of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the

@@ -1,4 +1,4 @@
-"""Optimizers for phase-dependent, mask-dependent training (METHOD.md section 3).
+"""Optimizers for phase-dependent, mask-dependent training (docs/METHOD.md section 3).
 
 * Every parameter gets a label (`schedule.LABELS`) from its path. A group never trained in the
   run is `optax.set_to_zero()` and holds no optimizer state at all.

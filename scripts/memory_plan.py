@@ -58,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from desmoe_jax import build  # noqa: E402
 from desmoe_jax import data as data_lib  # noqa: E402
 from desmoe_jax import sharding as sharding_lib  # noqa: E402
 from desmoe_jax import train_step as ts  # noqa: E402
@@ -162,7 +163,7 @@ def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -
   """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
   trainer config's runtime fields (config.model.* other than path); `layers` > 0 replaces
   num_hidden_layers."""
-  runtime = {k: v for k, v in config.model.items() if k != "path"}
+  runtime = build.runtime_fields(config)
   if target != "cpu" and runtime.get("moe_impl") == "auto":
     runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
   if not arch:
