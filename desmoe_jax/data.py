@@ -38,6 +38,8 @@ import warnings
 
 import numpy as np
 
+from desmoe_jax.errors import DataError, DataFileMissing
+
 FORMATS = ("auto", "messages", "prompt_response")
 
 
@@ -56,13 +58,13 @@ class DomainSpec:
 
   def __post_init__(self):
     if self.format not in FORMATS:
-      raise ValueError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
+      raise DataError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
     if not self.weight > 0:
-      raise ValueError(f"domain {self.name!r}: weight={self.weight} must be > 0")
+      raise DataError(f"domain {self.name!r}: weight={self.weight} must be > 0")
     if isinstance(self.max_bad_fraction, bool) or \
         not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
-      raise ValueError(f"domain {self.name!r}: max_bad_fraction={self.max_bad_fraction!r} must "
-                       "be a number in [0, 1]")
+      raise DataError(f"domain {self.name!r}: max_bad_fraction={self.max_bad_fraction!r} must "
+                      "be a number in [0, 1]")
 
 
 class BadRow(ValueError):
@@ -77,14 +79,14 @@ def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int,
   directory's `spec.split`. Hub ids are fetched before this (`sources.resolve`)."""
   path = spec.path
   if not path:
-    raise ValueError(f"domain {spec.name!r}: no data path given")
+    raise DataError(f"domain {spec.name!r}: no data path given")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"domain {spec.name!r}: data file {path} does not exist (a hub "
-                            "dataset needs the prefix hf://)")
+    raise DataFileMissing(f"domain {spec.name!r}: data file {path} does not exist (a hub "
+                          "dataset needs the prefix hf://)")
   if os.path.isdir(path):
     return _directory_rows(spec), []
   if os.path.getsize(path) == 0:
-    raise ValueError(f"domain {spec.name!r}: data file {path} is empty")
+    raise DataError(f"domain {spec.name!r}: data file {path} is empty")
   if path.endswith(".parquet"):
     import datasets
     ds = datasets.load_dataset("parquet", data_files=path, split="train")
@@ -97,8 +99,8 @@ def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int,
       try:
         return [(i + 1, r) for i, r in enumerate(json.loads(text))], []
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a JSON array file is one "
-                         "document, so it cannot be read around the error") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a JSON array file is one "
+                        "document, so it cannot be read around the error") from None
     f.seek(0)
     for line_no, raw in enumerate(f, 1):
       try:
@@ -128,8 +130,8 @@ def decode_text(raw: bytes, path: str) -> str:
   except UnicodeDecodeError as e:
     line = raw.count(b"\n", 0, e.start) + 1
     col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    raise ValueError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not UTF-8 "
-                     f"({e.reason}); re-encode the file as UTF-8") from None
+    raise DataError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                    f"({e.reason}); re-encode the file as UTF-8") from None
 
 
 def _directory_rows(spec):
@@ -137,7 +139,7 @@ def _directory_rows(spec):
   try:
     ds = datasets.load_dataset(spec.path, split=spec.split)
   except ValueError as e:  # e.g. an unknown split: name it
-    raise ValueError(f"domain {spec.name!r}: dataset {spec.path}, split {spec.split!r}: {e}") \
+    raise DataError(f"domain {spec.name!r}: dataset {spec.path}, split {spec.split!r}: {e}") \
         from None
   return [(i + 1, dict(r)) for i, r in enumerate(ds)]
 
@@ -267,8 +269,8 @@ def load_domain(spec: DomainSpec, tokenizer, seq_len: int):
   if report.bad:
     warnings.warn(report.summary(), stacklevel=2)
   if not examples:
-    raise ValueError(f"domain {spec.name!r}: no usable example in {spec.path} "
-                     f"({report.bad_count} bad rows: {report.summary()})")
+    raise DataError(f"domain {spec.name!r}: no usable example in {spec.path} "
+                    f"({report.bad_count} bad rows: {report.summary()})")
   check_bad_fraction(report, spec.max_bad_fraction)
   return examples, report
 
@@ -279,10 +281,10 @@ def check_bad_fraction(report: "DomainReport", max_bad_fraction: float):
   the file (a long-document domain at a short seq_len loses most rows by design)."""
   broken = report.bad_count - len(report.bad.get("over-long", ()))
   if broken > max_bad_fraction * report.rows:
-    raise ValueError(
-        f"domain {report.name!r}: {broken} of {report.rows} rows of {report.path} are "
-        f"bad ({broken / report.rows:.0%}, more than data.max_bad_fraction="
-        f"{max_bad_fraction:g}); fix the file or raise data.max_bad_fraction. "
+    raise DataError(
+       f"domain {report.name!r}: {broken} of {report.rows} rows of {report.path} are "
+       f"bad ({broken / report.rows:.0%}, more than data.max_bad_fraction="
+       f"{max_bad_fraction:g}); fix the file or raise data.max_bad_fraction. "
         + report.summary())
 
 
@@ -386,8 +388,8 @@ class MixtureIterator:
   def restore(self, state: dict):
     sizes = [len(e) for e in self.examples]
     if state["sizes"] != sizes:
-      raise ValueError(f"data position was saved for domains of {state['sizes']} examples, the "
-                       f"data now has {sizes}: the data files changed since the checkpoint")
+      raise DataError(f"data position was saved for domains of {state['sizes']} examples, the "
+                      f"data now has {sizes}: the data files changed since the checkpoint")
     self._rng.bit_generator.state = state["rng"]
     self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
     self._orders = [self._order(d, e) for d, e in enumerate(self._epoch)]
@@ -464,13 +466,13 @@ def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0,
   listed = "; ".join(f"{spec.path}:{line}: {why}" for line, why in problems[:10]) + (
       f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
   if problems and len(problems) > max_bad_fraction * read:
-    raise ValueError(f"domain {spec.name!r}: {len(problems)} of {read} held-out rows of "
-                     f"{spec.path} are bad: {listed}")
+    raise DataError(f"domain {spec.name!r}: {len(problems)} of {read} held-out rows of "
+                    f"{spec.path} are bad: {listed}")
   if problems:
     warnings.warn(f"{spec.path}: {len(problems)} eval rows skipped for domain {spec.name!r}: "
                   + listed, stacklevel=2)
   if not out:
-    raise ValueError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
+    raise DataError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
   return out
 
 
@@ -489,8 +491,8 @@ def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: 
     except BadRow:
       continue  # over-long held-out examples do not fit the model's context: not scored
   if not tokenized:
-    raise ValueError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
-                     f"seq_len={seq_len}")
+    raise DataError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
+                    f"seq_len={seq_len}")
   return pack_once(tokenized, seq_len, batch_size, max_batches)
 
 
@@ -499,11 +501,11 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   """Plain text (e.g. held-out general text) cut into full rows: bos + seq_len - 1 tokens,
   every token but the first a target; at most `max_batches` batches (0: the whole text)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"general text file {path} does not exist")
+    raise DataFileMissing(f"general text file {path} does not exist")
   with open(path, "rb") as f:
     text = decode_text(f.read(), path)
   if not text.strip():
-    raise ValueError(f"general text file {path} is empty")
+    raise DataError(f"general text file {path} is empty")
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   n = seq_len - len(bos)
@@ -511,7 +513,7 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   if max_batches:
     rows = rows[:max_batches * batch_size]
   if not rows:
-    raise ValueError(f"{path} has fewer than {seq_len} tokens")
+    raise DataError(f"{path} has fewer than {seq_len} tokens")
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
