@@ -86,10 +86,17 @@ class ModelConfig:
   # --- runtime choices (not part of the checkpoint) ---
   dtype: str = "float32"                  # activation / compute dtype
   param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
-  moe_impl: str = "auto"                  # "auto" | "dense" | "ragged" | "tiled" (see moe.py)
+  # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (see moe.py). "auto": "tiled" on CPU;
+  # "tokamax" on TPU (verified compile-only: Mosaic kernels, no dense-fallback dot, CPU numerics
+  # of its TPU kernel in interpret mode); "ragged" on GPU until bench/accel.py has run there.
+  moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see expert_parallel.py
-  attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
+  # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
+  # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see attention.py). Not in
+  # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
+  # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.
+  attention_impl: str = "einsum"
   scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
   remat: str = "none"                     # one of REMAT_POLICIES: what a MoE layer's backward recomputes
   ce_chunk: int = 0                       # >0: cross-entropy over sequence chunks of this many
@@ -112,12 +119,14 @@ class ModelConfig:
     if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
       problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                       f"[1, n_routed_experts={self.n_routed_experts}]")
-    if self.moe_impl not in ("auto", "dense", "ragged", "tiled"):
-      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tiled')")
+    if self.moe_impl not in ("auto", "dense", "ragged", "tokamax", "tiled"):
+      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tokamax', "
+                      "'tiled')")
     if self.expert_parallel not in ("compiler", "shard_map"):
       problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
-    if self.attention_impl not in ("einsum", "jax"):
-      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax')")
+    if self.attention_impl not in ("einsum", "jax", "tokamax"):
+      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax', "
+                      "'tokamax')")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} (one of {', '.join(map(repr, REMAT_POLICIES))})")
     if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:

@@ -42,6 +42,10 @@ class OptimConfig:
   name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
   moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16"
   host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
+  # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
+  # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
+  # and the trainer's finiteness checks stop the run).
+  skip_nonfinite_updates: int = 0
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):

@@ -79,9 +79,21 @@ def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_pha
 
 def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
   """The optax transform of `phase`. Every phase's shares one state structure, so the state
-  made by `init_optimizer` (any phase) serves them all."""
-  return optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
-                               method_cfg.trainable_ever())
+  made by `init_optimizer` (any phase) serves them all. With `skip_nonfinite_updates`, the
+  whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
+  update was skipped)."""
+  tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
+                             method_cfg.trainable_ever())
+  if optim_cfg.skip_nonfinite_updates:
+    tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
+  return tx
+
+
+def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
+  """Whether `apply_if_finite` skipped the update that produced `opt_state` (False if off)."""
+  if not optim_cfg.skip_nonfinite_updates:
+    return jnp.asarray(False)
+  return ~opt_state.last_finite & (opt_state.notfinite_count <= optim_cfg.skip_nonfinite_updates)
 
 
 def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state):
@@ -308,6 +320,10 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       due = (step + 1) % cfg.dges.update_every == 0
       new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
                                                                      cfg.dges.score), mask)
+    skipped = update_skipped(new_opt_state, optim_cfg)
+    if optim_cfg.skip_nonfinite_updates:  # a skipped step leaves the routing statistics too
+      new_corr = jnp.where(skipped, corr, new_corr)
+      new_mask = jnp.where(skipped, mask, new_mask)
     new_state = _set(state, ("moe_layers", "mlp", "correlation"), new_corr)
     new_state = _set(new_state, ("moe_layers", "mlp", "expert_mask"), new_mask)
 
@@ -329,6 +345,9 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
         "learning_rate": lr_schedule(step),
         "phase": jnp.asarray(phase, jnp.int32),
     }
+    if optim_cfg.skip_nonfinite_updates:
+      metrics["update_skipped"] = skipped
+      metrics["skipped_updates"] = new_opt_state.total_notfinite   # over the whole run
     return nnx.merge_state(new_params, new_state), new_opt_state, metrics
 
   return step_fn

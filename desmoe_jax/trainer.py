@@ -12,11 +12,22 @@ Work directory layout:
 
 In a multi-process run every process calls `train` (desmoe_jax/distributed.py); process 0 alone
 writes the files above, and all of them write the checkpoints, through orbax.
+
+Reliability (docs/RELIABILITY.md lists every fault tried and the test that holds it):
+* the whole config is validated (validate.py) before anything is loaded;
+* a resumed run must agree with its checkpoint on the config (resume.py; `allow_config_change`
+  overrides) and on the tokenizer; metrics records and TensorBoard events written after the
+  restored step are dropped, so a resumed run's logs have each step once;
+* SIGTERM / SIGINT (or the cluster's preemption sync on multi-process runs) save the current
+  step, wait for it and raise `errors.Preempted` (preemption.py);
+* before each save, one jitted reduction checks parameters, optimizer state and the gradient
+  norm for NaN/inf: a non-finite state is never saved, and `TrainingDiverged` names the last
+  checkpoint that is finite;
+* a failed save stops the run after the step it is noticed in (`errors.SaveFailed`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -34,12 +45,16 @@ from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import distributed
 from desmoe_jax import esft as esft_lib
+from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import train_step as ts
+from desmoe_jax import validate as validate_lib
+from desmoe_jax.errors import ConfigError, Preempted, TrainingDiverged
 from desmoe_jax.convert import from_pretrained
 from desmoe_jax.esft import EsftConfig
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
 from desmoe_jax.optim import OptimConfig
+from desmoe_jax.preemption import PreemptionGuard
 from desmoe_jax.router import AlrConfig
 from desmoe_jax.schedule import PHASE_NAMES, ScheduleConfig
 from desmoe_jax.specialization import DgesConfig
@@ -47,10 +62,6 @@ from desmoe_jax.specialization import DgesConfig
 log = logging.getLogger("desmoe_jax")
 
 PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (METHOD.md)
-
-
-class TrainingDiverged(RuntimeError):
-  """A non-finite loss; the last checkpoint written before it is intact."""
 
 
 # ------------------------------------------------------------------ config -> library objects
@@ -71,6 +82,7 @@ def optim_config(config) -> OptimConfig:
   kw = config.optim.to_dict()
   if kw["learning_rate"] < 0:
     kw["learning_rate"] = PAPER_LR.get(config.method, 1e-4)
+  kw["skip_nonfinite_updates"] = int(config.train.get("skip_nonfinite_updates", 0))
   return OptimConfig(**kw)
 
 
@@ -80,13 +92,13 @@ def step_config(config) -> ts.StepConfig:
                            precision=config.train.precision, seed=config.seed)
   want = {"fp32_master": "float32", "bf16_sr": "bfloat16"}[step_cfg.precision]
   if config.model.param_dtype != want:
-    raise ValueError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
+    raise ConfigError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
                      f"model.param_dtype={config.model.param_dtype!r}: set "
                      f"--config.model.param_dtype={want}, or pick the other train.precision "
                      f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
   if config.data.batch_size % step_cfg.microbatches:
-    raise ValueError(f"train.microbatches={step_cfg.microbatches} does not divide "
-                     f"data.batch_size={config.data.batch_size}")
+    raise ConfigError(f"train.microbatches={step_cfg.microbatches} does not divide "
+                      f"data.batch_size={config.data.batch_size}")
   return step_cfg
 
 
@@ -108,42 +120,48 @@ def check_microbatch_split(step_cfg: ts.StepConfig, batch_size: int, batch_shard
 
 
 def check_config(config):
-  """Fails before anything heavy happens, naming the field to set."""
-  if not config.model.path:
-    raise ValueError("config.model.path is empty: set --config.model.path=/path/to/"
-                     "DeepSeek-V2-Lite (a Hugging Face directory with config.json, safetensors "
-                     "and tokenizer), or use the embedded model with --config=configs/"
-                     "six_domains.py:tiny")
-  if not os.path.isdir(config.model.path):
-    raise FileNotFoundError(f"config.model.path={config.model.path!r} is not a directory")
-  if not config.data.domains:
-    raise ValueError("config.data.domains is empty: give at least one domain")
-  for i, d in enumerate(config.data.domains):
-    if not d.train:
-      raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
-  if config.train.steps < 1:
-    raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
+  """Fails before anything heavy happens with a `ConfigError` naming every bad field
+  (validate.py), then checks what relates fields to the train step (`step_config`)."""
+  validate_lib.validate(config)
   step_config(config)
 
 
 def domain_specs(config, split: str = "train") -> list:
   return [data_lib.DomainSpec(name=d.name, path=getattr(d, split), format=d.format,
-                              weight=d.weight) for d in config.data.domains]
+                              weight=d.weight,
+                              max_bad_fraction=config.data.get("max_bad_fraction", 0.1))
+          for d in config.data.domains]
 
 
 # ------------------------------------------------------------------ logging
 
 
 class MetricsLog:
-  """JSON lines + TensorBoard, written by process 0 only."""
+  """JSON lines + TensorBoard, written by process 0 only.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Resuming from step N (`resume_step`) first drops what the interrupted run logged after its
+  checkpoint: metrics.jsonl is cut back to `resume_offset` (its size when checkpoint N was
+  saved) or, for a checkpoint that did not record it, to the records of steps <= N; TensorBoard
+  purges events after N (`purge_step`). The replayed steps are then logged once, not twice.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+               resume_offset: int | None = None):
     self.enabled = enabled
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.dropped = 0
+    if enabled and resume_step is not None and os.path.exists(self.path):
+      self.dropped = truncate_records(self.path, resume_step, resume_offset)
+    self._file = open(self.path, "a") if enabled else None
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                               purge_step=None if resume_step is None else resume_step + 1)
+
+  def offset(self) -> int | None:
+    """Bytes of metrics.jsonl written so far (stored with each checkpoint)."""
+    return self._file.tell() if self.enabled else None
 
   def write(self, step: int, record: dict[str, Any], domain_names=()):
     if not self.enabled:
@@ -166,6 +184,32 @@ class MetricsLog:
     if self.enabled:
       self._file.close()
       self._tb.close()
+
+
+def truncate_records(path: str, step: int, offset: int | None = None) -> int:
+  """Cuts metrics.jsonl back to what was written up to checkpoint `step`; returns how many
+  records were dropped."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if offset is not None and 0 <= offset <= len(data) and (offset == 0 or data[offset - 1:offset]
+                                                          == b"\n"):
+    kept = data[:offset]
+  else:  # no (usable) offset: keep the records of steps up to `step`
+    lines = data.splitlines(keepends=True)
+    kept = b"".join(l for l in lines if _record_step(l) is not None and _record_step(l) <= step)
+  dropped = data[len(kept):].count(b"\n") if data.startswith(kept) else (
+      data.count(b"\n") - kept.count(b"\n"))
+  if kept != data:
+    with open(path, "wb") as f:
+      f.write(kept)
+  return dropped
+
+
+def _record_step(line: bytes) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def _jsonable(v):
@@ -235,9 +279,11 @@ def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: 
 # ------------------------------------------------------------------ evaluation during training
 
 
-def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
-  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
-  batches are split over its mesh (every process of a multi-process run must call this)."""
+@functools.lru_cache(maxsize=8)
+def _loss_sums_fn(graphdef):
+  """The jitted held-out loss of one model structure. Cached so that every evaluation of a run
+  reuses one compiled program (jax.jit caches by shapes per function object, and a function
+  defined inside `heldout_losses` was a new object, so a new compile, at every evaluation)."""
 
   @jax.jit
   def loss_sums(state, batch):
@@ -247,6 +293,14 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
     w = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 
+  return loss_sums
+
+
+def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
+  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
+  batches are split over its mesh (every process of a multi-process run must call this).
+  Compiles once per model structure and batch shape, not once per call."""
+  loss_sums = _loss_sums_fn(graphdef)
   out = {}
   for name, batches in batches_by_domain.items():
     total, count = 0.0, 0.0
@@ -262,17 +316,84 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 # ------------------------------------------------------------------ the run
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
+def train(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) the training described by `config` in `workdir`; returns a summary.
+
+  Raises `errors.ConfigError` (bad setting, or a resume whose config changed what the run
+  computes; `allow_config_change=True` accepts such changes), `errors.Preempted` (SIGTERM /
+  SIGINT: the current step was saved), `errors.TrainingDiverged`, `errors.SaveFailed`.
+  """
   check_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh):  # read by expert_parallel="shard_map" and sharding.constrain
-    return _train(config, workdir, mesh)
+  try:
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise ConfigError(f"mesh={dict(config.mesh)}: {e}") from e
+  with jax.set_mesh(mesh), PreemptionGuard() as guard:  # mesh: read by shard_map / constrain
+    return _train(config, workdir, mesh, guard, allow_config_change)
 
 
-def _train(config, workdir: str, mesh) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+def _open_run(config, workdir: str, allow_config_change: bool):
+  """Work directory, checkpoints and tokenizer, checked against an existing run before any
+  model is loaded. Returns (checkpointer, tokenizer, fingerprint, latest meta or None)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r}: cannot create it ({e})") from e
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=config.train.keep_checkpoints,
+                                      async_save=config.train.async_checkpoint)
+  try:
+    tokenizer, fingerprint, meta = _check_resume(config, checkpoints, allow_config_change)
+  except BaseException:
+    checkpoints.close()
+    raise
+  return checkpoints, tokenizer, fingerprint, meta
+
+
+def _check_resume(config, checkpoints, allow_config_change: bool):
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  fingerprint = resume_lib.tokenizer_fingerprint(tokenizer)
+  meta = None
+  if checkpoints.latest_step() is not None:
+    meta = checkpoints.read_meta()
+    where = checkpoints.path(checkpoints.latest_step())
+    if meta.get("method") != config.method and not allow_config_change:
+      raise ConfigError(f"{where} holds a {meta.get('method')!r} run; config.method="
+                        f"{config.method!r} (another --workdir starts a new run)")
+    changes = resume_lib.config_changes(meta.get("config", {}),
+                                        json.loads(config.to_json_best_effort()))
+    for line in resume_lib.describe(changes):
+      log.info("config changed since %s: %s", where, line)
+    altering = resume_lib.run_altering(changes)
+    if altering and not allow_config_change:
+      raise ConfigError(
+          f"resuming {where} with a config that changes the run "
+          f"({len(altering)} field{'s' if len(altering) > 1 else ''}); rerun with "
+          "--allow_config_change to accept, or use another --workdir:\n"
+          + "\n".join(resume_lib.describe(altering)))
+    stored = meta.get("tokenizer")
+    if stored is not None and stored != fingerprint:
+      raise ConfigError(f"the tokenizer in model.path={config.model.path!r} is not the one "
+                        f"{where} was trained with (fingerprint {fingerprint[:19]} vs "
+                        f"{stored[:19]}: vocabulary, merges, special tokens or chat template "
+                        "differ)")
+  return tokenizer, fingerprint, meta
+
+
+def _train(config, workdir: str, mesh, guard: PreemptionGuard, allow_config_change: bool) -> dict:
   is_main = jax.process_index() == 0
+  checkpoints, tokenizer, fingerprint, resume_meta = _open_run(config, workdir,
+                                                               allow_config_change)
+  try:
+    return _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
+                is_main)
+  finally:
+    checkpoints.close()
+
+
+def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
+         is_main) -> dict:
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -284,11 +405,9 @@ def _train(config, workdir: str, mesh) -> dict:
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
       remat=config.model.remat, scan_layers=config.model.scan_layers,
       expert_parallel=config.model.expert_parallel, ce_chunk=config.model.ce_chunk)
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   if tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f"tokenizer in {config.model.path} has {tokenizer.vocab_size} tokens, the "
-                     f"model's vocab_size is {model.config.vocab_size}")
+    raise ConfigError(f"tokenizer in {config.model.path} has {tokenizer.vocab_size} tokens, the "
+                      f"model's vocab_size is {model.config.vocab_size}")
 
   train_specs = domain_specs(config, "train")
   train_iter = data_lib.MixtureIterator(train_specs, tokenizer, seq_len=config.data.seq_len,
@@ -315,43 +434,85 @@ def _train(config, workdir: str, mesh) -> dict:
   opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms), out_shardings=opt_shardings)(
       model_state)
 
-  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      max_to_keep=config.train.keep_checkpoints,
-                                      async_save=config.train.async_checkpoint)
+  # One jitted reduction over parameters, optimizer state and gradient norm; replicated, so
+  # every process reads the same answer.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_finite = jax.jit(ckpt_lib.all_finite, out_shardings=replicated)
+
   start, last_phase = 0, mc.phase(0)
-  if checkpoints.latest_step() is not None:
+  if resume_meta is not None:
     model_state, opt_state, meta = checkpoints.restore(
         ckpt_lib.abstract_like(model_state, state_shardings),
         ckpt_lib.abstract_like(opt_state, opt_shardings))
-    if meta.get("method") != config.method:
-      raise ValueError(f"{checkpoints.directory} holds a {meta.get('method')!r} run; "
-                       f"config.method={config.method!r}")
+    if not bool(state_finite((model_state, opt_state))):
+      raise TrainingDiverged(
+          f"{checkpoints.path(meta['step'])} holds non-finite values (written before saves "
+          "were checked); move it away to resume from the checkpoint before it")
     train_iter.restore(meta["data"])
     start, last_phase = int(meta["step"]), int(meta["phase"])
     log.info("resumed from step %d", start)
 
-  metrics_log = MetricsLog(workdir, enabled=is_main)
+  metrics_log = MetricsLog(workdir, enabled=is_main,
+                           resume_step=start if resume_meta is not None else None,
+                           resume_offset=resume_meta.get("metrics_offset") if resume_meta else None)
+  if metrics_log.dropped:
+    log.info("dropped %d metrics records logged after step %d by the interrupted run",
+             metrics_log.dropped, start)
   eval_sets = _eval_loss_batches(config, tokenizer)
   compiled: dict[int, Any] = {}
   pending_finite = []           # device scalars: loss finite, since the last host check
+  last_grad_norm = jnp.zeros((), jnp.float32)
   tokens_seen, t_last, step_last = 0, time.perf_counter(), start
   summary: dict[str, Any] = {"start_step": start}
   progress = _progress(start, config.train.steps, is_main)
 
+  def last_good() -> str:
+    checkpoints.wait()   # a save still running was checked before it started: let it commit
+    return checkpoints.describe_last_good()
+
   def check_finite(upto_step):
     if config.train.nan_check and pending_finite and not bool(jnp.all(jnp.stack(pending_finite))):
+      first = upto_step - len(pending_finite) + 1
+      pending_finite.clear()
       raise TrainingDiverged(
-          f"non-finite loss between steps {upto_step - len(pending_finite) + 1} and {upto_step}; "
-          f"the last good checkpoint ({checkpoints.latest_step()}) in {checkpoints.directory} "
-          "is intact. Lower optim.learning_rate or check the data.")
+          f"non-finite loss between steps {first} and {upto_step}; "
+          f"{last_good()} (intact). Lower optim.learning_rate, check the data, or set "
+          "train.skip_nonfinite_updates.")
     pending_finite.clear()
+
+  def check_state_finite(step_done):
+    """Parameters, optimizer state and the last gradient norm: all finite, or no save."""
+    if bool(state_finite((model_state, opt_state, last_grad_norm))):
+      return
+    flags = distributed.to_host(jax.jit(ckpt_lib.nonfinite_leaves)(
+        {"model": model_state, "opt_state": opt_state, "grad_norm": last_grad_norm}))
+    bad = [k for k, ok in flags.items() if not ok]
+    raise TrainingDiverged(
+        f"non-finite values at step {step_done} in {len(bad)} arrays ({', '.join(bad[:3])}"
+        f"{', ...' if len(bad) > 3 else ''}) with a finite loss: not saved; {last_good()}, "
+        "whose state is finite. Lower optim.learning_rate or check the data.")
 
   def save(step_done):
     check_finite(step_done)
+    check_state_finite(step_done)
     meta = {"method": config.method, "phase": mc.phase(max(step_done - 1, 0)),
-            "data": train_iter.state(), "seed": config.seed,
+            "data": train_iter.state(), "seed": config.seed, "finite": True,
+            "tokenizer": fingerprint, "metrics_offset": metrics_log.offset(),
             "config": json.loads(config.to_json_best_effort())}
     checkpoints.save(step_done, model_state, opt_state, meta)
+
+  def stop_if_preempted(step_done):
+    if not guard.reached(step_done, checkpoints):
+      return
+    if checkpoints.latest_step() != step_done:
+      save(step_done)
+    checkpoints.wait()
+    log.warning("preempted at step %d (%s): checkpoint %s committed; rerun the same command "
+                "to resume", step_done, guard.signal_name, checkpoints.path(step_done))
+    metrics_log.close()
+    raise Preempted(f"preempted at step {step_done} by {guard.signal_name}; "
+                    f"{checkpoints.path(step_done)} is committed: rerun the same command to "
+                    "resume", step_done)
 
   try:
     for step in range(start, config.train.steps):
@@ -372,9 +533,14 @@ def _train(config, workdir: str, mesh) -> dict:
       batch = distributed.global_batch(next(train_iter), batch_sharding)
       model_state, opt_state, metrics = compiled[phase](model_state, opt_state, batch,
                                                         jnp.asarray(step, jnp.int32))
-      pending_finite.append(jnp.isfinite(metrics["loss"]))
+      finite = jnp.isfinite(metrics["loss"])
+      if "update_skipped" in metrics:   # train.skip_nonfinite_updates: a skipped step is fine
+        finite = finite | metrics["update_skipped"]
+      pending_finite.append(finite)
+      last_grad_norm = metrics["grad_norm"]
       tokens_seen += int(np.prod(batch["tokens"].shape))
       done = step + 1
+      checkpoints.poll()                # a background save that failed stops the run here
       if done % config.train.log_every == 0 or done == config.train.steps:
         check_finite(done)
         now = time.perf_counter()
@@ -391,31 +557,31 @@ def _train(config, workdir: str, mesh) -> dict:
                   batch_sharding)
       if done % config.train.checkpoint_every == 0 and done < config.train.steps:
         save(done)
+      stop_if_preempted(done)
     final = config.train.steps
     if checkpoints.latest_step() != final:
       save(final)
     checkpoints.wait()
   finally:
     progress.close()
-    checkpoints.close()
 
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)
   summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if config.export.enabled:
-    host_state = distributed.to_host(model_state)   # a gather: every process joins it
+    # On the training mesh, in every process (the fold's programs and the writer's per-layer
+    # gathers are collectives); the optimizer state is dropped first to make room.
+    from desmoe_jax.export import export_hf
+    opt_state = None
+    model = nnx.merge(graphdef, model_state)
+    model_state = None  # the model now holds the arrays; merging copies replaces some of them
+    fit = [b for batches in eval_sets.values() for b in batches]
+    summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                  tokenizer_dir=config.model.path, fit_batches=fit,
+                                  fold_tokens=config.export.fold_tokens,
+                                  check_tokens=config.export.check_tokens,
+                                  batch_sharding=batch_sharding)
     if is_main:
-      # Process 0 alone runs the export's forward passes (folding the router), so they must
-      # not be partitioned over a mesh that holds other processes' devices: there, the
-      # context is a mesh of one local device.
-      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
-               if jax.process_count() > 1 else contextlib.nullcontext())
-      from desmoe_jax.export import export_hf
-      fit = [b for batches in eval_sets.values() for b in batches]
-      model = nnx.merge(graphdef, host_state)
-      with alone:
-        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                      tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
     # The others wait here rather than in the runtime's shutdown barrier, which times out.
