@@ -455,7 +455,9 @@ def stage_train_jax(out: Out, preset: dict, moe_impl: str, attention_impl: str):
       batch_sh = sharding_lib.batch_sharding(mesh)
       bsh = {k: batch_sh for k in batch}
       bsh["domain_id"] = sharding_lib.batch_sharding(mesh, ndim=1)
-      step = ts.jit_train_step(graphdef, mc, oc, phase, state_sh, opt_sh, bsh)
+      # bfloat16 weights (param_dtype above): the paper preset's precision, stochastic rounding.
+      step = ts.jit_train_step(graphdef, mc, oc, phase, state_sh, opt_sh, bsh,
+                               ts.StepConfig(precision="bf16_sr"))
       t0 = time.perf_counter()
       compiled = step.lower(state, opt, batch, jnp.asarray(500)).compile()
       compile_s = time.perf_counter() - t0

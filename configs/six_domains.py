@@ -9,4 +9,4 @@ package carries them, so that `desmoe-train --config=six_domains:tiny` works fro
 This file is the same preset under its documented path.
 """
 
-from desmoe_jax.configs.six_domains import DOMAINS, METRICS, get_config  # noqa: F401
+from desmoe_jax.configs.six_domains import DOMAINS, MACHINES, METRICS, get_config  # noqa: F401
