@@ -68,7 +68,8 @@ def main(argv=None):
   import numpy as np
 
   import moe_layer
-  from desmoe_jax import expert_parallel, sharding
+  from desmoe_jax import sharding
+  from desmoe_jax.moe import expert_parallel
 
   sh = dict(moe_layer.PRESETS[args.preset])
   if args.preset == "cpu":  # moe_layer.py's 2048 tokens as 8 sequences: the batch is split

@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from desmoe_jax import moe as moe_lib  # noqa: E402
+from desmoe_jax.moe import block as moe_lib  # noqa: E402
 from desmoe_jax.config import ModelConfig  # noqa: E402
 
 PRESETS = {
@@ -335,7 +335,7 @@ def minor_faults_per_call(fn, calls=5):
 
 def profile(shapes, w, dtype, tile_size, reps, torch_impls):
   """Where the time goes: per-phase forward+backward times of the JAX default and of torch."""
-  from desmoe_jax import gmm
+  from desmoe_jax.moe import gmm
   from desmoe_jax.router import select_experts
 
   step, _, params, x, layer = build_jax(shapes, w, "auto", dtype, tile_size)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.convert import save_pretrained
-from desmoe_jax.layers import stack_modules
+from desmoe_jax.nn.layers import stack_modules
 from desmoe_jax.router import AdaptiveRouter, TopKRouter
 from desmoe_jax.specialization import merge_copies
 

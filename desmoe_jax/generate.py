@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from desmoe_jax.attention import KVCache
+from desmoe_jax.nn.attention_mla import KVCache
 from desmoe_jax.model import ModelCache
 
 

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from desmoe_jax.attention import KVCache, MLAttention, attention_mask
+from desmoe_jax.nn.attention_mla import KVCache, MLAttention, attention_mask
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
-from desmoe_jax.moe import Adaptation, MoE
+from desmoe_jax.nn.layers import MLP, Embed, Linear, RMSNorm, stack_modules
+from desmoe_jax.moe.block import Adaptation, MoE
 from desmoe_jax.router import Routing
 from desmoe_jax.sharding import constrain
 

@@ -15,7 +15,7 @@ from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.distributed import to_host
-from desmoe_jax.layers import normal_init, param, stack_modules
+from desmoe_jax.nn.layers import normal_init, param, stack_modules
 
 
 @struct.dataclass

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from desmoe_jax import optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
-from desmoe_jax.moe import Adaptation
+from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.router import kd_lambda
 from desmoe_jax.schedule import WARMUP
 

@@ -16,7 +16,9 @@ from flax import nnx
 from helpers import batch as make_batch
 from helpers import tiny_model
 
-from desmoe_jax import expert_parallel, moe, optim, sharding, specialization
+from desmoe_jax import optim, sharding, specialization
+from desmoe_jax.moe import block as moe
+from desmoe_jax.moe import expert_parallel
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
 from desmoe_jax.specialization import DgesConfig

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.moe import MoE, expert_outputs
+from desmoe_jax.moe.block import MoE, expert_outputs
 from desmoe_jax.router import balance_loss, select_experts
 
 E, D, F = 6, 16, 12

@@ -10,7 +10,7 @@ from helpers import batch, tiny_model
 from desmoe_jax import specialization as sp
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import MethodConfig, prepare_model
-from desmoe_jax.moe import Adaptation
+from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.optim import OptimConfig
 
 

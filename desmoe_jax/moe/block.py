@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from desmoe_jax import expert_parallel, gmm
+from desmoe_jax.moe import expert_parallel, gmm
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import MLP, normal_init, param
+from desmoe_jax.nn.layers import MLP, normal_init, param
 from desmoe_jax.router import AdaptiveRouter, Routing, TopKRouter, balance_loss, select_experts
 from desmoe_jax.specialization import domain_expert_counts
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import Linear, RMSNorm
+from desmoe_jax.nn.layers import Linear, RMSNorm
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
