@@ -1,4 +1,4 @@
-"""Export an adapted model to the plain Hugging Face DeepSeek-V2 layout (transformers / vLLM).
+"""Export an adapted model to the plain Hugging Face layout of its family (transformers / vLLM).
 
 Two DES-MoE additions are not part of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the
@@ -24,7 +24,8 @@ from flax import nnx
 
 from desmoe_jax.convert import save_pretrained
 from desmoe_jax.nn.layers import stack_modules
-from desmoe_jax.router import AdaptiveRouter, TopKRouter
+from desmoe_jax.moe.routing import LinearRouter
+from desmoe_jax.router import AdaptiveRouter
 from desmoe_jax.specialization import merge_copies
 
 
@@ -46,7 +47,7 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75) -> dict:
   `batches`: held-out packed batches (tokens, segment_ids, positions). The first
   `fit_fraction` of them fit W; the rest measure the folded model against the adapted one.
   """
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   if not isinstance(moe.gate, AdaptiveRouter):
     return {"router": "linear (nothing to fold)"}
   if len(batches) < 2:
@@ -69,7 +70,7 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75) -> dict:
   check = batches[n_fit:]
   adapted = [routing_fn(state, b) for b in check]
   cfg = model.config
-  moe.gate = stack_modules([TopKRouter(cfg, rngs=nnx.Rngs(0)) for _ in range(w.shape[0])])
+  moe.gate = stack_modules([LinearRouter(cfg, rngs=nnx.Rngs(0)) for _ in range(w.shape[0])])
   moe.gate.weight[...] = jnp.asarray(w)
   graphdef, state = nnx.split(model)
   routing_fn = jax.jit(lambda st, b: _routing(nnx.merge(graphdef, st), b))
@@ -94,14 +95,14 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75) -> dict:
 
 def export_hf(model, path: str, *, tokenizer_dir: str | None, fit_batches: list[dict],
               dtype=None) -> dict:
-  """Writes `path` in the HF DeepSeek-V2 layout (merging copies, folding the ALR) and a
-  `desmoe_export.json` report next to it. `model` is modified in place."""
-  report = {"merged_expert_copies": model.moe_layers.mlp.expert_copies is not None}
+  """Writes `path` in the HF layout of the model's family (merging copies, folding the ALR) and
+  a `desmoe_export.json` report next to it. `model` is modified in place."""
+  des = model.moe_blocks().des
+  report = {"merged_expert_copies": des is not None and des.expert_copies is not None}
   merge_copies(model)
   report.update(fold_router(model, fit_batches))
   # DES-MoE state (correlation, masks) is not part of the HF architecture: drop it.
-  model.moe_layers.mlp.correlation = None
-  model.moe_layers.mlp.expert_mask = None
+  model.moe_blocks().des = None
   save_pretrained(model, path, dtype=dtype, tokenizer_dir=tokenizer_dir)
   with open(os.path.join(path, "desmoe_export.json"), "w") as f:
     json.dump(report, f, indent=2)

@@ -1,7 +1,9 @@
 """Optimizers for phase-dependent, mask-dependent training (METHOD.md section 3).
 
-* Every parameter gets a label (`schedule.LABELS`) from its path. A group never trained in the
-  run is `optax.set_to_zero()` and holds no optimizer state at all.
+* Every parameter's label (`schedule.LABELS`) is its `group` metadata, set by the module that
+  creates it (routers, routed experts, shared experts; none = backbone): no path is parsed, so
+  every family's layout gets the same groups. A group never trained in the run is
+  `optax.set_to_zero()` and holds no optimizer state at all.
 * A group trained in some phases only is wrapped by `hold`: in a phase that freezes it, its
   update is zero and its state (moments, count) is carried unchanged, so all phases share one
   optimizer-state structure and a checkpoint restores into any phase.
@@ -42,31 +44,21 @@ class OptimConfig:
       raise ValueError(f"optim.schedule={self.schedule!r}: expected linear, cosine or constant")
 
 
-def label_of(path) -> str:
-  """Parameter group of one parameter, from its NNX state path."""
-  names = [str(p) for p in path]
-  if names[0] == "moe_layers" and names[1] == "mlp":
-    group = names[2]
-    if group == "gate":
-      return "router"
-    if group in ("experts", "expert_copies"):
-      return "routed_experts"
-    if group == "shared_experts":
-      return "shared_experts"
-  return "backbone"
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def label_of(variable: nnx.Variable) -> str:
+  """Parameter group of one parameter: its `group` metadata (nn/layers.py), else backbone."""
+  label = variable.get_metadata().get("group") or "backbone"
+  if label not in LABELS:
+    raise ValueError(f"parameter group {label!r} is not one of {LABELS}")
+  return label
 
 
 def param_labels(params):
-  """Tree of labels with the structure of `params` (a callable for optax.multi_transform)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: label_of(tuple(_key(p) for p in path)), params)
-
-
-def _key(entry):
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return entry
+  """Tree of labels, a prefix of `params` (a callable for optax.multi_transform)."""
+  return jax.tree.map(label_of, params, is_leaf=_is_variable)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -101,10 +93,14 @@ def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExt
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def _expert_mask_for(path, leaf, masks):
-  """Per-expert mask broadcastable to `leaf` ([L, E, ...] experts or [L, C, ...] copies)."""
-  names = [str(_key(p)) for p in path]
-  m = masks.get("expert_copies" if "expert_copies" in names else "experts")
+def _expert_mask_for(variable, masks):
+  """Per-expert mask broadcastable to a routed-expert Variable ([L, E, ...] experts, or
+  [L, C, ...] duplicated copies: `expert_bank` metadata), None for any other Variable."""
+  meta = variable.get_metadata()
+  if meta.get("group") != "routed_experts":
+    return None
+  m = masks.get(meta.get("expert_bank", "experts"))
+  leaf = variable.get_value()
   if m is None or leaf.ndim < 2 or leaf.shape[:2] != m.shape:
     return None
   return m.reshape(m.shape + (1,) * (leaf.ndim - 2)).astype(leaf.dtype)
@@ -122,18 +118,16 @@ def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransform
     if expert_update_mask is None:
       return new_updates, new_state
 
-    def mask_update(path, u):
-      m = _expert_mask_for(path, u, expert_update_mask)
-      return u if m is None else u * m
+    def mask_update(u):
+      m = _expert_mask_for(u, expert_update_mask) if _is_variable(u) else None
+      return u if m is None else u.replace(u.get_value() * m)
 
-    def keep_state(path, new, old):
-      if not hasattr(new, "ndim"):
-        return new
-      m = _expert_mask_for(path, new, expert_update_mask)
-      return new if m is None else jnp.where(m > 0, new, old)
+    def keep_state(new, old):
+      m = _expert_mask_for(new, expert_update_mask) if _is_variable(new) else None
+      return new if m is None else new.replace(jnp.where(m > 0, new.get_value(), old.get_value()))
 
-    new_updates = jax.tree_util.tree_map_with_path(mask_update, new_updates)
-    new_state = jax.tree_util.tree_map_with_path(keep_state, new_state, state)
+    new_updates = jax.tree.map(mask_update, new_updates, is_leaf=_is_variable)
+    new_state = jax.tree.map(keep_state, new_state, state, is_leaf=_is_variable)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
@@ -177,4 +171,4 @@ def state_bytes(opt_state) -> int:
 def trainable_filter(labels: Iterable[str]):
   """nnx filter selecting the Params whose group is in `labels`."""
   labels = frozenset(labels)
-  return nnx.All(nnx.Param, lambda path, _: label_of(path) in labels)
+  return nnx.All(nnx.Param, lambda path, variable: label_of(variable) in labels)

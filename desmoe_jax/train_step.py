@@ -79,13 +79,6 @@ def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCon
                  donate_argnums=(0, 1))
 
 
-def _set(state, path: tuple, value):
-  """A copy of `state` with the Variable at `path` holding `value`."""
-  flat = dict(nnx.to_flat_state(state))
-  flat[path] = flat[path].replace(value)
-  return nnx.from_flat_state(flat)
-
-
 def token_losses(logits_bsv, tokens_bs):
   """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
   logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
@@ -143,21 +136,22 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
     full_grads = nnx.merge_state(jax.tree.map(jnp.zeros_like, frozen), grads)
 
-    moe_state = state["moe_layers"]["mlp"]
-    mask = moe_state["expert_mask"][...]                                   # [L, D, E]
+    # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).
+    des = specialization.des_state(nnx.merge(graphdef, model_state))
+    mask = des.expert_mask[...]                                            # [L, D, E]
     update_mask = {"experts": jnp.ones((mask.shape[0], mask.shape[2]), jnp.float32)}
     if cfg.apply_masks:
       update_mask["experts"] = specialization.expert_update_mask(mask, out.domain_tokens)
-    if "expert_copies" in moe_state:
-      copies = moe_state["expert_copies"]
+    if des.expert_copies is not None:
+      copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
-          copies["owner"][...], copies["origin"][...], mask, out.domain_tokens)
+          copies.owner[...], copies.origin[...], mask, out.domain_tokens)
     updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
                                        expert_update_mask=update_mask)
     new_params = optax.apply_updates(params, updates)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.
-    corr = moe_state["correlation"][...]
+    corr = des.correlation[...]
     new_corr = specialization.update_correlation(corr, out.domain_counts, out.domain_tokens,
                                                  cfg.dges.momentum)
     new_mask = mask
@@ -165,8 +159,10 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       due = (step + 1) % cfg.dges.update_every == 0
       new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
                                                                      cfg.dges.score), mask)
-    new_state = _set(state, ("moe_layers", "mlp", "correlation"), new_corr)
-    new_state = _set(new_state, ("moe_layers", "mlp", "expert_mask"), new_mask)
+    new_model = nnx.merge(graphdef, new_params, state)
+    new_des = specialization.des_state(new_model)
+    new_des.correlation[...] = new_corr
+    new_des.expert_mask[...] = new_mask
 
     domain_loss, domain_tokens = per_domain(nll, loss_mask, domain_bs, cfg.num_domains)
     overlap = specialization.mask_overlap(new_mask)
@@ -187,6 +183,6 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
         "learning_rate": lr_schedule(step),
         "phase": jnp.asarray(phase, jnp.int32),
     }
-    return nnx.merge_state(new_params, new_state), new_opt_state, metrics
+    return nnx.state(new_model), new_opt_state, metrics
 
   return step_fn

@@ -76,7 +76,7 @@ def test_convex_mix_scales_router_gradient_only():
   """grad_router = (1-lam) dL_task + lam dL_KD; every other gradient = dL_task."""
   model = attach_alr(tiny_model(seed=1), AlrConfig())
   # Move the student away from the teacher so that KD has a gradient.
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   moe.gate.w2[...] = 0.1 * jax.random.normal(jax.random.key(0), moe.gate.w2.shape)
   b = batch(2, [0, 1])
   lam = 0.3
