@@ -76,6 +76,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.data.general_mc = os.path.join(REPO, "data", "general", "mc.jsonl")  # forgetting: MC score
   c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
   c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
+  c.data.max_bad_fraction = 0.1  # a domain with more bad rows than this (of those read) is an error
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 120 if tiny else 500     # total optimizer steps T (phases are fractions of T)
@@ -144,7 +145,18 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
   c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
+  # pass@1 runs model-written code: off unless asked for (then reported as not run, never as 0).
+  # When on, each program runs isolated (desmoe_jax/sandbox.py: own pid/mount/network
+  # namespaces, read-only filesystem, non-root uid); a machine that cannot isolate refuses...
+  c.eval.allow_code_execution = False
+  c.eval.allow_unisolated_code_execution = False  # ...unless this is set too (limits only)
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
+  # The ALR is folded into a linear router by least squares on the model's mesh, from the
+  # first fold_tokens real tokens of the held-out sets (default: one paper batch, 64 tokens
+  # per unknown of a V2-Lite router column); the folded routing is checked against the
+  # adapted one on at most check_tokens further tokens (desmoe_export.json reports both).
+  c.export.fold_tokens = 131072
+  c.export.check_tokens = 65536
   return c

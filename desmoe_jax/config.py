@@ -29,7 +29,10 @@ class RuntimeConfig:
   """How to compute (not what): set from `from_pretrained(..., **runtime)` or `config.model.*`."""
   dtype: str = "float32"                  # activation / compute dtype
   param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
-  moe_impl: str = "auto"                  # "auto" | "dense" | "ragged" | "tiled" (moe/block.py)
+  # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (moe/block.py). "auto": "tiled" on CPU;
+  # "tokamax" on TPU (verified compile-only: Mosaic kernels, no dense-fallback dot, CPU numerics
+  # of its TPU kernel in interpret mode); "ragged" on GPU until bench/accel.py has run there.
+  moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see moe/expert_parallel.py
   attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
@@ -38,8 +41,9 @@ class RuntimeConfig:
 
   def __post_init__(self):
     problems = []
-    if self.moe_impl not in ("auto", "dense", "ragged", "tiled"):
-      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tiled')")
+    if self.moe_impl not in ("auto", "dense", "ragged", "tokamax", "tiled"):
+      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tokamax', "
+                      "'tiled')")
     if self.expert_parallel not in ("compiler", "shard_map"):
       problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
     if self.attention_impl not in ("einsum", "jax"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -46,47 +47,123 @@ from desmoe_jax.moe.routing import LinearRouter, SelectionBias
 # The Variables that a checkpoint holds.
 HF_VARIABLES = (nnx.Param, SelectionBias)
 
-# ------------------------------------------------------------------ safetensors, raw
+# ------------------------------------------------------------------ safetensors
 
+# Writing (export) is ours: numpy arrays -> the format's bytes. Reading goes through the
+# `safetensors` library, which validates the header (its size, every tensor's dtype, shape and
+# offsets, that the data covers the file exactly) before a byte of data is used.
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# safetensors' numpy views find BF16 through numpy's dtype registry ("bfloat16" exists there once
+# ml_dtypes is imported, above) but the F8 types as attributes of the numpy module, which numpy
+# does not have: give it ml_dtypes' (the types JAX uses), only where missing.
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+  if not hasattr(np, _name):
+    setattr(np, _name, getattr(ml_dtypes, _name))
+_MAX_HEADER = 100_000_000  # the library's own limit on the header's size
+
+
+def _diagnose(path: str) -> str:
+  """Which tensor of a file the library refused is at fault, and how, read from the header with
+  every size bounded (diagnosis only: nothing here is used to read data). "" if not found."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if n > min(size - 8, _MAX_HEADER):
+        return f"the header claims {n} bytes, the file has {size}"
+      header = json.loads(f.read(n))
+  except (OSError, ValueError) as e:
+    return f"unreadable header ({e})"
+  if not isinstance(header, dict):
+    return "the header is not a JSON object"
+  data = size - 8 - n
+  widths = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+            "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    if not isinstance(info, dict):
+      return f"tensor {key!r}: its entry is not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+      return f"tensor {key!r}: bad shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and
+            all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+      return f"tensor {key!r}: bad data_offsets {offsets!r}"
+    if dtype not in widths:
+      return f"tensor {key!r}: dtype {dtype!r} is not one this reader knows"
+    want = widths[dtype] * math.prod(shape)
+    if offsets[1] - offsets[0] != want:
+      return (f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+              f"its shape {shape} of {dtype} needs {want}")
+    if offsets[1] > data:
+      return (f"tensor {key!r}: its data ends at byte {offsets[1]}, the file holds {data} "
+              "(truncated)")
+  return ""
 
 
 class SafetensorsFile:
-  """Zero-copy, memory-mapped view of one .safetensors file (format: u64 header size, JSON, data)."""
+  """One .safetensors file, memory-mapped by the `safetensors` library (`safe_open`, numpy).
+  Tensors are read whole (`get`) or one block at a time (`get_slice`), so loading a sharded
+  model reads only what each device needs. A file the library refuses raises ValueError naming
+  the file, and the tensor where one is at fault."""
 
   def __init__(self, path: str):
+    from safetensors import SafetensorError, safe_open
     self.path = path
-    with open(path, "rb") as f:
-      head = f.read(8)
-      if len(head) < 8:
-        raise ValueError(f"{path}: too short to be a safetensors file")
-      n = int.from_bytes(head, "little")
-      try:
-        self.header = json.loads(f.read(n))
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-    self.header.pop("__metadata__", None)
-    self._offset = 8 + n
-    self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+      self._file = safe_open(path, framework="numpy")
+    except SafetensorError as e:
+      why = _diagnose(path)
+      raise ValueError(f"{path}: corrupt safetensors file ({e})" +
+                       (f": {why}" if why else "")) from None
+    self._keys = tuple(self._file.keys())
+    self._key_set = frozenset(self._keys)
+    self._slices = {}
 
   def keys(self):
-    return self.header.keys()
+    return self._keys
+
+  def __contains__(self, key) -> bool:
+    return key in self._key_set
+
+  def _slice(self, key):
+    if key not in self._slices:
+      self._slices[key] = self._file.get_slice(key)
+    return self._slices[key]
 
   def shape(self, key) -> tuple[int, ...]:
-    return tuple(self.header[key]["shape"])
+    return tuple(self._slice(key).get_shape())
+
+  def dtype(self, key) -> str:
+    return self._slice(key).get_dtype()
+
+  def get_slice(self, key, index: tuple) -> np.ndarray:
+    """The block `index` (a tuple of slices, one per leading dim) of tensor `key`."""
+    if self.dtype(key) not in _ST_DTYPES:
+      raise ValueError(f"{self.path}: tensor {key!r} has dtype {self.dtype(key)}, not supported")
+    try:
+      return self._slice(key)[index]
+    except Exception as e:  # the library's errors carry neither the file nor the tensor
+      raise ValueError(f"{self.path}: cannot read tensor {key!r}{list(index)} ({e})") from e
 
   def get(self, key) -> np.ndarray:
-    info = self.header[key]
-    if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{self.path}: tensor {key!r} has dtype {info['dtype']}, not supported")
-    start, end = info["data_offsets"]
-    raw = self._mmap[self._offset + start:self._offset + end]
-    return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return self.get_slice(key, (slice(None),) * len(self.shape(key)))
+
+
+def _check_shard_name(index: str, name) -> str:
+  """A shard named by the index must be a plain file name in the model directory: never a path
+  (a separator, "..") that would open a file elsewhere."""
+  if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or \
+      "\\" in name or "\0" in name:
+    raise ValueError(f"{index}: shard name {name!r} is not a plain file name in the model "
+                     "directory (path separators and '..' are refused)")
+  return name
 
 
 class Checkpoint:
@@ -97,12 +174,23 @@ class Checkpoint:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = {name: SafetensorsFile(os.path.join(path, name)) for name in set(weight_map.values())}
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not an object")
+      files = {}
+      for name in dict.fromkeys(weight_map.values()):  # each shard once, in index order
+        _check_shard_name(index, name)
+        shard = os.path.join(path, name)
+        if not os.path.isfile(shard):
+          raise FileNotFoundError(f"{index} names shard {name}, which is not in {path}")
+        files[name] = SafetensorsFile(shard)
       self._where = {}
       for key, name in weight_map.items():
-        if key not in files[name].header:
+        if key not in files[name]:
           raise ValueError(f"{index} maps {key!r} to {name}, which does not contain it")
         self._where[key] = files[name]
     elif os.path.exists(single):
@@ -122,6 +210,9 @@ class Checkpoint:
 
   def get(self, key) -> np.ndarray:
     return self._where[key].get(key)
+
+  def get_slice(self, key, index: tuple) -> np.ndarray:
+    return self._where[key].get_slice(key, index)
 
   def file_of(self, key) -> str:
     return self._where[key].path
@@ -230,7 +321,7 @@ def _reader(ckpt: Checkpoint, spec: LeafSpec, shape, dtype):
     hf_tail = tuple(reversed(tail)) if spec.transpose else tail
     blocks = []
     for idx in itertools.product(*lead):
-      block = np.asarray(ckpt.get(spec.hf_key(*idx))[hf_tail])
+      block = np.asarray(ckpt.get_slice(spec.hf_key(*idx), hf_tail))
       blocks.append(block.T if spec.transpose else block)
     if not ns:
       return blocks[0].astype(dtype)
@@ -300,37 +391,80 @@ def _is_router(spec: LeafSpec) -> bool:
   return spec.path[-3:] == ("mlp", "gate", "weight") or spec.path[-1] == "e_score_correction_bias"
 
 
+def _hf_plan(model: MoECausalLM, dtype=None) -> list[tuple[str, tuple, np.dtype]]:
+  """(hf_key, shape, dtype) of every HF tensor, in the order `_hf_tensors` yields them: shards
+  and headers are laid out from this before any tensor is read."""
+  flat = dict(nnx.to_flat_state(nnx.state(model, HF_VARIABLES)))
+  plan = []
+  for spec in leaf_specs(model):
+    var = flat[spec.path]
+    shape = tuple(var.shape)[len(spec.stack):]
+    shape = tuple(reversed(shape)) if spec.transpose else shape
+    want = np.dtype(var.dtype) if dtype is None or _is_router(spec) else np.dtype(dtype)
+    plan.extend((key, shape, want) for _, key in spec.keys())
+  return plan
+
+
 def _hf_tensors(model: MoECausalLM, dtype=None):
-  """Yields (hf_key, numpy array) in a deterministic order, one HF tensor at a time."""
+  """Yields (hf_key, numpy array) in `_hf_plan`'s order, one HF tensor at a time.
+
+  Host memory is bounded by one layer of one stacked leaf (e.g. one MoE layer's 64 experts'
+  up_proj, 369 MiB for V2-Lite in bf16) or the largest unstacked tensor (the embedding): a
+  sharded model is gathered a layer at a time (`distributed.to_host`, a collective across the
+  processes of a multi-host run: every process must run this generator to its end)."""
+  from desmoe_jax import distributed
   flat = dict(nnx.to_flat_state(nnx.state(model, HF_VARIABLES)))
   for spec in leaf_specs(model):
     value = flat[spec.path][...]
-    for idx, key in spec.keys():
-      arr = value[idx] if idx else value
-      arr = np.asarray(jax.device_get(arr))
-      if spec.transpose:
-        arr = arr.T
-      if dtype is not None and not _is_router(spec):
-        arr = arr.astype(dtype)
-      yield key, np.ascontiguousarray(arr)
+    outer = range(spec.stack[0]) if spec.stack else [None]
+    for j in outer:
+      block = distributed.to_host(value if j is None else value[j])
+      for rest in itertools.product(*(range(n) for n in spec.stack[1:])):
+        idx = () if j is None else (j, *rest)
+        arr = block[rest] if rest else block
+        if spec.transpose:
+          arr = arr.T
+        if dtype is not None and not _is_router(spec):
+          arr = arr.astype(dtype)
+        yield spec.hf_key(*idx), np.ascontiguousarray(arr)
 
 
 def _write_safetensors(path: str, tensors: list[tuple[str, np.ndarray]]):
+  """Writes (key, array) pairs held in memory as one safetensors file."""
+  _stream_safetensors(path, [(k, a.shape, a.dtype) for k, a in tensors], iter(tensors))
+
+
+def _stream_safetensors(path: str | None, plan: list[tuple[str, tuple, np.dtype]], tensors):
+  """Writes the tensors of `plan` (header first, from shapes alone), drawing each array from
+  the iterator `tensors` as it is written, so only one is held at a time. `path` None: draw
+  them and write nothing (the other processes of a multi-host run, which join the gathers)."""
   header, offset = {}, 0
-  for key, arr in tensors:
-    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                   "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
+  for key, shape, dtype in plan:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[key] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for _, arr in tensors:
-      f.write(arr.tobytes())
-  os.replace(tmp, path)
+  tmp = None if path is None else path + ".tmp"
+  f = None if tmp is None else open(tmp, "wb")
+  try:
+    if f is not None:
+      f.write(len(blob).to_bytes(8, "little"))
+      f.write(blob)
+    for key, shape, dtype in plan:
+      got_key, arr = next(tensors)
+      if (got_key, arr.shape, arr.dtype) != (key, tuple(shape), np.dtype(dtype)):
+        raise AssertionError(f"export order: expected {key} {shape} {dtype}, got {got_key} "
+                             f"{arr.shape} {arr.dtype}")
+      if f is not None:
+        f.write(arr.tobytes())
+  finally:
+    if f is not None:
+      f.close()
+  if tmp is not None:
+    os.replace(tmp, path)
 
 
 def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
@@ -340,6 +474,8 @@ def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
 
   Routers are written in float32 (as they compute); other tensors in their dtype, or `dtype`.
   `tokenizer_dir`: copy the tokenizer files found there, so the directory is self-contained.
+  The model may be sharded over a mesh spanning several processes: every process then calls
+  this (tensors are gathered a layer at a time, see `_hf_tensors`) and process 0 writes.
   """
   moe = model.moe_blocks()
   if moe is not None and (not isinstance(moe.gate, LinearRouter) or moe.des is not None):
@@ -347,30 +483,34 @@ def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
                      "cannot hold (an adaptive router, domain statistics or duplicated "
                      "experts): export it with desmoe_jax.export.export_hf, which folds, "
                      "merges or drops them")
-  os.makedirs(path, exist_ok=True)
+  writer = jax.process_index() == 0
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   limit = _parse_size(max_shard_size)
   shards, current, size = [], [], 0
-  for key, arr in _hf_tensors(model, np_dtype):
-    if current and size + arr.nbytes > limit:
+  for key, shape, want in _hf_plan(model, np_dtype):
+    nbytes = int(np.prod(shape, dtype=np.int64)) * want.itemsize
+    if current and size + nbytes > limit:
       shards.append(current)
       current, size = [], 0
-    current.append((key, arr))
-    size += arr.nbytes
+    current.append((key, shape, want))
+    size += nbytes
   shards.append(current)
-  for name in os.listdir(path):  # stale shards of an earlier export would shadow the new ones
-    if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
-      os.remove(os.path.join(path, name))
-  if len(shards) == 1:
-    _write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
-  else:
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      _write_safetensors(os.path.join(path, name), shard)
-      for key, arr in shard:
-        weight_map[key] = name
-        total += arr.nbytes
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # stale shards of an earlier export would shadow the new ones
+      if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
+        os.remove(os.path.join(path, name))
+  tensors = _hf_tensors(model, np_dtype)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for name, shard in zip(names, shards):
+    _stream_safetensors(os.path.join(path, name) if writer else None, shard, tensors)
+  if not writer:
+    return
+  if len(shards) > 1:
+    weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+    total = sum(int(np.prod(shape, dtype=np.int64)) * want.itemsize
+                for shard in shards for _, shape, want in shard)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   param_dtype = np_dtype or np.dtype(jnp.dtype(model.config.runtime.param_dtype))

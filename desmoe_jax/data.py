@@ -16,9 +16,14 @@ example comes from is drawn with probability proportional to the domains' weight
 is reshuffled every epoch. Everything is a function of the seed, and `state()` / `restore()`
 capture the exact position, so a resumed run sees exactly the batches an uninterrupted one would.
 
-Bad rows (invalid JSON, missing or mistyped fields, empty response, longer than seq_len) are
-counted and named by file and line in one warning per file, and kept in `report`; a domain with
-no usable row is an error before training starts.
+Bad rows (a line that is not UTF-8, invalid JSON, missing or mistyped fields, empty response,
+longer than seq_len) are counted and named by file and line in one warning per file, and kept in
+`report`. Files are decoded line by line, so one bad byte costs its line, not the file. A domain
+with more broken rows (over-long ones aside) than `max_bad_fraction` (config
+`data.max_bad_fraction`, default 0.1) of those read is an error before training starts: a file that is mostly broken is the wrong file
+or a broken export, and training on its few good rows at the domain's full weight would skew
+the mixture silently. Held-out (eval) rows are validated one by one too, and by default none
+may be bad: they define the score, and a dropped row changes its denominator.
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ class DomainSpec:
   response_field: str = "response"
   split: str = "train"            # for hub datasets
   max_examples: int = 0           # 0: all rows
+  max_bad_fraction: float = 0.1   # more bad rows than this fraction of those read: an error
 
   def __post_init__(self):
     if self.format not in FORMATS:
       raise ValueError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
     if not self.weight > 0:
       raise ValueError(f"domain {self.name!r}: weight={self.weight} must be > 0")
+    if isinstance(self.max_bad_fraction, bool) or \
+        not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f"domain {self.name!r}: max_bad_fraction={self.max_bad_fraction!r} must "
+                       "be a number in [0, 1]")
 
 
 class BadRow(ValueError):
@@ -75,12 +85,22 @@ def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int,
     ds = datasets.load_dataset("parquet", data_files=path, split="train")
     return [(i + 1, r) for i, r in enumerate(ds)], []
   rows, bad = [], []
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".json") and f.read(1) == "[":
+  with open(path, "rb") as f:
+    if path.endswith(".json") and f.read(1) == b"[":
       f.seek(0)
-      return [(i + 1, r) for i, r in enumerate(json.load(f))], []
+      text = decode_text(f.read(), path)
+      try:
+        return [(i + 1, r) for i, r in enumerate(json.loads(text))], []
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a JSON array file is one "
+                         "document, so it cannot be read around the error") from None
     f.seek(0)
-    for line_no, line in enumerate(f, 1):
+    for line_no, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad.append((line_no, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+        continue
       if not line.strip():
         continue
       try:
@@ -93,6 +113,18 @@ def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int,
         continue
       rows.append((line_no, row))
   return rows, bad
+
+
+def decode_text(raw: bytes, path: str) -> str:
+  """`raw` as UTF-8, or a ValueError naming file:line:column of the first byte that is not (a
+  bare UnicodeDecodeError names neither)."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise ValueError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                     f"({e.reason}); re-encode the file as UTF-8") from None
 
 
 def _hub_rows(spec):
@@ -206,13 +238,11 @@ class DomainReport:
 def load_domain(spec: DomainSpec, tokenizer, seq_len: int):
   """Tokenised examples of one domain and its report; raises if none is usable."""
   rows, bad = read_rows(spec)
-  report = DomainReport(spec.name, spec.path, rows=len(rows) + len(bad))
   grouped = collections.defaultdict(list)
-  for line, reason in bad:
-    grouped[reason.split(" (")[0] if reason.startswith("invalid JSON") else reason].append(line)
-  examples = []
+  examples, last = [], None
   for line, row in rows:
     if spec.max_examples and len(examples) >= spec.max_examples:
+      last = line  # rows from here on are not read: neither counted nor judged
       break
     try:
       examples.append(tokenize_messages(tokenizer, to_messages(row, spec), seq_len))
@@ -220,14 +250,33 @@ def load_domain(spec: DomainSpec, tokenizer, seq_len: int):
       reason = str(e)
       key = "over-long" if reason.startswith("over-long") else reason
       grouped[key].append(line)
-  report.bad = dict(grouped)
-  report.examples = len(examples)
+  bad = [(line, reason) for line, reason in bad if last is None or line < last]
+  for line, reason in sorted(bad):
+    key = reason.split(" (")[0] if reason.startswith(("invalid JSON", "not UTF-8")) else reason
+    grouped[key].append(line)
+  read = len(examples) + sum(len(v) for v in grouped.values())
+  report = DomainReport(spec.name, spec.path, rows=read, bad=dict(grouped),
+                        examples=len(examples))
   if report.bad:
     warnings.warn(report.summary(), stacklevel=2)
   if not examples:
     raise ValueError(f"domain {spec.name!r}: no usable example in {spec.path} "
                      f"({report.bad_count} bad rows: {report.summary()})")
+  check_bad_fraction(report, spec.max_bad_fraction)
   return examples, report
+
+
+def check_bad_fraction(report: "DomainReport", max_bad_fraction: float):
+  """Raises if more than `max_bad_fraction` of the rows read were broken (module docstring).
+  Over-long rows are reported but not counted: they are the choice of seq_len, not a fault of
+  the file (a long-document domain at a short seq_len loses most rows by design)."""
+  broken = report.bad_count - len(report.bad.get("over-long", ()))
+  if broken > max_bad_fraction * report.rows:
+    raise ValueError(
+        f"domain {report.name!r}: {broken} of {report.rows} rows of {report.path} are "
+        f"bad ({broken / report.rows:.0%}, more than data.max_bad_fraction="
+        f"{max_bad_fraction:g}); fix the file or raise data.max_bad_fraction. "
+        + report.summary())
 
 
 # ------------------------------------------------------------------ packing
@@ -341,35 +390,76 @@ class MixtureIterator:
 # ------------------------------------------------------------------ evaluation data
 
 
-def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0) -> list[dict]:
+# Fields a held-out row needs beyond prompt and answers, by task metric (configs' `d.metric`).
+EVAL_FIELDS = {"pass_at_1": ("test", "entry_point")}
+
+
+def _eval_row_problem(row: dict, required: tuple) -> str | None:
+  """Why this held-out row cannot be used, or None."""
+  answers = row.get("answers")
+  if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+    return "'answers' must be a non-empty list of strings"
+  if not isinstance(row.get("prompt"), str):
+    msgs = row.get("messages")
+    if not (isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and
+        isinstance(m.get("content"), str) for m in msgs)):
+      return "needs a string 'prompt' (or 'messages' with string 'role' and 'content')"
+    if not any(m["role"] != "assistant" for m in msgs):
+      return "'messages' has no message before the answer"
+  for field in required:
+    if field not in row:
+      return f"missing field {field!r}"
+    if not isinstance(row[field], str) or not row[field].strip():
+      return f"field {field!r} must be a non-empty string"
+  if "entry_point" in required and not row["entry_point"].isidentifier():
+    return f"'entry_point' is not an identifier: {row['entry_point'][:40]!r}"
+  if "test" in required and "def check(" not in row["test"]:
+    return "'test' does not define check(candidate)"
+  return None
+
+
+def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0,
+                       required: tuple = (), max_bad_fraction: float = 0.0) -> list[dict]:
   """Held-out examples for generation: {"prompt_text", "prompt_ids" (chat-formatted, ending
-  with the assistant prefix), "answers": [str], plus the row's other fields (e.g. HumanEval's
-  "test" / "entry_point", law's "reference")}. Rows need "prompt" (or "messages" whose last
-  message is the user's) and "answers" (a list of strings)."""
+  with the assistant prefix), "answers": [str], "source": "file:line", plus the row's other
+  fields (e.g. HumanEval's "test" / "entry_point", law's "reference")}. Rows need "prompt" (or
+  "messages" whose last non-assistant message is the prompt), "answers" (a list of strings) and
+  the `required` fields (`EVAL_FIELDS` of the domain's metric).
+
+  Each row is validated on its own; bad rows are named by file:line. More than
+  `max_bad_fraction` of the rows read (default: any) is an error: held-out rows define the
+  score, and a silently dropped one changes it."""
   rows, bad = read_rows(spec)
-  out, problems = [], [f"line {line}: {reason}" for line, reason in bad]
+  out, problems, read = [], sorted(bad), len(bad)
   for line, row in rows:
     if max_examples and len(out) >= max_examples:
+      problems = [(l, r) for l, r in problems if l < line]
+      read = len(problems) + len(out)
       break
-    answers = row.get("answers")
-    if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
-      problems.append(f"line {line}: 'answers' must be a non-empty list of strings")
+    read += 1
+    why = _eval_row_problem(row, tuple(required))
+    if why:
+      problems.append((line, why))
       continue
     if isinstance(row.get("prompt"), str):
       messages = [{"role": "user", "content": row["prompt"]}]
-    elif isinstance(row.get("messages"), list) and row["messages"]:
-      messages = [m for m in row["messages"] if m.get("role") != "assistant"]
     else:
-      problems.append(f"line {line}: needs a string 'prompt' (or 'messages')")
-      continue
+      messages = [m for m in row["messages"] if m["role"] != "assistant"]
     ids = tokenizer(_render(tokenizer, messages, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"]
     extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "answers")}
-    out.append({"prompt_text": messages[-1]["content"], "prompt_ids": ids, "answers": answers,
-                **extra})
+    out.append({"prompt_text": messages[-1]["content"], "prompt_ids": ids,
+                "answers": row["answers"], **extra, "source": f"{spec.path}:{line}"})
+  problems.sort()
+  listed = "; ".join(f"{spec.path}:{line}: {why}" for line, why in problems[:10]) + (
+      f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+  if problems and len(problems) > max_bad_fraction * read:
+    raise ValueError(f"domain {spec.name!r}: {len(problems)} of {read} held-out rows of "
+                     f"{spec.path} are bad: {listed}")
   if problems:
     warnings.warn(f"{spec.path}: {len(problems)} eval rows skipped for domain {spec.name!r}: "
-                  + "; ".join(problems[:10]), stacklevel=2)
+                  + listed, stacklevel=2)
   if not out:
     raise ValueError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
   return out
@@ -401,8 +491,8 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   every token but the first a target; at most `max_batches` batches (0: the whole text)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"general text file {path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    text = decode_text(f.read(), path)
   if not text.strip():
     raise ValueError(f"general text file {path} is empty")
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -4,8 +4,10 @@ retention against the base model.
 What is scored:
 * every domain: held-out loss and perplexity (answers given prompts, teacher-forced), and a task
   metric from greedy generation with the KV cache: math final-number exact match, intent JSON
-  match, code pass@1 (sandboxed subprocess), law label accuracy, summary ROUGE-L, translation
-  BLEU (see `metrics.py`);
+  match, code pass@1, law label accuracy, summary ROUGE-L, translation BLEU (see `metrics.py`).
+  pass@1 executes model-written code, so it runs only with `eval.allow_code_execution=True`,
+  each program isolated (`sandbox.py`); otherwise the code domain reports `"pass@1": null` and
+  says why in `"pass@1_not_run"` (a 0 would read as a measured score);
 * general abilities: held-out general-text loss and a multiple-choice log-likelihood score, for
   the adapted model AND the base model, so that forgetting is a measured difference.
 
@@ -29,6 +31,7 @@ from flax import nnx
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
+from desmoe_jax import sandbox
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import trainer
 from desmoe_jax.convert import from_pretrained
@@ -98,9 +101,21 @@ def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
   return score
 
 
+CODE_NOT_RUN = ("not run: eval.allow_code_execution=False (set it to True to execute the "
+                "model's programs, each isolated; see desmoe_jax/sandbox.py)")
+
+
+def code_execution(config) -> tuple[bool, bool]:
+  """(allowed, allow_unisolated) from `config.eval` (configs saved before the flags: off)."""
+  ev = config.eval
+  return bool(ev.get("allow_code_execution", False)), \
+      bool(ev.get("allow_unisolated_code_execution", False))
+
+
 def task_metric(name: str, metric: str, examples: list[dict], generations: list[str],
-                code_timeout: float) -> dict:
-  """{metric name: value} for one domain from its generations."""
+                code_timeout: float, allow_unisolated: bool = False) -> dict:
+  """{metric name: value} for one domain from its generations (pass@1 only when code execution
+  is allowed: the caller checks `code_execution` first)."""
   answers = [ex["answers"] for ex in examples]
   if metric == "number_match":
     return {"exact_match": metrics_lib.number_match(generations, answers)}
@@ -111,7 +126,10 @@ def task_metric(name: str, metric: str, examples: list[dict], generations: list[
   if metric == "pass_at_1":
     problems = [{"prompt": ex["prompt_text"], "test": ex["test"], "entry_point": ex["entry_point"]}
                 for ex in examples]
-    return {"pass@1": metrics_lib.pass_at_1(problems, generations, timeout=code_timeout)["pass@1"]}
+    out = metrics_lib.pass_at_1(problems, generations, timeout=code_timeout,
+                                allow_unisolated=allow_unisolated,
+                                sources=[ex.get("source") for ex in examples])
+    return {"pass@1": out["pass@1"], "pass@1_isolated": out["isolated"]}
   if metric == "rouge_l":
     return {"rouge_l": metrics_lib.rouge_l(generations, answers)}
   if metric == "bleu":
@@ -123,6 +141,10 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
                    out_dir: str | None = None) -> dict:
   """All scores of `model` (and general-ability scores of `base_model`); writes JSON + table."""
   results: dict[str, dict] = {}
+  allow_code, allow_unisolated = code_execution(config)
+  if allow_code and with_generation and any(d.metric == "pass_at_1" and d.eval
+                                            for d in config.data.domains):
+    sandbox.require_isolation(allow_unisolated)  # refuse now, not after the generations
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   loss_sets = trainer._eval_loss_batches(config, tokenizer)
@@ -136,14 +158,20 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
       row["perplexity"] = float(np.exp(min(losses[d.name], 50.0)))
     if not with_generation or not d.eval:
       continue
+    if d.metric == "pass_at_1" and not allow_code:
+      row.update({"pass@1": None, "pass@1_not_run": CODE_NOT_RUN})
+      continue  # no generations either: nothing would score them
     spec = data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format)
-    examples = data_lib.load_eval_examples(spec, tokenizer, max_examples=config.eval.max_examples)
+    examples = data_lib.load_eval_examples(
+        spec, tokenizer, max_examples=config.eval.max_examples,
+        required=data_lib.EVAL_FIELDS.get(d.metric, ()))
     t0 = time.perf_counter()
     outputs = greedy_generate(model, [ex["prompt_ids"] for ex in examples],
                               max_new_tokens=config.eval.max_new_tokens, eos_ids=eos,
                               batch_size=config.eval.batch_size)
     generations = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    row.update(task_metric(d.name, d.metric, examples, generations, config.eval.code_timeout))
+    row.update(task_metric(d.name, d.metric, examples, generations, config.eval.code_timeout,
+                           allow_unisolated))
     row["generated"] = len(examples)
     row["generation_s"] = time.perf_counter() - t0
     if out_dir:

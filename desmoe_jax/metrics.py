@@ -5,7 +5,7 @@ predictions and references; the model side lives in `evaluate.py`.
 |-------------|-------------------------------------------------------------------------|
 | math        | exact match of the final number (`number_match`)                        |
 | intent      | exact match of the parsed JSON, key order irrelevant (`intent_json_match`) |
-| code        | pass@1: HumanEval tests run in a sandboxed subprocess (`pass_at_1`)     |
+| code        | pass@1: HumanEval tests run isolated (`pass_at_1`, `sandbox.py`), opt-in |
 | law         | accuracy of the judgment's outcome label (`law_accuracy`, keyword rules) |
 | summary     | ROUGE-L F x100 (rouge-score; CJK characters are tokens of their own)    |
 | translation | corpus BLEU (sacrebleu; "zh" tokenizer for Chinese references, else 13a) |
@@ -21,18 +21,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import unicodedata
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from desmoe_jax import sandbox
+from desmoe_jax.sandbox import SandboxUnavailable, run_program  # noqa: F401  (re-exported)
 
 
 def _check_pairs(preds, answers, preds_name="preds", answers_name="answers"):
@@ -196,108 +192,6 @@ def intent_json_match(preds: Sequence[str], answers: Sequence) -> float:
 # and whatever the model writes after it (new top-level code) is cut before it can break the run.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 
-# Runs in the child interpreter. The limits are set here, before a byte of the untrusted program
-# runs, rather than in a `preexec_fn`: that runs Python between fork and exec, which the
-# subprocess docs call unsafe in a threaded parent (JAX's, and our own worker threads) -- it can
-# deadlock. Soft = hard, so the program cannot raise them again. The program's stdout/stdin go to
-# /dev/null; success is proven by writing a per-run secret (read from stdin before the program
-# starts) to the saved stdout after the tests returned, so an early `sys.exit(0)`/`os._exit(0)`
-# in a completion does not count as a pass. Exit 3 = a failed assertion, 4 = any other exception.
-_LAUNCHER = """import os, resource, runpy, sys, traceback
-token = sys.stdin.readline().strip()
-for kind, n in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_CPU, int(sys.argv[3])),
-                (resource.RLIMIT_FSIZE, int(sys.argv[4])), (resource.RLIMIT_CORE, 0),
-                (resource.RLIMIT_NPROC, 64)):
-  hard = resource.getrlimit(kind)[1]
-  n = n if hard == resource.RLIM_INFINITY else min(n, hard)
-  resource.setrlimit(kind, (n, n))
-result = os.dup(1)
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0)
-os.dup2(null, 1)
-try:
-  runpy.run_path(sys.argv[1], run_name="__main__")
-except AssertionError:
-  traceback.print_exc()
-  sys.stderr.flush()
-  os._exit(3)
-except BaseException:
-  traceback.print_exc()
-  sys.stderr.flush()
-  os._exit(4)
-os.write(result, token.encode())
-os._exit(0)
-"""
-
-
-def _kill_group(pid: int):
-  try:
-    os.killpg(pid, signal.SIGKILL)  # the program and anything it spawned (own session)
-  except (ProcessLookupError, PermissionError):
-    pass
-
-
-def run_program(source: str, *, timeout: float = 5.0, memory_bytes: int = 1 << 30,
-                file_bytes: int = 16 << 20) -> dict:
-  """Runs untrusted Python `source` in a separate `python3 -I` process and reports how it ended:
-  {"passed": bool, "reason": "passed" | "failed" | "timeout" | "error", "detail": str,
-  "seconds": float}. "failed" = an AssertionError (a test said no); "error" = any other exception,
-  a crash or a memory limit hit; "timeout" = wall clock (`timeout`) or CPU time ran out.
-
-  Isolation: own session (the whole process group is SIGKILLed on timeout and afterwards), a fresh
-  temporary working directory (deleted afterwards), an environment of just PATH/HOME/TMPDIR/LANG
-  (no proxies, tokens or PYTHON* variables; -I also ignores user site-packages), limits on address
-  space, CPU seconds, file size and process count, no core files. This guards against accidents
-  (loops, memory bombs, stray files, forks) in generated code, not against a determined attacker:
-  there is no network or filesystem namespace."""
-  if not isinstance(source, str):
-    raise TypeError(f"source is a {type(source).__name__}, not a string")
-  if not timeout > 0:
-    raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-  token = secrets.token_hex(16)
-  start = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="desmoe_sandbox_") as tmp:
-    for name, text in (("program.py", source), ("launcher.py", _LAUNCHER)):
-      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-        f.write(text)
-    env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
-    cmd = [sys.executable, "-I", "-B", "launcher.py", "program.py", str(int(memory_bytes)),
-           str(int(math.ceil(timeout)) + 1), str(int(file_bytes))]
-    out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-    # Output goes to files, not pipes: a program printing without end cannot fill our memory
-    # (the file-size limit stops it instead).
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-      proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out,
-                              stderr=err, start_new_session=True, close_fds=True)
-      timed_out = False
-      try:
-        proc.communicate(input=(token + "\n").encode(), timeout=timeout)
-      except subprocess.TimeoutExpired:
-        timed_out = True
-      finally:
-        _kill_group(proc.pid)
-        proc.wait()
-    with open(out_path, "rb") as f:
-      proved = f.read(4096).decode(errors="replace") == token
-    with open(err_path, "rb") as f:
-      f.seek(max(0, os.path.getsize(err_path) - 4096))
-      err_lines = f.read().decode(errors="replace").strip().splitlines()
-  seconds = round(time.perf_counter() - start, 3)
-  last = err_lines[-1][:300] if err_lines else ""
-  rc = proc.returncode
-  if proved and not timed_out:
-    reason, detail = "passed", ""
-  elif timed_out or rc == -signal.SIGXCPU:
-    reason, detail = "timeout", f"no result within {timeout:g} s"
-  elif rc == 3:
-    reason, detail = "failed", last or "AssertionError"
-  elif rc is not None and rc < 0:
-    name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
-    reason, detail = "error", f"killed by {name}" + (f": {last}" if last else "")
-  else:
-    reason, detail = "error", last or f"exit {rc} before the tests finished"
-  return {"passed": reason == "passed", "reason": reason, "detail": detail, "seconds": seconds}
-
 
 def truncate_completion(completion: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
   """`completion` up to the first stop sequence (the end of the function body)."""
@@ -311,14 +205,18 @@ def truncate_completion(completion: str, stop: Sequence[str] = HUMANEVAL_STOP) -
 
 def pass_at_1(problems: Sequence[dict], completions: Sequence[str], *, timeout: float = 5.0,
               workers: int = 2, memory_bytes: int = 1 << 30,
-              stop: Sequence[str] | None = HUMANEVAL_STOP) -> dict:
+              stop: Sequence[str] | None = HUMANEVAL_STOP, allow_unisolated: bool = False,
+              sources: Sequence[str] | None = None) -> dict:
   """HumanEval-style pass@1, one completion per problem ({"prompt", "test", "entry_point"}; the
   test defines `check(candidate)`). The program run is prompt + completion (cut at `stop`; None
-  keeps it whole) + test + `check(entry_point)`, each in `run_program`'s sandbox, `workers` at a
-  time (threads that each wait on one sandbox process; forking the JAX process would be unsafe).
+  keeps it whole) + test + `check(entry_point)`, each in `sandbox.run_program` (isolated in its
+  own namespaces; refused with `SandboxUnavailable` before any program runs where the machine
+  cannot isolate, unless `allow_unisolated`), `workers` at a time (threads that each wait on one
+  sandbox process; forking the JAX process would be unsafe). `sources`: where each problem came
+  from ("file:line"), named in the errors about it.
 
-  Returns {"pass@1": float, "passed": int, "total": int, "results": [{"task_id", "passed",
-  "reason", "detail", "seconds"}, ...]} with results in problem order."""
+  Returns {"pass@1": float, "passed": int, "total": int, "isolated": bool, "results":
+  [{"task_id", "passed", "reason", "detail", "seconds", "isolated"}, ...]} in problem order."""
   if not isinstance(problems, (list, tuple)) or not isinstance(completions, (list, tuple)):
     raise TypeError("problems and completions must be lists")
   if len(problems) != len(completions):
@@ -327,29 +225,35 @@ def pass_at_1(problems: Sequence[dict], completions: Sequence[str], *, timeout: 
     raise ValueError("problems is empty: nothing to run")
   if not (isinstance(workers, int) and workers >= 1):
     raise ValueError(f"workers must be a positive int, got {workers!r}")
+  if sources is not None and len(sources) != len(problems):
+    raise ValueError(f"sources has {len(sources)} items but problems has {len(problems)}")
   programs = []
   for i, (p, c) in enumerate(zip(problems, completions)):
+    where = f"problems[{i}]" + (f" ({sources[i]})" if sources is not None else "")
     if not isinstance(p, dict):
-      raise TypeError(f"problems[{i}] is a {type(p).__name__}, not a dict")
+      raise TypeError(f"{where} is a {type(p).__name__}, not a dict")
     for key in ("prompt", "test", "entry_point"):
       if not isinstance(p.get(key), str):
-        raise ValueError(f"problems[{i}] needs a string {key!r}")
+        raise ValueError(f"{where} needs a string {key!r}" +
+                         (" (missing)" if key not in p else f", got {type(p[key]).__name__}"))
     if not p["entry_point"].isidentifier():  # it is pasted into code: only a plain name
-      raise ValueError(f"problems[{i}]['entry_point'] is not an identifier: {p['entry_point']!r}")
+      raise ValueError(f"{where}['entry_point'] is not an identifier: {p['entry_point']!r}")
     if "def check(" not in p["test"]:
-      raise ValueError(f"problems[{i}]['test'] does not define check(candidate)")
+      raise ValueError(f"{where}['test'] does not define check(candidate)")
     if not isinstance(c, str):
       raise TypeError(f"completions[{i}] is a {type(c).__name__}, not a string")
     body = truncate_completion(c, stop) if stop else c
     programs.append(p["prompt"] + body + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n")
-  run = lambda src: run_program(src, timeout=timeout, memory_bytes=memory_bytes)
+  isolated = sandbox.require_isolation(allow_unisolated)  # refuse before running anything
+  run = lambda src: run_program(src, timeout=timeout, memory_bytes=memory_bytes,
+                                allow_unisolated=allow_unisolated)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     results = list(pool.map(run, programs))
   for p, r in zip(problems, results):
     r["task_id"] = p.get("task_id")
   passed = sum(r["passed"] for r in results)
   return {"pass@1": passed / len(results), "passed": passed, "total": len(results),
-          "results": results}
+          "isolated": isolated, "results": results}
 
 
 # ------------------------------------------------------------------ BLEU and ROUGE-L
@@ -520,6 +424,16 @@ def format_table(rows: dict, index_name: str = "domain") -> str:
 TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
 
 
+def _task_cell(row: dict, key: str) -> str:
+  """"pass@1 0.5", or for a metric that was not run (None), why: "pass@1 not run
+  (eval.allow_code_execution=False)", never a number that would read as a score."""
+  if row[key] is not None:
+    return f"{key} {row[key]:.4g}"
+  why = row.get(key + "_not_run", "")
+  why = why.removeprefix("not run: ").split(" (")[0]
+  return f"{key} not run" + (f" ({why})" if why else "")
+
+
 def format_results(results: dict[str, dict]) -> str:
   """The evaluation table: one line per domain (loss, perplexity, task metric) and the general
   abilities against the base model."""
@@ -527,7 +441,7 @@ def format_results(results: dict[str, dict]) -> str:
   for name, r in results.items():
     if name == "general":
       continue
-    task = ", ".join(f"{k} {r[k]:.4g}" for k in TASK_KEYS if k in r)
+    task = ", ".join(_task_cell(r, k) for k in TASK_KEYS if k in r)
     loss = f"{r['loss']:8.4f}" if "loss" in r else f"{'-':>8}"
     ppl = f"{r['perplexity']:9.2f}" if "perplexity" in r else f"{'-':>9}"
     lines.append(f"{name:<12} {loss} {ppl}  {task}")

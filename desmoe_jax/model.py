@@ -122,7 +122,7 @@ class MoECausalLM(nnx.Module):
     return None if self.moe_layers is None else self.moe_layers.mlp
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
-               return_routing: bool | str = False, adapt: Adaptation | None = None,
+               return_routing=False, adapt: Adaptation | None = None,
                return_latents: bool = False) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
@@ -130,7 +130,10 @@ class MoECausalLM(nnx.Module):
     positions: RoPE positions (restart at 0 in each packed example); default 0..seq-1.
     adapt: DES-MoE per-call inputs (domain ids, router gradient scale, gradient isolation).
     return_routing: True for each MoE layer's Routing (stacked); "inputs" adds the hidden states
-      the routers saw ([L, T, D], e.g. to fit an exported router).
+      the routers saw ([L, T, D], e.g. to fit an exported router). A function of one layer's
+      Routing (inputs included) is applied inside the layer loop and its results come back
+      stacked over layers: statistics of the router inputs without the [L, T, D] array (the
+      export's router fold, export.py).
     return_latents: also return what a decode cache stores (see generate.py).
     """
     cfg = self.config
@@ -173,7 +176,9 @@ class MoECausalLM(nnx.Module):
       layer = nnx.merge(graphdef, layer_state)
       h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
                                          return_latents=return_latents)
-      if return_routing != "inputs":  # the [T, D] router inputs only when asked for
+      if callable(return_routing):  # reduced per layer inside the loop (see __call__)
+        routing = return_routing(routing)
+      elif return_routing != "inputs":  # the [T, D] router inputs only when asked for
         routing = routing.replace(inputs=None)
       return h, (routing if return_routing else None, stats, latents)
 

@@ -1,7 +1,7 @@
 """DES-MoE part 1: the Adaptive Lightweight Router (ALR) with its distillation loss (METHOD.md s.1).
 
-The ALR plugs into the MoE block's router interface (`logits`, `loss`; moe/routing.py): it
-replaces the logits and nothing else, so the family's routing function (softmax top-k, top-k
+The ALR plugs into the MoE block's router interface (`route`; moe/routing.py): it replaces the
+logits (and adds L_KD) and nothing else, so the family's routing function (softmax top-k, top-k
 then softmax, sigmoid with group-limited top-k) and its selection bias apply to the adapted
 logits unchanged (METHOD.md, "Routers other than softmax top-k"). The distillation loss is
 KL(softmax(z_teacher / tau) || softmax(z_student / tau)) on the pre-activation logits z for every
@@ -74,6 +74,44 @@ def _scale_grad_bwd(scale, g):
 scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
+def _student_logits(params, x_td):
+  """R_adapt(x) [T, E] in float32 from (w1, b1, w2, b2, w_s or None)."""
+  w1, b1, w2, b2, ws = params
+  x = x_td.astype(jnp.float32)
+  logits = jnp.dot(jax.nn.gelu(jnp.dot(x, w1) + b1, approximate=False), w2) + b2
+  return logits + jnp.dot(x, ws) if ws is not None else logits
+
+
+@jax.custom_vjp
+def _routed_and_distilled(params, x_td, scale):
+  """The student logits twice, from one forward: (for routing, for L_KD).
+
+  Their gradients are those of two separate forwards `R(scale_grad(params, scale), x)` and
+  `R(params, stop_gradient(x))` (METHOD.md s.1): the parameters get scale * J^T g_route + J^T
+  g_kd, x gets J^T g_route only. The backward is one parameter VJP of the combined cotangent
+  and one input VJP of g_route (XLA drops the unused halves), where two forwards cost two
+  forwards and two full backwards of the fp32 MLP.
+  """
+  logits = _student_logits(params, x_td)
+  return logits, logits
+
+
+def _routed_and_distilled_fwd(params, x_td, scale):
+  logits, vjp = jax.vjp(_student_logits, params, x_td)
+  return (logits, logits), (vjp, scale)
+
+
+def _routed_and_distilled_bwd(res, g):
+  vjp, scale = res
+  g_route, g_kd = g
+  dparams, _ = vjp(g_route * scale + g_kd)
+  _, dx = vjp(g_route)
+  return dparams, dx, jnp.zeros_like(scale)
+
+
+_routed_and_distilled.defvjp(_routed_and_distilled_fwd, _routed_and_distilled_bwd)
+
+
 class AdaptiveRouter(nnx.Module):
   """R_adapt(h) = W2 GELU(W1 h + b1) + b2 (+ h W_s for form="residual"), exact at init.
 
@@ -113,23 +151,35 @@ class AdaptiveRouter(nnx.Module):
   def __call__(self, x_td, grad_scale=None):
     """Student logits [T, E] in float32; `grad_scale` scales the gradient reaching the router's
     parameters (not x), which is how the convex KD/task mix is applied."""
-    params = (self.w1[...], self.b1[...], self.w2[...], self.b2[...],
-              self.weight[...] if self.form == "residual" else None)
+    params = self._params()
     if grad_scale is not None:
       params = scale_grad(params, grad_scale)
-    w1, b1, w2, b2, ws = params
-    x = x_td.astype(jnp.float32)
-    logits = jnp.dot(jax.nn.gelu(jnp.dot(x, w1) + b1, approximate=False), w2) + b2
-    return logits + jnp.dot(x, ws) if ws is not None else logits
+    return _student_logits(params, x_td)
 
-  def logits(self, x_td, adapt=None):
-    """The router interface (moe/routing.py): student logits, the task path's gradient to the
-    router parameters scaled by `adapt.router_grad_scale` (the convex KD/task mix)."""
-    return self(x_td, grad_scale=None if adapt is None else adapt.router_grad_scale)
+  def _params(self):
+    return (self.w1[...], self.b1[...], self.w2[...], self.b2[...],
+            self.weight[...] if self.form == "residual" else None)
 
-  def loss(self, x_td, token_mask_t):
-    """The router interface's loss: L_KD (the block passes x under stop_gradient)."""
-    return self.distillation_loss(x_td, token_mask_t)
+  def route_and_distill(self, x_td, token_mask_t, grad_scale=None):
+    """(student logits [T, E], L_KD) from one forward of the MLP: what the MoE layer uses.
+
+    Same values and gradients as `self(x_td, grad_scale)` for routing plus
+    `self.distillation_loss(stop_gradient(x_td), token_mask_t)` (tests/test_router.py holds
+    them equal): L_KD trains the router only, the routing gradient reaches x and, scaled by
+    `grad_scale`, the router.
+    """
+    scale = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32)
+    logits, student = _routed_and_distilled(self._params(), x_td, scale)
+    kd = kd_loss(self.teacher_logits(jax.lax.stop_gradient(x_td)), student, token_mask_t,
+                 self.tau, self.tau_squared)
+    return logits, kd
+
+  def route(self, x_td, token_mask_t, adapt=None):
+    """The router interface (moe/routing.py): (student logits [T, E], L_KD) from one forward
+    (`route_and_distill`), the task path's gradient to the router parameters scaled by
+    `adapt.router_grad_scale` (the convex KD/task mix)."""
+    return self.route_and_distill(x_td, token_mask_t,
+                                  None if adapt is None else adapt.router_grad_scale)
 
   def teacher_logits(self, x_td):
     return jnp.dot(x_td.astype(jnp.float32), self.teacher[...])

@@ -16,7 +16,6 @@ writes the files above, and all of them write the checkpoints, through orbax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -91,11 +90,19 @@ def check_config(config):
       raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
   if config.train.steps < 1:
     raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
+  if config.export.enabled:
+    for field in ("fold_tokens", "check_tokens"):
+      value = config.export.get(field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.export.{field}={value!r}: expected a positive number of "
+                         "held-out tokens")
 
 
 def domain_specs(config, split: str = "train") -> list:
   return [data_lib.DomainSpec(name=d.name, path=getattr(d, split), format=d.format,
-                              weight=d.weight) for d in config.data.domains]
+                              weight=d.weight,
+                              max_bad_fraction=config.data.get("max_bad_fraction", 0.1))
+          for d in config.data.domains]
 
 
 # ------------------------------------------------------------------ logging
@@ -201,9 +208,11 @@ def save_heatmaps(des, domain_names, paths: dict[str, str], max_layers: int):
 # ------------------------------------------------------------------ evaluation during training
 
 
-def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
-  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
-  batches are split over its mesh (every process of a multi-process run must call this)."""
+@functools.lru_cache(maxsize=8)
+def _loss_sums_fn(graphdef):
+  """The jitted held-out loss of one model structure. Cached so that every evaluation of a run
+  reuses one compiled program (jax.jit caches by shapes per function object, and a function
+  defined inside `heldout_losses` was a new object, so a new compile, at every evaluation)."""
 
   @jax.jit
   def loss_sums(state, batch):
@@ -213,6 +222,14 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
     w = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 
+  return loss_sums
+
+
+def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
+  """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
+  batches are split over its mesh (every process of a multi-process run must call this).
+  Compiles once per model structure and batch shape, not once per call."""
+  loss_sums = _loss_sums_fn(graphdef)
   out = {}
   for name, batches in batches_by_domain.items():
     total, count = 0.0, 0.0
@@ -368,19 +385,19 @@ def _train(config, workdir: str, mesh) -> dict:
                               config.train.steps, config, metrics_log, batch_sharding)
   summary["plots"] = heatmap_paths(workdir, config.train.steps)
   if config.export.enabled:
-    host_state = distributed.to_host(model_state)   # a gather: every process joins it
+    # On the training mesh, in every process (the fold's programs and the writer's per-layer
+    # gathers are collectives); the optimizer state is dropped first to make room.
+    from desmoe_jax.export import export_hf
+    opt_state = None
+    model = nnx.merge(graphdef, model_state)
+    model_state = None  # the model now holds the arrays; merging copies replaces some of them
+    fit = [b for batches in eval_sets.values() for b in batches]
+    summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
+                                  tokenizer_dir=config.model.path, fit_batches=fit,
+                                  fold_tokens=config.export.fold_tokens,
+                                  check_tokens=config.export.check_tokens,
+                                  batch_sharding=batch_sharding)
     if is_main:
-      # Process 0 alone runs the export's forward passes (folding the router), so they must
-      # not be partitioned over a mesh that holds other processes' devices: there, the
-      # context is a mesh of one local device.
-      alone = (jax.set_mesh(sharding_lib.make_mesh({}, devices=jax.local_devices()[:1]))
-               if jax.process_count() > 1 else contextlib.nullcontext())
-      from desmoe_jax.export import export_hf
-      fit = [b for batches in eval_sets.values() for b in batches]
-      model = nnx.merge(graphdef, host_state)
-      with alone:
-        summary["export"] = export_hf(model, os.path.join(workdir, "hf"),
-                                      tokenizer_dir=config.model.path, fit_batches=fit)
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
     # The others wait here rather than in the runtime's shutdown barrier, which times out.

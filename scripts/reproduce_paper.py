@@ -144,6 +144,8 @@ def run_config(run: Run, s: dict, model_path: str | None):
   # and the multi-domain runs at the largest D.
   with_tasks = run.variant == "single" or len(run.domains) == max(s["num_domains"])
   config.eval.max_examples = s["gen_examples"] if with_tasks else 0
+  # Code pass@1 executes the model's programs: only with --allow_code_execution (isolated).
+  config.eval.allow_code_execution = bool(s.get("allow_code_execution", False))
   config.export.enabled = False
   if run.variant == "router+experts":
     config.schedule.warmup_trains = "router+experts"
@@ -277,6 +279,9 @@ def main(argv=None):
                       "the full run, <workdir>/RESULTS.md otherwise)")
   p.add_argument("--model", default=None, help="HF DeepSeek-V2 directory (default: the "
                  "embedded tiny model of the :tiny preset)")
+  p.add_argument("--allow_code_execution", action="store_true",
+                 help="run the generated programs for code pass@1 (each isolated, see "
+                      "desmoe_jax/sandbox.py); without it code pass@1 is reported as not run")
   p.add_argument("--steps_per_domain", type=int, default=None)
   p.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
   p.add_argument("--only", default=None,
@@ -288,6 +293,7 @@ def main(argv=None):
 
   mode = "sweep" if args.sweep else "quick" if args.quick else "full"
   s = dict(SETTINGS[mode])
+  s["allow_code_execution"] = args.allow_code_execution
   if args.steps_per_domain:
     s["steps_per_domain"] = args.steps_per_domain
   if args.seeds:

@@ -111,3 +111,89 @@ def test_not_a_checkpoint_dir(tmp_path):
     from_pretrained(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="config.json"):
     from_pretrained(str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------ corrupt and hostile files
+# Small hand-made files: the reader is the `safetensors` library; these hold that every file it
+# refuses is named with the file and, where one is at fault, the tensor.
+
+import ml_dtypes  # noqa: E402
+
+from desmoe_jax.convert import _write_safetensors  # noqa: E402
+
+
+def _file(tmp_path, name="model.safetensors"):
+  tensors = [("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4)),
+             ("b.weight", np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(2, 3))]
+  path = tmp_path / name
+  _write_safetensors(str(path), tensors)
+  return path, dict(tensors)
+
+
+def _rewrite_header(path, edit):
+  raw = path.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  edit(header)
+  blob = json.dumps(header).encode()
+  blob += b" " * (-len(blob) % 8)
+  path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def test_reads_bf16_f8_and_slices(tmp_path):
+  path, tensors = _file(tmp_path)
+  ck = Checkpoint(str(tmp_path))
+  b = ck.get("b.weight")
+  assert b.dtype == ml_dtypes.bfloat16 and np.array_equal(b, tensors["b.weight"])
+  np.testing.assert_array_equal(ck.get_slice("a.weight", (slice(1, 3), slice(0, 2))),
+                                tensors["a.weight"][1:3, 0:2])
+  f8 = np.array([0.5, -2.0, 448.0], dtype=ml_dtypes.float8_e4m3fn)
+  _write_safetensors(str(path), [("f8", f8)])
+  got = Checkpoint(str(tmp_path)).get("f8")
+  assert got.dtype == ml_dtypes.float8_e4m3fn and np.array_equal(got, f8)
+
+
+def test_header_length_2_63_names_the_file(tmp_path):
+  path, _ = _file(tmp_path)
+  raw = path.read_bytes()
+  path.write_bytes((1 << 63).to_bytes(8, "little") + raw[8:])
+  with pytest.raises(ValueError, match=rf"{path}: corrupt safetensors file .*header.* the header "
+                                       r"claims 9223372036854775808 bytes"):
+    Checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("fault", ["short_offsets", "wrong_shape", "truncated"])
+def test_corrupt_tensor_is_named(tmp_path, fault):
+  path, _ = _file(tmp_path)
+  if fault == "short_offsets":
+    _rewrite_header(path, lambda h: h["a.weight"].update(data_offsets=[0, 40]))
+    why = r"tensor 'a.weight': data_offsets \[0, 40\] span 40 bytes, .* needs 48"
+  elif fault == "wrong_shape":
+    _rewrite_header(path, lambda h: h["b.weight"].update(shape=[2, 4]))
+    why = r"tensor 'b.weight': data_offsets \[48, 60\] span 12 bytes, its shape \[2, 4\]"
+  else:
+    path.write_bytes(path.read_bytes()[:-5])
+    why = r"tensor 'b.weight': its data ends at byte 60, the file holds 55 \(truncated\)"
+  with pytest.raises(ValueError, match=rf"{path}: corrupt safetensors file .*{why}"):
+    Checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "..", "sub/model.safetensors",
+                                   "/etc/passwd", "a\\b.safetensors", 7])
+def test_index_shard_names_are_plain_file_names(tmp_path, shard):
+  (tmp_path / "model").mkdir()
+  _file(tmp_path, "outside.safetensors")  # what "../outside" would reach
+  index = tmp_path / "model" / "model.safetensors.index.json"
+  index.write_text(json.dumps({"weight_map": {"a.weight": shard}}))
+  with pytest.raises(ValueError, match=rf"{index}: shard name .* is not a plain file name"):
+    Checkpoint(str(tmp_path / "model"))
+
+
+def test_index_naming_a_missing_shard_or_no_weight_map(tmp_path):
+  index = tmp_path / "model.safetensors.index.json"
+  index.write_text(json.dumps({"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}))
+  with pytest.raises(FileNotFoundError, match="names shard model-00001-of-00002.safetensors"):
+    Checkpoint(str(tmp_path))
+  index.write_text(json.dumps({"metadata": {}}))
+  with pytest.raises(ValueError, match="not a safetensors index with a 'weight_map'"):
+    Checkpoint(str(tmp_path))

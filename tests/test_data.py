@@ -88,7 +88,7 @@ def test_bad_rows_are_counted_and_named(tmp_path, tokenizer):
           json.dumps({"messages": [{"role": "user", "content": "hi"}]}),  # 8: no assistant
           json.dumps({"prompt": "3+3?", "response": "6"})]
   path.write_text("\n".join(rows) + "\n")
-  spec = data.DomainSpec("toy", str(path))
+  spec = data.DomainSpec("toy", str(path), max_bad_fraction=1.0)
   with pytest.warns(UserWarning) as record:
     examples, report = data.load_domain(spec, tokenizer, seq_len=256)
   assert len(examples) == 2 and report.rows == 9 and report.bad_count == 7
@@ -165,3 +165,66 @@ def test_eval_examples_and_text_batches(tokenizer):
   assert sum(int(b["segment_ids"][:, 0].sum()) for b in whole) == len(ids) // 127  # every row
   mc = data.load_multiple_choice(os.path.join(REPO, "data", "general", "mc.jsonl"))
   assert len(mc) == 200 and all(0 <= m["label"] < len(m["choices"]) for m in mc)
+
+
+def test_non_utf8_lines_are_counted_by_line(tmp_path, tokenizer):
+  """One bad byte costs its line, named file:line, not a bare UnicodeDecodeError for the file."""
+  path = tmp_path / "latin1.jsonl"
+  good = json.dumps({"prompt": "2+2?", "response": "4"}).encode()
+  lines = [good] * 12
+  lines[4] = '{"prompt": "caf\u00e9", "response": "x"}'.encode("latin-1")  # line 5: 0xe9
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  with pytest.warns(UserWarning, match=r"latin1.jsonl: 1 of 12 rows .*not UTF-8: 1 \(lines 5\)"):
+    examples, report = data.load_domain(data.DomainSpec("toy", str(path)), tokenizer, 256)
+  assert len(examples) == 11 and report.bad == {"not UTF-8": [5]}
+
+
+def test_too_many_bad_rows_fail_the_domain(tmp_path, tokenizer):
+  path = tmp_path / "mostly_bad.jsonl"
+  rows = [json.dumps({"prompt": "q", "response": "a"})] * 3 + ['{"prompt": "broken"'] * 47
+  path.write_text("\n".join(rows) + "\n")
+  with pytest.raises(ValueError, match=r"'bad': 47 of 50 rows of .*mostly_bad.jsonl are bad "
+                                       r"\(94%, more than data.max_bad_fraction=0.1\)"), \
+      warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data.load_domain(data.DomainSpec("bad", str(path)), tokenizer, 256)
+  # At the limit it loads (10% bad is allowed by the default), and the limit is adjustable.
+  path.write_text("\n".join([rows[0]] * 9 + [rows[-1]]) + "\n")
+  with pytest.warns(UserWarning):
+    examples, _ = data.load_domain(data.DomainSpec("ok", str(path)), tokenizer, 256)
+  assert len(examples) == 9
+  with pytest.raises(ValueError, match="max_bad_fraction=0"), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data.load_domain(data.DomainSpec("ok", str(path), max_bad_fraction=0.0), tokenizer, 256)
+  with pytest.raises(ValueError, match=r"max_bad_fraction=1.5 must be a number in \[0, 1\]"):
+    data.DomainSpec("x", str(path), max_bad_fraction=1.5)
+
+
+def test_eval_rows_are_validated_per_line(tmp_path, tokenizer):
+  src = [json.loads(line) for line in
+         open(os.path.join(REPO, "data", "code", "eval.jsonl")).readlines()[:3]]
+  del src[1]["test"]
+  path = tmp_path / "code_eval.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in src) + "\n")
+  spec = data.DomainSpec("code", str(path))
+  with pytest.raises(ValueError, match=r"code_eval.jsonl:2: missing field 'test'"):
+    data.load_eval_examples(spec, tokenizer, required=data.EVAL_FIELDS["pass_at_1"])
+  # Without the code metric's fields (the held-out loss) the row is fine; each knows its line.
+  rows = data.load_eval_examples(spec, tokenizer)
+  assert [r["source"] for r in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+  path.write_text(json.dumps({"prompt": "p", "answers": "not a list"}) + "\n" +
+                  json.dumps({"prompt": "p", "answers": ["a"]}) + "\n")
+  with pytest.raises(ValueError, match=r"1 of 2 held-out rows .*code_eval.jsonl:1: 'answers' "
+                                       r"must be a non-empty list of strings"):
+    data.load_eval_examples(spec, tokenizer)
+
+
+def test_undecodable_whole_files_name_file_line_column(tmp_path, tokenizer):
+  text = tmp_path / "general.txt"
+  text.write_bytes(b"fine line\nsecond \xff line\n")
+  with pytest.raises(ValueError, match=r"general.txt:2:8: byte 0xff is not UTF-8"):
+    data.text_loss_batches(str(text), tokenizer, seq_len=16, batch_size=1, max_batches=1)
+  arr = tmp_path / "rows.json"
+  arr.write_bytes(b'[{"prompt": "a", "response": "b"},\n {"prompt": "\xc3", "response": "b"}]')
+  with pytest.raises(ValueError, match=r"rows.json:2:\d+: byte 0xc3 is not UTF-8"):
+    data.load_domain(data.DomainSpec("arr", str(arr)), tokenizer, 256)

@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from transformers import AutoTokenizer
 
 from desmoe_jax import data as data_lib
@@ -47,3 +48,36 @@ def test_evaluate_model_hand_loss_and_outputs_in_a_new_directory(tmp_path):
   assert json.load(open(out_dir / "results.json"))["intent"]["generated"] == 2
   lines = (out_dir / "generations_intent.jsonl").read_text().splitlines()
   assert len(lines) == 2 and {"prompt", "answers", "generation"} <= set(json.loads(lines[0]))
+
+
+def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch):
+  """Without eval.allow_code_execution the code domain reports pass@1 as not run (null, with the
+  flag named), not 0; with it, the programs run isolated; a machine that cannot isolate refuses
+  before any model work, naming the override."""
+  from desmoe_jax import metrics, sandbox
+  config = load_config(os.path.join(REPO, "configs", "six_domains.py:tiny"), {
+      "data.batch_size": 2, "data.general_mc": "", "data.general": "",
+      "eval.loss_batches": 1, "eval.max_examples": 2, "eval.max_new_tokens": 4})
+  config.data.domains = [d for d in config.data.domains if d.name == "code"]
+  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  model = evaluate.load_model(config.model.path, config)
+
+  results = evaluate.evaluate_model(model, tokenizer, config, out_dir=str(tmp_path / "off"))
+  code = json.load(open(tmp_path / "off" / "results.json"))["code"]
+  assert code["pass@1"] is None and "eval.allow_code_execution=False" in code["pass@1_not_run"]
+  assert np.isfinite(code["loss"])
+  assert "pass@1 not run (eval.allow_code_execution=False)" in metrics.format_results(results)
+
+  config.eval.allow_code_execution = True
+  if sandbox.isolation_status()[0]:
+    code = evaluate.evaluate_model(model, tokenizer, config)["code"]
+    assert 0.0 <= code["pass@1"] <= 1.0 and code["pass@1_isolated"] and code["generated"] == 2
+
+  monkeypatch.setattr(sandbox, "_unshare_cmd", lambda: None)
+  sandbox.isolation_status.cache_clear()
+  monkeypatch.setattr(evaluate.trainer, "heldout_losses", None)  # must not get that far
+  try:
+    with pytest.raises(sandbox.SandboxUnavailable, match="allow_unisolated_code_execution"):
+      evaluate.evaluate_model(model, tokenizer, config)
+  finally:
+    sandbox.isolation_status.cache_clear()

@@ -91,11 +91,17 @@ def test_intent_answers_in_their_real_format_match_themselves():
 # ------------------------------------------------------------------ code pass@1 (sandboxed)
 
 
+needs_isolation = pytest.mark.skipif(
+    not metrics.sandbox.isolation_status()[0],
+    reason=f"pass@1 refuses to run here: {metrics.sandbox.isolation_status()[1]}")
+
+
 @pytest.fixture(scope="module")
 def problems():
   return _jsonl("data/code/eval.jsonl")[:3]  # HumanEval/0-2, `answers` = canonical solution
 
 
+@needs_isolation
 def test_pass_at_1_canonical_wrong_and_bad_programs(problems, monkeypatch):
   monkeypatch.setenv("HF_TOKEN", "secret")
   monkeypatch.setenv("https_proxy", "http://proxy")
@@ -127,6 +133,7 @@ def test_pass_at_1_canonical_wrong_and_bad_programs(problems, monkeypatch):
   json.dumps(out)  # results go straight into results.json
 
 
+@needs_isolation
 def test_pass_at_1_infinite_loop_times_out(problems):
   out = metrics.pass_at_1(problems[:1], ["    while True:\n        pass\n"], timeout=1)
   r = out["results"][0]
@@ -242,3 +249,12 @@ def test_format_results_general_block_is_aligned():
   assert block[1].split() == ["held-out", "text", "loss", "6.3237", "4.6480", "+1.6757"]
   assert block[3].startswith("multiple choice acc/token") and block[3].endswith("-0.0250")
   assert len({len(line) for line in block}) == 1          # the columns line up
+
+
+def test_format_results_names_a_metric_that_was_not_run():
+  text = metrics.format_results({"code": {"loss": 1.5, "pass@1": None,
+                                          "pass@1_not_run": "not run: eval.allow_code_execution="
+                                                            "False (set it to True ...)"},
+                                 "math": {"loss": 1.0, "exact_match": 0.0}})
+  assert "pass@1 not run (eval.allow_code_execution=False)" in text
+  assert "exact_match 0" in text  # a measured zero is still a number

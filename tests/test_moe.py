@@ -1,4 +1,4 @@
-"""MoE layer: the three dispatch implementations agree, and the layer matches hand-written
+"""MoE layer: the dispatch implementations agree, and the layer matches hand-written
 references for what transformers does not compute (norm_topk_prob, the balance loss)."""
 
 import jax
@@ -43,14 +43,14 @@ def test_impls_agree_outputs_and_grads(routing, t):
     return y, jax.grad(f, argnums=(0, 1, 2, 3))(x, gate, up, down)
 
   ref_y, ref_g = run("dense")
-  for impl in ("ragged", "tiled"):
+  for impl in ("ragged", "tokamax", "tiled"):
     y, g = jax.jit(run, static_argnums=0)(impl)
     np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5, err_msg=impl)
     for a, b, name in zip(g, ref_g, ("x", "gate", "up", "down")):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{impl} d{name}")
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "tokamax", "tiled"])
 def test_no_expert_id_selects_nothing(impl):
   """Id E (the unused rows of expert parallelism's buffers): output 0 and no gradient; the
   other slots are computed as if those were absent."""
@@ -173,10 +173,59 @@ def test_balance_loss_matches_deepseek_formula(seq_aux):
 def test_layer_grads_agree_across_impls():
   x = jax.random.normal(jax.random.key(5), (2, 9, D))
   grads = {}
-  for impl in ("dense", "ragged", "tiled"):
+  for impl in ("dense", "ragged", "tokamax", "tiled"):
     layer = MoEBlock(_cfg(moe_impl=impl), rngs=nnx.Rngs(0))
     loss = lambda m: (m(x)[0] ** 2).sum() + m(x)[2].balance
     grads[impl] = nnx.to_flat_state(nnx.grad(loss)(layer))
-  for impl in ("ragged", "tiled"):
+  for impl in ("ragged", "tokamax", "tiled"):
     for (path, a), (_, b) in zip(grads[impl], grads["dense"]):
       np.testing.assert_allclose(a[...], b[...], atol=1e-5, rtol=1e-5, err_msg=f"{impl} {path}")
+
+
+def test_tokamax_tpu_kernel_matches_dense_in_interpret_mode(monkeypatch):
+  """The "tokamax" path with the TPU Pallas kernel (GMM forward, its transposed-RHS and TGMM
+  gradient kernels) run by Pallas' interpreter on CPU: outputs and gradients equal "dense" to
+  1e-5, including the row padding to whole 128-row tiles (180 slots -> 256 rows) and slots of
+  id E. The kernel reads the TPU generation for its tiling, so the test says v5e.
+
+  On CPU, "tokamax" otherwise runs tokamax's XLA path (the tests above); this one checks the
+  kernel that a TPU runs, at the smallest shapes it takes (every dim >= 128).
+  """
+  import functools  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.mosaic import tpu_info  # pylint: disable=import-outside-toplevel
+  from tokamax._src.ops.ragged_dot import base  # pylint: disable=import-outside-toplevel
+  from tokamax._src.ops.ragged_dot.pallas_mosaic_tpu import (  # pylint: disable=import-outside-toplevel
+      PallasMosaicTpuRaggedDot)
+  from desmoe_jax.moe import block as moe  # pylint: disable=import-outside-toplevel
+
+  class Interpreted(PallasMosaicTpuRaggedDot):
+    def supported_on(self, device):  # tokamax refuses the TPU kernel on a CPU device
+      return True
+
+  monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+  monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+  inner = Interpreted(interpret=True)
+  kernel = Interpreted(interpret=True, vjp=functools.partial(
+      base.vjp, dlhs_ragged_dot=inner, drhs_ragged_dot=inner))
+  monkeypatch.setitem(moe.TOKAMAX_RAGGED_DOT, "default", (kernel,))  # no "xla" to fall back on
+
+  e, d, f, t, k = 4, 128, 128, 90, 2
+  keys = jax.random.split(jax.random.key(0), 5)
+  weights = (jax.random.normal(keys[0], (e, d, f)) * 0.1, jax.random.normal(keys[1], (e, d, f)) * 0.1,
+             jax.random.normal(keys[2], (e, f, d)) * 0.1)
+  x = jax.random.normal(keys[3], (t, d))
+  cot = jax.random.normal(keys[4], (t, k, d))
+  ids = np.stack([np.random.RandomState(i).choice(e, k, replace=False) for i in range(t)])
+  ids[::5, 1] = e
+  valid = jnp.asarray(ids < e)[..., None]
+
+  def run(impl, ids, cot):
+    f_ = lambda x, g, u, dn: (expert_outputs(x, ids, g, u, dn, impl=impl) * cot).sum()
+    return expert_outputs(x, ids, *weights, impl=impl), jax.grad(f_, argnums=(0, 1, 2, 3))(
+        x, *weights)
+
+  y, grads = jax.jit(run, static_argnums=0)("tokamax", jnp.asarray(ids), cot)
+  ref_y, ref_grads = run("dense", jnp.asarray(np.minimum(ids, e - 1)), cot * valid)
+  np.testing.assert_allclose(y, ref_y * valid, atol=1e-5, rtol=1e-5)
+  for a, b, name in zip(grads, ref_grads, ("x", "gate", "up", "down")):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")

@@ -1,5 +1,7 @@
 """Adaptive Lightweight Router: exact at init, KD loss, lambda schedule, convex gradient mix."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,55 @@ def test_convex_mix_scales_router_gradient_only():
     else:
       np.testing.assert_allclose(v[...], task[path][...], atol=1e-7, err_msg=str(path))
   assert np.abs(kd[("moe_layers", "mlp", "gate", "w2")][...]).max() > 0
+
+
+def _two_forwards(self, x_td, token_mask_t, grad_scale=None):
+  """The ALR as it ran before route_and_distill: one forward to route, one for L_KD."""
+  return (self(x_td, grad_scale=grad_scale),
+          self.distillation_loss(jax.lax.stop_gradient(x_td), token_mask_t))
+
+
+@pytest.mark.parametrize("form", ["residual", "mlp"])
+@pytest.mark.parametrize("scale", [0.7, None])  # convex loss (1 - lambda), additive (None)
+def test_shared_alr_forward_keeps_the_gradients_of_two_forwards(form, scale, monkeypatch):
+  """route_and_distill (one MLP forward) gives the loss and every gradient (router, experts,
+  attention, embeddings: what reaches x) of the two separate forwards of METHOD.md s.1."""
+  model = attach_alr(tiny_model(seed=2), AlrConfig(form=form))
+  moe = model.moe_blocks()
+  moe.gate.w2[...] = moe.gate.w2[...] + 0.1 * jax.random.normal(jax.random.key(1),
+                                                                  moe.gate.w2.shape)
+  b = batch(3, [0, 1])
+  g, params, rest = nnx.split(model, nnx.Param, ...)
+  adapt = Adaptation(router_grad_scale=None if scale is None else jnp.float32(scale))
+
+  def value_and_grads():
+    def loss(p):
+      out = nnx.merge(g, p, rest)(b["tokens"], adapt=adapt)
+      return ts.token_losses(out.logits, b["tokens"]).mean() + 0.3 * out.kd_loss
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  shared_loss, shared = value_and_grads()
+  monkeypatch.setattr(AdaptiveRouter, "route_and_distill", _two_forwards)
+  ref_loss, ref = value_and_grads()
+  np.testing.assert_allclose(shared_loss, ref_loss, rtol=1e-6)
+  ref = dict(nnx.to_flat_state(ref))
+  for path, v in nnx.to_flat_state(shared):
+    np.testing.assert_allclose(v[...], ref[path][...], rtol=1e-5, atol=1e-7, err_msg=str(path))
+  assert np.abs(ref[("moe_layers", "mlp", "gate", "w1")][...]).max() > 0
+
+
+def test_alr_mlp_runs_once_per_layer(monkeypatch):
+  """The forward holds one [T, d_model] x [d_model, hidden] matmul per ALR (it held two)."""
+  model = attach_alr(tiny_model(seed=2), AlrConfig())
+  d, hidden = model.moe_blocks().gate.w1.shape[-2:]
+  tokens = batch(3, [0, 1])["tokens"]
+  g, state = nnx.split(model)
+
+  def count(fn):  # matmuls with a [T, hidden] result, in the jaxpr and every nested one
+    text = str(jax.make_jaxpr(lambda s: fn(s))(state))  # a new function: no cached trace
+    return len(re.findall(rf":f32\[\d+,{hidden}\] = dot_general", text))
+
+  forward = lambda s: nnx.merge(g, s)(tokens).kd_loss
+  assert count(forward) == 1  # the MoE layers are scanned: one body
+  monkeypatch.setattr(AdaptiveRouter, "route_and_distill", _two_forwards)
+  assert count(forward) == 2  # the old form, seen by the same count

@@ -144,3 +144,37 @@ def test_missing_model_path_fails_before_any_work():
   config.data.domains[2].train = ""
   with pytest.raises(ValueError, match=r"domains\[2\] \('law'\) has no train path"):
     trainer.check_config(config)
+
+
+def test_heldout_losses_compile_once_per_run():
+  """Evaluations after the first reuse its compiled program, also from a fresh nnx.split (what
+  evaluate_model passes): no backend compile on the second call."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_model  # pylint: disable=import-outside-toplevel
+
+  from desmoe_jax import trainer  # pylint: disable=import-outside-toplevel
+
+  model = tiny_model(seed=4)
+  rng = np.random.RandomState(0)
+  batches = {d: [{"tokens": jnp.asarray(rng.randint(0, 64, (2, 10)), jnp.int32),
+                  "segment_ids": jnp.ones((2, 10), jnp.int32),
+                  "positions": jnp.tile(jnp.arange(10, dtype=jnp.int32), (2, 1)),
+                  "loss_mask": jnp.ones((2, 10), jnp.float32)} for _ in range(2)]
+             for d in ("a", "b")}
+  compiles = []
+
+  def listener(name, _secs, **_):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first = trainer.heldout_losses(*nnx.split(model), batches)
+    after_first = len(compiles)
+    second = trainer.heldout_losses(*nnx.split(model), batches)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert after_first > 0 and len(compiles) == after_first, compiles
+  assert first == second and np.isfinite(first["a"])

@@ -1,13 +1,22 @@
 """The sparse MoE block of every family: top-k routed experts (+ shared experts), no token dropped.
 
-Expert dispatch has one interface, `expert_outputs`, and three implementations that compute the
+Expert dispatch has one interface, `expert_outputs`, and four implementations that compute the
 same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
-  "dense"  every expert on every token, then pick the top-k: the readable reference (E/K x work).
-  "ragged" sort slots by expert and run `jax.lax.ragged_dot` grouped matmuls (MaxText's megablox
-           path): the right choice on GPU/TPU.
-  "tiled"  the expert-sorted, tile-padded loop of `gmm.py`: the fast choice on CPU, where
-           ragged_dot lowers to a dense dot over all experts.
-"auto" picks "tiled" on CPU and "ragged" elsewhere.
+  "dense"   every expert on every token, then pick the top-k: the readable reference (E/K x work).
+  "ragged"  sort slots by expert and run `jax.lax.ragged_dot` grouped matmuls. This is XLA's own
+            lowering of ragged_dot (what MaxText only falls back to): on XLA:CPU, and on GPU
+            outside the configurations cuDNN/Triton cover, it expands to a dot over every expert.
+  "tokamax" the same sorted layout through `tokamax.ragged_dot`, DeepMind's Pallas grouped
+            matmul with its own gradient kernels (megablox-style GMM/TGMM): the Mosaic TPU kernel
+            on TPU, the Mosaic GPU kernel (sm90+, else Triton) on GPU, and XLA's ragged_dot
+            elsewhere. The kernel is picked per lowering platform (`lax.platform_dependent`), so
+            a compile-only TPU lowering from a CPU host gets the TPU kernel
+            (scripts/hlo_check.py shows it in the compiled program).
+  "tiled"   the expert-sorted, tile-padded loop of `gmm.py`: the fast choice on CPU, where
+            ragged_dot lowers to a dense dot over all experts.
+"auto" picks "tiled" on CPU, "tokamax" on TPU (its TPU lowering is checked compile-only by
+scripts/hlo_check.py: Mosaic kernels, no dense fallback), and "ragged" on GPU (tokamax's GPU
+kernels have not yet run here: bench/accel.py measures both; see bench/RESULTS.md).
 
 `model.expert_parallel` picks how a mesh with an `expert` axis runs this dispatch: "compiler"
 partitions it with XLA's SPMD partitioner; "shard_map" exchanges token rows between the devices
@@ -15,10 +24,10 @@ holding the experts explicitly (`expert_parallel.py`), each device running the k
 its own experts.
 
 The block knows two interfaces and nothing of DES-MoE:
-* its router `gate`: `logits(x, adapt) -> [T, E]` and `loss(x, token_mask) -> scalar`
-  (`moe/routing.py`'s LinearRouter: the pretrained gate, loss 0). The family's routing function
-  (`select_experts`) and selection bias apply to whatever logits the router gives, so DES-MoE's
-  adaptive router replaces the logits only.
+* its router `gate`: `route(x, token_mask, adapt) -> (logits [T, E], loss)` (`moe/routing.py`'s
+  LinearRouter: the pretrained gate, loss 0). The family's routing function (`select_experts`)
+  and selection bias apply to whatever logits the router gives, so DES-MoE's adaptive router
+  replaces the logits only (and adds its distillation loss).
 * an optional expert hook `des` (the one DES-MoE state submodule, `specialization.DesState`):
   `dispatch` (remap slots to duplicated experts), `isolate` (per-token gradient isolation) and
   `statistics` (domain x expert counts), each given the per-call `adapt` it alone reads.
@@ -40,12 +49,17 @@ from desmoe_jax.nn.layers import MLP, Linear, normal_init, param
 
 ROUTED_EXPERTS, SHARED_EXPERTS = "routed_experts", "shared_experts"   # parameter groups
 
-IMPLS = ("dense", "ragged", "tiled")
+IMPLS = ("dense", "ragged", "tokamax", "tiled")
+# What "auto" runs on each platform (see the module docstring for why).
+AUTO = {"cpu": "tiled", "tpu": "tokamax", "gpu": "ragged"}
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """The implementation `impl` runs; "auto" by `platform` (default: JAX's default backend; pass
+  it when compiling for another target, e.g. "tpu" for a compile-only TPU lowering)."""
   if impl == "auto":
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+    platform = platform or jax.default_backend()
+    return AUTO.get("gpu" if platform in ("cuda", "rocm") else platform, "ragged")
   if impl not in IMPLS:
     raise ValueError(f"moe_impl={impl!r}: expected 'auto' or one of {IMPLS}")
   return impl
@@ -58,16 +72,65 @@ def _dense(x_td, ids_tk, gate, up, down):
   return jnp.take_along_axis(y_ted, ids_tk[:, :, None], axis=1, mode="fill", fill_value=0)
 
 
-def _ragged(x_td, ids_tk, gate, up, down):
+def _ragged(x_td, ids_tk, gate, up, down, dot=jax.lax.ragged_dot, row_multiple=0):
+  """Expert-sorted grouped matmuls through `dot` (the `jax.lax.ragged_dot` signature).
+
+  row_multiple > 0 (the Pallas kernels): the row buffer is padded to a multiple of it (the TPU
+  kernel needs whole 128-row tiles, else tokamax falls back to XLA), and the rows after the
+  last group (padding, slots of id E) are zeroed on the way in and out: XLA's ragged_dot writes
+  zeros there, but a kernel may leave them unwritten, and their input gradient would otherwise
+  reach x through the gather.
+  """
   t, k = ids_tk.shape
+  n = t * k
   flat = ids_tk.reshape(-1)
   order = jnp.argsort(flat, stable=True)                  # slot index, grouped by expert
   sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
   xs = x_td[order // k]                                    # [T*K, D] expert-sorted rows
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-  ys = jax.lax.ragged_dot(h, down, sizes)
+  if row_multiple:
+    xs = jnp.pad(xs, ((0, -n % row_multiple), (0, 0)))
+    valid = (jnp.arange(xs.shape[0]) < sizes.sum())[:, None]
+    xs = jnp.where(valid, xs, 0)
+  h = jax.nn.silu(dot(xs, gate, sizes)) * dot(xs, up, sizes)
+  ys = dot(h, down, sizes)
+  if row_multiple:
+    ys = jnp.where(valid, ys, 0)[:n]
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
   return ys[inverse].reshape(t, k, -1)
+
+
+def import_tokamax():
+  """tokamax, imported when an impl needs it. tokamax reads its options from absl flags and, when
+  nothing has parsed them, parses sys.argv itself, which fails on any other program's arguments
+  (pytest's, argparse scripts'): the flags are then marked parsed, keeping tokamax's defaults."""
+  import tokamax  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
+def _tokamax_dot(implementation):
+  tokamax = import_tokamax()
+  return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes,
+                                                    implementation=implementation)
+
+
+# tokamax.ragged_dot implementations per lowering platform, each list tried in order (tokamax
+# moves to the next on NotImplementedError, e.g. the TPU kernel's dims < 128, or Mosaic GPU on
+# a pre-Hopper GPU). "xla" is `jax.lax.ragged_dot` (the reference every kernel falls back to).
+TOKAMAX_RAGGED_DOT = {"tpu": ("mosaic_tpu", "xla"), "cuda": ("mosaic_gpu", "triton", "xla"),
+                      "default": ("xla",)}
+
+
+TOKAMAX_ROW_MULTIPLE = 128  # the TPU kernel's default (and smallest tuned) row tile
+
+
+def tokamax_ragged_dot(lhs, rhs, sizes):
+  """tokamax.ragged_dot with the kernel of the platform this is lowered for: the choice is made
+  at lowering (`lax.platform_dependent`), not by the host's default backend."""
+  branches = {p: _tokamax_dot(impls) for p, impls in TOKAMAX_RAGGED_DOT.items()}
+  return jax.lax.platform_dependent(lhs, rhs, sizes, **branches)
 
 
 def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "auto",
@@ -75,7 +138,7 @@ def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "aut
   """y[t, k] = FFN_{ids[t,k]}(x[t]) with SwiGLU experts; returns [T, K, D].
 
   An id equal to E (one past the last expert) selects no expert: its output is 0, "tiled" spends
-  no matmul on it and "ragged" leaves it out of every group (the unused rows of expert
+  no matmul on it and "ragged"/"tokamax" leave it out of every group (the unused rows of expert
   parallelism's receive buffers).
   """
   impl = resolve_impl(impl)
@@ -85,6 +148,9 @@ def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "aut
     return _dense(x_td, ids_tk, gate, up, down)
   if impl == "ragged":
     return _ragged(x_td, ids_tk, gate, up, down)
+  if impl == "tokamax":
+    return _ragged(x_td, ids_tk, gate, up, down, dot=tokamax_ragged_dot,
+                   row_multiple=TOKAMAX_ROW_MULTIPLE)
   return gmm.grouped_ffn(x_td, ids_tk, gate, up, down, max_tile=tile_size)
 
 
@@ -160,8 +226,7 @@ class MoEBlock(nnx.Module):
       token_mask_bs = jnp.ones((b, s), jnp.bool_)
     mask_t = token_mask_bs.reshape(-1)
 
-    logits_te = self.gate.logits(x_td, adapt)
-    router_loss = self.gate.loss(jax.lax.stop_gradient(x_td), mask_t)
+    logits_te, router_loss = self.gate.route(x_td, mask_t, adapt)
     weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg, self.selection_bias())
 
     gate, up, down = (self.experts.gate_proj[...], self.experts.up_proj[...],

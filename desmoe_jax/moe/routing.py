@@ -1,8 +1,8 @@
 """Routers and routing functions of every supported family.
 
-A router has one job, `logits(x) -> [T, E]` (float32, the pre-activation logits); a routing
-function turns logits into the top-k expert ids and gate weights as the family does. DES-MoE's
-adaptive router (router.py) replaces the `logits` only, so the family's selection rule,
+A router has one job, `route(x, ...) -> (logits [T, E], loss)` (float32 pre-activation logits);
+a routing function turns logits into the top-k expert ids and gate weights as the family does.
+DES-MoE's adaptive router (router.py) replaces the logits only (and adds its KD loss), so the family's selection rule,
 selection bias and gate weights apply unchanged to the adapted router (METHOD.md, "Routers
 other than softmax top-k").
 
@@ -55,20 +55,21 @@ class SelectionBias(nnx.Variable):
 class LinearRouter(nnx.Module):
   """The pretrained linear gate: logits = x @ W, W [d_model, n_experts] in float32.
 
-  The router interface the MoE block uses: `logits(x_td, adapt) -> [T, E]` (`adapt`, the
-  per-call DES-MoE inputs, is for routers that read it) and `loss(x_td, token_mask_t)`, a
-  scalar the router adds to the training loss (0 here; the ALR's distillation loss).
+  The router interface the MoE block uses: `route(x_td, token_mask_t, adapt) -> (logits
+  [T, E], loss)`: the logits the family's routing function reads, and a scalar the router adds
+  to the training loss (0 here; the ALR's distillation loss). `adapt`, the per-call DES-MoE
+  inputs, is for routers that read it.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.weight = param(rngs, normal_init, (cfg.hidden_size, cfg.n_routed_experts),
                         jnp.float32, ("embed", None), group=ROUTER)
 
-  def logits(self, x_td, adapt=None):
+  def logits(self, x_td):
     return jnp.dot(x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
 
-  def loss(self, x_td, token_mask_t):
-    return jnp.zeros((), jnp.float32)
+  def route(self, x_td, token_mask_t=None, adapt=None):
+    return self.logits(x_td), jnp.zeros((), jnp.float32)
 
 
 def _group_mask(choice_te, cfg: ModelConfig, group_score):
