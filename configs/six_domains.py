@@ -39,15 +39,66 @@ def _domain(name, folder=None, weight=1.0):
   return d
 
 
+# One preset per machine people rent: the paper's 32 x 4096-token batch (through
+# train.microbatches) with the memory levers that machine needs. docs/SCALING.md has the memory
+# plan of each (TPU compiler) and why each lever is set; `scripts/memory_plan.py
+# --config=configs/six_domains.py:<preset>` re-checks one before renting. Keys are config paths.
+_LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the temporaries)
+    "model.remat": "full",
+    "model.ce_chunk": 1024,                 # no [seq, 102400] float32 logits
+    "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
+}
+MACHINES = {
+    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
+    # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
+    "v5e8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 4, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
+    "v4_8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 8, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
+    "v5p8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
+    "8xh100": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
+    "h200": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 1, "train.microbatches": 16, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+}
+
+
+def _apply_machine(c, machine: str):
+  for key, value in MACHINES[machine].items():
+    section, field = key.split(".")
+    if field not in c[section]:
+      raise KeyError(f"preset {machine}: {key} is not a config field")
+    c[section][field] = value
+
+
 def get_config(presets: str = "") -> ml_collections.ConfigDict:
   tokens = [t for t in presets.split(",") if t]
-  unknown = [t for t in tokens if t not in METHODS + ("tiny",)]
+  unknown = [t for t in tokens if t not in METHODS + ("tiny",) + tuple(MACHINES)]
   if unknown:
-    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}")
+    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}, "
+                     f"machines {', '.join(MACHINES)}")
   tiny = "tiny" in tokens
   methods = [t for t in tokens if t in METHODS]
   if len(methods) > 1:
     raise ValueError(f"give at most one method preset, got {methods}")
+  machines = [t for t in tokens if t in MACHINES]
+  if len(machines) > 1 or (machines and tiny):
+    raise ValueError(f"give at most one machine preset, and not with tiny: got {tokens}")
 
   c = ml_collections.ConfigDict()
   c.method = methods[0] if methods else "desmoe"  # desmoe | fft | esft_* | desmoe_no_* ablations
@@ -57,14 +108,22 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # HF DeepSeek-V2 directory (config.json, safetensors, tokenizer). Required for the paper preset.
   c.model.path = os.path.join(REPO, "assets", "tiny_deepseek_v2") if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
-  c.model.param_dtype = "float32" if tiny else "bfloat16"  # weights and optimizer moments
+  # Storage dtype of the weights (routers and the ALR are always float32); must agree with
+  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr.
+  c.model.param_dtype = "float32" if tiny else "bfloat16"
   c.model.moe_impl = "auto"         # auto | dense | ragged | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
-  c.model.remat = "none" if tiny else "full"  # none | full | dots: rematerialise each MoE layer
+  # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
+  # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
+  c.model.remat = "none" if tiny else "full"
+  # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
+  # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
+  # vocabulary); 0: the plain loss over the whole logits
+  c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
   c.data = ml_collections.ConfigDict()
@@ -87,6 +146,22 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True          # save in the background
   c.train.heatmap_layers = 4               # MoE layers drawn in the correlation heatmaps
   c.train.nan_check = True                 # stop on a non-finite loss (keeps last good checkpoint)
+  # Gradient accumulation: data.batch_size is split into this many microbatches (strided rows),
+  # run one after the other inside the jitted step (lax.scan) with their gradients summed.
+  # Memory of activations: one microbatch's; the update, the DGES statistics, the KD and balance
+  # losses and every metric are the whole batch's (equal to microbatches=1 up to float
+  # rounding). data.batch_size / microbatches must be a multiple of the data-parallel devices.
+  c.train.microbatches = 1
+  # How updates reach the weights (docs/SCALING.md, "Precision" has the bytes of each):
+  #   fp32_master  float32 weights (model.param_dtype=float32), computation in model.dtype:
+  #                exact updates; 4 bytes per weight.
+  #   bf16_sr      bfloat16 weights (model.param_dtype=bfloat16); the update is computed and added
+  #                in float32 and the sum rounded stochastically to bfloat16: unbiased, so an
+  #                update or a weight decay far below bfloat16's resolution (3e-5 x w) still
+  #                moves the weights by the right amount in expectation; 2 bytes per weight.
+  #                Deterministic: the random bits come from (seed, step).
+  c.train.precision = "fp32_master" if tiny else "bf16_sr"
+  c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = -1.0             # -1: the paper's value for the method (see PAPER_LR)
@@ -97,6 +172,16 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95                        # Adam beta2 (ESFT's)
   c.optim.eps = 1e-8                       # Adam epsilon
   c.optim.grad_clip = 1.0                  # global-norm clipping; 0 disables
+  c.optim.name = "adamw"                   # adamw (the paper's) | adafactor (flagged alternative:
+                                           # factored 2nd moment, no 1st; ~0 bytes of state)
+  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16. The optimizer
+  # computes in float32 whatever this is; bfloat16 halves the state (rounded to nearest).
+  c.optim.moments_dtype = "auto"
+  # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
+  # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
+  # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
+  # pinned_host memory (TPU, GPU; the error names this field otherwise).
+  c.optim.host_offload = False
   if tiny:
     c.optim.learning_rate = 3e-3 if c.method not in PAPER_LR else 1e-3
 
@@ -159,4 +244,6 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # adapted one on at most check_tokens further tokens (desmoe_export.json reports both).
   c.export.fold_tokens = 131072
   c.export.check_tokens = 65536
+  if machines:
+    _apply_machine(c, machines[0])
   return c

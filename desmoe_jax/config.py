@@ -23,6 +23,18 @@ SCORING = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "topk_softmax")
 BALANCE_LOSSES = ("deepseek", "switch", "none")
 
+# model.remat values (model.py maps them to jax.checkpoint policies of the scanned MoE layer):
+#   none          keep every activation of every layer for the backward (most memory, no recompute)
+#   full          keep only each layer's input; the backward recomputes the layer (least memory)
+#   dots          keep the outputs of matmuls without batch dimensions (projections), recompute
+#                 the rest (attention softmax, activations, the expert dispatch)
+#   dots_offload  as dots, but those matmul outputs go to host memory (pinned_host) in the forward
+#                 and come back for the backward: dots' recompute savings at full's device memory,
+#                 paid in host<->device transfers
+#   full_offload  as full, and each layer's saved input is offloaded to host memory as well (the
+#                 scan's stacked [layers, batch, seq, d_model] residuals leave the device)
+REMAT_POLICIES = ("none", "full", "dots", "dots_offload", "full_offload")
+
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
@@ -35,9 +47,16 @@ class RuntimeConfig:
   moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see moe/expert_parallel.py
-  attention_impl: str = "einsum"          # "einsum" (reference) | "jax" (jax.nn.dot_product_attention)
+  # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
+  # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py).
+  # Not in any "auto": its TPU lowering is verified compile-only (Mosaic kernels,
+  # scripts/hlo_check.py) and its CPU numerics through tokamax's XLA path, but no kernel has run
+  # on an accelerator here.
+  attention_impl: str = "einsum"
   scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
-  remat: str = "none"                     # "none" | "full" | "dots": rematerialise each MoE layer
+  remat: str = "none"                     # one of REMAT_POLICIES: what a MoE layer's backward recomputes
+  ce_chunk: int = 0                       # >0: cross-entropy over sequence chunks of this many
+                                          # positions, never the batch's [B, S, vocab] logits (losses.py)
 
   def __post_init__(self):
     problems = []
@@ -46,10 +65,14 @@ class RuntimeConfig:
                       "'tiled')")
     if self.expert_parallel not in ("compiler", "shard_map"):
       problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
-    if self.attention_impl not in ("einsum", "jax"):
-      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax')")
-    if self.remat not in ("none", "full", "dots"):
-      problems.append(f"remat={self.remat!r} (one of 'none', 'full', 'dots')")
+    if self.attention_impl not in ("einsum", "jax", "tokamax"):
+      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax', "
+                      "'tokamax')")
+    if self.remat not in REMAT_POLICIES:
+      problems.append(f"remat={self.remat!r} (one of {', '.join(map(repr, REMAT_POLICIES))})")
+    if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
+      problems.append(f"ce_chunk={self.ce_chunk!r} (0 for the plain cross-entropy, or a positive "
+                      f"number of positions per chunk dividing the sequence length)")
     if problems:
       raise ValueError("Unsupported runtime option: " + "; ".join(problems))
 

@@ -20,10 +20,11 @@ Bad rows (a line that is not UTF-8, invalid JSON, missing or mistyped fields, em
 longer than seq_len) are counted and named by file and line in one warning per file, and kept in
 `report`. Files are decoded line by line, so one bad byte costs its line, not the file. A domain
 with more broken rows (over-long ones aside) than `max_bad_fraction` (config
-`data.max_bad_fraction`, default 0.1) of those read is an error before training starts: a file that is mostly broken is the wrong file
-or a broken export, and training on its few good rows at the domain's full weight would skew
-the mixture silently. Held-out (eval) rows are validated one by one too, and by default none
-may be bad: they define the score, and a dropped row changes its denominator.
+`data.max_bad_fraction`, default 0.1) of those read is an error before training starts: a file
+that is mostly broken is the wrong file or a broken export, and training on its few good rows
+at the domain's full weight would skew the mixture silently. Held-out (eval) rows are
+validated one by one too, and by default none may be bad: they define the score, and a dropped
+row changes its denominator.
 """
 
 from __future__ import annotations

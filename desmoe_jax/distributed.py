@@ -24,6 +24,8 @@ import os
 import jax
 import numpy as np
 
+from desmoe_jax.errors import ConfigError
+
 log = logging.getLogger("desmoe_jax")
 
 MODES = ("auto", "on", "off")
@@ -57,16 +59,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   touches a device.
   """
   if mode not in MODES:
-    raise ValueError(f"--distributed={mode!r}: expected one of {MODES}")
+    raise ConfigError(f"--distributed={mode!r}: expected one of {MODES}")
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-    raise ValueError("give all of --coordinator_address, --num_processes and --process_id, "
+    raise ConfigError("give all of --coordinator_address, --num_processes and --process_id, "
                      "or none (cluster environments are detected)")
   if num_processes is not None:
     if num_processes < 1:
-      raise ValueError(f"--num_processes={num_processes}: must be at least 1")
+      raise ConfigError(f"--num_processes={num_processes}: must be at least 1")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id}: must be in 0..{num_processes - 1} "
+      raise ConfigError(f"--process_id={process_id}: must be in 0..{num_processes - 1} "
                        f"(--num_processes={num_processes})")
   if mode == "off" or (num_processes is not None and num_processes <= 1):
     return False

@@ -32,8 +32,11 @@ from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import sandbox
+from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import trainer
+from desmoe_jax import validate as validate_lib
+from desmoe_jax.errors import ConfigError
 from desmoe_jax.convert import from_pretrained
 from desmoe_jax.generate import bucket, greedy_generate
 from desmoe_jax.methods import prepare_model
@@ -42,17 +45,45 @@ from desmoe_jax.specialization import merge_copies
 log = logging.getLogger("desmoe_jax")
 
 
-def load_run_model(config, workdir: str, step: int | None = None, mesh=None):
+def open_checkpoints(workdir: str) -> ckpt_lib.Checkpointer:
+  """The run's checkpoints, read-only: nothing is created in `workdir`, and a directory with no
+  checkpoint is a one-line `ConfigError` (a mistyped --workdir), found before any model load."""
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  if checkpoints.latest_step() is None:
+    checkpoints.close()
+    raise ConfigError(f"no checkpoint in {checkpoints.directory} (is --workdir the run's work "
+                      "directory, and has it saved one yet?)")
+  return checkpoints
+
+
+def load_run_model(config, workdir: str, step: int | None = None, mesh=None, tokenizer=None):
   """The model of a training run at `step` (default latest), rebuilt from its config; with
-  `mesh`, sharded over it as in training (a model that does not fit on one device)."""
-  mc = trainer.method_config(config)
-  model = load_model(config.model.path, config, mesh)
-  prepare_model(model, mc, seed=config.seed)
-  if mesh is not None:
-    sharding_lib.shard_model(model, mesh)  # the parts prepare_model added
-  graphdef, state = nnx.split(model)
-  restored, _, meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
-      ckpt_lib.abstract_like(state), None, step=step)  # onto each array's current sharding
+  `mesh`, sharded over it as in training (a model that does not fit on one device). With
+  `tokenizer`, it must be the one the checkpoint was trained with (`ConfigError` otherwise)."""
+  checkpoints = open_checkpoints(workdir)
+  try:
+    if step is not None and step not in checkpoints.all_steps():
+      raise ConfigError(f"--step={step}: no checkpoint of that step in {checkpoints.directory} "
+                        f"(there are: {', '.join(map(str, checkpoints.all_steps()))})")
+    meta = checkpoints.read_meta(step)
+    stored = meta.get("tokenizer")
+    if tokenizer is not None and stored is not None:
+      current = resume_lib.tokenizer_fingerprint(tokenizer)
+      if current != stored:
+        raise ConfigError(f"the tokenizer used for evaluation is not the one "
+                          f"{checkpoints.path(meta['step'])} was trained with (fingerprint "
+                          f"{current[:19]} vs {stored[:19]}); evaluate with the run's "
+                          "model.path")
+    mc = trainer.method_config(config)
+    model = load_model(config.model.path, config, mesh)
+    prepare_model(model, mc, seed=config.seed)
+    if mesh is not None:
+      sharding_lib.shard_model(model, mesh)  # the parts prepare_model added
+    graphdef, state = nnx.split(model)
+    restored, _, meta = checkpoints.restore(ckpt_lib.abstract_like(state), None,
+                                            step=meta["step"])  # onto each array's sharding
+  finally:
+    checkpoints.close()   # orbax's threads end here, not in the interpreter's shutdown
   model = nnx.merge(graphdef, restored)
   merge_copies(model)
   return model, meta
@@ -213,13 +244,21 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   Returns (results, out_dir): results as `evaluate_model` gives them ({row: {metric: value}};
   `metrics.format_results` prints them as a table), written to `<out_dir>/results.json`.
   """
+  validate_lib.validate(config)
+  if hf_dir:
+    if not os.path.isdir(hf_dir):
+      raise ConfigError(f"--hf={hf_dir!r} is not a directory")
+  elif not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir!r} does not exist")
+  else:
+    open_checkpoints(workdir).close()      # fail fast, before any model is loaded
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(hf_dir or config.model.path)
   mesh = sharding_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
   if hf_dir:
     model, name = load_model(hf_dir, config, mesh), "hf"
   else:
-    model, meta = load_run_model(config, workdir, step, mesh)
+    model, meta = load_run_model(config, workdir, step, mesh, tokenizer=tokenizer)
     name = f"step{meta['step']}"
   base = load_model(config.model.path, config, mesh) if with_base else None
   out_dir = os.path.join(workdir, "eval", name)

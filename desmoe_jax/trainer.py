@@ -12,6 +12,18 @@ Work directory layout:
 
 In a multi-process run every process calls `train` (desmoe_jax/distributed.py); process 0 alone
 writes the files above, and all of them write the checkpoints, through orbax.
+
+Reliability (docs/RELIABILITY.md lists every fault tried and the test that holds it):
+* the whole config is validated (validate.py) before anything is loaded;
+* a resumed run must agree with its checkpoint on the config (resume.py; `allow_config_change`
+  overrides) and on the tokenizer; metrics records and TensorBoard events written after the
+  restored step are dropped, so a resumed run's logs have each step once;
+* SIGTERM / SIGINT (or the cluster's preemption sync on multi-process runs) save the current
+  step, wait for it and raise `errors.Preempted` (preemption.py);
+* before each save, one jitted reduction checks parameters, optimizer state and the gradient
+  norm for NaN/inf: a non-finite state is never saved, and `TrainingDiverged` names the last
+  checkpoint that is finite;
+* a failed save stops the run after the step it is noticed in (`errors.SaveFailed`).
 """
 
 from __future__ import annotations
@@ -33,13 +45,17 @@ from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import distributed
 from desmoe_jax import esft as esft_lib
+from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import specialization
 from desmoe_jax import train_step as ts
+from desmoe_jax import validate as validate_lib
+from desmoe_jax.errors import ConfigError, Preempted, TrainingDiverged
 from desmoe_jax.convert import from_pretrained
 from desmoe_jax.esft import EsftConfig
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
 from desmoe_jax.optim import OptimConfig
+from desmoe_jax.preemption import PreemptionGuard
 from desmoe_jax.router import AlrConfig
 from desmoe_jax.schedule import PHASE_NAMES, ScheduleConfig
 from desmoe_jax.specialization import DgesConfig
@@ -47,10 +63,6 @@ from desmoe_jax.specialization import DgesConfig
 log = logging.getLogger("desmoe_jax")
 
 PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (METHOD.md)
-
-
-class TrainingDiverged(RuntimeError):
-  """A non-finite loss; the last checkpoint written before it is intact."""
 
 
 # ------------------------------------------------------------------ config -> library objects
@@ -71,31 +83,48 @@ def optim_config(config) -> OptimConfig:
   kw = config.optim.to_dict()
   if kw["learning_rate"] < 0:
     kw["learning_rate"] = PAPER_LR.get(config.method, 1e-4)
+  kw["skip_nonfinite_updates"] = int(config.train.get("skip_nonfinite_updates", 0))
   return OptimConfig(**kw)
 
 
+def step_config(config) -> ts.StepConfig:
+  """train.microbatches / train.precision, checked against model.param_dtype."""
+  step_cfg = ts.StepConfig(microbatches=config.train.microbatches,
+                           precision=config.train.precision, seed=config.seed)
+  want = {"fp32_master": "float32", "bf16_sr": "bfloat16"}[step_cfg.precision]
+  if config.model.param_dtype != want:
+    raise ConfigError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
+                     f"model.param_dtype={config.model.param_dtype!r}: set "
+                     f"--config.model.param_dtype={want}, or pick the other train.precision "
+                     f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
+  if config.data.batch_size % step_cfg.microbatches:
+    raise ConfigError(f"train.microbatches={step_cfg.microbatches} does not divide "
+                      f"data.batch_size={config.data.batch_size}")
+  return step_cfg
+
+
+def check_microbatch_split(step_cfg: ts.StepConfig, batch_size: int, batch_sharding):
+  """Each microbatch must split evenly over the data-parallel devices, or every device would
+  compute the whole microbatch."""
+  spec = batch_sharding.spec[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  devices = math.prod(batch_sharding.mesh.shape[a] for a in axes)
+  if batch_size % step_cfg.microbatches:
+    raise ValueError(f"train.microbatches={step_cfg.microbatches} does not divide the batch of "
+                     f"{batch_size} sequences")
+  rows = batch_size // step_cfg.microbatches
+  if rows % devices:
+    raise ValueError(f"data.batch_size={batch_size} / train.microbatches="
+                     f"{step_cfg.microbatches} = {rows} rows per microbatch, not a multiple of "
+                     f"the {devices} data-parallel devices: lower train.microbatches or raise "
+                     "data.batch_size")
+
+
 def check_config(config):
-  """Fails before anything heavy happens, naming the field to set."""
-  if not config.model.path:
-    raise ValueError("config.model.path is empty: set --config.model.path=/path/to/"
-                     "DeepSeek-V2-Lite (a Hugging Face directory with config.json, safetensors "
-                     "and tokenizer), or use the embedded model with --config=configs/"
-                     "six_domains.py:tiny")
-  if not os.path.isdir(config.model.path):
-    raise FileNotFoundError(f"config.model.path={config.model.path!r} is not a directory")
-  if not config.data.domains:
-    raise ValueError("config.data.domains is empty: give at least one domain")
-  for i, d in enumerate(config.data.domains):
-    if not d.train:
-      raise ValueError(f"config.data.domains[{i}] ({d.name!r}) has no train path")
-  if config.train.steps < 1:
-    raise ValueError(f"config.train.steps={config.train.steps} must be >= 1")
-  if config.export.enabled:
-    for field in ("fold_tokens", "check_tokens"):
-      value = config.export.get(field)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.export.{field}={value!r}: expected a positive number of "
-                         "held-out tokens")
+  """Fails before anything heavy happens with a `ConfigError` naming every bad field
+  (validate.py), then checks what relates fields to the train step (`step_config`)."""
+  validate_lib.validate(config)
+  step_config(config)
 
 
 def domain_specs(config, split: str = "train") -> list:
@@ -109,15 +138,31 @@ def domain_specs(config, split: str = "train") -> list:
 
 
 class MetricsLog:
-  """JSON lines + TensorBoard, written by process 0 only."""
+  """JSON lines + TensorBoard, written by process 0 only.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Resuming from step N (`resume_step`) first drops what the interrupted run logged after its
+  checkpoint: metrics.jsonl is cut back to `resume_offset` (its size when checkpoint N was
+  saved) or, for a checkpoint that did not record it, to the records of steps <= N; TensorBoard
+  purges events after N (`purge_step`). The replayed steps are then logged once, not twice.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+               resume_offset: int | None = None):
     self.enabled = enabled
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.dropped = 0
+    if enabled and resume_step is not None and os.path.exists(self.path):
+      self.dropped = truncate_records(self.path, resume_step, resume_offset)
+    self._file = open(self.path, "a") if enabled else None
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                               purge_step=None if resume_step is None else resume_step + 1)
+
+  def offset(self) -> int | None:
+    """Bytes of metrics.jsonl written so far (stored with each checkpoint)."""
+    return self._file.tell() if self.enabled else None
 
   def write(self, step: int, record: dict[str, Any], domain_names=()):
     if not self.enabled:
@@ -140,6 +185,32 @@ class MetricsLog:
     if self.enabled:
       self._file.close()
       self._tb.close()
+
+
+def truncate_records(path: str, step: int, offset: int | None = None) -> int:
+  """Cuts metrics.jsonl back to what was written up to checkpoint `step`; returns how many
+  records were dropped."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if offset is not None and 0 <= offset <= len(data) and (offset == 0 or data[offset - 1:offset]
+                                                          == b"\n"):
+    kept = data[:offset]
+  else:  # no (usable) offset: keep the records of steps up to `step`
+    lines = data.splitlines(keepends=True)
+    kept = b"".join(l for l in lines if _record_step(l) is not None and _record_step(l) <= step)
+  dropped = data[len(kept):].count(b"\n") if data.startswith(kept) else (
+      data.count(b"\n") - kept.count(b"\n"))
+  if kept != data:
+    with open(path, "wb") as f:
+      f.write(kept)
+  return dropped
+
+
+def _record_step(line: bytes) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def _jsonable(v):
@@ -245,33 +316,98 @@ def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_shardin
 # ------------------------------------------------------------------ the run
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
+def train(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) the training described by `config` in `workdir`; returns a summary.
+
+  Raises `errors.ConfigError` (bad setting, or a resume whose config changed what the run
+  computes; `allow_config_change=True` accepts such changes), `errors.Preempted` (SIGTERM /
+  SIGINT: the current step was saved), `errors.TrainingDiverged`, `errors.SaveFailed`.
+  """
   check_config(config)
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh):  # read by expert_parallel="shard_map" and sharding.constrain
-    return _train(config, workdir, mesh)
+  try:
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise ConfigError(f"mesh={dict(config.mesh)}: {e}") from e
+  with jax.set_mesh(mesh), PreemptionGuard() as guard:  # mesh: read by shard_map / constrain
+    return _train(config, workdir, mesh, guard, allow_config_change)
 
 
-def _train(config, workdir: str, mesh) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+def _open_run(config, workdir: str, allow_config_change: bool):
+  """Work directory, checkpoints and tokenizer, checked against an existing run before any
+  model is loaded. Returns (checkpointer, tokenizer, fingerprint, latest meta or None)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r}: cannot create it ({e})") from e
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=config.train.keep_checkpoints,
+                                      async_save=config.train.async_checkpoint)
+  try:
+    tokenizer, fingerprint, meta = _check_resume(config, checkpoints, allow_config_change)
+  except BaseException:
+    checkpoints.close()
+    raise
+  return checkpoints, tokenizer, fingerprint, meta
+
+
+def _check_resume(config, checkpoints, allow_config_change: bool):
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  fingerprint = resume_lib.tokenizer_fingerprint(tokenizer)
+  meta = None
+  if checkpoints.latest_step() is not None:
+    meta = checkpoints.read_meta()
+    where = checkpoints.path(checkpoints.latest_step())
+    if meta.get("method") != config.method and not allow_config_change:
+      raise ConfigError(f"{where} holds a {meta.get('method')!r} run; config.method="
+                        f"{config.method!r} (another --workdir starts a new run)")
+    changes = resume_lib.config_changes(meta.get("config", {}),
+                                        json.loads(config.to_json_best_effort()))
+    for line in resume_lib.describe(changes):
+      log.info("config changed since %s: %s", where, line)
+    altering = resume_lib.run_altering(changes)
+    if altering and not allow_config_change:
+      raise ConfigError(
+          f"resuming {where} with a config that changes the run "
+          f"({len(altering)} field{'s' if len(altering) > 1 else ''}); rerun with "
+          "--allow_config_change to accept, or use another --workdir:\n"
+          + "\n".join(resume_lib.describe(altering)))
+    stored = meta.get("tokenizer")
+    if stored is not None and stored != fingerprint:
+      raise ConfigError(f"the tokenizer in model.path={config.model.path!r} is not the one "
+                        f"{where} was trained with (fingerprint {fingerprint[:19]} vs "
+                        f"{stored[:19]}: vocabulary, merges, special tokens or chat template "
+                        "differ)")
+  return tokenizer, fingerprint, meta
+
+
+def _train(config, workdir: str, mesh, guard: PreemptionGuard, allow_config_change: bool) -> dict:
   is_main = jax.process_index() == 0
+  checkpoints, tokenizer, fingerprint, resume_meta = _open_run(config, workdir,
+                                                               allow_config_change)
+  try:
+    return _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
+                is_main)
+  finally:
+    checkpoints.close()
+
+
+def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
+         is_main) -> dict:
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mc, oc = method_config(config), optim_config(config)
+  mc, oc, sc = method_config(config), optim_config(config), step_config(config)
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
   model = from_pretrained(
       config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
       mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
       remat=config.model.remat, scan_layers=config.model.scan_layers,
-      expert_parallel=config.model.expert_parallel)
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+      expert_parallel=config.model.expert_parallel, ce_chunk=config.model.ce_chunk)
   if tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f"tokenizer in {config.model.path} has {tokenizer.vocab_size} tokens, the "
-                     f"model's vocab_size is {model.config.vocab_size}")
+    raise ConfigError(f"tokenizer in {config.model.path} has {tokenizer.vocab_size} tokens, the "
+                      f"model's vocab_size is {model.config.vocab_size}")
 
   train_specs = domain_specs(config, "train")
   train_iter = data_lib.MixtureIterator(train_specs, tokenizer, seq_len=config.data.seq_len,
@@ -279,6 +415,7 @@ def _train(config, workdir: str, mesh) -> dict:
   names = [d.name for d in config.data.domains]
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
+  check_microbatch_split(sc, config.data.batch_size, batch_sharding)
   place = functools.partial(distributed.global_array, sharding=batch_sharding)
 
   prepare_model(model, mc, seed=config.seed)
@@ -297,43 +434,85 @@ def _train(config, workdir: str, mesh) -> dict:
   opt_state = jax.jit(lambda ms: ts.init_optimizer(mc, oc, ms), out_shardings=opt_shardings)(
       model_state)
 
-  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      max_to_keep=config.train.keep_checkpoints,
-                                      async_save=config.train.async_checkpoint)
+  # One jitted reduction over parameters, optimizer state and gradient norm; replicated, so
+  # every process reads the same answer.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_finite = jax.jit(ckpt_lib.all_finite, out_shardings=replicated)
+
   start, last_phase = 0, mc.phase(0)
-  if checkpoints.latest_step() is not None:
+  if resume_meta is not None:
     model_state, opt_state, meta = checkpoints.restore(
         ckpt_lib.abstract_like(model_state, state_shardings),
         ckpt_lib.abstract_like(opt_state, opt_shardings))
-    if meta.get("method") != config.method:
-      raise ValueError(f"{checkpoints.directory} holds a {meta.get('method')!r} run; "
-                       f"config.method={config.method!r}")
+    if not bool(state_finite((model_state, opt_state))):
+      raise TrainingDiverged(
+          f"{checkpoints.path(meta['step'])} holds non-finite values (written before saves "
+          "were checked); move it away to resume from the checkpoint before it")
     train_iter.restore(meta["data"])
     start, last_phase = int(meta["step"]), int(meta["phase"])
     log.info("resumed from step %d", start)
 
-  metrics_log = MetricsLog(workdir, enabled=is_main)
+  metrics_log = MetricsLog(workdir, enabled=is_main,
+                           resume_step=start if resume_meta is not None else None,
+                           resume_offset=resume_meta.get("metrics_offset") if resume_meta else None)
+  if metrics_log.dropped:
+    log.info("dropped %d metrics records logged after step %d by the interrupted run",
+             metrics_log.dropped, start)
   eval_sets = _eval_loss_batches(config, tokenizer)
   compiled: dict[int, Any] = {}
   pending_finite = []           # device scalars: loss finite, since the last host check
+  last_grad_norm = jnp.zeros((), jnp.float32)
   tokens_seen, t_last, step_last = 0, time.perf_counter(), start
   summary: dict[str, Any] = {"start_step": start}
   progress = _progress(start, config.train.steps, is_main)
 
+  def last_good() -> str:
+    checkpoints.wait()   # a save still running was checked before it started: let it commit
+    return checkpoints.describe_last_good()
+
   def check_finite(upto_step):
     if config.train.nan_check and pending_finite and not bool(jnp.all(jnp.stack(pending_finite))):
+      first = upto_step - len(pending_finite) + 1
+      pending_finite.clear()
       raise TrainingDiverged(
-          f"non-finite loss between steps {upto_step - len(pending_finite) + 1} and {upto_step}; "
-          f"the last good checkpoint ({checkpoints.latest_step()}) in {checkpoints.directory} "
-          "is intact. Lower optim.learning_rate or check the data.")
+          f"non-finite loss between steps {first} and {upto_step}; "
+          f"{last_good()} (intact). Lower optim.learning_rate, check the data, or set "
+          "train.skip_nonfinite_updates.")
     pending_finite.clear()
+
+  def check_state_finite(step_done):
+    """Parameters, optimizer state and the last gradient norm: all finite, or no save."""
+    if bool(state_finite((model_state, opt_state, last_grad_norm))):
+      return
+    flags = distributed.to_host(jax.jit(ckpt_lib.nonfinite_leaves)(
+        {"model": model_state, "opt_state": opt_state, "grad_norm": last_grad_norm}))
+    bad = [k for k, ok in flags.items() if not ok]
+    raise TrainingDiverged(
+        f"non-finite values at step {step_done} in {len(bad)} arrays ({', '.join(bad[:3])}"
+        f"{', ...' if len(bad) > 3 else ''}) with a finite loss: not saved; {last_good()}, "
+        "whose state is finite. Lower optim.learning_rate or check the data.")
 
   def save(step_done):
     check_finite(step_done)
+    check_state_finite(step_done)
     meta = {"method": config.method, "phase": mc.phase(max(step_done - 1, 0)),
-            "data": train_iter.state(), "seed": config.seed,
+            "data": train_iter.state(), "seed": config.seed, "finite": True,
+            "tokenizer": fingerprint, "metrics_offset": metrics_log.offset(),
             "config": json.loads(config.to_json_best_effort())}
     checkpoints.save(step_done, model_state, opt_state, meta)
+
+  def stop_if_preempted(step_done):
+    if not guard.reached(step_done, checkpoints):
+      return
+    if checkpoints.latest_step() != step_done:
+      save(step_done)
+    checkpoints.wait()
+    log.warning("preempted at step %d (%s): checkpoint %s committed; rerun the same command "
+                "to resume", step_done, guard.signal_name, checkpoints.path(step_done))
+    metrics_log.close()
+    raise Preempted(f"preempted at step {step_done} by {guard.signal_name}; "
+                    f"{checkpoints.path(step_done)} is committed: rerun the same command to "
+                    "resume", step_done)
 
   try:
     for step in range(start, config.train.steps):
@@ -348,15 +527,20 @@ def _train(config, workdir: str, mesh) -> dict:
         last_phase = phase
       if phase not in compiled:
         compiled[phase] = ts.jit_train_step(graphdef, mc, oc, phase, state_shardings,
-                                            opt_shardings, batch_sharding)
+                                            opt_shardings, batch_sharding, sc)
       # Every process builds the whole global batch (the single-process sequence) and
       # places only its own devices' rows.
       batch = distributed.global_batch(next(train_iter), batch_sharding)
       model_state, opt_state, metrics = compiled[phase](model_state, opt_state, batch,
                                                         jnp.asarray(step, jnp.int32))
-      pending_finite.append(jnp.isfinite(metrics["loss"]))
+      finite = jnp.isfinite(metrics["loss"])
+      if "update_skipped" in metrics:   # train.skip_nonfinite_updates: a skipped step is fine
+        finite = finite | metrics["update_skipped"]
+      pending_finite.append(finite)
+      last_grad_norm = metrics["grad_norm"]
       tokens_seen += int(np.prod(batch["tokens"].shape))
       done = step + 1
+      checkpoints.poll()                # a background save that failed stops the run here
       if done % config.train.log_every == 0 or done == config.train.steps:
         check_finite(done)
         now = time.perf_counter()
@@ -373,13 +557,13 @@ def _train(config, workdir: str, mesh) -> dict:
                   batch_sharding)
       if done % config.train.checkpoint_every == 0 and done < config.train.steps:
         save(done)
+      stop_if_preempted(done)
     final = config.train.steps
     if checkpoints.latest_step() != final:
       save(final)
     checkpoints.wait()
   finally:
     progress.close()
-    checkpoints.close()
 
   summary["eval"] = _evaluate(graphdef, model_state, eval_sets, names, workdir,
                               config.train.steps, config, metrics_log, batch_sharding)

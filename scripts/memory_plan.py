@@ -65,9 +65,11 @@ from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
 from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
-from desmoe_jax.trainer import method_config, optim_config  # noqa: E402
+from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: E402
+                                optim_config, step_config)
 
 GIB = 2**30
+CPU_DEVICES = 8  # simulated devices for a config mesh with a -1 axis on --target=cpu
 HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,8 +80,9 @@ _ARCH = flags.DEFINE_string(
     "config.model.path/config.json")
 _METHODS = flags.DEFINE_list("methods", ["desmoe", "fft"], "methods to plan (config.method)")
 _MESHES = flags.DEFINE_string(
-    "meshes", "fsdp=8", "';'-separated meshes, each ','-separated axis=size over data, fsdp, "
-    "expert, tensor (e.g. 'fsdp=8;fsdp=4,expert=2')")
+    "meshes", "", "';'-separated meshes, each ','-separated axis=size over data, fsdp, "
+    "expert, tensor (e.g. 'fsdp=8;fsdp=4,expert=2'); default: the config's mesh (its -1 axis "
+    "takes the target's devices; 8 simulated devices for cpu)")
 _BATCH = flags.DEFINE_list("batch", [], "global batch sizes in sequences (default "
                            "config.data.batch_size)")
 _SEQ = flags.DEFINE_integer("seq", 0, "sequence length (default config.data.seq_len)")
@@ -89,6 +92,9 @@ _PHASES = flags.DEFINE_list(
     "phases", [], "phases to compile, by name (warmup, stabilization, consolidation; FFT/ESFT's "
     "single phase is 'all'); default every phase. A TPU compile of V2-Lite takes minutes: "
     "compile the largest phase first")
+_LAYERS = flags.DEFINE_integer(
+    "layers", 0, "override the architecture's num_hidden_layers (0: keep it). A quick look at "
+    "a deep model: state and compile time grow with the MoE layers, temp barely does")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -108,6 +114,26 @@ def parse_mesh(text: str) -> dict[str, int]:
   return shape
 
 
+def config_mesh(config, target: str) -> dict[str, int]:
+  """config.mesh as a mesh shape, its -1 axis resolved to the target's devices (8 on cpu)."""
+  shape = {a: int(config.mesh[a]) for a in sharding_lib.MESH_AXES}
+  if list(shape.values()).count(-1) > 1:
+    raise ValueError(f"config.mesh {shape}: at most one axis may be -1")
+  if -1 in shape.values():
+    total = CPU_DEVICES if target == "cpu" else len(_topology(target))
+    known = math.prod(v for v in shape.values() if v != -1)
+    shape = {a: (total // known if v == -1 else v) for a, v in shape.items()}
+  return {a: v for a, v in shape.items() if v != 1} or {"fsdp": 1}
+
+
+def _topology(target: str):
+  from jax.experimental import topologies
+  megacore = target.split(":")[0] in ("v4", "v5p")  # one JAX device per chip, as JAX runs them
+  return topologies.get_topology_desc(
+      platform="tpu", topology_name=target,
+      chip_config_name="megacore" if megacore else "default").devices
+
+
 def target_devices(target: str, count: int):
   """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only)."""
   if target == "cpu":
@@ -116,29 +142,30 @@ def target_devices(target: str, count: int):
                        "script directly (it sets the device count) or set "
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
     return jax.devices()[:count]
-  from jax.experimental import topologies
-  megacore = target.split(":")[0] in ("v4", "v5p")  # one JAX device per chip, as JAX runs them
-  devices = topologies.get_topology_desc(
-      platform="tpu", topology_name=target,
-      chip_config_name="megacore" if megacore else "default").devices
+  devices = _topology(target)
   if len(devices) != count:
     raise ValueError(f"--target={target} has {len(devices)} devices; every mesh must use all "
                      f"of them, this one uses {count}")
   return devices
 
 
-def model_config(config, arch: str = "", target: str = "cpu") -> ModelConfig:
+def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -> ModelConfig:
   """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
-  trainer config's runtime fields (config.model.* other than path)."""
+  trainer config's runtime fields (config.model.* other than path); `layers` > 0 replaces
+  num_hidden_layers."""
   runtime = {k: v for k, v in config.model.items() if k != "path"}
   if target != "cpu" and runtime.get("moe_impl") == "auto":
     runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
   if not arch:
     if not config.model.path:
       raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")
-    return ModelConfig.from_pretrained(config.model.path, **runtime)
-  arch_config = load_config(os.path.join(REPO, "configs", f"models.py:{arch}"))
-  return ModelConfig.from_hf_dict(arch_config.to_dict(), source=f"--arch={arch}", **runtime)
+    cfg = ModelConfig.from_pretrained(config.model.path, **runtime)
+  else:
+    arch_config = load_config(os.path.join(REPO, "configs", f"models.py:{arch}"))
+    cfg = ModelConfig.from_hf_dict(arch_config.to_dict(), source=f"--arch={arch}", **runtime)
+  if layers < 0:
+    raise ValueError(f"--layers={layers}: expected 0 (the architecture's) or a layer count")
+  return cfg.replace(num_hidden_layers=layers) if layers else cfg
 
 
 # ------------------------------------------------------------------ abstract state, exact bytes
@@ -221,7 +248,12 @@ class PhasePlan:
   output: int
   alias: int
   temp: int
-  compile_s: float
+  compile_s: float          # wall seconds of lowering + compiling this phase
+  compile_cpu_s: float = 0.0  # CPU seconds of this process meanwhile (all its threads): the
+                              # machine-independent part when other jobs share the cores
+  flops: float = 0.0        # per device per step, extrapolated to every layer (see step_cost)
+  bytes: float = 0.0        # per device per step, before fusion (an upper bound on HBM traffic)
+  host: int = 0             # XLA: input buffers in host memory (optim.host_offload), per device
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -243,6 +275,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   if batch % splits:
     raise ValueError(f"--batch={batch} sequences cannot be split over the {splits} "
                      f"data-parallel devices of mesh {dict(mesh.shape)}")
+  step_cfg = step_config(config)
+  check_microbatch_split(step_cfg, batch, batch_sh)
   abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
                for k in data_lib.BATCH_KEYS}
   abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -257,15 +291,16 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   for phase, _, _ in ts_.method_cfg.phases():
     if phases and phase not in phases and phase_name(phase) not in phases:
       continue
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
-                             ts_.state_shardings, ts_.opt_shardings, batch_sh)
+                             ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
     try:
       with jax.set_mesh(mesh):
         mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
       sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+                   alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                   host=mem.host_argument_size_in_bytes)
     except Exception as e:  # the TPU compiler refuses a program that does not fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -275,7 +310,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
         mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
         method=config.method, phase=phase_name(phase), batch=batch,
         seq=seq, seqs_per_device=batch / splits, **exact, **sizes,
-        compile_s=time.perf_counter() - t0, error=error))
+        compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0,
+        error=error))
   return out
 
 
@@ -296,7 +332,7 @@ def _oom_summary(message: str) -> tuple[str, int]:
 # ------------------------------------------------------------------ report
 
 COLUMNS = ("mesh", "method", "phase", "batch", "seqs/device", "params", "opt state",
-           "opt groups", "argument", "temp", "peak", "fits", "compile s")
+           "opt groups", "argument", "temp", "peak", "fits", "compile s", "compile cpu s")
 SHORT = {"backbone": "bb", "shared_experts": "shared", "router": "router",
          "routed_experts": "experts"}
 
@@ -311,7 +347,8 @@ def row(p: PhasePlan, hbm_gib: float) -> list[str]:
           f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
           groups]
   fits = "NO (compiler)" if p.error else "yes" if p.peak <= hbm_gib * GIB else "NO"
-  return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}"]
+  return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}",
+                 f"{p.compile_cpu_s:.0f}"]
 
 
 def markdown(plans, hbm_gib: float) -> str:
@@ -327,14 +364,16 @@ def check(p: PhasePlan) -> str:
     return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
   return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
           f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
-          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B")
+          f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
+          f"host arguments {p.host} B")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  meshes = [parse_mesh(m) for m in _MESHES.value.split(";") if m.strip()]
+  meshes = ([parse_mesh(m) for m in _MESHES.value.split(";") if m.strip()]
+            or [config_mesh(config, _TARGET.value)])
   batches = [int(b) for b in _BATCH.value] or [config.data.batch_size]
   seq = _SEQ.value or config.data.seq_len
   target = _TARGET.value
@@ -343,7 +382,7 @@ def main(argv):
   if phases - {*PHASE_NAMES, "all"}:
     raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
                          f"(one of {(*PHASE_NAMES, 'all')})")
-  model_cfg = model_config(config, _ARCH.value, target)
+  model_cfg = model_config(config, _ARCH.value, target, _LAYERS.value)
   rt = model_cfg.runtime
   print(f"# {_ARCH.value or config.model.path} on {target}: dtype {rt.dtype}, params "
         f"{rt.param_dtype}, remat {rt.remat}, scan {rt.scan_layers}, "
@@ -373,7 +412,7 @@ def _setup_devices(argv):
       (a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), default)
   jax.config.update("jax_platforms", "cpu")
   if value("target", _TARGET.default) == "cpu":
-    meshes = value("meshes", _MESHES.default)
+    meshes = value("meshes", _MESHES.default) or f"fsdp={CPU_DEVICES}"
     n = max(math.prod(parse_mesh(m).values()) for m in meshes.split(";") if m.strip())
     jax.config.update("jax_num_cpu_devices", n)
 

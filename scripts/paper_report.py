@@ -209,8 +209,9 @@ def main_table(groups: dict, base: dict) -> list[str]:
   if task_rows:
     names = [f"{d} ({task_value(groups[(MULTI[0][0], MULTI[0][1], d_max, '')][0]['eval'][d])[0]})"
              for d in domains]
-    base_row = ["base model", *[f"{task_value(base[d])[1]:.3f}" if task_value(base[d])[0]
-                                else "-" for d in domains]]
+    # A metric that was not run (code pass@1 without --allow_code_execution) is None: "-".
+    base_row = ["base model", *[f"{task_value(base[d])[1]:.3f}"
+                                if task_value(base[d])[1] is not None else "-" for d in domains]]
     lines += ["", f"Task metrics at D = {d_max} (greedy generation, "
               "first examples of each eval split; see eval.py):", ""]
     lines += table(["method", *names], [base_row] + task_rows)

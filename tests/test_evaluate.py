@@ -73,7 +73,7 @@ def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch):
     code = evaluate.evaluate_model(model, tokenizer, config)["code"]
     assert 0.0 <= code["pass@1"] <= 1.0 and code["pass@1_isolated"] and code["generated"] == 2
 
-  monkeypatch.setattr(sandbox, "_unshare_cmd", lambda: None)
+  monkeypatch.setattr(sandbox, "_backends", lambda: [])
   sandbox.isolation_status.cache_clear()
   monkeypatch.setattr(evaluate.trainer, "heldout_losses", None)  # must not get that far
   try:

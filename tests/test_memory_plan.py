@@ -35,6 +35,7 @@ COUNT = 4  # bytes of one Adam step count (int32, replicated): one per trained g
 def _setup(method):
   config = six_domains.get_config(f"tiny,{method}")
   config.model.param_dtype = "bfloat16"  # moments take the parameters' dtype; routers stay f32
+  config.train.precision = "bf16_sr"     # what bfloat16 weights train with
   model_cfg = memory_plan.model_config(config, "tiny")
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices=jax.devices()[:4])
   return config, model_cfg, mesh

@@ -150,3 +150,36 @@ def test_optimizer_state_is_sharded_like_its_parameters():
     else:
       assert leaf.ndim == 0 and leaf.sharding.is_fully_replicated, keys
   assert moments == 2 * len([p for p in param_specs if labels[p] in mc.trainable_ever()])
+
+
+def test_skip_nonfinite_updates_leaves_params_moments_and_routing_statistics_alone():
+  """train.skip_nonfinite_updates: a step whose gradients hold NaN (here a NaN loss weight)
+  changes nothing, says so in its metrics, and the next finite step trains normally."""
+  mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10)
+  model = prepare_model(tiny_model(seed=11), mc)
+  g, ms = nnx.split(model)
+  oc = optim.OptimConfig(learning_rate=1e-2, skip_nonfinite_updates=2)
+  opt = ts.init_optimizer(mc, oc, ms)
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, STABILIZATION))
+  bad = dict(batch(0, [0, 1]))
+  bad["loss_mask"] = bad["loss_mask"].at[0, 3].set(jnp.nan)
+  ms1, opt1, m = step_fn(ms, opt, bad, jnp.asarray(3))
+  assert bool(m["update_skipped"]) and int(m["skipped_updates"]) == 1
+  assert not np.isfinite(float(m["loss"]))
+  for a, b in zip(jax.tree.leaves((ms, opt.inner_state)), jax.tree.leaves((ms1, opt1.inner_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # bit for bit: nothing moved
+  ms2, opt2, m = step_fn(ms1, opt1, batch(0, [0, 1]), jnp.asarray(4))
+  assert not bool(m["update_skipped"]) and int(m["skipped_updates"]) == 1
+  assert np.isfinite(float(m["loss"]))
+  assert any(not np.array_equal(a, b) for a, b in zip(_flat(ms1).values(), _flat(ms2).values()))
+
+
+def test_without_skipping_a_nan_gradient_poisons_the_parameters():
+  """The control of the test above: the same batch without the option makes parameters NaN
+  (what the trainer's pre-save check then refuses to save)."""
+  mc, oc, g, ms, opt = _setup()
+  bad = dict(batch(0, [0, 1]))
+  bad["loss_mask"] = bad["loss_mask"].at[0, 3].set(jnp.nan)
+  ms1, _, m = jax.jit(ts.make_train_step(g, mc, oc, STABILIZATION))(ms, opt, bad, jnp.asarray(3))
+  assert "update_skipped" not in m
+  assert not all(np.isfinite(v).all() for v in _flat(ms1).values())

@@ -1,11 +1,16 @@
 """The training run end to end on the embedded tiny model: outputs, exact resume after a kill
-(also during a checkpoint save), a non-finite loss stopping the run, fail-fast config errors."""
+(also during a checkpoint save) and after a SIGTERM preemption, a non-finite loss or state
+stopping the run without saving it, a failed save stopping the run at once, a resume with a
+changed config refused, fail-fast config errors."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -17,10 +22,10 @@ OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
 # cleanup, like SIGKILL) or poisoning the loss, to exercise what a real crash does.
 DRIVER = textwrap.dedent("""
     import importlib.util, json, logging, os, sys
-    import jax.numpy as jnp
+    import jax, jax.numpy as jnp
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("desmoe_jax").setLevel(logging.INFO)
-    from desmoe_jax import checkpoint, trainer, train_step
+    from desmoe_jax import checkpoint, cli, trainer, train_step
     spec = importlib.util.spec_from_file_location("c", sys.argv[1])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     config = mod.get_config("tiny")
@@ -53,7 +58,18 @@ DRIVER = textwrap.dedent("""
           return ms, opt, m
         return step_fn
       train_step.make_train_step = poisoned
-    trainer.train(config, sys.argv[2])
+    if action == "nan_params_at":   # after step `at`, parameters are NaN; the loss stays finite
+      make = train_step.make_train_step
+      def poisoned(*a, **k):
+        fn = make(*a, **k)
+        def step_fn(ms, opt, batch, step):
+          ms, opt, m = fn(ms, opt, batch, step)
+          ms = jax.tree.map(lambda x: jnp.where(step == at - 1, x * jnp.nan, x)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, ms)
+          return ms, opt, m
+        return step_fn
+      train_step.make_train_step = poisoned
+    cli.run(trainer.train, config, sys.argv[2])   # as train.py: one line and an exit code
 """)
 
 
@@ -70,16 +86,57 @@ def _run(tmp_path, workdir, action="none", at=0, **overrides):
 
 
 def _losses(workdir):
+  """{step: loss}; a resumed run drops what was logged after its checkpoint, so each step is
+  logged once."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       r = json.loads(line)
       if "loss" in r:
-        out[r["step"]] = r["loss"]  # a resumed run rewrites the steps it repeats: last wins
+        assert r["step"] not in out, f"step {r['step']} logged twice"
+        out[r["step"]] = r["loss"]
   return out
 
 
-@pytest.fixture
+# train.py itself in a subprocess, after running `patch` (Python source) in that process: how
+# faults that need the real entry point (signals, exit codes, one-line errors) are injected.
+LAUNCH = textwrap.dedent("""
+    import runpy, sys
+    exec(sys.argv[1])
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+TRAIN_FLAGS = ["--config.data.batch_size=1", "--config.eval.loss_batches=1",
+               "--config.export.enabled=False"]
+
+
+def _train_py(workdir, *flags, patch="", wait=True, **overrides):
+  """train.py on the tiny preset with OVERRIDES (as `_run` sets them), `flags` appended."""
+  train = dict(OVERRIDES, **overrides)
+  args = [sys.executable, "-c", LAUNCH, patch, os.path.join(REPO, "train.py"),
+          f"--config={os.path.join(REPO, 'configs', 'six_domains.py')}:tiny",
+          f"--workdir={workdir}", *TRAIN_FLAGS,
+          *[f"--config.train.{k}={v}" for k, v in train.items()], *flags]
+  env = dict(os.environ, HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  env.pop("XLA_FLAGS", None)
+  if not wait:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+  return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _error_lines(stderr):
+  """Each `error:` line printed by cli.report, with the indented detail lines after it."""
+  out, inside = [], False
+  for line in stderr.splitlines():
+    inside = line.startswith("error:") or (inside and line.startswith("  "))
+    if inside:
+      out.append(line)
+  return out
+
+
+@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("ref")
   result = _run(tmp, tmp / "work")
@@ -88,7 +145,6 @@ def reference_run(tmp_path_factory):
 
 
 def test_resume_after_kills_gives_the_same_losses_and_outputs(reference_run, tmp_path):
-  """(One test with the reference run: xdist would build a module fixture once per worker.)"""
   _check_outputs(reference_run)
   work = tmp_path / "work"
   died = _run(tmp_path, work, "die_in_save", 4)            # killed while saving step 4
@@ -123,12 +179,108 @@ def _check_outputs(reference_run):
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
   result = _run(tmp_path, tmp_path / "work", "nan_at", 5)
-  assert result.returncode != 0
-  assert "TrainingDiverged: non-finite loss between steps 5 and 5" in result.stderr
-  assert "last good checkpoint (4)" in result.stderr
-  assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["2", "4"]
+  assert result.returncode == 3, result.stderr[-3000:]               # TrainingDiverged
+  ckpts = tmp_path / "work" / "checkpoints"
+  assert _error_lines(result.stderr) == [
+      f"error: non-finite loss between steps 5 and 5; the last good checkpoint is {ckpts}/4 "
+      "(intact). Lower optim.learning_rate, check the data, or set "
+      "train.skip_nonfinite_updates."]
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]
   from desmoe_jax.checkpoint import Checkpointer
-  assert Checkpointer(str(tmp_path / "work" / "checkpoints")).read_meta(4)["step"] == 4
+  assert Checkpointer(str(ckpts)).read_meta(4)["step"] == 4
+
+
+def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
+  """The step that makes every parameter NaN reports the loss of the parameters before it,
+  which is finite; the save right after it must be refused, and the newest checkpoint on disk
+  must be finite."""
+  result = _run(tmp_path, tmp_path / "work", "nan_params_at", 4, steps=6)
+  assert result.returncode == 3, result.stderr[-3000:]
+  ckpts = tmp_path / "work" / "checkpoints"
+  (line,) = _error_lines(result.stderr)
+  assert re.fullmatch(
+      r"error: non-finite values at step 4 in \d+ arrays \(model/.*\) with a finite loss: not "
+      rf"saved; the last good checkpoint is {re.escape(str(ckpts))}/2, whose state is finite\. .*",
+      line), line
+  assert sorted(os.listdir(ckpts)) == ["2"]
+  losses = _losses(tmp_path / "work")
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  import orbax.checkpoint as ocp
+  for item in ("model", "opt_state"):
+    tree = ocp.StandardCheckpointer().restore(ckpts / "2" / item)
+    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(tree)]
+    assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+
+
+def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_path):
+  """A real SIGTERM to train.py mid-run: it saves the current step, exits 75, and the rerun
+  resumes there to the reference run's losses, bit for bit, each step logged once. No periodic
+  checkpoint is due (checkpoint_every=100, a free-to-change field): the preemption's own save is
+  the only one to resume from. A third run with a changed config is then refused before any
+  model load."""
+  work = tmp_path / "work"
+  proc = _train_py(work, wait=False, checkpoint_every=100)
+  metrics = work / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any('"loss"' in l for l in metrics.read_text().splitlines()[1:]):
+      break                                   # step 2 is logged: preempt from step 3 on
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be preempted"
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 75, stderr[-3000:]
+  step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", stderr).group(1))
+  assert 2 <= step < 8, stderr[-3000:]
+  assert os.listdir(work / "checkpoints") == [str(step)]
+  assert stderr.rstrip().splitlines()[-1] == (
+      f"preempted at step {step} by SIGTERM; {work}/checkpoints/{step} is committed: rerun the "
+      "same command to resume")
+
+  resumed = _train_py(work, checkpoint_every=100)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {step}" in resumed.stderr
+  ref, got = _losses(reference_run), _losses(work)
+  assert sorted(got) == sorted(ref) == list(range(1, 9))
+  np.testing.assert_array_equal([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)])
+
+  changed = _train_py(work, "--config.optim.learning_rate=0.001", steps=10)
+  assert changed.returncode == 2, changed.stderr[-3000:]
+  assert _error_lines(changed.stderr) == [
+      f"error: resuming {work}/checkpoints/8 with a config that changes the run (2 fields); "
+      "rerun with --allow_config_change to accept, or use another --workdir:",
+      "  optim.learning_rate: 0.003 -> 0.001", "  train.steps: 8 -> 10"]
+  assert _losses(work) == got                    # nothing was run
+
+
+def test_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
+  """The disk 'fills up' after checkpoint 2 (RLIMIT_FSIZE: every write past 256 KiB fails with
+  EFBIG, root included): the background save of step 4 fails, and the run stops at the next
+  step with one line naming the checkpoint and the last good one, exit code 4."""
+  patch = textwrap.dedent("""
+      import resource, signal
+      from desmoe_jax import checkpoint
+      finish = checkpoint.Checkpointer._finish_pending
+      def finish_then_fill_disk(self):
+        step = self._pending
+        finish(self)
+        if step == 2:
+          signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+          resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
+      checkpoint.Checkpointer._finish_pending = finish_then_fill_disk
+  """)
+  work = tmp_path / "work"
+  result = _train_py(work, patch=patch)
+  assert result.returncode == 4, result.stderr[-3000:]
+  (line,) = _error_lines(result.stderr)
+  assert line.startswith(f"error: saving checkpoint {work}/checkpoints/4 failed ("), line
+  assert "File too large" in line
+  assert line.endswith(f"the last good checkpoint is {work}/checkpoints/2. Free space or fix "
+                       "the directory's permissions, then rerun the same command to resume "
+                       "from it."), line
+  assert max(_losses(work)) <= 5                 # stopped at once, not at the end
+  assert "Traceback" not in result.stderr
+  assert len(result.stderr.splitlines()) < 60, result.stderr
 
 
 def test_missing_model_path_fails_before_any_work():
@@ -142,7 +294,7 @@ def test_missing_model_path_fails_before_any_work():
     trainer.check_config(mod.get_config(""))
   config = mod.get_config("tiny")
   config.data.domains[2].train = ""
-  with pytest.raises(ValueError, match=r"domains\[2\] \('law'\) has no train path"):
+  with pytest.raises(ValueError, match=r"domains\[2\] \('law'\)\.train='': must not be empty"):
     trainer.check_config(config)
 
 

@@ -27,8 +27,41 @@ def attention_mask(segment_ids_bs, q_positions=None):
   return (causal[None] & same & valid)[:, None]
 
 
+# tokamax.dot_product_attention implementations per lowering platform, tried in order (tokamax
+# moves on at NotImplementedError). All take MLA's unequal head dims (q/k 192, v 128 in V2-Lite)
+# without padding V in memory: splash ("mosaic_tpu") and Mosaic GPU read v's own head dim, the
+# Triton kernel rounds the block (not the array) to a power of two, "xla" is an einsum. Left out:
+# "cudnn", which tokamax reaches through jax.nn with q, k and v padded to the larger head dim
+# (V 128 -> 192). The splash kernel takes one unbatched boolean mask, so on TPU the call is
+# vmapped over the batch (each row's packed-segment mask is then a dynamic splash mask).
+TOKAMAX_ATTENTION = {"tpu": ("mosaic_tpu", "xla"), "cuda": ("mosaic_gpu", "triton", "xla"),
+                     "default": ("xla",)}
+
+
+def _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float):
+  from desmoe_jax.moe.block import import_tokamax  # pylint: disable=import-outside-toplevel
+  tokamax = import_tokamax()
+
+  def call(implementation, per_row=False):
+    def attend(q, k, v, m):
+      return tokamax.dot_product_attention(q, k, v, mask=m, scale=scale,
+                                           implementation=implementation)
+    return jax.vmap(attend) if per_row else attend
+
+  branches = {p: call(impls, per_row=p == "tpu") for p, impls in TOKAMAX_ATTENTION.items()}
+  return jax.lax.platform_dependent(q_bshd, k_bshd, v_bshv, mask_b1qk, **branches)
+
+
 def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl: str):
-  """Softmax(q k^T * scale + mask) v, softmax in float32 (HF eager semantics)."""
+  """Softmax(q k^T * scale + mask) v, softmax in float32 (HF eager semantics).
+
+  impl: "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
+  padded to q's head dim), "tokamax" (fused kernels per platform, V unpadded; see
+  TOKAMAX_ATTENTION). A query with no key to attend (padding) gets the mean of V from "einsum",
+  "jax" and tokamax's XLA path; a fused kernel may give it another value (never a real token's).
+  """
+  if impl == "tokamax":
+    return _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
   if impl == "jax":
     dv, dq = v_bshv.shape[-1], q_bshd.shape[-1]
     v = jnp.pad(v_bshv, [(0, 0)] * 3 + [(0, dq - dv)]) if dv < dq else v_bshv

@@ -69,7 +69,9 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...] * xf.astype(x.dtype)
+    # The gain in the input's (compute) dtype: float32 master weights must not promote the
+    # output, and everything after it, to float32 (train.precision=fp32_master).
+    return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
 class MLP(nnx.Module):

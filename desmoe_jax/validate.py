@@ -1,0 +1,330 @@
+"""Checks a whole run config before anything expensive happens (no model load, no data read,
+no device touched), so that a bad setting costs seconds, not a model load followed by a crash
+deep in the step loop (`train.log_every=0` used to end in ZeroDivisionError after loading).
+
+Every problem is one line naming the field, its value and what it may be:
+
+    train.keep_checkpoints=0: must be >= 1
+    model.moe_impl='fast': must be one of 'auto', 'dense', 'ragged', 'tiled'
+
+`validate(config)` raises one `ConfigError` listing every problem, one per line of its message
+(so that a user fixes them in one go); `train.py` / `eval.py` print each as an `error:` line and
+exit 2.
+
+The allowed values live in one table, `FIELDS` ("group.field" -> rule), plus `DOMAIN_FIELDS`
+for each entry of `data.domains`, and a few checks that relate two fields (`_CROSS_CHECKS`).
+A field the config does not have is skipped, so the table may list fields that only some
+configs define; `unchecked_fields(config)` names the fields the table does not cover (a test
+keeps the shipped config fully covered). To allow a new value (say a new `model.moe_impl`),
+extend its rule here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from typing import Any
+
+from desmoe_jax.config import REMAT_POLICIES
+from desmoe_jax.errors import ConfigError
+from desmoe_jax.optim import MOMENT_DTYPES, OPTIMIZERS
+from desmoe_jax.train_step import PRECISIONS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one field may hold. `kind`: "int", "float", "bool", "str". `choices`: the allowed
+  values (str fields). `lo`/`hi`: inclusive bounds unless `lo_open`/`hi_open`. `special`:
+  values allowed outside the bounds, with their meaning (e.g. {-1: "the paper's value"})."""
+  kind: str
+  choices: tuple = ()
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  special: tuple = ()          # ((value, meaning), ...)
+  nonempty: bool = False
+
+  def problem(self, value: Any) -> str | None:
+    """None if `value` is allowed, else what is wrong with it (without the field name)."""
+    if self.kind == "bool":
+      if not isinstance(value, bool):
+        return f"must be True or False, not a {type(value).__name__}"
+      return None
+    if self.kind == "str":
+      if not isinstance(value, str):
+        return f"must be a string, not a {type(value).__name__}"
+      if self.choices and value not in self.choices:
+        return "must be one of " + ", ".join(repr(c) for c in self.choices)
+      if self.nonempty and not value:
+        return "must not be empty"
+      return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return f"must be a number, not a {type(value).__name__}"
+    if self.kind == "int" and not float(value).is_integer():
+      return "must be a whole number"
+    if any(value == v for v, _ in self.special):
+      return None
+    if isinstance(value, float) and not math.isfinite(value):
+      return "must be finite"
+    bad = ((self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)))
+           or (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))))
+    if bad:
+      return "must be " + self._range() + "".join(f", or {v!r} ({m})" for v, m in self.special)
+    return None
+
+  def _range(self) -> str:
+    if self.lo is not None and self.hi is not None:
+      return (f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+              f"{')' if self.hi_open else ']'}")
+    if self.lo is not None:
+      return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+    return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+
+
+def _num(x):
+  return int(x) if float(x).is_integer() else x
+
+
+def Int(lo=None, hi=None, **kw) -> Rule:  # noqa: N802 (reads as a type in the table)
+  return Rule("int", lo=lo, hi=hi, **kw)
+
+
+def Float(lo=None, hi=None, **kw) -> Rule:  # noqa: N802
+  return Rule("float", lo=lo, hi=hi, **kw)
+
+
+def OneOf(*choices) -> Rule:  # noqa: N802
+  return Rule("str", choices=tuple(choices))
+
+
+BOOL = Rule("bool")
+STR = Rule("str")
+PATH = Rule("str")            # may be empty where the field says so (e.g. no eval file)
+MESH_AXIS = Int(1, special=((-1, "all remaining devices"),))
+
+# "group.field" -> Rule. Keep in step with configs/*.py and the library's own checks (the
+# dataclasses' __post_init__ re-check what they consume; this table is what runs first).
+FIELDS: dict[str, Rule] = {
+    "method": OneOf("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr",
+                    "desmoe_no_dges", "desmoe_no_schedule"),
+    "seed": Int(0),
+
+    "model.path": PATH,
+    "model.dtype": OneOf(*DTYPES),
+    "model.param_dtype": OneOf(*DTYPES),
+    "model.moe_impl": OneOf("auto", "dense", "ragged", "tokamax", "tiled"),
+    "model.expert_parallel": OneOf("compiler", "shard_map"),
+    "model.attention_impl": OneOf("einsum", "jax", "tokamax"),
+    "model.remat": OneOf(*REMAT_POLICIES),
+    "model.scan_layers": BOOL,
+    "model.ce_chunk": Int(0),                        # 0: the plain cross-entropy
+
+    "data.general": PATH,
+    "data.general_mc": PATH,
+    "data.seq_len": Int(2),
+    "data.batch_size": Int(1),
+    "data.max_bad_fraction": Float(0, 1),
+
+    "train.steps": Int(1),
+    "train.log_every": Int(1),
+    "train.eval_every": Int(0),          # 0: evaluate only at the end
+    "train.checkpoint_every": Int(1),
+    "train.keep_checkpoints": Int(1),
+    "train.async_checkpoint": BOOL,
+    "train.heatmap_layers": Int(1),
+    "train.nan_check": BOOL,
+    "train.skip_nonfinite_updates": Int(0),          # 0: off; N: skip up to N in a row
+    "train.microbatches": Int(1),
+    "train.precision": OneOf(*PRECISIONS),
+
+    "optim.learning_rate": Float(0, lo_open=True, special=((-1, "the paper's value"),)),
+    "optim.schedule": OneOf("linear", "cosine", "constant"),
+    "optim.warmup_steps": Int(0),
+    "optim.weight_decay": Float(0),
+    "optim.b1": Float(0, 1, hi_open=True),
+    "optim.b2": Float(0, 1, hi_open=True),
+    "optim.eps": Float(0, lo_open=True),
+    "optim.grad_clip": Float(0),
+    "optim.name": OneOf(*OPTIMIZERS),
+    "optim.moments_dtype": OneOf(*MOMENT_DTYPES),
+    "optim.host_offload": BOOL,
+
+    "alr.form": OneOf("residual", "mlp"),
+    "alr.hidden_mult": Int(1),
+    "alr.tau": Float(0, lo_open=True),
+    "alr.loss": OneOf("convex", "additive"),
+    "alr.beta": Float(0),
+    "alr.tau_squared": BOOL,
+
+    "dges.momentum": Float(0, 1, hi_open=True),
+    "dges.phi": Float(0, 1, lo_open=True),
+    "dges.score": OneOf("relative", "cumulative"),
+    "dges.update_every": Int(1),
+    "dges.duplicate_shared_experts": BOOL,
+    "dges.max_copies": Int(1),
+
+    "schedule.t1": Float(0, 1),
+    "schedule.t2": Float(0, 1),
+    "schedule.warmup_trains": OneOf("router+backbone", "router+experts", "all"),
+
+    "esft.top_p": Float(0, 1, lo_open=True, special=((-1, "the paper's value"),)),
+    "esft.sample_tokens": Int(1),
+    "esft.domain": Int(0, special=((-1, "all domains"),)),
+    "esft.train_shared_experts": BOOL,
+    "esft.train_non_expert_modules": BOOL,
+
+    "ablation.linear_router_trainable": BOOL,
+    "ablation.balance_loss": BOOL,
+
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.expert": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+
+    "eval.max_examples": Int(0),                      # 0: all rows
+    "eval.max_new_tokens": Int(1),
+    "eval.batch_size": Int(1),
+    "eval.loss_batches": Int(1),
+    "eval.general_batches": Int(0, special=((-1, "as many as eval.loss_batches"),)),
+    "eval.code_timeout": Float(0, lo_open=True),
+    "eval.allow_code_execution": BOOL,
+    "eval.allow_unisolated_code_execution": BOOL,
+
+    "export.enabled": BOOL,
+    "export.fold_tokens": Int(1),                    # held-out tokens the router fold uses
+    "export.check_tokens": Int(1),                   # further tokens for its agreement check
+}
+
+# Fields of each entry of data.domains.
+DOMAIN_FIELDS: dict[str, Rule] = {
+    "name": Rule("str", nonempty=True),
+    "train": Rule("str", nonempty=True),
+    "eval": PATH,
+    "format": OneOf("auto", "messages", "prompt_response"),
+    "weight": Float(0, lo_open=True),
+    "metric": OneOf("number_match", "pass_at_1", "law_label", "json_match", "rouge_l", "bleu"),
+}
+
+
+def _get(config, dotted: str):
+  """(found, value) of a dotted field."""
+  node = config
+  for name in dotted.split("."):
+    try:
+      if name not in node:
+        return False, None
+      node = node[name]
+    except TypeError:             # not a group
+      return False, None
+  return True, node
+
+
+def _cross_checks(config, has) -> list[str]:
+  out = []
+  ok_t, t1 = has("schedule.t1")
+  ok_t2, t2 = has("schedule.t2")
+  if ok_t and ok_t2 and _is_num(t1) and _is_num(t2) and 0 <= t2 < t1 <= 1:  # each in [0, 1]
+    out.append(f"schedule.t1={t1}, schedule.t2={t2}: need 0 <= t1 <= t2 <= 1 (phase "
+               "boundaries as fractions of train.steps)")
+  ok_w, warm = has("optim.warmup_steps")
+  ok_s, steps = has("train.steps")
+  if ok_w and ok_s and _is_num(warm) and _is_num(steps) and warm >= steps > 0:
+    out.append(f"optim.warmup_steps={warm}: must be < train.steps={steps}")
+  ok_m, mesh = has("mesh")
+  if ok_m:
+    minus = [k for k in ("data", "fsdp", "expert", "tensor") if mesh.get(k) == -1]
+    if len(minus) > 1:
+      out.append(f"mesh.{'/'.join(minus)} are all -1: at most one mesh axis may be -1")
+  ok_d, domains = has("data.domains")
+  if ok_d:
+    if not domains:
+      out.append("data.domains is empty: give at least one domain")
+    names = [d.get("name") for d in domains if hasattr(d, "get")]
+    dup = sorted({n for n in names if names.count(n) > 1 and n})
+    if dup:
+      out.append(f"data.domains: names {dup} appear more than once (a name is a domain's id)")
+    ok_e, esft_domain = has("esft.domain")
+    if ok_e and _is_num(esft_domain) and esft_domain >= len(domains):
+      out.append(f"esft.domain={esft_domain}: there are {len(domains)} domains "
+                 f"(0..{len(domains) - 1}, or -1 for all)")
+  ok_p, path = has("model.path")
+  if ok_p and isinstance(path, str):
+    if not path:
+      out.append("model.path is empty: set --config.model.path=/path/to/DeepSeek-V2-Lite (a "
+                 "Hugging Face directory with config.json, safetensors and tokenizer), or use "
+                 "the embedded model with --config=configs/six_domains.py:tiny")
+    elif not os.path.isdir(path):
+      out.append(f"model.path={path!r} is not a directory")
+  return out
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def problems(config) -> list[str]:
+  """Every problem of `config`, one line each (empty: valid)."""
+  out = []
+
+  def has(dotted):
+    return _get(config, dotted)
+
+  for dotted, rule in FIELDS.items():
+    found, value = has(dotted)
+    if found:
+      why = rule.problem(value)
+      if why:
+        out.append(f"{dotted}={value!r}: {why}")
+  found, domains = has("data.domains")
+  if found:
+    if not isinstance(domains, (list, tuple)):
+      out.append(f"data.domains must be a list of domain groups, not a {type(domains).__name__}")
+      domains = []
+    for i, d in enumerate(domains):
+      label = f"data.domains[{i}]"
+      if not hasattr(d, "get"):
+        out.append(f"{label} must be a group of {', '.join(DOMAIN_FIELDS)}")
+        continue
+      label += f" ({d.get('name')!r})" if d.get("name") else ""
+      for field, rule in DOMAIN_FIELDS.items():
+        if field not in d:
+          continue
+        why = rule.problem(d[field])
+        if why:
+          extra = " (every domain needs training data)" if field == "train" else ""
+          out.append(f"{label}.{field}={d[field]!r}: {why}{extra}")
+  out += _cross_checks(config, has)
+  return out
+
+
+def validate(config) -> None:
+  """Raises `ConfigError` listing every problem of `config`, one per line of its message."""
+  found = problems(config)
+  if found:
+    raise ConfigError(found[0] if len(found) == 1 else
+                      f"invalid config ({len(found)} problems):\n" + "\n".join(found))
+
+
+def unchecked_fields(config) -> list[str]:
+  """Fields of `config` (dotted) that no rule of this module covers."""
+  out = []
+
+  def walk(node, prefix):
+    for key in node.keys():
+      dotted = f"{prefix}{key}"
+      value = node[key]
+      if dotted == "data.domains":
+        for d in value:
+          out.extend(f"data.domains[].{k}" for k in d.keys() if k not in DOMAIN_FIELDS)
+      elif hasattr(value, "keys") and dotted not in FIELDS:
+        walk(value, dotted + ".")
+      elif dotted not in FIELDS:
+        out.append(dotted)
+
+  walk(config, "")
+  return sorted(set(out))

@@ -1,0 +1,314 @@
+"""The train step's StepConfig: gradient accumulation equals the big batch, and the precision
+modes lose no update (stochastic rounding unbiased, weight decay applied)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_model
+
+from desmoe_jax import optim
+from desmoe_jax import train_step as ts
+from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
+from desmoe_jax.schedule import STABILIZATION
+
+D, B, S = 3, 4, 12
+
+
+def _batch():
+  """4 rows that differ in everything a wrong normalisation would weigh differently: domains
+  (mixed inside row 3), target counts (prompt tokens masked), padding (segment 0), packing."""
+  rng = np.random.RandomState(3)
+  tokens = rng.randint(0, 64, (B, S))
+  domain = np.array([[0] * S, [1] * S, [2] * S, [0] * 5 + [2] * 7])
+  loss_mask = np.ones((B, S), np.float32)
+  loss_mask[0, :9] = 0          # row 0: 3 targets
+  loss_mask[2, :4] = 0          # row 2: 8 targets
+  segment_ids = np.ones((B, S), np.int32)
+  segment_ids[1, 7:] = 0        # row 1: 5 padding tokens (no targets, no routing statistics)
+  loss_mask[1, 7:] = 0
+  segment_ids[3, 5:] = 2        # row 3: two packed examples
+  positions = np.concatenate([np.arange(S)[None].repeat(3, 0),
+                              np.r_[np.arange(5), np.arange(7)][None]])
+  return {"tokens": jnp.asarray(tokens, jnp.int32), "loss_mask": jnp.asarray(loss_mask),
+          "domain_id": jnp.asarray(domain, jnp.int32),
+          "segment_ids": jnp.asarray(segment_ids), "positions": jnp.asarray(positions, jnp.int32)}
+
+
+def _setup(method):
+  mc = MethodConfig(method=method, num_domains=D, total_steps=20)
+  model = prepare_model(tiny_model(seed=4), mc)
+  # Masks that isolate: expert e is owned by domains {e % 3} (and expert 0 by all).
+  mask = np.zeros(model.moe_blocks().des.expert_mask.shape, np.float32)     # [L, D, E]
+  for e in range(mask.shape[2]):
+    mask[:, e % D, e] = 1
+  mask[:, :, 0] = 1
+  model.moe_blocks().des.expert_mask[...] = jnp.asarray(mask)
+  model.moe_blocks().des.correlation[...] = jnp.asarray(
+      np.random.RandomState(0).rand(*mask.shape).astype(np.float32) * 0.2)
+  if mc.use_alr:  # an ALR that has drifted from its teacher: the KD loss is not 0
+    w2 = model.moe_blocks().gate.w2
+    w2[...] = jnp.asarray(np.random.RandomState(1).randn(*w2.shape).astype(np.float32) * 0.05)
+  graphdef, state = nnx.split(model)
+  # eps=1e-2: Adam's first step g / (|g| + eps) would otherwise turn the float32 rounding of a
+  # near-zero gradient element (a sum of cancelling terms, summed in another order) into a
+  # full-size change of the update; the gradients themselves are compared directly.
+  oc = optim.OptimConfig(learning_rate=1e-3, schedule="constant", eps=1e-2)
+  return mc, oc, graphdef, state, ts.init_optimizer(mc, oc, state)
+
+
+def _moments(opt_state, name):
+  """{path: array} of Adam's `name` ("mu" or "nu") moment leaves of the optimizer state."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if name in keys:
+      out[tuple(keys)] = np.asarray(leaf)
+  return out
+
+
+def _close(got, want, what, rtol=1e-6):
+  """|got - want| <= rtol * max|want| leaf-wise: relative to the leaf's scale, since an element
+  that is a sum of cancelling terms has no meaningful elementwise relative error."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() <= rtol * scale + 1e-30, (
+      what, np.abs(got - want).max(), scale)
+
+
+@pytest.mark.parametrize("method,phase", [("desmoe", STABILIZATION), ("fft", UNSCHEDULED),
+                                          ("esft_token", UNSCHEDULED)])
+def test_microbatches_equal_one_big_batch(method, phase):
+  """4 microbatches of one row each against the 4-row batch, float32: losses and metrics,
+  gradients (Adam's first moment after one step is (1 - b1) x the clipped gradient), updated
+  parameters, the correlation matrices and the refreshed masks."""
+  mc, oc, g, state, opt = _setup(method)
+  step = jnp.asarray(9)  # (9 + 1) % update_every == 0: masks refresh from the new correlation
+  results = {}
+  for n in (1, 4):
+    fn = jax.jit(ts.make_train_step(g, mc, oc, phase, ts.StepConfig(microbatches=n)))
+    results[n] = fn(state, opt, _batch(), step)
+  (s1, o1, m1), (s4, o4, m4) = results[1], results[4]
+  for key in ("loss", "total_loss", "kd_loss", "balance_loss", "grad_norm", "domain_loss",
+              "domain_tokens", "experts_updated", "mask_density"):
+    _close(m4[key], m1[key], key)
+  assert float(m1["balance_loss"]) > 0 and float(m1["grad_norm"]) > 0
+  if mc.use_alr:
+    assert float(m1["kd_loss"]) > 0
+  for name in ("mu", "nu"):
+    mom1, mom4 = _moments(o1, name), _moments(o4, name)
+    assert mom1.keys() == mom4.keys() and mom1
+    for path in mom1:
+      _close(mom4[path], mom1[path], path)
+  before = dict(nnx.to_flat_state(state))
+  moved = 0
+  for (path, v1), (_, v4) in zip(nnx.to_flat_state(s1), nnx.to_flat_state(s4)):
+    _close(v4[...], v1[...], path)
+    moved += isinstance(v1, nnx.Param) and not np.array_equal(v1[...], before[path][...])
+  assert moved > 0
+  mlp1, mlp4 = s1["moe_layers"]["mlp"]["des"], s4["moe_layers"]["mlp"]["des"]
+  _close(mlp4["correlation"][...], mlp1["correlation"][...], "correlation")
+  assert not np.array_equal(mlp1["correlation"][...], state["moe_layers"]["mlp"]["des"]["correlation"][...])
+  np.testing.assert_array_equal(mlp4["expert_mask"][...], mlp1["expert_mask"][...])
+
+
+def test_microbatch_errors_name_the_field():
+  mc, oc, g, state, opt = _setup("fft")
+  fn = ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(microbatches=3))
+  with pytest.raises(ValueError, match=r"train.microbatches=3 does not divide the batch of 4"):
+    jax.eval_shape(fn, state, opt, _batch(), jnp.asarray(0))
+  with pytest.raises(ValueError, match="train.microbatches=0"):
+    ts.StepConfig(microbatches=0)
+  with pytest.raises(ValueError, match="train.precision='bf16'"):
+    ts.StepConfig(precision="bf16")
+
+
+# ------------------------------------------------------------------ precision
+
+
+def _weights(n=2048, seed=0):
+  """bfloat16 weights ~ N(0, 0.02) [n, n], as a model's (HF's initializer_range)."""
+  w = np.random.RandomState(seed).randn(n, n).astype(np.float32) * 0.02
+  return jnp.asarray(w, jnp.bfloat16)
+
+
+def test_stochastic_rounding_keeps_every_weights_update_in_expectation():
+  """A 1e-5 relative update (100x below bfloat16's resolution): added to nearest, no weight
+  moves; rounded stochastically, every weight's expected change is its update. The expectation
+  is exact: the rounding averaged over all 65536 values of its 16 noise bits."""
+  w = _weights(64)                                           # 4096 weights
+  u = 1e-5 * w.astype(jnp.float32)
+  nearest = optim.apply_updates(w, u)
+  assert nearest.dtype == jnp.bfloat16 and np.array_equal(nearest, w)   # the update is lost
+  x = w.astype(jnp.float32) + u
+  noise = jnp.arange(65536, dtype=jnp.uint32).astype(jnp.uint16)
+  expected = jax.lax.map(lambda xi: optim.round_bf16_with_noise(
+      jnp.full(noise.shape, xi), noise).astype(jnp.float32).mean(), x.reshape(-1), batch_size=64)
+  ratio = np.asarray(expected - w.reshape(-1).astype(jnp.float32)) / np.asarray(u.reshape(-1))
+  nonzero = np.asarray(w.reshape(-1)) != 0
+  # float32 itself rounds w + u by up to 2^-24 |w| (0.6% of a 1e-5 |w| update).
+  assert np.mean(np.abs(ratio[nonzero] - 1) <= 0.01) >= 0.99, np.percentile(ratio, [0, 1, 50])
+  assert np.all(np.abs(ratio[nonzero] - 1) <= 0.01)
+
+
+def test_stochastic_rounding_in_apply_updates_is_unbiased_and_deterministic():
+  w = _weights()                                             # 4.2M weights
+  u = 1e-5 * w.astype(jnp.float32)
+  key = ts.rounding_key(0, 7)
+  new = optim.apply_updates(w, u, key)
+  assert new.dtype == jnp.bfloat16
+  moved = np.asarray(new != w)
+  realised = float(jnp.sum((new.astype(jnp.float32) - w.astype(jnp.float32)) * jnp.sign(w)))
+  intended = float(jnp.sum(jnp.abs(u)))
+  # Each weight moves one bfloat16 step with probability ~|u| / step (~0.2%): the sum over 4.2M
+  # weights has a relative standard deviation of ~1.1%.
+  assert abs(realised / intended - 1) < 0.05, realised / intended
+  assert 0.001 < moved.mean() < 0.004, moved.mean()
+  np.testing.assert_array_equal(optim.apply_updates(w, u, ts.rounding_key(0, 7)), new)
+  assert not np.array_equal(optim.apply_updates(w, u, ts.rounding_key(0, 8)), new)
+  # An update of exactly zero (a frozen or masked weight) leaves it bit for bit.
+  np.testing.assert_array_equal(optim.apply_updates(w, jnp.zeros_like(u), key), w)
+
+
+@pytest.mark.parametrize("dtype,key", [("float32", None), ("bfloat16", 3)])
+def test_weight_decay_moves_the_weights(dtype, key):
+  """AdamW at the FFT learning rate with no gradient: the update is the decay lr x 0.1 x w alone
+  (3e-6 of each weight). float32 weights move by exactly that; bfloat16 weights rounded
+  stochastically by that in expectation. (To nearest in bfloat16 nothing moved: the bug.)"""
+  w = _weights().astype(dtype)
+  params = {"w": w}
+  oc = optim.OptimConfig(learning_rate=3e-5, schedule="constant", weight_decay=0.1)
+  tx = optim.build_optimizer(oc, 100, {"backbone"}, {"backbone"})
+  updates, _ = tx.update({"w": jnp.zeros_like(w)}, tx.init(params), params, step=0)
+  assert updates["w"].dtype == jnp.float32
+  rounding = None if key is None else ts.rounding_key(key, 0)
+  new = optim.apply_updates(params, updates, rounding)["w"]
+  wf = w.astype(jnp.float32)
+  delta, decay = new.astype(jnp.float32) - wf, -3e-6 * wf
+  if dtype == "float32":
+    assert np.mean(np.asarray(delta != 0)) > 0.999
+    # float32 rounds w - 3e-6 w to 2^-24 |w|, 2% of the decay.
+    np.testing.assert_allclose(delta, decay, rtol=0.03, atol=1e-12)
+  else:
+    assert float(jnp.sum(delta * decay)) > 0
+    ratio = float(jnp.sum(delta * jnp.sign(decay))) / float(jnp.sum(jnp.abs(decay)))
+    assert abs(ratio - 1) < 0.1, ratio     # ~2300 weights move: relative std ~2%
+    assert np.array_equal(optim.apply_updates(params, updates)["w"], w)  # to nearest: lost
+
+
+def test_rmsnorm_keeps_the_compute_dtype_with_float32_weights():
+  """fp32_master: float32 gains must not promote the bfloat16 activations after a norm."""
+  from desmoe_jax.nn.layers import RMSNorm
+  x = jnp.ones((2, 8), jnp.bfloat16)
+  assert RMSNorm(8, 1e-6, param_dtype=jnp.float32)(x).dtype == jnp.bfloat16
+
+
+def test_bf16_sr_train_step_matches_the_float32_step_in_expectation():
+  """The tiny model with bfloat16 weights and float32 compute, one FFT step: bf16_sr keeps the
+  dtypes, repeats itself exactly, and its parameter change agrees with the float32-weight
+  step's (the same gradients: the weights are bfloat16 values in both) in sum."""
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  model = prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc)
+  g, state = nnx.split(model)
+  as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state)
+  oc = optim.OptimConfig(learning_rate=1e-5, schedule="constant", moments_dtype="float32")
+  sr = jax.jit(ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="bf16_sr")))
+  opt = ts.init_optimizer(mc, oc, state)
+  new, _, m = sr(state, opt, _batch(), jnp.asarray(5))
+  again, _, _ = sr(state, ts.init_optimizer(mc, oc, state), _batch(), jnp.asarray(5))
+  g32, state32 = nnx.split(nnx.merge(g, as_f32))
+  exact = jax.jit(ts.make_train_step(g32, mc, oc, UNSCHEDULED))
+  new32, _, m32 = exact(state32, ts.init_optimizer(mc, oc, state32), _batch(), jnp.asarray(5))
+  np.testing.assert_allclose(m["loss"], m32["loss"], rtol=1e-6)
+  realised = intended = 0.0
+  for (path, v0), (_, v1), (_, v2), (_, v32) in zip(
+      nnx.to_flat_state(state), nnx.to_flat_state(new), nnx.to_flat_state(again),
+      nnx.to_flat_state(new32)):
+    assert v1.dtype == v0.dtype, path
+    np.testing.assert_array_equal(v1[...], v2[...])
+    if isinstance(v0, nnx.Param) and v0.dtype == jnp.bfloat16:
+      want = np.asarray(v32[...], np.float64) - np.asarray(v0[...], np.float64)
+      got = np.asarray(v1[...], np.float64) - np.asarray(v0[...], np.float64)
+      realised += np.sum(got * np.sign(want))
+      intended += np.sum(np.abs(want))
+  assert intended > 0 and abs(realised / intended - 1) < 0.1, realised / intended
+
+
+def test_precision_must_match_the_weights_dtype():
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  g, state = nnx.split(prepare_model(tiny_model(seed=4, param_dtype="bfloat16"), mc))
+  oc = optim.OptimConfig()
+  opt = jax.eval_shape(lambda s: ts.init_optimizer(mc, oc, s), state)
+  fn = ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(precision="fp32_master"))
+  with pytest.raises(ValueError, match="set model.param_dtype=float32"):
+    jax.eval_shape(fn, state, opt, _batch(), jnp.asarray(0))
+
+
+# ------------------------------------------------------------------ optimizer levers
+
+
+def test_host_offloaded_optimizer_state_gives_the_same_step():
+  """optim.host_offload: the state is laid out in pinned_host memory, moved to the device inside
+  the step and written back to the host, and the step's numbers do not change."""
+  from desmoe_jax import sharding
+  mc = MethodConfig(method="fft", num_domains=D, total_steps=20)
+  g, state = nnx.split(prepare_model(tiny_model(seed=4), mc))
+  mesh = sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+  state_sh = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, state_sh)
+  batch_sh = sharding.batch_sharding(mesh)
+  out = {}
+  for offload in (False, True):
+    oc = optim.OptimConfig(learning_rate=1e-3, host_offload=offload)
+    opt_sh = ts.optimizer_shardings(mc, oc, state, mesh)
+    kinds = {s.memory_kind for s in jax.tree.leaves(opt_sh)}
+    assert kinds == ({"pinned_host"} if offload else {"device"}), kinds
+    opt = jax.jit(lambda s: ts.init_optimizer(mc, oc, s), out_shardings=opt_sh)(state)
+    step = ts.jit_train_step(g, mc, oc, UNSCHEDULED, state_sh, opt_sh, batch_sh)
+    with jax.set_mesh(mesh):
+      new_state, new_opt, m = step(jax.tree.map(jnp.copy, state), opt,
+                                   jax.device_put(_batch(), batch_sh), jnp.asarray(1))
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(new_opt)} == kinds
+    out[offload] = (new_state, new_opt, m)
+  for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_host_offload_fails_naming_the_field_without_host_memory():
+  from types import SimpleNamespace
+  device = SimpleNamespace(platform="fake", addressable_memories=lambda: [
+      SimpleNamespace(kind="device")])
+  with pytest.raises(ValueError, match="optim.host_offload=True needs host memory"):
+    ts.check_host_offload(SimpleNamespace(devices=np.array([device], dtype=object)))
+
+
+def test_trainer_config_errors_name_the_fields():
+  import os
+
+  from desmoe_jax import sharding, trainer
+  from desmoe_jax.run_config import load_config
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "six_domains.py")
+  config = load_config(spec + ":tiny")
+  assert trainer.step_config(config) == ts.StepConfig(microbatches=1, precision="fp32_master")
+  paper = load_config(spec)
+  assert (paper.train.precision, paper.model.param_dtype) == ("bf16_sr", "bfloat16")
+  assert trainer.step_config(paper).precision == "bf16_sr"
+  bad = load_config(spec + ":tiny", {"train.precision": "bf16_sr"})
+  with pytest.raises(ValueError, match=r"--config.model.param_dtype=bfloat16"):
+    trainer.step_config(bad)
+  bad = load_config(spec + ":tiny", {"train.microbatches": 3})
+  with pytest.raises(ValueError, match=r"train.microbatches=3 does not divide data.batch_size=4"):
+    trainer.step_config(bad)
+  # 4 sequences in 2 microbatches of 2 rows: fine on 2 data-parallel devices, not on 4.
+  step_cfg = ts.StepConfig(microbatches=2)
+  trainer.check_microbatch_split(step_cfg, 4, sharding.batch_sharding(
+      sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])))
+  with pytest.raises(ValueError, match=r"2 rows per microbatch, not a multiple of the 4 data"):
+    trainer.check_microbatch_split(step_cfg, 4, sharding.batch_sharding(
+        sharding.make_mesh({"fsdp": 4}, devices=jax.devices()[:4])))
+  with pytest.raises(ValueError, match="optim.name='sgd'"):
+    optim.OptimConfig(name="sgd")
+  with pytest.raises(ValueError, match="optim.moments_dtype='float16'"):
+    optim.OptimConfig(moments_dtype="float16")
