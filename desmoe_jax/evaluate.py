@@ -175,7 +175,10 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
   allow_code, allow_unisolated = code_execution(config)
   if allow_code and with_generation and any(d.metric == "pass_at_1" and d.eval
                                             for d in config.data.domains):
-    sandbox.require_isolation(allow_unisolated)  # refuse now, not after the generations
+    try:  # refuse now, not after the generations; a setting decides it, so exit 2 on one line
+      sandbox.require_isolation(allow_unisolated)
+    except sandbox.SandboxUnavailable as e:
+      raise ConfigError(str(e)) from None
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   loss_sets = trainer._eval_loss_batches(config, tokenizer)

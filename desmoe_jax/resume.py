@@ -32,6 +32,7 @@ FREE_TO_CHANGE = (
     "model.path",
     # How the model is computed, not what: same math, other kernels or memory trade-offs.
     "model.moe_impl", "model.attention_impl", "model.remat", "model.expert_parallel",
+    "model.ce_chunk", "train.microbatches", "optim.host_offload",
     # Evaluation-only data.
     "data.general", "data.general_mc", "data.domains[].eval", "data.domains[].metric",
 )

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from desmoe_jax import data as data_lib
 from desmoe_jax import evaluate
+from desmoe_jax.errors import ConfigError
 from desmoe_jax.run_config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,8 @@ def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch):
   sandbox.isolation_status.cache_clear()
   monkeypatch.setattr(evaluate.trainer, "heldout_losses", None)  # must not get that far
   try:
-    with pytest.raises(sandbox.SandboxUnavailable, match="allow_unisolated_code_execution"):
+    # A ConfigError (train.py / eval.py: one line, exit 2), since a setting overrides it.
+    with pytest.raises(ConfigError, match="allow_unisolated_code_execution"):
       evaluate.evaluate_model(model, tokenizer, config)
   finally:
     sandbox.isolation_status.cache_clear()

@@ -36,6 +36,12 @@ def _json(config):
     ("mesh.fsdp", 1, False),
     ("model.remat", "full", False),
     ("model.path", "/elsewhere/tiny", False),
+    # Same update, other memory trade-off (resuming on another machine's preset).
+    ("train.microbatches", 2, False),
+    ("optim.host_offload", True, False),
+    ("model.ce_chunk", 256, False),
+    ("train.precision", "bf16_sr", True),
+    ("optim.moments_dtype", "bfloat16", True),
 ])
 def test_changes_that_alter_the_run_are_told_apart(field, value, alters):
   saved = _json(load_config(f"{CONFIG}:tiny"))
