@@ -63,9 +63,11 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def label_of(variable: nnx.Variable) -> str:
-  """Parameter group of one parameter: its `group` metadata (nn/layers.py), else backbone."""
-  label = variable.get_metadata().get("group") or "backbone"
+def label_of(variable) -> str:
+  """Parameter group of one parameter: its `group` metadata (nn/layers.py), else backbone (also
+  for a bare array, which carries no metadata)."""
+  meta = variable.get_metadata() if _is_variable(variable) else {}
+  label = meta.get("group") or "backbone"
   if label not in LABELS:
     raise ValueError(f"parameter group {label!r} is not one of {LABELS}")
   return label
