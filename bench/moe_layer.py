@@ -4,7 +4,8 @@ The layer is the whole thing: the float32 top-k router, the routed SwiGLU expert
 experts (`n_shared_experts=2`, as in DeepSeek-V2-Lite, i.e. one dense MLP of width 2*inter).
 It is built twice with identical weights and the same input:
   * `desmoe_jax.moe.block.MoEBlock` under `jax.jit`, once per expert-dispatch implementation
-    ("dense" reference, "ragged" = lax.ragged_dot, "tiled" = gmm.py; "auto" = the backend default);
+    ("dense" reference, "ragged" = lax.ragged_dot, "tokamax" = tokamax.ragged_dot, "tiled" = gmm.py;
+    "auto" = the backend default);
   * transformers' PyTorch `DeepseekV2Moe`, once per `config._experts_implementation`
     ("eager" loop over experts, "grouped_mm", "batched_mm").
 Outputs and gradients are checked to agree (float32) before anything is timed. The timed step is
@@ -59,7 +60,7 @@ PRESETS = {
     "cpu": dict(batch=1, seq=2048, hidden=256, inter=512, experts=16, top_k=2, shared=2),
     "v2_lite": dict(batch=8, seq=1024, hidden=2048, inter=1408, experts=64, top_k=6, shared=2),
 }
-JAX_IMPLS = ("dense", "ragged", "tiled", "auto")
+JAX_IMPLS = ("dense", "ragged", "tokamax", "tiled", "auto")
 TORCH_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
 

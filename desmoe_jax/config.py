@@ -41,17 +41,18 @@ class RuntimeConfig:
   """How to compute (not what): set from `from_pretrained(..., **runtime)` or `config.model.*`."""
   dtype: str = "float32"                  # activation / compute dtype
   param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
-  # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (moe/block.py). "auto": "tiled" on CPU;
-  # "tokamax" on TPU (verified compile-only: Mosaic kernels, no dense-fallback dot, CPU numerics
-  # of its TPU kernel in interpret mode); "ragged" on GPU until bench/accel.py has run there.
+  # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (moe/block.py). "auto": "tiled" on CPU,
+  # "ragged" on TPU/GPU. "tokamax" (Pallas kernels) is verified on TPU compile-only (Mosaic
+  # kernels, no dense-fallback matmul) and numerically in Pallas' interpreter on CPU, not run on
+  # an accelerator; on a multi-device mesh it needs expert_parallel="shard_map".
   moe_impl: str = "auto"
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   expert_parallel: str = "compiler"       # "compiler" | "shard_map": see moe/expert_parallel.py
   # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
-  # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py).
-  # Not in any "auto": its TPU lowering is verified compile-only (Mosaic kernels,
-  # scripts/hlo_check.py) and its CPU numerics through tokamax's XLA path, but no kernel has run
-  # on an accelerator here.
+  # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py). Not in
+  # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
+  # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.
+  # Its kernels are not wrapped in shard_map: one device (the compiler cannot partition them).
   attention_impl: str = "einsum"
   scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
   remat: str = "none"                     # one of REMAT_POLICIES: what a MoE layer's backward recomputes

@@ -470,7 +470,7 @@ def _stream_safetensors(path: str | None, plan: list[tuple[str, tuple, np.dtype]
 def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
                     max_shard_size="5GB", tokenizer_dir: str | None = None):
   """Writes `model` as an HF directory of its family (config.json + safetensors, sharded with
-  an index past `max_shard_size`) that transformers, vLLM and `from_pretrained` load.
+  an index past `max_shard_size`) that transformers and `from_pretrained` load.
 
   Routers are written in float32 (as they compute); other tensors in their dtype, or `dtype`.
   `tokenizer_dir`: copy the tokenizer files found there, so the directory is self-contained.

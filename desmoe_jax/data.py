@@ -1,7 +1,8 @@
 """Multi-domain training data: labelled examples -> packed, domain-tagged, resumable batches.
 
-A domain is a file (JSONL / JSON / parquet; or a hub dataset name, when online) of chat
-`messages` or prompt/response rows. Examples are rendered with the tokenizer's chat template
+A domain is a file (JSONL / JSON / parquet) or a dataset directory (e.g. a hub dataset fetched
+by `sources.py` from `hf://owner/name`; its `split` is read) of chat messages or prompt/response
+rows; the column names are the spec's `messages_field`, `prompt_field`, `response_field`. Examples are rendered with the tokenizer's chat template
 (loss only on assistant tokens), then packed into rows of `seq_len` tokens:
 
   tokens      [B, S] int32  packed examples, padding 0
@@ -37,6 +38,8 @@ import warnings
 
 import numpy as np
 
+from desmoe_jax.errors import DataError, DataFileMissing
+
 FORMATS = ("auto", "messages", "prompt_response")
 
 
@@ -48,19 +51,20 @@ class DomainSpec:
   weight: float = 1.0             # mixing weight (probability proportional to it)
   prompt_field: str = "prompt"
   response_field: str = "response"
-  split: str = "train"            # for hub datasets
+  messages_field: str = "messages"
+  split: str = "train"            # for a dataset directory (e.g. a fetched hub dataset)
   max_examples: int = 0           # 0: all rows
   max_bad_fraction: float = 0.1   # more bad rows than this fraction of those read: an error
 
   def __post_init__(self):
     if self.format not in FORMATS:
-      raise ValueError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
+      raise DataError(f"domain {self.name!r}: format={self.format!r}, expected one of {FORMATS}")
     if not self.weight > 0:
-      raise ValueError(f"domain {self.name!r}: weight={self.weight} must be > 0")
+      raise DataError(f"domain {self.name!r}: weight={self.weight} must be > 0")
     if isinstance(self.max_bad_fraction, bool) or \
         not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
-      raise ValueError(f"domain {self.name!r}: max_bad_fraction={self.max_bad_fraction!r} must "
-                       "be a number in [0, 1]")
+      raise DataError(f"domain {self.name!r}: max_bad_fraction={self.max_bad_fraction!r} must "
+                      "be a number in [0, 1]")
 
 
 class BadRow(ValueError):
@@ -71,16 +75,18 @@ class BadRow(ValueError):
 
 
 def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-  """([(line, row)], [(line, reason)]) for a local file, or rows of a hub dataset."""
+  """([(line, row)], [(line, reason)]) for a local file, or (row number, row) of a dataset
+  directory's `spec.split`. Hub ids are fetched before this (`sources.resolve`)."""
   path = spec.path
   if not path:
-    raise ValueError(f"domain {spec.name!r}: no data path given")
+    raise DataError(f"domain {spec.name!r}: no data path given")
   if not os.path.exists(path):
-    if os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip("/").split("/")[0]:
-      raise FileNotFoundError(f"domain {spec.name!r}: data file {path} does not exist")
-    return _hub_rows(spec), []
+    raise DataFileMissing(f"domain {spec.name!r}: data file {path} does not exist (a hub "
+                          "dataset needs the prefix hf://)")
+  if os.path.isdir(path):
+    return _directory_rows(spec), []
   if os.path.getsize(path) == 0:
-    raise ValueError(f"domain {spec.name!r}: data file {path} is empty")
+    raise DataError(f"domain {spec.name!r}: data file {path} is empty")
   if path.endswith(".parquet"):
     import datasets
     ds = datasets.load_dataset("parquet", data_files=path, split="train")
@@ -93,8 +99,8 @@ def read_rows(spec: DomainSpec) -> tuple[list[tuple[int, dict]], list[tuple[int,
       try:
         return [(i + 1, r) for i, r in enumerate(json.loads(text))], []
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a JSON array file is one "
-                         "document, so it cannot be read around the error") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a JSON array file is one "
+                        "document, so it cannot be read around the error") from None
     f.seek(0)
     for line_no, raw in enumerate(f, 1):
       try:
@@ -124,30 +130,32 @@ def decode_text(raw: bytes, path: str) -> str:
   except UnicodeDecodeError as e:
     line = raw.count(b"\n", 0, e.start) + 1
     col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    raise ValueError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not UTF-8 "
-                     f"({e.reason}); re-encode the file as UTF-8") from None
+    raise DataError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                    f"({e.reason}); re-encode the file as UTF-8") from None
 
 
-def _hub_rows(spec):
+def _directory_rows(spec):
   import datasets
-  if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-    raise FileNotFoundError(f"domain {spec.name!r}: {spec.path!r} is not a local file and the hub "
-                            "is offline (HF_HUB_OFFLINE=1)")
-  ds = datasets.load_dataset(spec.path, split=spec.split)
-  return [(i + 1, r) for i, r in enumerate(ds)]
+  try:
+    ds = datasets.load_dataset(spec.path, split=spec.split)
+  except ValueError as e:  # e.g. an unknown split: name it
+    raise DataError(f"domain {spec.name!r}: dataset {spec.path}, split {spec.split!r}: {e}") \
+        from None
+  return [(i + 1, dict(r)) for i, r in enumerate(ds)]
 
 
 def to_messages(row: dict, spec: DomainSpec) -> list[dict]:
   """The row as chat messages; raises BadRow naming the problem."""
   fmt = spec.format
   if fmt == "auto":
-    fmt = "messages" if "messages" in row else "prompt_response"
+    fmt = "messages" if spec.messages_field in row else "prompt_response"
   if fmt == "messages":
-    msgs = row.get("messages")
+    key = spec.messages_field
+    msgs = row.get(key)
     if msgs is None:
-      raise BadRow("missing field 'messages'")
+      raise BadRow(f"missing field {key!r}")
     if not isinstance(msgs, list) or not msgs:
-      raise BadRow("field 'messages' is not a non-empty list")
+      raise BadRow(f"field {key!r} is not a non-empty list")
     for i, m in enumerate(msgs):
       if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
           not isinstance(m.get("content"), str):
@@ -261,8 +269,8 @@ def load_domain(spec: DomainSpec, tokenizer, seq_len: int):
   if report.bad:
     warnings.warn(report.summary(), stacklevel=2)
   if not examples:
-    raise ValueError(f"domain {spec.name!r}: no usable example in {spec.path} "
-                     f"({report.bad_count} bad rows: {report.summary()})")
+    raise DataError(f"domain {spec.name!r}: no usable example in {spec.path} "
+                    f"({report.bad_count} bad rows: {report.summary()})")
   check_bad_fraction(report, spec.max_bad_fraction)
   return examples, report
 
@@ -273,10 +281,10 @@ def check_bad_fraction(report: "DomainReport", max_bad_fraction: float):
   the file (a long-document domain at a short seq_len loses most rows by design)."""
   broken = report.bad_count - len(report.bad.get("over-long", ()))
   if broken > max_bad_fraction * report.rows:
-    raise ValueError(
-        f"domain {report.name!r}: {broken} of {report.rows} rows of {report.path} are "
-        f"bad ({broken / report.rows:.0%}, more than data.max_bad_fraction="
-        f"{max_bad_fraction:g}); fix the file or raise data.max_bad_fraction. "
+    raise DataError(
+       f"domain {report.name!r}: {broken} of {report.rows} rows of {report.path} are "
+       f"bad ({broken / report.rows:.0%}, more than data.max_bad_fraction="
+       f"{max_bad_fraction:g}); fix the file or raise data.max_bad_fraction. "
         + report.summary())
 
 
@@ -380,8 +388,8 @@ class MixtureIterator:
   def restore(self, state: dict):
     sizes = [len(e) for e in self.examples]
     if state["sizes"] != sizes:
-      raise ValueError(f"data position was saved for domains of {state['sizes']} examples, the "
-                       f"data now has {sizes}: the data files changed since the checkpoint")
+      raise DataError(f"data position was saved for domains of {state['sizes']} examples, the "
+                      f"data now has {sizes}: the data files changed since the checkpoint")
     self._rng.bit_generator.state = state["rng"]
     self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
     self._orders = [self._order(d, e) for d, e in enumerate(self._epoch)]
@@ -395,19 +403,20 @@ class MixtureIterator:
 EVAL_FIELDS = {"pass_at_1": ("test", "entry_point")}
 
 
-def _eval_row_problem(row: dict, required: tuple) -> str | None:
-  """Why this held-out row cannot be used, or None."""
+def _eval_row_problem(row: dict, required: tuple, prompt: str = "prompt",
+                      messages: str = "messages") -> str | None:
+  """Why this held-out row cannot be used, or None (`prompt`, `messages`: the column names)."""
   answers = row.get("answers")
   if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
     return "'answers' must be a non-empty list of strings"
-  if not isinstance(row.get("prompt"), str):
-    msgs = row.get("messages")
+  if not isinstance(row.get(prompt), str):
+    msgs = row.get(messages)
     if not (isinstance(msgs, list) and msgs and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and
         isinstance(m.get("content"), str) for m in msgs)):
-      return "needs a string 'prompt' (or 'messages' with string 'role' and 'content')"
+      return f"needs a string {prompt!r} (or {messages!r} with string 'role' and 'content')"
     if not any(m["role"] != "assistant" for m in msgs):
-      return "'messages' has no message before the answer"
+      return f"{messages!r} has no message before the answer"
   for field in required:
     if field not in row:
       return f"missing field {field!r}"
@@ -424,8 +433,8 @@ def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0,
                        required: tuple = (), max_bad_fraction: float = 0.0) -> list[dict]:
   """Held-out examples for generation: {"prompt_text", "prompt_ids" (chat-formatted, ending
   with the assistant prefix), "answers": [str], "source": "file:line", plus the row's other
-  fields (e.g. HumanEval's "test" / "entry_point", law's "reference")}. Rows need "prompt" (or
-  "messages" whose last non-assistant message is the prompt), "answers" (a list of strings) and
+  fields (e.g. HumanEval's "test" / "entry_point", law's "reference")}. Rows need a prompt
+  (`spec.prompt_field`, or `spec.messages_field` whose last non-assistant message is it), "answers" (a list of strings) and
   the `required` fields (`EVAL_FIELDS` of the domain's metric).
 
   Each row is validated on its own; bad rows are named by file:line. More than
@@ -439,30 +448,31 @@ def load_eval_examples(spec: DomainSpec, tokenizer, *, max_examples: int = 0,
       read = len(problems) + len(out)
       break
     read += 1
-    why = _eval_row_problem(row, tuple(required))
+    why = _eval_row_problem(row, tuple(required), spec.prompt_field, spec.messages_field)
     if why:
       problems.append((line, why))
       continue
-    if isinstance(row.get("prompt"), str):
-      messages = [{"role": "user", "content": row["prompt"]}]
+    if isinstance(row.get(spec.prompt_field), str):
+      messages = [{"role": "user", "content": row[spec.prompt_field]}]
     else:
-      messages = [m for m in row["messages"] if m["role"] != "assistant"]
+      messages = [m for m in row[spec.messages_field] if m["role"] != "assistant"]
     ids = tokenizer(_render(tokenizer, messages, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"]
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "answers")}
+    extra = {k: v for k, v in row.items()
+             if k not in (spec.prompt_field, spec.messages_field, "answers")}
     out.append({"prompt_text": messages[-1]["content"], "prompt_ids": ids,
                 "answers": row["answers"], **extra, "source": f"{spec.path}:{line}"})
   problems.sort()
   listed = "; ".join(f"{spec.path}:{line}: {why}" for line, why in problems[:10]) + (
       f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
   if problems and len(problems) > max_bad_fraction * read:
-    raise ValueError(f"domain {spec.name!r}: {len(problems)} of {read} held-out rows of "
-                     f"{spec.path} are bad: {listed}")
+    raise DataError(f"domain {spec.name!r}: {len(problems)} of {read} held-out rows of "
+                    f"{spec.path} are bad: {listed}")
   if problems:
     warnings.warn(f"{spec.path}: {len(problems)} eval rows skipped for domain {spec.name!r}: "
                   + listed, stacklevel=2)
   if not out:
-    raise ValueError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
+    raise DataError(f"domain {spec.name!r}: no usable evaluation example in {spec.path}")
   return out
 
 
@@ -481,8 +491,8 @@ def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: 
     except BadRow:
       continue  # over-long held-out examples do not fit the model's context: not scored
   if not tokenized:
-    raise ValueError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
-                     f"seq_len={seq_len}")
+    raise DataError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
+                    f"seq_len={seq_len}")
   return pack_once(tokenized, seq_len, batch_size, max_batches)
 
 
@@ -491,11 +501,11 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   """Plain text (e.g. held-out general text) cut into full rows: bos + seq_len - 1 tokens,
   every token but the first a target; at most `max_batches` batches (0: the whole text)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"general text file {path} does not exist")
+    raise DataFileMissing(f"general text file {path} does not exist")
   with open(path, "rb") as f:
     text = decode_text(f.read(), path)
   if not text.strip():
-    raise ValueError(f"general text file {path} is empty")
+    raise DataError(f"general text file {path} is empty")
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   n = seq_len - len(bos)
@@ -503,7 +513,7 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   if max_batches:
     rows = rows[:max_batches * batch_size]
   if not rows:
-    raise ValueError(f"{path} has fewer than {seq_len} tokens")
+    raise DataError(f"{path} has fewer than {seq_len} tokens")
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]

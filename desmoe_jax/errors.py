@@ -8,6 +8,7 @@ misconfigured one):
 
   0   finished
   2   ConfigError: a setting, flag, path or run directory is wrong; nothing was trained
+      (DataError, DataFileMissing: a data file that cannot be used, likewise)
   3   TrainingDiverged: non-finite loss or state; the last finite checkpoint is intact
   4   SaveFailed: writing a checkpoint failed (disk full, read-only); the last good one is intact
   75  Preempted: SIGTERM/SIGINT (or the cluster's preemption notice) arrived; a checkpoint of the
@@ -29,6 +30,17 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
   """A config field, command-line flag, path or run directory that cannot be used; the message
   names the field (e.g. `train.log_every=0: must be >= 1`)."""
+  exit_code = 2
+
+
+class DataError(UserError, ValueError):
+  """A data file (or dataset) that cannot be used: missing, empty, undecodable, or with more
+  bad rows than data.max_bad_fraction allows; the message names the file (and line)."""
+  exit_code = 2
+
+
+class DataFileMissing(UserError, FileNotFoundError):
+  """A data path that names no file; the message names the domain and the path."""
   exit_code = 2
 
 

@@ -28,16 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import sandbox
 from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
+from desmoe_jax import sources
 from desmoe_jax import trainer
 from desmoe_jax import validate as validate_lib
 from desmoe_jax.errors import ConfigError
-from desmoe_jax.convert import from_pretrained
 from desmoe_jax.generate import bucket, greedy_generate
 from desmoe_jax.methods import prepare_model
 from desmoe_jax.specialization import merge_copies
@@ -90,9 +91,8 @@ def load_run_model(config, workdir: str, step: int | None = None, mesh=None, tok
 
 
 def load_model(path: str, config, mesh=None):
-  return from_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                         mesh=mesh, moe_impl=config.model.moe_impl,
-                         attention_impl=config.model.attention_impl)
+  """The HF model at `path` as the run builds it (`build.load_model`: every runtime field)."""
+  return build.load_model(config, path, mesh)
 
 
 def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
@@ -189,13 +189,14 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
     row = results.setdefault(d.name, {})
     if d.name in losses:
       row["loss"] = losses[d.name]
-      row["perplexity"] = float(np.exp(min(losses[d.name], 50.0)))
+      row["perplexity"] = (metrics_lib.perplexity(losses[d.name], 1.0)
+                           if np.isfinite(losses[d.name]) else float("nan"))
     if not with_generation or not d.eval:
       continue
     if d.metric == "pass_at_1" and not allow_code:
       row.update({"pass@1": None, "pass@1_not_run": CODE_NOT_RUN})
       continue  # no generations either: nothing would score them
-    spec = data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format)
+    spec = trainer.domain_spec(d, "eval")
     examples = data_lib.load_eval_examples(
         spec, tokenizer, max_examples=config.eval.max_examples,
         required=data_lib.EVAL_FIELDS.get(d.metric, ()))
@@ -256,6 +257,7 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   else:
     open_checkpoints(workdir).close()      # fail fast, before any model is loaded
   from transformers import AutoTokenizer
+  config = sources.resolve(config)  # data.select applied, hub ids fetched
   tokenizer = AutoTokenizer.from_pretrained(hf_dir or config.model.path)
   mesh = sharding_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
   if hf_dir:
@@ -267,4 +269,24 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   out_dir = os.path.join(workdir, "eval", name)
   results = evaluate_model(model, tokenizer, config, base_model=base,
                            with_generation=with_generation, out_dir=out_dir)
+  if config.eval.get("lm_eval_tasks"):
+    results["lm_eval"] = lm_eval_scores(model, tokenizer, config, base_model=base)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results, out_dir
+
+
+def lm_eval_scores(model, tokenizer, config, *, base_model=None) -> dict:
+  """lm-evaluation-harness tasks `eval.lm_eval_tasks` (comma-separated names; YAML tasks under
+  `eval.lm_eval_include` too) on the model and the base model: {task: {metric: value,
+  "base_" + metric: base value}}."""
+  from desmoe_jax import lm_eval_adapter
+  tasks = [t.strip() for t in config.eval.lm_eval_tasks.split(",") if t.strip()]
+  kw = dict(include_path=config.eval.get("lm_eval_include", ""),
+            limit=config.eval.get("lm_eval_limit", 0), max_length=config.data.seq_len,
+            batch_size=config.eval.batch_size, max_gen_toks=config.eval.max_new_tokens)
+  scores = lm_eval_adapter.run_tasks(model, tokenizer, tasks, **kw)
+  if base_model is not None:
+    for task, metrics in lm_eval_adapter.run_tasks(base_model, tokenizer, tasks, **kw).items():
+      scores.setdefault(task, {}).update({f"base_{k}": v for k, v in metrics.items()})
+  return scores

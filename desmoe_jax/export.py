@@ -1,4 +1,5 @@
-"""Export an adapted model to the plain Hugging Face layout of its family (transformers / vLLM).
+"""Export an adapted model to the plain Hugging Face layout of its family (transformers loads it;
+tests/test_export.py and tests/test_families_train.py check it).
 
 Two DES-MoE additions are not part of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the

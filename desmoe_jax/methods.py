@@ -25,6 +25,10 @@ from desmoe_jax.specialization import DgesConfig, attach, attach_copies
 
 METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_no_dges",
            "desmoe_no_schedule")
+# The paper's learning rates (docs/METHOD.md section 4): 1e-4 for the DES-MoE family, 3e-5 for
+# FFT, 1e-5 for ESFT. `optim.learning_rate = -1` selects them.
+PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}
+DEFAULT_PAPER_LR = 1e-4
 UNSCHEDULED = -1  # the single "phase" of methods without the three-phase schedule
 
 

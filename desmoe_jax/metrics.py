@@ -439,7 +439,7 @@ def format_results(results: dict[str, dict]) -> str:
   abilities against the base model."""
   lines = [f"{'domain':<12} {'loss':>8} {'ppl':>9}  task metric"]
   for name, r in results.items():
-    if name == "general":
+    if name in ("general", "lm_eval"):
       continue
     task = ", ".join(_task_cell(r, k) for k in TASK_KEYS if k in r)
     loss = f"{r['loss']:8.4f}" if "loss" in r else f"{'-':>8}"
@@ -456,4 +456,16 @@ def format_results(results: dict[str, dict]) -> str:
         change = "" if base is None else f"{g[key] - base:+8.4f}"
         base_s = "" if base is None else f"{base:8.4f}"
         lines.append(f"{label:<25} {g[key]:8.4f} {base_s:>8} {change:>8}")
+  lm = results.get("lm_eval", {})
+  if lm:
+    lines.append("")
+    lines.append(f"{'lm-evaluation-harness':<40} {'model':>9} {'base':>9} {'change':>9}")
+    for task, scores in lm.items():
+      for key, value in scores.items():
+        if key.startswith("base_"):
+          continue
+        base = scores.get("base_" + key)
+        base_s = "" if base is None else f"{base:9.4f}"
+        change = "" if base is None else f"{value - base:+9.4f}"
+        lines.append(f"{task + ' ' + key:<40} {value:9.4f} {base_s:>9} {change:>9}")
   return "\n".join(lines)

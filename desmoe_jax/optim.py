@@ -1,4 +1,4 @@
-"""Optimizers for phase-dependent, mask-dependent training (METHOD.md section 3).
+"""Optimizers for phase-dependent, mask-dependent training (docs/METHOD.md section 3).
 
 * Every parameter's label (`schedule.LABELS`) is its `group` metadata, set by the module that
   creates it (routers, routed experts, shared experts; none = backbone): no path is parsed, so
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from flax import nnx
 from desmoe_jax.schedule import LABELS
 
 OPTIMIZERS = ("adamw", "adafactor")
-MOMENT_DTYPES = ("auto", "float32", "bfloat16")
+MOMENT_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,9 @@ class OptimConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0        # global-norm clip over trainable gradients; 0 disables
   name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
-  moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16"
+  moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16" | "int8"
   host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
+  master_weights: bool = False  # a float32 master copy in the state (train.precision=bf16_master)
   # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
   # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
   # and the trainer's finiteness checks stop the run).
@@ -57,6 +59,9 @@ class OptimConfig:
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"optim.moments_dtype={self.moments_dtype!r}: expected one of "
                        f"{MOMENT_DTYPES}")
+    if self.moments_dtype == "int8" and self.name != "adamw":
+      raise ValueError(f"optim.moments_dtype='int8' quantises AdamW's two moments; "
+                       f"optim.name={self.name!r} has none (use auto, float32 or bfloat16)")
 
 
 def _is_variable(x) -> bool:
@@ -71,6 +76,14 @@ def label_of(variable) -> str:
   if label not in LABELS:
     raise ValueError(f"parameter group {label!r} is not one of {LABELS}")
   return label
+
+
+def _key(entry):
+  """The name in one jax tree-path entry (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
 
 
 def param_labels(params):
@@ -156,6 +169,94 @@ def adamw_core(cfg: OptimConfig) -> optax.GradientTransformation:
                      optax.add_decayed_weights(cfg.weight_decay))
 
 
+# ------------------------------------------------------------------ 8-bit moments
+
+MU_POWER, NU_POWER = 4, 8  # code -> value maps: v = sign(c) |c / 127|^power x block absmax
+
+
+def _block_size(n: int) -> int:
+  """Quantisation block along the last axis: 256 values (or the largest power of two from 128
+  down to 32 dividing it), else the whole axis."""
+  for size in (256, 128, 64, 32):
+    if n % size == 0:
+      return size
+  return n
+
+
+def quantize_blockwise(x, power: int):
+  """float32 [..., n] -> (int8 codes [..., n], float32 absmax [..., n / block]).
+
+  Per block of the last axis, values are divided by the block's absmax and coded as
+  round(127 sign(y) |y|^(1 / power)): a power map, so that a block spanning many orders of
+  magnitude (Adam's second moment does) keeps its small values: the smallest nonzero code is
+  127^-power of the block's absmax (power 8: 1.5e-17), the relative step near the top
+  power / 254 (3% for power 8, 1.6% for 4). Same rank as `x`, so the codes and scales carry
+  the parameter's logical axes and are sharded like it."""
+  n = x.shape[-1]
+  size = _block_size(n)
+  xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (n // size, size))
+  absmax = jnp.max(jnp.abs(xb), axis=-1)
+  y = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
+  code = jnp.round(jnp.sign(y) * jnp.abs(y) ** (1.0 / power) * 127.0)
+  return code.astype(jnp.int8).reshape(x.shape), absmax
+
+
+def dequantize_blockwise(code, absmax, power: int):
+  """Inverse of `quantize_blockwise` (up to its rounding), float32."""
+  n, blocks = code.shape[-1], absmax.shape[-1]
+  c = code.astype(jnp.float32).reshape(code.shape[:-1] + (blocks, n // blocks)) / 127.0
+  return (jnp.sign(c) * jnp.abs(c) ** power * absmax[..., None]).reshape(code.shape)
+
+
+class ScaleByAdamInt8State(NamedTuple):
+  """Adam's moments as int8 codes + per-block float32 absmax (~2.03 bytes per parameter for
+  both moments, against 4 in bfloat16 and 8 in float32)."""
+  count: jax.Array
+  mu_code: optax.Updates
+  mu_scale: optax.Updates
+  nu_code: optax.Updates
+  nu_scale: optax.Updates
+
+
+def scale_by_adam_int8(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """optax.scale_by_adam with both moments stored blockwise-quantised in int8. Each step
+  dequantises, updates the moments in float32, computes the update from those float32 moments
+  (so this step's gradient is used exactly) and stores them quantised again: the rounding
+  enters through the next step's moments only. The second moment uses the finer power-8 map:
+  a value rounded to 0 would leave the denominator at eps."""
+
+  def codes(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.int8), params)
+
+  def scales(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape[:-1] + (p.shape[-1] // _block_size(
+        p.shape[-1]),), jnp.float32), params)
+
+  def init(params):
+    return ScaleByAdamInt8State(jnp.zeros([], jnp.int32), codes(params), scales(params),
+                                codes(params), scales(params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda c, a: dequantize_blockwise(c, a, MU_POWER), state.mu_code,
+                      state.mu_scale)
+    nu = jax.tree.map(lambda c, a: dequantize_blockwise(c, a, NU_POWER), state.nu_code,
+                      state.nu_scale)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)),
+                      nu, updates)
+    count = optax.safe_increment(state.count)
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+    new_updates = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+    # Codes and scales as two trees of the parameters' structure (XLA computes each once).
+    part = lambda tree, power, i: jax.tree.map(lambda x: quantize_blockwise(x, power)[i], tree)
+    return new_updates, ScaleByAdamInt8State(count, part(mu, MU_POWER, 0), part(mu, MU_POWER, 1),
+                                             part(nu, NU_POWER, 0), part(nu, NU_POWER, 1))
+
+  return optax.GradientTransformation(init, update)
+
+
 def adafactor_core(cfg: OptimConfig) -> optax.GradientTransformation:
   """Adafactor's direction (Shazeer & Stern 2018) in AdamW's place: a factored second moment
   (a row and a column statistic per matrix instead of a full moment: ~0 bytes per parameter
@@ -215,6 +316,38 @@ def round_bf16_with_noise(x_f32, noise_u16):
   return jnp.where(jnp.isfinite(x_f32), rounded, x_f32).astype(jnp.bfloat16)
 
 
+class MasterState(NamedTuple):
+  """float32 master copy of the (bfloat16) weights, in the optimizer state: checkpointed with
+  it and offloaded with it (`optim.host_offload`)."""
+  master: optax.Params
+
+
+def master_weights(trainable_now: Iterable[str]) -> optax.GradientTransformation:
+  """The last transform under `train.precision=bf16_master`: the update is added to a float32
+  master copy, and the update handed on is (new master - weight), so that `apply_updates`
+  (nearest rounding) leaves each weight at its master rounded to bfloat16. The master keeps
+  what bfloat16 cannot hold, so no update is lost, deterministically.
+
+  Groups not trained in this phase are not touched at all (their master passes through, their
+  update is 0): with `optim.host_offload` their masters never leave the host
+  (`train_step._to_device` moves the trained groups' only)."""
+  trainable_now = frozenset(trainable_now)
+
+  def init(params):
+    return MasterState(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+  def update(updates, state, params=None):
+    labels = param_labels(params)
+    master = jax.tree.map(lambda m, u, label: m + u.astype(jnp.float32)
+                          if label in trainable_now else m, state.master, updates, labels)
+    out = jax.tree.map(lambda m, p, u, label: m - p.astype(jnp.float32)
+                       if label in trainable_now else jnp.zeros(u.shape, jnp.float32),
+                       master, params, updates, labels)
+    return out, MasterState(master)
+
+  return optax.GradientTransformation(init, update)
+
+
 def apply_updates(params, updates, key=None):
   """params + updates, added in float32. A bfloat16 parameter gets the sum rounded
   stochastically when `key` is given (`train.precision=bf16_sr`; each leaf its own bits from
@@ -244,8 +377,12 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
     if label not in trainable_ever:
       transforms[label] = optax.set_to_zero()
       continue
-    core = state_in(adamw_core(cfg) if cfg.name == "adamw" else adafactor_core(cfg),
-                    None if cfg.moments_dtype == "auto" else jnp.dtype(cfg.moments_dtype))
+    if cfg.moments_dtype == "int8":
+      core = state_in(optax.chain(scale_by_adam_int8(cfg.b1, cfg.b2, cfg.eps),
+                                  optax.add_decayed_weights(cfg.weight_decay)), None)
+    else:
+      core = state_in(adamw_core(cfg) if cfg.name == "adamw" else adafactor_core(cfg),
+                      None if cfg.moments_dtype == "auto" else jnp.dtype(cfg.moments_dtype))
     if label == "routed_experts":
       core = mask_experts(core)
     transforms[label] = core if label in trainable_now else hold(core)
@@ -253,6 +390,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
   if cfg.grad_clip:
     chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
+  if cfg.master_weights:  # only for groups trained in some phase: the others never move
+    chain.append(optax.masked(master_weights(trainable_now), lambda params: jax.tree.map(
+        lambda label: label in trainable_ever, param_labels(params))))
   return optax.chain(*chain)
 
 

@@ -1,4 +1,5 @@
-"""DES-MoE part 1: the Adaptive Lightweight Router (ALR) with its distillation loss (METHOD.md s.1).
+"""DES-MoE part 1: the Adaptive Lightweight Router (ALR) with its distillation loss
+(docs/METHOD.md section 1).
 
 The ALR plugs into the MoE block's router interface (`route`; moe/routing.py): it replaces the
 logits (and adds L_KD) and nothing else, so the family's routing function (softmax top-k, top-k
@@ -29,7 +30,7 @@ from desmoe_jax.nn.layers import stack_modules
 
 @dataclasses.dataclass(frozen=True)
 class AlrConfig:
-  """METHOD.md section 1; every field is a config knob (`alr.*`)."""
+  """docs/METHOD.md section 1; every field is a config knob (`alr.*`)."""
   form: str = "residual"      # "residual": R_orig + MLP (W2=0 at init) | "mlp": the paper's plain MLP
   hidden_mult: int = 4        # hidden width in units of d_model
   tau: float = 0.7            # distillation temperature
@@ -87,8 +88,8 @@ def _routed_and_distilled(params, x_td, scale):
   """The student logits twice, from one forward: (for routing, for L_KD).
 
   Their gradients are those of two separate forwards `R(scale_grad(params, scale), x)` and
-  `R(params, stop_gradient(x))` (METHOD.md s.1): the parameters get scale * J^T g_route + J^T
-  g_kd, x gets J^T g_route only. The backward is one parameter VJP of the combined cotangent
+  `R(params, stop_gradient(x))` (docs/METHOD.md section 1): the parameters get
+  scale * J^T g_route + J^T g_kd, x gets J^T g_route only. The backward is one parameter VJP of the combined cotangent
   and one input VJP of g_route (XLA drops the unused halves), where two forwards cost two
   forwards and two full backwards of the fp32 MLP.
   """

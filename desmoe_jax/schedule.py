@@ -1,4 +1,4 @@
-"""DES-MoE part 3: the three-phase schedule (METHOD.md section 3).
+"""DES-MoE part 3: the three-phase schedule (docs/METHOD.md section 3).
 
 Phase I (warm-up, step < t1 * T): correlation and masks are estimated; by default the router and
 the backbone train while routed experts stay frozen (Eq. 11).

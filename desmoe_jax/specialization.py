@@ -1,4 +1,4 @@
-"""DES-MoE part 2: Domain-Guided Expert Specialization (METHOD.md section 2).
+"""DES-MoE part 2: Domain-Guided Expert Specialization (docs/METHOD.md section 2).
 
 Per MoE layer, a domain x expert correlation matrix A (how often each domain's tokens pick each
 expert, smoothed with momentum) is model STATE: a `Correlation` Variable, stacked over layers
@@ -27,7 +27,7 @@ from desmoe_jax.distributed import to_host
 
 @dataclasses.dataclass(frozen=True)
 class DgesConfig:
-  """METHOD.md section 2; every field is a config knob (`dges.*`)."""
+  """docs/METHOD.md section 2; every field is a config knob (`dges.*`)."""
   momentum: float = 0.9                  # weight of the OLD value in A <- m A + (1 - m) f
   phi: float = 0.6                       # mask threshold
   score: str = "relative"                # "relative": A / row max >= phi | "cumulative": top-p

@@ -32,7 +32,7 @@ from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.router import kd_lambda
 from desmoe_jax.schedule import WARMUP
 
-PRECISIONS = ("fp32_master", "bf16_sr")
+PRECISIONS = ("fp32_master", "bf16_sr", "bf16_master")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,11 @@ class StepConfig:
       sum rounded stochastically to bfloat16 (unbiased: an update far below bfloat16's resolution
       still moves the weight by the right amount in expectation). The random bits come from
       `seed` and the step, so a step is deterministic and a resumed run repeats it exactly.
+    "bf16_master": bfloat16 weights for the computation and a float32 master copy of the
+      trained groups in the optimizer state (`optim.master_weights`, set by the trainer from
+      this field): updates go to the master, the weights are the master rounded to nearest.
+      Exact like fp32_master; 2 bytes per weight on the device plus 4 in the optimizer state,
+      which `optim.host_offload` moves to host memory with the moments.
     float32 leaves (routers, the ALR) are always updated exactly.
   """
   microbatches: int = 1
@@ -170,6 +175,9 @@ def _to_device(opt_state, labels):
     names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
     if "inner_states" in names and names[names.index("inner_states") + 1] not in labels:
       return x
+    # bf16_master's float32 masters (optim.master_weights): by their parameter's group.
+    if "master" in names and optim.label_of(tuple(names[names.index("master") + 1:])) not in labels:
+      return x
     return jax.device_put(x, jax.memory.Space.Device)
 
   return jax.tree_util.tree_map_with_path(move, opt_state)
@@ -208,6 +216,10 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
   n_micro = step_cfg.microbatches
+  if optim_cfg.master_weights != (step_cfg.precision == "bf16_master"):
+    raise ValueError(f"train.precision={step_cfg.precision!r} with optim master_weights="
+                     f"{optim_cfg.master_weights}: the master copy exists for bf16_master only "
+                     "(trainer.optim_config sets it from train.precision)")
 
   def step_fn(model_state, opt_state, batch, step):
     params, state = nnx.split_state(model_state, nnx.Param, ...)
@@ -365,9 +377,10 @@ def check_precision(params, precision: str):
     raise ValueError(f"train.precision='fp32_master' keeps float32 parameters, these are "
                      f"{sorted(dtypes)}: set model.param_dtype=float32 (computation follows "
                      "model.dtype), or train.precision=bf16_sr for bfloat16 parameters")
-  if precision == "bf16_sr" and dtypes - {"float32", "bfloat16"}:
-    raise ValueError(f"train.precision='bf16_sr' rounds into bfloat16, the parameters are "
+  bf16 = precision in ("bf16_sr", "bf16_master")
+  if bf16 and dtypes - {"float32", "bfloat16"}:
+    raise ValueError(f"train.precision={precision!r} keeps bfloat16 weights, the parameters are "
                      f"{sorted(dtypes)}: set model.param_dtype=bfloat16")
-  if precision == "bf16_sr" and "bfloat16" not in dtypes:
-    raise ValueError("train.precision='bf16_sr' with float32 parameters has nothing to round: "
-                     "set model.param_dtype=bfloat16, or train.precision=fp32_master")
+  if bf16 and "bfloat16" not in dtypes:
+    raise ValueError(f"train.precision={precision!r} with float32 parameters has nothing to "
+                     "round: set model.param_dtype=bfloat16, or train.precision=fp32_master")

@@ -2,7 +2,7 @@
 checkpoints, evaluations, and the final Hugging Face export. Notebooks call `train()` directly.
 
 Work directory layout:
-  config.json            the resolved config
+  config.json            the config as given (data.select applied, hub ids kept): eval.py reads it
   checkpoints/<step>/    orbax: model state, optimizer state, meta (data position, RNG, phase)
   metrics.jsonl          one JSON record per logged step / evaluation
   tb/                    TensorBoard event files
@@ -28,6 +28,7 @@ Reliability (docs/RELIABILITY.md lists every fault tried and the test that holds
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
 from desmoe_jax import distributed
@@ -48,12 +50,13 @@ from desmoe_jax import esft as esft_lib
 from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import specialization
+from desmoe_jax import sources
 from desmoe_jax import train_step as ts
 from desmoe_jax import validate as validate_lib
 from desmoe_jax.errors import ConfigError, Preempted, TrainingDiverged
-from desmoe_jax.convert import from_pretrained
 from desmoe_jax.esft import EsftConfig
-from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
+from desmoe_jax.methods import (DEFAULT_PAPER_LR, PAPER_LR, UNSCHEDULED, MethodConfig,
+                                prepare_model)
 from desmoe_jax.optim import OptimConfig
 from desmoe_jax.preemption import PreemptionGuard
 from desmoe_jax.router import AlrConfig
@@ -62,7 +65,6 @@ from desmoe_jax.specialization import DgesConfig
 
 log = logging.getLogger("desmoe_jax")
 
-PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}  # others: 1e-4 (METHOD.md)
 
 
 # ------------------------------------------------------------------ config -> library objects
@@ -82,7 +84,8 @@ def method_config(config) -> MethodConfig:
 def optim_config(config) -> OptimConfig:
   kw = config.optim.to_dict()
   if kw["learning_rate"] < 0:
-    kw["learning_rate"] = PAPER_LR.get(config.method, 1e-4)
+    kw["learning_rate"] = PAPER_LR.get(config.method, DEFAULT_PAPER_LR)
+  kw["master_weights"] = config.train.precision == "bf16_master"  # a float32 copy in the state
   kw["skip_nonfinite_updates"] = int(config.train.get("skip_nonfinite_updates", 0))
   return OptimConfig(**kw)
 
@@ -91,12 +94,13 @@ def step_config(config) -> ts.StepConfig:
   """train.microbatches / train.precision, checked against model.param_dtype."""
   step_cfg = ts.StepConfig(microbatches=config.train.microbatches,
                            precision=config.train.precision, seed=config.seed)
-  want = {"fp32_master": "float32", "bf16_sr": "bfloat16"}[step_cfg.precision]
+  want = {"fp32_master": "float32", "bf16_sr": "bfloat16",
+          "bf16_master": "bfloat16"}[step_cfg.precision]
   if config.model.param_dtype != want:
     raise ConfigError(f"train.precision={step_cfg.precision!r} stores the weights in {want}, "
-                     f"model.param_dtype={config.model.param_dtype!r}: set "
-                     f"--config.model.param_dtype={want}, or pick the other train.precision "
-                     f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
+                      f"model.param_dtype={config.model.param_dtype!r}: set "
+                      f"--config.model.param_dtype={want}, or pick another train.precision "
+                      f"({', '.join(p for p in ts.PRECISIONS if p != step_cfg.precision)})")
   if config.data.batch_size % step_cfg.microbatches:
     raise ConfigError(f"train.microbatches={step_cfg.microbatches} does not divide "
                       f"data.batch_size={config.data.batch_size}")
@@ -125,20 +129,43 @@ def check_config(config):
   (validate.py), then checks what relates fields to the train step (`step_config`)."""
   validate_lib.validate(config)
   step_config(config)
+  if config.model.path and not config.model.path.startswith(sources.PREFIX) and \
+      os.path.isfile(config.model.path):
+    raise ConfigError(f"config.model.path={config.model.path!r} is a file, not a directory")
+  init = config.train.get("init_from", "")
+  if init and not os.path.isdir(init):
+    raise ConfigError(f"config.train.init_from={init!r} does not exist (a run's work "
+                      "directory)")
+  if config.export.get("hub_repo") and not config.export.enabled:
+    raise ConfigError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
+                      "but config.export.enabled=False")
+
+
+def domain_spec(d, split: str = "train",
+                max_bad_fraction: float = 0.1) -> data_lib.DomainSpec:
+  """The data of one `data.domains` entry; fields a custom config omits take their defaults."""
+  return data_lib.DomainSpec(
+      name=d.name, path=d[split], format=d.format, weight=d.get("weight", 1.0),
+      prompt_field=d.get("prompt_field", "prompt"),
+      response_field=d.get("response_field", "response"),
+      messages_field=d.get("messages_field", "messages"),
+      split=d.get("split", "train") if split == "train" else d.get("eval_split", "test"),
+      max_bad_fraction=max_bad_fraction)
 
 
 def domain_specs(config, split: str = "train") -> list:
-  return [data_lib.DomainSpec(name=d.name, path=getattr(d, split), format=d.format,
-                              weight=d.weight,
-                              max_bad_fraction=config.data.get("max_bad_fraction", 0.1))
+  return [domain_spec(d, split, config.data.get("max_bad_fraction", 0.1))
           for d in config.data.domains]
+
 
 
 # ------------------------------------------------------------------ logging
 
 
 class MetricsLog:
-  """JSON lines + TensorBoard, written by process 0 only.
+  """JSON lines + TensorBoard (+ Weights & Biases with `logging.wandb.enabled`), written by
+  process 0 only. TensorBoard and W&B get the same scalars (`scalars`); W&B also gets the
+  record's strings and the heatmaps as images (`images`), and is imported only when enabled.
 
   Resuming from step N (`resume_step`) first drops what the interrupted run logged after its
   checkpoint: metrics.jsonl is cut back to `resume_offset` (its size when checkpoint N was
@@ -147,22 +174,40 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
-               resume_offset: int | None = None):
+               resume_offset: int | None = None, wandb_config=None,
+               run_config: dict | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.dropped = 0
     if enabled and resume_step is not None and os.path.exists(self.path):
       self.dropped = truncate_records(self.path, resume_step, resume_offset)
     self._file = open(self.path, "a") if enabled else None
-    self._tb = None
+    self._tb = self._wandb = self._wandb_lib = None
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"),
                                purge_step=None if resume_step is None else resume_step + 1)
+      if wandb_config is not None and wandb_config.get("enabled"):
+        self._wandb_lib, self._wandb = _start_wandb(workdir, wandb_config, run_config)
 
   def offset(self) -> int | None:
     """Bytes of metrics.jsonl written so far (stored with each checkpoint)."""
     return self._file.tell() if self.enabled else None
+
+  @staticmethod
+  def scalars(record: dict[str, Any], domain_names=()) -> dict[str, Any]:
+    """{key: number} as TensorBoard gets them (per-domain lists split into key/<domain>)."""
+    out = {}
+    for key, value in record.items():
+      if key == "step":
+        continue
+      if isinstance(value, list) and len(value) == len(domain_names) and domain_names:
+        for name, v in zip(domain_names, value):
+          if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{key}/{name}"] = v
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[key] = value
+    return out
 
   def write(self, step: int, record: dict[str, Any], domain_names=()):
     if not self.enabled:
@@ -170,21 +215,48 @@ class MetricsLog:
     record = {"step": step, **{k: _jsonable(v) for k, v in record.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
-      if key == "step":
-        continue
-      if isinstance(value, list) and len(value) == len(domain_names) and domain_names:
-        for name, v in zip(domain_names, value):
-          if isinstance(v, (int, float)):
-            self._tb.add_scalar(f"{key}/{name}", v, step)
-      elif isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, step)
+    scalars = self.scalars(record, domain_names)
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    if self._wandb is not None:
+      strings = {k: v for k, v in record.items() if isinstance(v, str)}
+      self._wandb.log({**scalars, **strings}, step=step)
+
+  def images(self, step: int, paths: dict[str, str]):
+    """The heatmap PNGs of `step` ({"correlation": path, ...}) as W&B images."""
+    if self.enabled and self._wandb is not None:
+      self._wandb.log({f"heatmap/{k}": self._wandb_lib.Image(p) for k, p in paths.items()
+                       if os.path.isfile(p)}, step=step)
 
   def close(self):
     if self.enabled:
       self._file.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _start_wandb(workdir: str, cfg, run_config: dict | None):
+  """(the wandb module, a W&B run for `workdir`): the run's id is kept in <workdir>/wandb_id, so
+  a resumed training run continues the same W&B run."""
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("config.logging.wandb.enabled=True, but wandb is not installed: "
+                      "pip install 'desmoe-jax[wandb]' (or wandb)") from None
+  id_file = os.path.join(workdir, "wandb_id")
+  if os.path.isfile(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    import secrets
+    run_id = secrets.token_hex(4)
+    with open(id_file, "w") as f:
+      f.write(run_id)
+  return wandb, wandb.init(project=cfg.get("project") or None, entity=cfg.get("entity") or None,
+                           name=cfg.get("name") or None, mode=cfg.get("mode") or None,
+                           dir=workdir, id=run_id, resume="allow", config=run_config)
 
 
 def truncate_records(path: str, step: int, offset: int | None = None) -> int:
@@ -323,16 +395,66 @@ def train(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   computes; `allow_config_change=True` accepts such changes), `errors.Preempted` (SIGTERM /
   SIGINT: the current step was saved), `errors.TrainingDiverged`, `errors.SaveFailed`.
   """
+  config = copy.deepcopy(config)
+  sources.select_domains(config)
   check_config(config)
+  resolved = sources.resolve(config)  # hub ids fetched; `config` (saved) keeps them
   try:
-    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    mesh = sharding_lib.make_mesh(dict(resolved.mesh))
   except ValueError as e:
-    raise ConfigError(f"mesh={dict(config.mesh)}: {e}") from e
+    raise ConfigError(f"mesh={dict(resolved.mesh)}: {e}") from e
   with jax.set_mesh(mesh), PreemptionGuard() as guard:  # mesh: read by shard_map / constrain
-    return _train(config, workdir, mesh, guard, allow_config_change)
+    return _train(resolved, workdir, mesh, guard, allow_config_change, saved_config=config)
 
 
-def _open_run(config, workdir: str, allow_config_change: bool):
+def provenance() -> dict:
+  """The code that ran: git commit of the checkout (if any) and the versions of the packages
+  that decide the numbers, recorded in every checkpoint."""
+  import importlib.metadata
+  import platform
+  import subprocess
+  out: dict[str, Any] = {"python": platform.python_version(), "git_commit": None,
+                         "git_dirty": None}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.exists(os.path.join(repo, ".git")):
+    try:
+      out["git_commit"] = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                                         capture_output=True, text=True).stdout.strip()
+      out["git_dirty"] = bool(subprocess.run(
+          ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], check=True,
+          capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+      pass
+  versions = {}
+  for dist in ("desmoe-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+               "transformers", "numpy", "ml-dtypes"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  out["versions"] = versions
+  return out
+
+
+def init_from(path: str, abstract_model_state):
+  """Model state (parameters and DES-MoE state) of another run's newest checkpoint. `path`: a
+  work directory, or its `checkpoints/` directory."""
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = path
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.train.init_from={path!r} does not exist")
+  checkpoints = ckpt_lib.Checkpointer(directory)
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f"config.train.init_from={path!r}: no checkpoint in {directory}")
+  try:
+    state, _, meta = checkpoints.restore(abstract_model_state)
+  except ValueError as e:
+    raise ValueError(f"config.train.init_from={path!r}: {e}") from None
+  return state, meta
+
+
+def _open_run(config, workdir: str, allow_config_change: bool, saved_config=None):
   """Work directory, checkpoints and tokenizer, checked against an existing run before any
   model is loaded. Returns (checkpointer, tokenizer, fingerprint, latest meta or None)."""
   try:
@@ -343,14 +465,17 @@ def _open_run(config, workdir: str, allow_config_change: bool):
                                       max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.train.async_checkpoint)
   try:
-    tokenizer, fingerprint, meta = _check_resume(config, checkpoints, allow_config_change)
+    tokenizer, fingerprint, meta = _check_resume(config, checkpoints, allow_config_change,
+                                                 saved_config)
   except BaseException:
     checkpoints.close()
     raise
   return checkpoints, tokenizer, fingerprint, meta
 
 
-def _check_resume(config, checkpoints, allow_config_change: bool):
+def _check_resume(config, checkpoints, allow_config_change: bool, saved_config=None):
+  """`config` has local paths; `saved_config` (default `config`) is what the run records, with
+  its hub ids, and what a resume is compared with."""
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   fingerprint = resume_lib.tokenizer_fingerprint(tokenizer)
@@ -361,8 +486,8 @@ def _check_resume(config, checkpoints, allow_config_change: bool):
     if meta.get("method") != config.method and not allow_config_change:
       raise ConfigError(f"{where} holds a {meta.get('method')!r} run; config.method="
                         f"{config.method!r} (another --workdir starts a new run)")
-    changes = resume_lib.config_changes(meta.get("config", {}),
-                                        json.loads(config.to_json_best_effort()))
+    changes = resume_lib.config_changes(
+        meta.get("config", {}), json.loads((saved_config or config).to_json_best_effort()))
     for line in resume_lib.describe(changes):
       log.info("config changed since %s: %s", where, line)
     altering = resume_lib.run_altering(changes)
@@ -381,30 +506,28 @@ def _check_resume(config, checkpoints, allow_config_change: bool):
   return tokenizer, fingerprint, meta
 
 
-def _train(config, workdir: str, mesh, guard: PreemptionGuard, allow_config_change: bool) -> dict:
+def _train(config, workdir: str, mesh, guard: PreemptionGuard, allow_config_change: bool,
+           saved_config=None) -> dict:
   is_main = jax.process_index() == 0
+  saved_config = config if saved_config is None else saved_config
   checkpoints, tokenizer, fingerprint, resume_meta = _open_run(config, workdir,
-                                                               allow_config_change)
+                                                               allow_config_change, saved_config)
   try:
     return _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
-                is_main)
+                is_main, saved_config)
   finally:
     checkpoints.close()
 
 
 def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resume_meta,
-         is_main) -> dict:
+         is_main, saved_config) -> dict:
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(saved_config.to_json_best_effort(indent=2))
 
   mc, oc, sc = method_config(config), optim_config(config), step_config(config)
   log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-  model = from_pretrained(
-      config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      mesh=mesh, moe_impl=config.model.moe_impl, attention_impl=config.model.attention_impl,
-      remat=config.model.remat, scan_layers=config.model.scan_layers,
-      expert_parallel=config.model.expert_parallel, ce_chunk=config.model.ce_chunk)
+  model = build.load_model(config, mesh=mesh)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ConfigError(f"tokenizer in {config.model.path} has {tokenizer.vocab_size} tokens, the "
                       f"model's vocab_size is {model.config.vocab_size}")
@@ -451,10 +574,18 @@ def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resu
     train_iter.restore(meta["data"])
     start, last_phase = int(meta["step"]), int(meta["phase"])
     log.info("resumed from step %d", start)
+  elif config.train.get("init_from"):
+    model_state, source_meta = init_from(config.train.init_from,
+                                         ckpt_lib.abstract_like(model_state, state_shardings))
+    log.info("model state from %s (step %d of a %r run); fresh optimizer",
+             config.train.init_from, source_meta["step"], source_meta.get("method"))
 
+  wandb_config = config.logging.get("wandb") if "logging" in config else None
   metrics_log = MetricsLog(workdir, enabled=is_main,
                            resume_step=start if resume_meta is not None else None,
-                           resume_offset=resume_meta.get("metrics_offset") if resume_meta else None)
+                           resume_offset=resume_meta.get("metrics_offset") if resume_meta else None,
+                           wandb_config=wandb_config,
+                           run_config=json.loads(saved_config.to_json_best_effort()))
   if metrics_log.dropped:
     log.info("dropped %d metrics records logged after step %d by the interrupted run",
              metrics_log.dropped, start)
@@ -492,13 +623,15 @@ def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resu
         f"{', ...' if len(bad) > 3 else ''}) with a finite loss: not saved; {last_good()}, "
         "whose state is finite. Lower optim.learning_rate or check the data.")
 
+  run_provenance = provenance()
+
   def save(step_done):
     check_finite(step_done)
     check_state_finite(step_done)
     meta = {"method": config.method, "phase": mc.phase(max(step_done - 1, 0)),
             "data": train_iter.state(), "seed": config.seed, "finite": True,
             "tokenizer": fingerprint, "metrics_offset": metrics_log.offset(),
-            "config": json.loads(config.to_json_best_effort())}
+            "config": json.loads(saved_config.to_json_best_effort()), **run_provenance}
     checkpoints.save(step_done, model_state, opt_state, meta)
 
   def stop_if_preempted(step_done):
@@ -584,6 +717,9 @@ def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resu
     if is_main:
       log.info("exported %s: %s", os.path.join(workdir, "hf"), summary["export"])
       metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})
+      if config.export.get("hub_repo"):
+        summary["hub_commit"] = sources.push(os.path.join(workdir, "hf"), config.export.hub_repo)
+        log.info("pushed %s to the hub: %s", os.path.join(workdir, "hf"), summary["hub_commit"])
     # The others wait here rather than in the runtime's shutdown barrier, which times out.
     distributed.barrier("export")
   metrics_log.close()
@@ -601,7 +737,7 @@ def _eval_loss_batches(config, tokenizer) -> dict:
   for d in config.data.domains:
     if d.eval:
       out[d.name] = data_lib.eval_loss_batches(
-          data_lib.DomainSpec(name=d.name, path=d.eval, format=d.format), tokenizer,
+          domain_spec(d, "eval"), tokenizer,
           seq_len=config.data.seq_len, batch_size=config.data.batch_size,
           max_batches=config.eval.loss_batches)
   if config.data.general:
@@ -620,6 +756,7 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   metrics_log.write(step, record)
   save_heatmaps(specialization.des_state(nnx.merge(graphdef, model_state)), names,
                 heatmap_paths(workdir, step), config.train.heatmap_layers)
+  metrics_log.images(step, heatmap_paths(workdir, step))
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
   return losses

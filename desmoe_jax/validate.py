@@ -129,6 +129,7 @@ FIELDS: dict[str, Rule] = {
     "data.seq_len": Int(2),
     "data.batch_size": Int(1),
     "data.max_bad_fraction": Float(0, 1),
+    "data.select": STR,                              # "math,code": names checked by sources.py
 
     "train.steps": Int(1),
     "train.log_every": Int(1),
@@ -138,6 +139,7 @@ FIELDS: dict[str, Rule] = {
     "train.async_checkpoint": BOOL,
     "train.heatmap_layers": Int(1),
     "train.nan_check": BOOL,
+    "train.init_from": PATH,                         # "" or another run's work directory
     "train.skip_nonfinite_updates": Int(0),          # 0: off; N: skip up to N in a row
     "train.microbatches": Int(1),
     "train.precision": OneOf(*PRECISIONS),
@@ -194,10 +196,20 @@ FIELDS: dict[str, Rule] = {
     "eval.code_timeout": Float(0, lo_open=True),
     "eval.allow_code_execution": BOOL,
     "eval.allow_unisolated_code_execution": BOOL,
+    "eval.lm_eval_tasks": STR,                       # "" or comma-separated lm-eval task names
+    "eval.lm_eval_include": PATH,
+    "eval.lm_eval_limit": Int(0),                    # 0: every example
+
+    "logging.wandb.enabled": BOOL,
+    "logging.wandb.project": STR,
+    "logging.wandb.entity": STR,
+    "logging.wandb.name": STR,
+    "logging.wandb.mode": OneOf("", "online", "offline", "disabled"),
 
     "export.enabled": BOOL,
     "export.fold_tokens": Int(1),                    # held-out tokens the router fold uses
     "export.check_tokens": Int(1),                   # further tokens for its agreement check
+    "export.hub_repo": STR,                          # "" or owner/name (sources.push)
 }
 
 # Fields of each entry of data.domains.
@@ -206,6 +218,11 @@ DOMAIN_FIELDS: dict[str, Rule] = {
     "train": Rule("str", nonempty=True),
     "eval": PATH,
     "format": OneOf("auto", "messages", "prompt_response"),
+    "prompt_field": Rule("str", nonempty=True),
+    "response_field": Rule("str", nonempty=True),
+    "messages_field": Rule("str", nonempty=True),
+    "split": Rule("str", nonempty=True),
+    "eval_split": Rule("str", nonempty=True),
     "weight": Float(0, lo_open=True),
     "metric": OneOf("number_match", "pass_at_1", "law_label", "json_match", "rouge_l", "bleu"),
 }
@@ -258,8 +275,8 @@ def _cross_checks(config, has) -> list[str]:
       out.append("model.path is empty: set --config.model.path=/path/to/DeepSeek-V2-Lite (a "
                  "Hugging Face directory with config.json, safetensors and tokenizer), or use "
                  "the embedded model with --config=configs/six_domains.py:tiny")
-    elif not os.path.isdir(path):
-      out.append(f"model.path={path!r} is not a directory")
+    elif not path.startswith("hf://") and not os.path.isdir(path):  # hub ids: sources.py
+      out.append(f"model.path={path!r} is not a directory (a hub id needs the prefix hf://)")
   return out
 
 

@@ -13,6 +13,8 @@ laptop.
   python scripts/memory_plan.py --methods=desmoe --target=v4:2x2x4 --meshes=fsdp=16 \
       --batch=32 --phases=stabilization,consolidation                           # some phases
   python scripts/memory_plan.py --config=configs/six_domains.py:tiny --arch=tiny --batch=8
+  python scripts/memory_plan.py --config=configs/six_domains.py:v5e8 --methods=desmoe \
+      --target=v5e:2x4 --seq=4096 --quick    # a machine preset's mesh and batch; fit verdict only
 
 --target=cpu (default) compiles for simulated CPU devices (as many as the largest mesh).
 --target=<TPU topology> (v5e:2x4 = v5e-8, v4:2x2x4 = v4-32, v5e:4x8 = v5e-32) compiles with the
@@ -56,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from desmoe_jax import build  # noqa: E402
 from desmoe_jax import data as data_lib  # noqa: E402
 from desmoe_jax import sharding as sharding_lib  # noqa: E402
 from desmoe_jax import train_step as ts  # noqa: E402
@@ -70,7 +73,8 @@ from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: 
 
 GIB = 2**30
 CPU_DEVICES = 8  # simulated devices for a config mesh with a -1 axis on --target=cpu
-HBM_GIB = {"v5e": 16, "v5litepod": 16, "v4": 32, "v5p": 95, "v6e": 32}  # per chip
+HBM_GIB = {"v5e": 15.75, "v5litepod": 15.75, "v4": 30.75, "v5p": 95, "v6e": 32}  # per chip; v5e, v4:
+# what the TPU compiler calls "available HBM" in a refusal (15.75 of 16, 30.75 of 32 GiB)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "six_domains.py"),
@@ -95,6 +99,12 @@ _PHASES = flags.DEFINE_list(
 _LAYERS = flags.DEFINE_integer(
     "layers", 0, "override the architecture's num_hidden_layers (0: keep it). A quick look at "
     "a deep model: state and compile time grow with the MoE layers, temp barely does")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "TPU targets: stop each phase's compile at buffer assignment, where the "
+    "compiler decides whether the step fits, and read temp from its memory-usage report (about "
+    "a minute per phase, against minutes to tens of minutes for the full compile's code "
+    "generation). temp is then the report's total, within ~0.4 GiB of the full compile's "
+    "memory_analysis (docs/SCALING.md, Compile time)")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
                           "(default: the TPU chip's, 16 for cpu)")
 
@@ -153,7 +163,7 @@ def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -
   """Architecture from configs/models.py (`arch`) or config.model.path's config.json, with the
   trainer config's runtime fields (config.model.* other than path); `layers` > 0 replaces
   num_hidden_layers."""
-  runtime = {k: v for k, v in config.model.items() if k != "path"}
+  runtime = build.runtime_fields(config)
   if target != "cpu" and runtime.get("moe_impl") == "auto":
     runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
   if not arch:
@@ -251,9 +261,9 @@ class PhasePlan:
   compile_s: float          # wall seconds of lowering + compiling this phase
   compile_cpu_s: float = 0.0  # CPU seconds of this process meanwhile (all its threads): the
                               # machine-independent part when other jobs share the cores
-  flops: float = 0.0        # per device per step, extrapolated to every layer (see step_cost)
-  bytes: float = 0.0        # per device per step, before fusion (an upper bound on HBM traffic)
   host: int = 0             # XLA: input buffers in host memory (optim.host_offload), per device
+  quick: bool = False       # --quick: temp from the memory report at buffer assignment; the
+                            # device arguments are the exact shard sizes, output = alias = 0
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
 
@@ -266,9 +276,11 @@ def phase_name(phase: int) -> str:
   return PHASE_NAMES[phase] if phase >= 0 else "all"
 
 
-def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None):
+def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None,
+         quick=None):
   """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`, by
-  index or name); returns a PhasePlan per phase."""
+  index or name); returns a PhasePlan per phase. `quick(phase_name)` -> temp bytes replaces
+  the compile by one stopped at buffer assignment (`--quick`)."""
   ts_ = abstract_train_state(config, model_cfg, mesh)
   batch_sh = sharding_lib.batch_sharding(mesh, 2)
   splits = math.prod(mesh.shape[a] for a in _axes(batch_sh.spec[0]))
@@ -295,6 +307,16 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
                              ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
     error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
+    device_args = exact_args - (exact["opt_state"] if ts_.optim_cfg.host_offload else 0)
+    if quick is not None:
+      temp, cpu = quick(phase_name(phase))
+      out.append(PhasePlan(
+          mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
+          method=config.method, phase=phase_name(phase), batch=batch, seq=seq,
+          seqs_per_device=batch / splits, **exact, argument=device_args, output=0, alias=0,
+          temp=temp, compile_s=time.perf_counter() - t0, compile_cpu_s=cpu,
+          host=exact_args - device_args, quick=True))
+      continue
     try:
       with jax.set_mesh(mesh):
         mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
@@ -305,7 +327,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       error, temp = _oom_summary(str(e))
-      sizes = dict(argument=exact_args, output=0, alias=0, temp=temp)
+      sizes = dict(argument=device_args, output=0, alias=0, temp=temp)
     out.append(PhasePlan(
         mesh={k: v for k, v in mesh.shape.items() if v > 1} or {"fsdp": 1},
         method=config.method, phase=phase_name(phase), batch=batch,
@@ -313,6 +335,53 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
         compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0,
         error=error))
   return out
+
+
+def quick_runner(argv, method: str, batch: int, mesh_text: str):
+  """`quick(phase)` for `plan`: compiles the phase in a child process (this script, full
+  compile) with XLA's dumps on, waits for the TPU compiler's memory-usage report (written at
+  buffer assignment, whether or not the program then fits) and stops the child there.
+  Returns (temp bytes: the report's total, CPU seconds of the child). The code generation that follows buffer
+  assignment is what makes a fitting TPU compile of V2-Lite take minutes."""
+  import resource
+  import signal
+  import subprocess
+  import tempfile
+  keep = [a for a in argv[1:] if not a.startswith(("--methods=", "--phases=", "--batch=",
+                                                   "--meshes=", "--quick"))]
+
+  def run(phase: str):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryDirectory() as dump:
+      env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                        f" --xla_dump_to={dump}").strip())
+      child = subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *keep, f"--methods={method}",
+           f"--phases={phase}", f"--batch={batch}", f"--meshes={mesh_text}"],
+          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+          start_new_session=True)
+      report = None
+      while report is None:
+        found = [f for f in os.listdir(dump) if f.endswith("memory-usage-report.txt")]
+        if found:
+          time.sleep(2)  # the file is written in one go; let it finish
+          report = open(os.path.join(dump, found[0])).read()
+        elif child.poll() is not None:
+          raise RuntimeError(f"--quick: the compile of {method}/{phase} ended without a memory "
+                             f"report:\n{child.stderr.read()[-2000:]}")
+        else:
+          time.sleep(1)
+      if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+      child.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    m = re.search(r"Total bytes: (\d+)", report)
+    if not m:
+      raise RuntimeError(f"--quick: no 'Total bytes' in the memory report of {method}/{phase}")
+    return int(m.group(1)), cpu
+
+  return run
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -347,6 +416,8 @@ def row(p: PhasePlan, hbm_gib: float) -> list[str]:
           f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
           groups]
   fits = "NO (compiler)" if p.error else "yes" if p.peak <= hbm_gib * GIB else "NO"
+  if p.quick:
+    fits += " (report)"
   return head + [_gib(p.argument), _gib(p.temp), _gib(p.peak), fits, f"{p.compile_s:.0f}",
                  f"{p.compile_cpu_s:.0f}"]
 
@@ -362,6 +433,9 @@ def check(p: PhasePlan) -> str:
   exact = p.params + p.model_state + p.opt_state + p.batch_bytes
   if p.error:
     return f"shard sizes {exact} B; the compiler refused: {p.error} (temp {p.temp} B)"
+  if p.quick:
+    return (f"--quick: device arguments {p.argument} B (shard sizes; {p.host} B on the host), "
+            f"temp {p.temp} B from the memory-usage report at buffer assignment")
   return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
           f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
           f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
@@ -394,7 +468,13 @@ def main(argv):
       with config.unlocked():
         config.method = method
       for batch in batches:
-        method_plans = plan(config, model_cfg, mesh, batch, seq, phases)
+        quick = None
+        if _QUICK.value:
+          if target == "cpu":
+            raise app.UsageError("--quick needs a TPU --target (the TPU compiler's report)")
+          quick = quick_runner(sys.argv, method, batch,
+                               ",".join(f"{k}={v}" for k, v in shape.items()))
+        method_plans = plan(config, model_cfg, mesh, batch, seq, phases, quick)
         if not method_plans:
           print(f"# {method}: none of its phases is in --phases={','.join(sorted(phases))}",
                 flush=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from desmoe_jax import data
+from desmoe_jax import cli, data
+from desmoe_jax.errors import DataError, DataFileMissing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,11 +105,15 @@ def test_bad_rows_are_counted_and_named(tmp_path, tokenizer):
   assert by_reason["no non-empty assistant message (empty response)"] == [8]
 
 
-def test_empty_or_missing_domain_is_an_error(tmp_path, tokenizer):
-  with pytest.raises(FileNotFoundError, match="'law2'.*does not exist"):
+def test_empty_or_missing_domain_is_an_error(tmp_path, tokenizer, capsys):
+  with pytest.raises(DataFileMissing, match="'law2'.*does not exist") as missing:
     data.load_domain(data.DomainSpec("law2", str(tmp_path / "nope.jsonl")), tokenizer, 256)
+  # train.py / eval.py print it as one line and exit 2 (a user's mistake, not a bug).
+  assert isinstance(missing.value, FileNotFoundError) and cli.report(missing.value) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: domain 'law2': data file ")
   (tmp_path / "empty.jsonl").write_text("")
-  with pytest.raises(ValueError, match="'e'.*empty.jsonl is empty"):
+  with pytest.raises(DataError, match="'e'.*empty.jsonl is empty"):
     data.load_domain(data.DomainSpec("e", str(tmp_path / "empty.jsonl")), tokenizer, 256)
   (tmp_path / "allbad.jsonl").write_text('{"prompt": "x"}\n')
   with pytest.raises(ValueError, match="'b': no usable example"), warnings.catch_warnings():

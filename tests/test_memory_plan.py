@@ -100,3 +100,39 @@ def test_bad_inputs_are_named():
   config, model_cfg, mesh = _setup("fft")
   with pytest.raises(ValueError, match="--batch=6"):
     memory_plan.plan(config, model_cfg, mesh, 6, SEQ)
+
+
+@pytest.mark.parametrize("machine", sorted(six_domains.MACHINES))
+def test_machine_presets_run_the_papers_batch(machine):
+  """Every machine preset keeps the paper's 32 x 4096 batch, split into microbatches that give
+  each data-parallel device whole sequences, with weights matching the precision."""
+  config = six_domains.get_config(machine)
+  assert (config.data.batch_size, config.data.seq_len) == (32, 4096)
+  for key, value in six_domains.MACHINES[machine].items():
+    section, field = key.split(".")
+    assert config[section][field] == value
+  devices = math.prod(v for v in config.mesh.values() if v > 0)
+  assert config.data.batch_size % (config.train.microbatches * devices) == 0
+  assert config.model.param_dtype == {"bf16_sr": "bfloat16",
+                                      "fp32_master": "float32"}[config.train.precision]
+  assert config.data.seq_len % config.model.ce_chunk == 0
+  # A machine preset combines with a method preset, and the mesh comes from it in the plan.
+  both = six_domains.get_config(f"fft,{machine}")
+  assert both.method == "fft" and both.mesh.fsdp == config.mesh.fsdp
+  assert memory_plan.config_mesh(config, "cpu") == {"fsdp": config.mesh.fsdp}
+
+
+def test_machine_preset_errors_are_named():
+  with pytest.raises(ValueError, match="v5e9"):
+    six_domains.get_config("v5e9")
+  with pytest.raises(ValueError, match="one machine preset"):
+    six_domains.get_config("v5e8,v4_8")
+  with pytest.raises(ValueError, match="one machine preset"):
+    six_domains.get_config("tiny,v5e8")
+  config = six_domains.get_config("")   # mesh.fsdp = -1: all of the target's devices
+  assert memory_plan.config_mesh(config, "cpu") == {"fsdp": memory_plan.CPU_DEVICES}
+  config.mesh.expert, config.mesh.fsdp = 2, -1
+  assert memory_plan.config_mesh(config, "cpu") == {"fsdp": 4, "expert": 2}
+  with pytest.raises(ValueError, match="--layers=-2"):
+    memory_plan.model_config(config, "tiny", "cpu", -2)
+  assert memory_plan.model_config(config, "tiny", "cpu", 2).num_hidden_layers == 2

@@ -167,3 +167,24 @@ def test_readme_commands_script(tmp_path):
   bad.write_text("# x\n\n```bash\n# 1. a\necho one\n```\n`python eval.py --workdir=x`\n")
   with pytest.raises(ValueError, match="exactly two set-up commands"):
     readme_commands.readme_commands(str(bad))
+
+
+def test_nothing_declared_goes_unused_and_extras_are_declared():
+  """Exactly what is imported: a declared runtime distribution that no runtime module imports
+  (and that INDIRECT does not explain) is dead weight for every install. The optional imports
+  (lm_eval, wandb: inside try/except ImportError) are extras of their own, in the test
+  requirements too; the console scripts are the two documented commands."""
+  import tomllib
+  distributions = importlib.metadata.packages_distributions()
+  used = {_normalise(d) for module in _runtime_imports() for d in distributions.get(module, [])}
+  unused = set(_requirements_txt()) - used - {_normalise(n) for n in INDIRECT}
+  assert unused == set(), f"declared but never imported: {sorted(unused)}"
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  extras = {k: set(_requirement_names(v)) for k, v in project["optional-dependencies"].items()}
+  assert extras["lm_eval"] == {"lm-eval"} and extras["wandb"] == {"wandb"}
+  with open(os.path.join(REPO, "requirements-test.txt"), encoding="utf-8") as f:
+    tests = set(_requirement_names(f))
+  assert tests == extras["test"] and {"lm-eval", "wandb"} <= tests
+  assert project["scripts"] == {"desmoe-train": "desmoe_jax.cli:train_main",
+                                "desmoe-eval": "desmoe_jax.cli:eval_main"}

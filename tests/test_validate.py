@@ -142,3 +142,11 @@ def test_eval_py_on_a_mistyped_workdir_is_one_line_and_creates_nothing(tmp_path)
       "directory?)"]
   assert os.listdir(work) == []
   assert "cannot schedule new futures" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_of_a_missing_hf_directory_is_refused_before_any_load(tmp_path):
+  from desmoe_jax import evaluate
+  with pytest.raises(ConfigError, match=r"--hf='.*/no_export' is not a directory"):
+    evaluate.evaluate_run(load_config(f"{CONFIG}:tiny"), str(tmp_path / "run"),
+                          hf_dir=str(tmp_path / "no_export"))
+  assert os.listdir(tmp_path) == []

@@ -3,20 +3,27 @@
 Expert dispatch has one interface, `expert_outputs`, and four implementations that compute the
 same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
   "dense"   every expert on every token, then pick the top-k: the readable reference (E/K x work).
-  "ragged"  sort slots by expert and run `jax.lax.ragged_dot` grouped matmuls. This is XLA's own
-            lowering of ragged_dot (what MaxText only falls back to): on XLA:CPU, and on GPU
-            outside the configurations cuDNN/Triton cover, it expands to a dot over every expert.
+  "ragged"  sort slots by expert and run `jax.lax.ragged_dot` grouped matmuls, lowered by XLA
+            (what MaxText only falls back to). XLA:TPU lowers it to its own Mosaic kernels (no
+            dense-fallback matmul in the compiled program, scripts/hlo_check.py); XLA:CPU, and
+            XLA:GPU outside the configurations cuDNN/Triton cover, expand it to a dot over
+            every expert.
   "tokamax" the same sorted layout through `tokamax.ragged_dot`, DeepMind's Pallas grouped
             matmul with its own gradient kernels (megablox-style GMM/TGMM): the Mosaic TPU kernel
             on TPU, the Mosaic GPU kernel (sm90+, else Triton) on GPU, and XLA's ragged_dot
-            elsewhere. The kernel is picked per lowering platform (`lax.platform_dependent`), so
-            a compile-only TPU lowering from a CPU host gets the TPU kernel
-            (scripts/hlo_check.py shows it in the compiled program).
+            elsewhere. The kernel is picked per lowering platform (`lax.platform_dependent`) and,
+            within it, by JAX's default device (tokamax's rule): a compile-only TPU lowering from
+            a CPU host traces under `jax.default_device(tpu_device)` (scripts/hlo_check.py).
+            Pallas kernels cannot be partitioned by the compiler: on a multi-device mesh use
+            `expert_parallel="shard_map"` (each device runs the kernel on its own rows), else
+            JAX stops with "Mosaic kernels cannot be automatically partitioned".
   "tiled"   the expert-sorted, tile-padded loop of `gmm.py`: the fast choice on CPU, where
             ragged_dot lowers to a dense dot over all experts.
-"auto" picks "tiled" on CPU, "tokamax" on TPU (its TPU lowering is checked compile-only by
-scripts/hlo_check.py: Mosaic kernels, no dense fallback), and "ragged" on GPU (tokamax's GPU
-kernels have not yet run here: bench/accel.py measures both; see bench/RESULTS.md).
+"auto" picks "tiled" on CPU and "ragged" on TPU and GPU. Not "tokamax" (yet): its TPU kernels
+are verified compile-only (Mosaic kernels, compiler FLOPs at the ideal, no dense fallback) and
+in Pallas' interpreter on CPU (the numbers), but it fails to compile under the default
+compiler-partitioned layout on a multi-device mesh (above), and nothing has run on a GPU here;
+bench/accel.py measures both on the accelerator (bench/RESULTS.md).
 
 `model.expert_parallel` picks how a mesh with an `expert` axis runs this dispatch: "compiler"
 partitions it with XLA's SPMD partitioner; "shard_map" exchanges token rows between the devices
@@ -51,7 +58,7 @@ ROUTED_EXPERTS, SHARED_EXPERTS = "routed_experts", "shared_experts"   # paramete
 
 IMPLS = ("dense", "ragged", "tokamax", "tiled")
 # What "auto" runs on each platform (see the module docstring for why).
-AUTO = {"cpu": "tiled", "tpu": "tokamax", "gpu": "ragged"}
+AUTO = {"cpu": "tiled", "tpu": "ragged", "gpu": "ragged"}
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:

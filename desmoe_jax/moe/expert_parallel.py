@@ -102,10 +102,11 @@ def expert_outputs(local, x_td, ids_tk, gate_edf, up_edf, down_efd, *, num_exper
         f"dges.max_copies to a multiple of {ep}")
 
   # The weights stay laid out as stored (split over fsdp) up to this call, so that each layer
-  # gathers its own experts here. Without the constraint the partitioner may propagate the
-  # shard_map's replicated in_specs back through the layer scan and gather the stacked weights
-  # of every layer before it: measured on the TPU compiler for V2-Lite's DES-MoE warm-up (frozen
-  # experts), two [26, 64, 2048, 1408] buffers, 8.9 GiB each per chip.
+  # gathers its own experts here, not the partitioner propagating the shard_map's replicated
+  # in_specs back through the layer scan to a gather of every layer's weights before it. (The
+  # whole-stack [26, 64, 2048, 1408] buffers the TPU plan of V2-Lite's warm-up once showed were
+  # the frozen experts' zero gradients, train_step._zeros_like_params; this constraint alone did
+  # not change that plan.)
   gate_edf, up_edf = (sharding.constrain(w, ("experts", "embed", "expert_mlp"))
                       for w in (gate_edf, up_edf))
   down_efd = sharding.constrain(down_efd, ("experts", "expert_mlp", "embed"))

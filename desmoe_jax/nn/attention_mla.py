@@ -34,6 +34,8 @@ def attention_mask(segment_ids_bs, q_positions=None):
 # "cudnn", which tokamax reaches through jax.nn with q, k and v padded to the larger head dim
 # (V 128 -> 192). The splash kernel takes one unbatched boolean mask, so on TPU the call is
 # vmapped over the batch (each row's packed-segment mask is then a dynamic splash mask).
+# Pallas kernels cannot be partitioned by XLA's SPMD partitioner and this call is not wrapped in
+# shard_map: "tokamax" attention is for single-device programs.
 TOKAMAX_ATTENTION = {"tpu": ("mosaic_tpu", "xla"), "cuda": ("mosaic_gpu", "triton", "xla"),
                      "default": ("xla",)}
 

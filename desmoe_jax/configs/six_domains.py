@@ -1,0 +1,283 @@
+r"""DES-MoE on six domains (docs/METHOD.md): the paper's setting, and presets.
+
+  python train.py --config=configs/six_domains.py --config.model.path=/path/to/DeepSeek-V2-Lite
+  python train.py --config=configs/six_domains.py:tiny            # embedded tiny model, CPU
+  python train.py --config=configs/six_domains.py:tiny,fft        # any method as a preset
+  python train.py --config=configs/six_domains.py:tiny --config.train.steps=50 --config.dges.phi=0.5
+  desmoe-train --config=six_domains:tiny --workdir=DIR            # installed command, any folder
+
+Config string: comma-separated presets after ':', a size ("tiny"; none = the paper's
+DeepSeek-V2-Lite setting) and/or a method (desmoe, fft, esft_token, esft_gate, desmoe_no_alr,
+desmoe_no_dges, desmoe_no_schedule). Every field below can be overridden on the command line.
+"""
+
+import os
+
+import ml_collections
+
+from desmoe_jax.methods import METHODS, PAPER_LR
+from desmoe_jax.paths import bundled
+
+DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
+
+
+# Task metric of each domain (see desmoe_jax/metrics.py).
+METRICS = {"math": "number_match", "code": "pass_at_1", "law": "law_label",
+           "intent": "json_match", "summary": "rouge_l", "translation": "bleu"}
+
+
+def _domain(name, folder=None, weight=1.0):
+  folder = bundled("data", folder or name)
+  d = ml_collections.ConfigDict()
+  d.name = name                                          # domain name (id = position in list)
+  d.train = os.path.join(folder, "train.jsonl")          # JSONL/parquet/dir, or hf://owner/name
+  d.eval = os.path.join(folder, "eval.jsonl")            # held-out examples with answers
+  d.format = "auto"                                      # "messages" | "prompt_response" | "auto"
+  d.prompt_field = "prompt"                              # column of the prompt
+  d.response_field = "response"                          # column of the response
+  d.messages_field = "messages"                          # column of the chat messages
+  d.split = "train"                                      # split of `train` (a dataset directory)
+  d.eval_split = "test"                                  # split of `eval` (a dataset directory)
+  d.weight = weight                                      # mixing weight of this domain
+  d.metric = METRICS[name]                               # task metric used by eval.py
+  return d
+
+
+def domain_defaults() -> ml_collections.ConfigDict:
+  """The settings every domain group has beyond its identity (name, files, metric), with their
+  defaults: what a config saved by an older version may lack."""
+  d = _domain("math")
+  return ml_collections.ConfigDict({k: v for k, v in d.items()
+                                    if k not in ("name", "train", "eval", "metric")})
+
+
+# One preset per machine people rent: the paper's 32 x 4096-token batch (through
+# train.microbatches) with the memory levers that machine needs. docs/SCALING.md has the memory
+# plan of each (TPU compiler) and why each lever is set; `scripts/memory_plan.py
+# --config=desmoe_jax/configs/six_domains.py:<preset>` re-checks one before renting. Keys are config paths.
+_LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the temporaries)
+    "model.remat": "full",
+    "model.ce_chunk": 1024,                 # no [seq, 102400] float32 logits
+    "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
+}
+MACHINES = {
+    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
+    # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
+    "v5e8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 4, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
+    "v4_8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 8, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+    # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
+    "v5p8": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 4, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
+    "8xh100": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 8, "train.microbatches": 2, "train.precision": "fp32_master",
+        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
+        "optim.host_offload": False}),
+    # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
+    "h200": dict(_LOCAL_DISPATCH, **{
+        "mesh.fsdp": 1, "train.microbatches": 16, "train.precision": "bf16_sr",
+        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
+        "optim.host_offload": True}),
+}
+
+
+def _apply_machine(c, machine: str):
+  for key, value in MACHINES[machine].items():
+    section, field = key.split(".")
+    if field not in c[section]:
+      raise KeyError(f"preset {machine}: {key} is not a config field")
+    c[section][field] = value
+
+
+def get_config(presets: str = "") -> ml_collections.ConfigDict:
+  tokens = [t for t in presets.split(",") if t]
+  unknown = [t for t in tokens if t not in METHODS + ("tiny",) + tuple(MACHINES)]
+  if unknown:
+    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}, "
+                     f"machines {', '.join(MACHINES)}")
+  tiny = "tiny" in tokens
+  methods = [t for t in tokens if t in METHODS]
+  if len(methods) > 1:
+    raise ValueError(f"give at most one method preset, got {methods}")
+  machines = [t for t in tokens if t in MACHINES]
+  if len(machines) > 1 or (machines and tiny):
+    raise ValueError(f"give at most one machine preset, and not with tiny: got {tokens}")
+
+  c = ml_collections.ConfigDict()
+  c.method = methods[0] if methods else "desmoe"  # desmoe | fft | esft_* | desmoe_no_* ablations
+  c.seed = 0                                      # model init of new parts, data order
+
+  c.model = ml_collections.ConfigDict()
+  # HF DeepSeek-V2 directory (config.json, safetensors, tokenizer). Required for the paper preset.
+  c.model.path = bundled("assets", "tiny_deepseek_v2") if tiny else ""
+  c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
+  # Storage dtype of the weights (routers and the ALR are always float32); must agree with
+  # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
+  c.model.param_dtype = "float32" if tiny else "bfloat16"
+  c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
+  # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
+  # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
+  # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
+  c.model.expert_parallel = "compiler"
+  c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
+  # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
+  # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
+  c.model.remat = "none" if tiny else "full"
+  # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
+  # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
+  # vocabulary); 0: the plain loss over the whole logits
+  c.model.ce_chunk = 0
+  c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
+
+  c.data = ml_collections.ConfigDict()
+  # The six domains, in domain-id order. Summary: the paper's (ESFT's Chinese dialogues) needs a
+  # long context, so the tiny preset uses English package descriptions instead (data/README.md).
+  c.data.domains = [_domain(n, "summary" if (n == "summary" and tiny) else
+                            "summary_esft" if n == "summary" else n) for n in DOMAINS]
+  # Comma-separated domain names to train on, in this order (e.g. "math,code"); "" keeps all.
+  c.data.select = ""
+  c.data.general = bundled("data", "general", "heldout.txt")  # forgetting: text loss
+  c.data.general_mc = bundled("data", "general", "mc.jsonl")  # forgetting: MC score
+  c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
+  c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
+  c.data.max_bad_fraction = 0.1  # a domain with more bad rows than this (of those read) is an error
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 120 if tiny else 500     # total optimizer steps T (phases are fractions of T)
+  c.train.log_every = 5                    # steps between log lines / metric records
+  c.train.eval_every = 60 if tiny else 100  # steps between evaluations (0: only at the end)
+  c.train.checkpoint_every = 40 if tiny else 100  # steps between checkpoints
+  c.train.keep_checkpoints = 3             # newest checkpoints kept
+  c.train.async_checkpoint = True          # save in the background
+  c.train.heatmap_layers = 4               # MoE layers drawn in the correlation heatmaps
+  c.train.nan_check = True                 # stop on a non-finite loss (keeps last good checkpoint)
+  c.train.init_from = ""                   # another run's workdir: its model state, fresh optimizer
+  # Gradient accumulation: data.batch_size is split into this many microbatches (strided rows),
+  # run one after the other inside the jitted step (lax.scan) with their gradients summed.
+  # Memory of activations: one microbatch's; the update, the DGES statistics, the KD and balance
+  # losses and every metric are the whole batch's (equal to microbatches=1 up to float
+  # rounding). data.batch_size / microbatches must be a multiple of the data-parallel devices.
+  c.train.microbatches = 1
+  # How updates reach the weights (docs/SCALING.md, "Precision" has the bytes of each):
+  #   fp32_master  float32 weights (model.param_dtype=float32), computation in model.dtype:
+  #                exact updates; 4 bytes per weight.
+  #   bf16_sr      bfloat16 weights (model.param_dtype=bfloat16); the update is computed and added
+  #                in float32 and the sum rounded stochastically to bfloat16: unbiased, so an
+  #                update or a weight decay far below bfloat16's resolution (3e-5 x w) still
+  #                moves the weights by the right amount in expectation; 2 bytes per weight.
+  #                Deterministic: the random bits come from (seed, step).
+  #   bf16_master  bfloat16 weights (model.param_dtype=bfloat16) + a float32 master copy of the
+  #                trained groups in the optimizer state: exact updates; 2 bytes per weight on
+  #                the device + 4 in the optimizer state (on the host with optim.host_offload).
+  c.train.precision = "fp32_master" if tiny else "bf16_sr"
+  c.train.skip_nonfinite_updates = 0       # N > 0: skip a step with NaN/inf gradients, up to N in a row
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = -1.0             # -1: the paper's rate for the method (methods.PAPER_LR)
+  c.optim.schedule = "linear"              # linear (decay to 0) | cosine | constant
+  c.optim.warmup_steps = 0                 # linear warm-up steps
+  c.optim.weight_decay = 0.1               # AdamW decoupled weight decay (ESFT's)
+  c.optim.b1 = 0.9                         # Adam beta1
+  c.optim.b2 = 0.95                        # Adam beta2 (ESFT's)
+  c.optim.eps = 1e-8                       # Adam epsilon
+  c.optim.grad_clip = 1.0                  # global-norm clipping; 0 disables
+  c.optim.name = "adamw"                   # adamw (the paper's) | adafactor (flagged alternative:
+                                           # factored 2nd moment, no 1st; ~0 bytes of state)
+  # Storage of Adam's two moments: auto (the weights' dtype) | float32 | bfloat16 | int8. The
+  # optimizer computes in float32 whatever this is; bfloat16 halves float32's 8 bytes per weight
+  # (rounded to nearest), int8 quarters them (blockwise-quantised codes, ~2 bytes per weight;
+  # less accurate: tests/test_train_step.py measures it, docs/SCALING.md). int8: adamw only.
+  c.optim.moments_dtype = "auto"
+  # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
+  # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
+  # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
+  # pinned_host memory (TPU, GPU; the error names this field otherwise).
+  c.optim.host_offload = False
+  if tiny:
+    c.optim.learning_rate = 3e-3 if c.method not in PAPER_LR else 1e-3
+
+  c.alr = ml_collections.ConfigDict()
+  c.alr.form = "residual"       # residual (exact at init) | mlp (the paper's plain MLP)
+  c.alr.hidden_mult = 4         # ALR hidden width in units of d_model
+  c.alr.tau = 0.7               # distillation temperature
+  c.alr.loss = "convex"         # convex: router grad = (1-l) task + l KD | additive
+  c.alr.beta = 1.0              # KD weight for loss=additive
+  c.alr.tau_squared = False     # multiply the KD loss by tau^2
+
+  c.dges = ml_collections.ConfigDict()
+  c.dges.momentum = 0.9         # weight of the old value in the correlation update
+  c.dges.phi = 0.6              # mask threshold
+  c.dges.score = "relative"     # relative (A / row max >= phi) | cumulative (top-p)
+  c.dges.update_every = 10      # T_update: steps between mask refreshes
+  c.dges.duplicate_shared_experts = False  # duplicate experts owned by several domains
+  c.dges.max_copies = 8         # per-layer capacity of the duplicated-expert bank
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.t1 = 0.2           # end of phase I (warm-up) as a fraction of train.steps
+  c.schedule.t2 = 0.7           # end of phase II (stabilization)
+  c.schedule.warmup_trains = "router+backbone"  # router+backbone (Eq. 11) | router+experts | all
+
+  c.esft = ml_collections.ConfigDict()
+  c.esft.top_p = -1.0           # -1: 0.1 for esft_gate, 0.2 for esft_token (the paper's)
+  c.esft.sample_tokens = 8192   # tokens per domain used to score experts
+  c.esft.domain = -1            # -1: all domains, union of masks; d: single-domain ESFT on d
+  c.esft.train_shared_experts = False      # ESFT's --train_shared_experts
+  c.esft.train_non_expert_modules = False  # ESFT's --train_non_expert_modules
+
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.linear_router_trainable = True  # desmoe_no_alr: train the linear router (else frozen)
+  c.ablation.balance_loss = True             # add DeepSeek's balance loss (aux_loss_alpha)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1               # data-parallel axis size
+  c.mesh.fsdp = -1              # fully-sharded axis (-1: all remaining devices)
+  c.mesh.expert = 1             # expert-parallel axis (routed experts split over it)
+  c.mesh.tensor = 1             # tensor-parallel axis
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_examples = 32 if tiny else 200  # per domain, for generation metrics
+  c.eval.max_new_tokens = 64 if tiny else 256  # greedy generation budget
+  c.eval.batch_size = 16        # generation batch
+  c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
+  c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
+  c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
+  # pass@1 runs model-written code: off unless asked for (then reported as not run, never as 0).
+  # When on, each program runs isolated (desmoe_jax/sandbox.py: own pid/mount/network
+  # namespaces, read-only filesystem, non-root uid); a machine that cannot isolate refuses...
+  c.eval.allow_code_execution = False
+  c.eval.allow_unisolated_code_execution = False  # ...unless this is set too (limits only)
+  # lm-evaluation-harness tasks (comma-separated, e.g. "mmlu,gsm8k,hellaswag") for the base and
+  # the adapted model (pip install 'desmoe-jax[lm_eval]'); "" runs none.
+  c.eval.lm_eval_tasks = ""
+  c.eval.lm_eval_include = ""   # a folder of extra lm-eval task YAMLs (e.g. local tasks)
+  c.eval.lm_eval_limit = 0      # examples per lm-eval task (0: all)
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = ml_collections.ConfigDict()
+  c.logging.wandb.enabled = False   # also log to Weights & Biases (pip install 'desmoe-jax[wandb]')
+  c.logging.wandb.project = "desmoe-jax"
+  c.logging.wandb.entity = ""       # "": W&B's default entity
+  c.logging.wandb.name = ""         # "": W&B names the run
+  c.logging.wandb.mode = ""         # online | offline | disabled; "": W&B's default (WANDB_MODE)
+
+  c.export = ml_collections.ConfigDict()
+  c.export.enabled = True       # write <workdir>/hf (HF layout; the ALR folded, copies merged)
+  # The ALR is folded into a linear router by least squares on the model's mesh, from the
+  # first fold_tokens real tokens of the held-out sets (default: one paper batch, 64 tokens
+  # per unknown of a V2-Lite router column); the folded routing is checked against the
+  # adapted one on at most check_tokens further tokens (desmoe_export.json reports both).
+  c.export.fold_tokens = 131072
+  c.export.check_tokens = 65536
+  c.export.hub_repo = ""        # owner/name: push <workdir>/hf there at the end (needs a token)
+  if machines:
+    _apply_machine(c, machines[0])
+  return c
