@@ -4,7 +4,7 @@
 The ALR plugs into the MoE block's router interface (`route`; moe/routing.py): it replaces the
 logits (and adds L_KD) and nothing else, so the family's routing function (softmax top-k, top-k
 then softmax, sigmoid with group-limited top-k) and its selection bias apply to the adapted
-logits unchanged (METHOD.md, "Routers other than softmax top-k"). The distillation loss is
+logits unchanged (docs/METHOD.md section 6). The distillation loss is
 KL(softmax(z_teacher / tau) || softmax(z_student / tau)) on the pre-activation logits z for every
 scoring function; a selection bias is not part of z.
 

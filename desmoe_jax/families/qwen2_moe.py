@@ -1,6 +1,6 @@
 """Qwen2-MoE (`Qwen2MoeForCausalLM`; Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): GQA with q/k/v biases,
 softmax top-k, one shared expert behind a sigmoid gate (both in the shared_experts parameter
-group, METHOD.md), Switch balance loss, dense layers by `decoder_sparse_step` /
+group, docs/METHOD.md section 6), Switch balance loss, dense layers by `decoder_sparse_step` /
 `mlp_only_layers`. Sliding-window attention (`use_sliding_window`) is refused."""
 
 from __future__ import annotations
