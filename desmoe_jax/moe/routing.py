@@ -2,9 +2,9 @@
 
 A router has one job, `route(x, ...) -> (logits [T, E], loss)` (float32 pre-activation logits);
 a routing function turns logits into the top-k expert ids and gate weights as the family does.
-DES-MoE's adaptive router (router.py) replaces the logits only (and adds its KD loss), so the family's selection rule,
-selection bias and gate weights apply unchanged to the adapted router (docs/METHOD.md section 6, "Routers
-other than softmax top-k").
+DES-MoE's adaptive router (router.py) replaces the logits only (and adds its KD loss), so the
+family's selection rule, selection bias and gate weights apply unchanged to the adapted router
+(docs/METHOD.md section 6).
 
   greedy               softmax, top-k of the scores; weights = scores (normalised if
                        norm_topk_prob, else times routed_scaling_factor): DeepSeek-V2, Qwen3-MoE,
