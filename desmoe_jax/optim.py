@@ -78,6 +78,19 @@ def label_of(variable) -> str:
   return label
 
 
+def _bare_label(path) -> str:
+  """The group of a bare array (a plain pytree of arrays has no metadata to read), from the
+  module names on its path as nn/ and moe/ name them."""
+  names = [str(_key(p)) for p in path]
+  if "experts" in names or "expert_copies" in names:
+    return "routed_experts"
+  if "shared_experts" in names or "shared_expert" in names or "shared_expert_gate" in names:
+    return "shared_experts"
+  if "gate" in names and "mlp" in names and names.index("gate") == names.index("mlp") + 1:
+    return "router"
+  return "backbone"
+
+
 def _key(entry):
   """The name in one jax tree-path entry (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
   for attr in ("key", "name", "idx"):
@@ -88,7 +101,9 @@ def _key(entry):
 
 def param_labels(params):
   """Tree of labels, a prefix of `params` (a callable for optax.multi_transform)."""
-  return jax.tree.map(label_of, params, is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: label_of(x) if _is_variable(x) else _bare_label(path), params,
+      is_leaf=_is_variable)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -123,17 +138,23 @@ def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExt
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def _expert_mask_for(variable, masks):
-  """Per-expert mask broadcastable to a routed-expert Variable ([L, E, ...] experts, or
-  [L, C, ...] duplicated copies: `expert_bank` metadata), None for any other Variable."""
-  meta = variable.get_metadata()
-  if meta.get("group") != "routed_experts":
+def _expert_mask_for(leaf, masks, path=()):
+  """Per-expert mask broadcastable to a routed-expert leaf ([L, E, ...] experts, or [L, C, ...]
+  duplicated copies: `expert_bank` metadata, or the path of a bare array), else None."""
+  if _is_variable(leaf):
+    meta = leaf.get_metadata()
+    group, bank = meta.get("group"), meta.get("expert_bank", "experts")
+    value = leaf.get_value()
+  else:
+    group = _bare_label(path)
+    bank = "expert_copies" if "expert_copies" in [str(_key(p)) for p in path] else "experts"
+    value = leaf
+  if group != "routed_experts" or not hasattr(value, "ndim"):
     return None
-  m = masks.get(meta.get("expert_bank", "experts"))
-  leaf = variable.get_value()
-  if m is None or leaf.ndim < 2 or leaf.shape[:2] != m.shape:
+  m = masks.get(bank)
+  if m is None or value.ndim < 2 or value.shape[:2] != m.shape:
     return None
-  return m.reshape(m.shape + (1,) * (leaf.ndim - 2)).astype(leaf.dtype)
+  return m.reshape(m.shape + (1,) * (value.ndim - 2)).astype(value.dtype)
 
 
 def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -148,16 +169,23 @@ def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransform
     if expert_update_mask is None:
       return new_updates, new_state
 
-    def mask_update(u):
-      m = _expert_mask_for(u, expert_update_mask) if _is_variable(u) else None
-      return u if m is None else u.replace(u.get_value() * m)
+    def mask_update(path, u):
+      m = _expert_mask_for(u, expert_update_mask, path)
+      if m is None:
+        return u
+      return u.replace(u.get_value() * m) if _is_variable(u) else u * m
 
-    def keep_state(new, old):
-      m = _expert_mask_for(new, expert_update_mask) if _is_variable(new) else None
-      return new if m is None else new.replace(jnp.where(m > 0, new.get_value(), old.get_value()))
+    def keep_state(path, new, old):
+      m = _expert_mask_for(new, expert_update_mask, path)
+      if m is None:
+        return new
+      if _is_variable(new):
+        return new.replace(jnp.where(m > 0, new.get_value(), old.get_value()))
+      return jnp.where(m > 0, new, old)
 
-    new_updates = jax.tree.map(mask_update, new_updates, is_leaf=_is_variable)
-    new_state = jax.tree.map(keep_state, new_state, state, is_leaf=_is_variable)
+    new_updates = jax.tree_util.tree_map_with_path(mask_update, new_updates, is_leaf=_is_variable)
+    new_state = jax.tree_util.tree_map_with_path(keep_state, new_state, state,
+                                                 is_leaf=_is_variable)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
