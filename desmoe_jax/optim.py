@@ -70,7 +70,10 @@ def _is_variable(x) -> bool:
 
 def label_of(variable) -> str:
   """Parameter group of one parameter: its `group` metadata (nn/layers.py), else backbone (also
-  for a bare array, which carries no metadata)."""
+  for a bare array, which carries no metadata). Given a path (a tuple of names) instead, the
+  group its module names say (`_bare_label`)."""
+  if isinstance(variable, tuple):
+    return _bare_label(variable)
   meta = variable.get_metadata() if _is_variable(variable) else {}
   label = meta.get("group") or "backbone"
   if label not in LABELS:
@@ -100,10 +103,12 @@ def _key(entry):
 
 
 def param_labels(params):
-  """Tree of labels, a prefix of `params` (a callable for optax.multi_transform)."""
+  """Tree of labels with the structure of `params` (a callable for optax.multi_transform)."""
+  # Same structure as `params` (a Variable node holds its label), as the tree code over the
+  # labels and the parameters together expects.
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: label_of(x) if _is_variable(x) else _bare_label(path), params,
-      is_leaf=_is_variable)
+      lambda path, x: (jax.tree.map(lambda _: label_of(x), x) if _is_variable(x)
+                       else _bare_label(path)), params, is_leaf=_is_variable)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
