@@ -60,33 +60,28 @@ _LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the te
     "model.ce_chunk": 1024,                 # no [seq, 102400] float32 logits
     "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
 }
+# How the weights and the optimizer state are stored: bfloat16 weights trained by stochastic
+# rounding with bf16 moments in host memory (chips that cannot hold the state), or float32 master
+# weights and moments on the device (chips that can).
+_BF16_STATE_ON_HOST = {
+    "train.precision": "bf16_sr", "model.param_dtype": "bfloat16",
+    "optim.moments_dtype": "bfloat16", "optim.host_offload": True}
+_FP32_STATE_ON_DEVICE = {
+    "train.precision": "fp32_master", "model.param_dtype": "float32",
+    "optim.moments_dtype": "float32", "optim.host_offload": False}
 MACHINES = {
     # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
     # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
-    "v5e8": dict(_LOCAL_DISPATCH, **{
-        "mesh.fsdp": 8, "train.microbatches": 4, "train.precision": "bf16_sr",
-        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
-        "optim.host_offload": True}),
+    "v5e8": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 8, "train.microbatches": 4},
     # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
-    "v4_8": dict(_LOCAL_DISPATCH, **{
-        "mesh.fsdp": 4, "train.microbatches": 8, "train.precision": "bf16_sr",
-        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
-        "optim.host_offload": True}),
+    "v4_8": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 4, "train.microbatches": 8},
     # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
-    "v5p8": dict(_LOCAL_DISPATCH, **{
-        "mesh.fsdp": 4, "train.microbatches": 2, "train.precision": "fp32_master",
-        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
-        "optim.host_offload": False}),
+    "v5p8": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_DEVICE, "mesh.fsdp": 4, "train.microbatches": 2},
     # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
-    "8xh100": dict(_LOCAL_DISPATCH, **{
-        "mesh.fsdp": 8, "train.microbatches": 2, "train.precision": "fp32_master",
-        "model.param_dtype": "float32", "optim.moments_dtype": "float32",
-        "optim.host_offload": False}),
+    "8xh100": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_DEVICE, "mesh.fsdp": 8,
+               "train.microbatches": 2},
     # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
-    "h200": dict(_LOCAL_DISPATCH, **{
-        "mesh.fsdp": 1, "train.microbatches": 16, "train.precision": "bf16_sr",
-        "model.param_dtype": "bfloat16", "optim.moments_dtype": "bfloat16",
-        "optim.host_offload": True}),
+    "h200": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 1, "train.microbatches": 16},
 }
 
 
