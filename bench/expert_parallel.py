@@ -3,7 +3,7 @@ axis: the explicit all-to-all dispatch (`model.expert_parallel="shard_map"`) aga
 XLA partition the single-program dispatch ("compiler", with moe_impl dense and ragged), and
 against the unsharded layer on one device.
 
-Every candidate is `desmoe_jax.moe.MoE` (router, routed and shared experts) with the same
+Every candidate is `desmoe_jax.moe.block.MoEBlock` (router, routed and shared experts) with the same
 weights and input (bench/moe_layer.py's `make_weights`, same seed); the timed step is loss =
 sum(y**2) and the gradients w.r.t. the input and every parameter. Outputs and gradients are
 checked against the unsharded layer before timing. Timing is moe_layer.py's round-robin (median
@@ -68,7 +68,8 @@ def main(argv=None):
   import numpy as np
 
   import moe_layer
-  from desmoe_jax import expert_parallel, sharding
+  from desmoe_jax import sharding
+  from desmoe_jax.moe import expert_parallel
 
   sh = dict(moe_layer.PRESETS[args.preset])
   if args.preset == "cpu":  # moe_layer.py's 2048 tokens as 8 sequences: the batch is split

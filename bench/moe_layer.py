@@ -3,7 +3,7 @@
 The layer is the whole thing: the float32 top-k router, the routed SwiGLU experts and the shared
 experts (`n_shared_experts=2`, as in DeepSeek-V2-Lite, i.e. one dense MLP of width 2*inter).
 It is built twice with identical weights and the same input:
-  * `desmoe_jax.moe.MoE` under `jax.jit`, once per expert-dispatch implementation
+  * `desmoe_jax.moe.block.MoEBlock` under `jax.jit`, once per expert-dispatch implementation
     ("dense" reference, "ragged" = lax.ragged_dot, "tokamax" = tokamax.ragged_dot, "tiled" = gmm.py;
     "auto" = the backend default);
   * transformers' PyTorch `DeepseekV2Moe`, once per `config._experts_implementation`
@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from desmoe_jax import moe as moe_lib  # noqa: E402
+from desmoe_jax.moe import block as moe_lib  # noqa: E402
 from desmoe_jax.config import ModelConfig  # noqa: E402
 
 PRESETS = {
@@ -133,14 +133,14 @@ def jax_config(shapes, impl, dtype, tile_size, **runtime):
             moe_impl=impl, **runtime)
   if tile_size is not None:
     kw["moe_tile_size"] = tile_size
-  return ModelConfig(**kw)
+  return ModelConfig.make(**kw)
 
 
 def build_jax(shapes, w, impl, dtype, tile_size, **runtime):
   """(jitted fwd+bwd step, params, x, layer): step(params, x) -> (loss, (dparams, dx)).
   `runtime`: other ModelConfig runtime fields (e.g. expert_parallel)."""
   cfg = jax_config(shapes, impl, dtype, tile_size, **runtime)
-  layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+  layer = moe_lib.MoEBlock(cfg, rngs=nnx.Rngs(0))
   f = shapes["inter"]
   pd = jnp.dtype(dtype)
   gate_up = w["experts.gate_up_proj"]
@@ -336,8 +336,8 @@ def minor_faults_per_call(fn, calls=5):
 
 def profile(shapes, w, dtype, tile_size, reps, torch_impls):
   """Where the time goes: per-phase forward+backward times of the JAX default and of torch."""
-  from desmoe_jax import gmm
-  from desmoe_jax.router import select_experts
+  from desmoe_jax.moe import gmm
+  from desmoe_jax.moe.routing import select_experts
 
   step, _, params, x, layer = build_jax(shapes, w, "auto", dtype, tile_size)
   cfg = layer.cfg
@@ -348,7 +348,7 @@ def profile(shapes, w, dtype, tile_size, reps, torch_impls):
   gate, up, down = ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...]
   shared_mlp = layer.shared_experts
   _, ids_tk, _ = select_experts(x_td.astype(jnp.float32) @ router_w, cfg)
-  impl = moe_lib.resolve_impl(cfg.moe_impl)
+  impl = moe_lib.resolve_impl(cfg.runtime.moe_impl)
   sq = lambda y: jnp.sum(jnp.square(y.astype(jnp.float32)))
   grad = lambda f, n: jax.jit(jax.value_and_grad(f, argnums=tuple(range(n))))
 
@@ -357,7 +357,7 @@ def profile(shapes, w, dtype, tile_size, reps, torch_impls):
     return sq(wts)
 
   def experts_fwd(xx, g, u, dn):
-    return moe_lib.expert_outputs(xx, ids_tk, g, u, dn, impl=impl, tile_size=cfg.moe_tile_size)
+    return moe_lib.expert_outputs(xx, ids_tk, g, u, dn, impl=impl, tile_size=cfg.runtime.moe_tile_size)
 
   sh_graph, sh_params = nnx.split(shared_mlp, nnx.Param)
   shared_loss = lambda p, xx: sq(nnx.merge(sh_graph, p)(xx))

@@ -1,5 +1,5 @@
 """The one way to build the model a config describes: every `config.model` field but `path` is
-a runtime field of `ModelConfig` (dtype, param_dtype, moe_impl, attention_impl, remat,
+a field of `RuntimeConfig` (dtype, param_dtype, moe_impl, attention_impl, remat, ce_chunk,
 scan_layers, expert_parallel). The trainer, `eval.py`, the export and the scripts build through
 here, so an evaluation runs the model the run trained (a field added to `config.model` reaches
 all of them)."""
@@ -11,7 +11,7 @@ from desmoe_jax.convert import from_pretrained
 
 
 def runtime_fields(config) -> dict:
-  """`config.model` minus `path`: keyword arguments of ModelConfig / from_pretrained."""
+  """`config.model` minus `path`: RuntimeConfig fields, keyword arguments of from_pretrained."""
   return {k: v for k, v in config.model.items() if k != "path"}
 
 

@@ -1,17 +1,25 @@
-"""Hugging Face safetensors <-> NNX model, with no torch involved.
+"""Hugging Face safetensors <-> NNX model for every family, with no torch involved.
+
+`from_pretrained(path)` / `save_pretrained(model, path)` dispatch on the `model_type` of
+config.json (families/): the family reads the config and names the tensors; everything else
+here is shared.
 
 Loading streams: each parameter is built with `jax.make_array_from_callback`, whose callback
 reads, from memory-mapped safetensors files, exactly the slice one device needs (per layer,
 per expert, per row/column block). A 16B-parameter checkpoint therefore never has to fit in
 host memory at once, and a sharded model loads straight onto its mesh.
 
-Mapping (ours -> HF; kernels are [in, out], HF stores [out, in]):
+Mapping (ours -> HF; kernels are [in, out], HF stores [out, in]); `name` inside a layer goes
+through the family's `hf_name` (e.g. Mixtral's mlp.experts.{e}.gate_proj -> block_sparse_moe.
+experts.{e}.w1):
   embed_tokens.embedding                 model.embed_tokens.weight
-  dense_layers[i].<path>                 model.layers.{i}.<path>
-  moe_layers.<path>[j]                   model.layers.{first_k_dense_replace + j}.<path>
+  dense_layers[i].<name>                 model.layers.{i}.<name>
+  moe_layers.<name>[j]                   model.layers.{first_k_dense_replace + j}.<name>
   moe_layers.mlp.gate.weight[j]          model.layers.{..}.mlp.gate.weight          (transposed)
   moe_layers.mlp.experts.gate_proj[j, e] model.layers.{..}.mlp.experts.{e}.gate_proj.weight (T)
   norm.weight / lm_head.kernel           model.norm.weight / lm_head.weight
+What is exported: the Params and the selection bias (`moe.routing.SelectionBias`); DES-MoE state
+is not part of any HF architecture (export.py folds or drops it first).
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.model import DeepseekV2ForCausalLM
+from desmoe_jax.families import get_family
+from desmoe_jax.model import MoECausalLM
+from desmoe_jax.moe.routing import LinearRouter, SelectionBias
+
+# The Variables that a checkpoint holds.
+HF_VARIABLES = (nnx.Param, SelectionBias)
 
 # ------------------------------------------------------------------ safetensors
 
@@ -230,10 +243,11 @@ def _hf_suffix(parts: tuple) -> str:
   return ".".join(renamed)
 
 
-def leaf_specs(model: DeepseekV2ForCausalLM) -> list[LeafSpec]:
+def leaf_specs(model: MoECausalLM) -> list[LeafSpec]:
   cfg = model.config
+  hf_name = get_family(cfg.model_type).hf_name
   specs = []
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+  for path, var in nnx.to_flat_state(nnx.state(model, HF_VARIABLES)):
     ndim = len(var.shape)
     top = path[0]
     if top in ("embed_tokens", "norm", "lm_head"):
@@ -241,18 +255,18 @@ def leaf_specs(model: DeepseekV2ForCausalLM) -> list[LeafSpec]:
       specs.append(LeafSpec(path, lambda k=prefix + _hf_suffix(path): k, (), ndim == 2 and top == "lm_head"))
     elif top == "dense_layers":
       i, rest = path[1], path[2:]
-      key = f"model.layers.{i}.{_hf_suffix(rest)}"
+      key = f"model.layers.{i}.{hf_name(_hf_suffix(rest))}"
       specs.append(LeafSpec(path, lambda k=key: k, (), ndim == 2))
     elif top == "moe_layers":
       rest = path[1:]
       k0, nl = cfg.first_k_dense_replace, cfg.num_moe_layers
       if rest[:2] == ("mlp", "experts"):
-        proj = rest[2]
+        name = hf_name(f"mlp.experts.{{e}}.{rest[2]}.weight")
         specs.append(LeafSpec(
-            path, lambda j, e, proj=proj: f"model.layers.{k0 + j}.mlp.experts.{e}.{proj}.weight",
+            path, lambda j, e, name=name: f"model.layers.{k0 + j}." + name.format(e=e),
             (nl, cfg.n_routed_experts), True))
       else:
-        suffix = _hf_suffix(rest)
+        suffix = hf_name(_hf_suffix(rest))
         specs.append(LeafSpec(path, lambda j, s=suffix: f"model.layers.{k0 + j}.{s}", (nl,),
                               ndim == 3))
     else:
@@ -260,10 +274,18 @@ def leaf_specs(model: DeepseekV2ForCausalLM) -> list[LeafSpec]:
   return specs
 
 
+def _skippable(key: str, cfg: ModelConfig) -> bool:
+  """Checkpoint tensors that are not part of the causal LM: DeepSeek-V3's multi-token-prediction
+  layers (model.layers.{num_hidden_layers + i}), skipped as transformers skips them."""
+  extra = (cfg.hf_dict or {}).get("num_nextn_predict_layers") or 0
+  m = re.match(r"model\.layers\.(\d+)\.", key)
+  return bool(m) and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + extra
+
+
 # ------------------------------------------------------------------ loading
 
 
-def _check_shapes(ckpt: Checkpoint, specs: list[LeafSpec], state, tied: bool):
+def _check_shapes(ckpt: Checkpoint, specs: list[LeafSpec], state, cfg: ModelConfig):
   """Every expected key exists with the right shape; every checkpoint key is used."""
   used, problems = set(), []
   for spec in specs:
@@ -276,8 +298,8 @@ def _check_shapes(ckpt: Checkpoint, specs: list[LeafSpec], state, tied: bool):
       elif ckpt.shape(key) != want:
         problems.append(f"tensor {key!r} in {ckpt.file_of(key)} has shape {ckpt.shape(key)}, "
                         f"the config expects {want} (for {spec.name})")
-  extra = sorted(set(ckpt.keys()) - used)
-  if tied and "lm_head.weight" in extra:
+  extra = sorted(k for k in set(ckpt.keys()) - used if not _skippable(k, cfg))
+  if cfg.tie_word_embeddings and "lm_head.weight" in extra:
     extra.remove("lm_head.weight")  # tied embeddings: checked for equality by the caller
   if extra:
     problems.append(f"{len(extra)} unexpected tensor(s) that this config has no place for: "
@@ -308,13 +330,13 @@ def _reader(ckpt: Checkpoint, spec: LeafSpec, shape, dtype):
   return read
 
 
-def load_state(model: DeepseekV2ForCausalLM, path: str, shardings=None):
+def load_state(model: MoECausalLM, path: str, shardings=None):
   """Fills the (possibly abstract) model's parameters from an HF directory; returns the model."""
   ckpt = Checkpoint(path)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, HF_VARIABLES, ...)
   flat = dict(nnx.to_flat_state(params))
   specs = leaf_specs(model)
-  _check_shapes(ckpt, specs, flat, tied=model.config.tie_word_embeddings)
+  _check_shapes(ckpt, specs, flat, model.config)
   for spec in specs:
     var = flat[spec.path]
     shape, dtype = tuple(var.shape), np.dtype(var.dtype)
@@ -332,18 +354,19 @@ def load_state(model: DeepseekV2ForCausalLM, path: str, shardings=None):
 
 
 def from_pretrained(path: str, dtype=jnp.bfloat16, *, param_dtype=None, mesh=None, rules=None,
-                    strict_config: bool = True, **runtime) -> DeepseekV2ForCausalLM:
-  """Loads an HF DeepSeek-V2 directory into a `DeepseekV2ForCausalLM` (parameters in `dtype`,
-  routers in float32). With `mesh`, parameters are laid out by `sharding.py`'s logical rules.
+                    strict_config: bool = True, **runtime) -> MoECausalLM:
+  """Loads an HF directory of any supported family (its config.json's `model_type`, see
+  families/) into a `MoECausalLM` (parameters in `dtype`, routers in float32). With `mesh`,
+  parameters are laid out by `sharding.py`'s logical rules.
 
-  `model(input_ids).logits` is then [batch, seq, vocab]. `runtime` overrides ModelConfig's
-  runtime fields (moe_impl, expert_parallel, attention_impl, scan_layers, remat, moe_tile_size).
+  `model(input_ids).logits` is then [batch, seq, vocab]. `runtime` sets RuntimeConfig's fields
+  (moe_impl, expert_parallel, attention_impl, scan_layers, remat, moe_tile_size).
   """
   dtype = jnp.dtype(dtype).name
   param_dtype = jnp.dtype(param_dtype or dtype).name
   cfg = ModelConfig.from_pretrained(path, strict=strict_config, dtype=dtype,
                                     param_dtype=param_dtype, **runtime)
-  abstract = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: MoECausalLM(cfg, rngs=nnx.Rngs(0)))
   shardings = None
   if mesh is not None:
     from desmoe_jax import sharding as sharding_lib
@@ -364,13 +387,14 @@ def _parse_size(size) -> int:
 
 
 def _is_router(spec: LeafSpec) -> bool:
-  return spec.path[-3:] == ("mlp", "gate", "weight")
+  """Routers and selection biases are written in float32, whatever the export dtype."""
+  return spec.path[-3:] == ("mlp", "gate", "weight") or spec.path[-1] == "e_score_correction_bias"
 
 
-def _hf_plan(model: DeepseekV2ForCausalLM, dtype=None) -> list[tuple[str, tuple, np.dtype]]:
+def _hf_plan(model: MoECausalLM, dtype=None) -> list[tuple[str, tuple, np.dtype]]:
   """(hf_key, shape, dtype) of every HF tensor, in the order `_hf_tensors` yields them: shards
   and headers are laid out from this before any tensor is read."""
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  flat = dict(nnx.to_flat_state(nnx.state(model, HF_VARIABLES)))
   plan = []
   for spec in leaf_specs(model):
     var = flat[spec.path]
@@ -381,7 +405,7 @@ def _hf_plan(model: DeepseekV2ForCausalLM, dtype=None) -> list[tuple[str, tuple,
   return plan
 
 
-def _hf_tensors(model: DeepseekV2ForCausalLM, dtype=None):
+def _hf_tensors(model: MoECausalLM, dtype=None):
   """Yields (hf_key, numpy array) in `_hf_plan`'s order, one HF tensor at a time.
 
   Host memory is bounded by one layer of one stacked leaf (e.g. one MoE layer's 64 experts'
@@ -389,7 +413,7 @@ def _hf_tensors(model: DeepseekV2ForCausalLM, dtype=None):
   sharded model is gathered a layer at a time (`distributed.to_host`, a collective across the
   processes of a multi-host run: every process must run this generator to its end)."""
   from desmoe_jax import distributed
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  flat = dict(nnx.to_flat_state(nnx.state(model, HF_VARIABLES)))
   for spec in leaf_specs(model):
     value = flat[spec.path][...]
     outer = range(spec.stack[0]) if spec.stack else [None]
@@ -443,21 +467,22 @@ def _stream_safetensors(path: str | None, plan: list[tuple[str, tuple, np.dtype]
     os.replace(tmp, path)
 
 
-def save_pretrained(model: DeepseekV2ForCausalLM, path: str, *, dtype=None,
+def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
                     max_shard_size="5GB", tokenizer_dir: str | None = None):
-  """Writes `model` as an HF DeepSeek-V2 directory (config.json + safetensors, sharded with an
-  index past `max_shard_size`) that transformers and `from_pretrained` load.
+  """Writes `model` as an HF directory of its family (config.json + safetensors, sharded with
+  an index past `max_shard_size`) that transformers and `from_pretrained` load.
 
   Routers are written in float32 (as they compute); other tensors in their dtype, or `dtype`.
   `tokenizer_dir`: copy the tokenizer files found there, so the directory is self-contained.
   The model may be sharded over a mesh spanning several processes: every process then calls
   this (tensors are gathered a layer at a time, see `_hf_tensors`) and process 0 writes.
   """
-  moe = model.moe_layers.mlp if model.moe_layers is not None else None
-  if moe is not None and (type(moe.gate).__name__ != "TopKRouter" or moe.expert_copies is not None):
-    raise ValueError("this model has DES-MoE parts the HF DeepSeek-V2 layout cannot hold (an "
-                     "adaptive router or duplicated experts): export it with "
-                     "desmoe_jax.export.export_hf, which folds/merges them")
+  moe = model.moe_blocks()
+  if moe is not None and (not isinstance(moe.gate, LinearRouter) or moe.des is not None):
+    raise ValueError(f"this model has DES-MoE parts the HF {model.config.model_type} layout "
+                     "cannot hold (an adaptive router, domain statistics or duplicated "
+                     "experts): export it with desmoe_jax.export.export_hf, which folds, "
+                     "merges or drops them")
   writer = jax.process_index() == 0
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   limit = _parse_size(max_shard_size)
@@ -488,7 +513,7 @@ def save_pretrained(model: DeepseekV2ForCausalLM, path: str, *, dtype=None,
                 for shard in shards for _, shape, want in shard)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  param_dtype = np_dtype or np.dtype(jnp.dtype(model.config.param_dtype))
+  param_dtype = np_dtype or np.dtype(jnp.dtype(model.config.runtime.param_dtype))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(model.config.to_hf_dict(torch_dtype=str(np.dtype(param_dtype).name)), f, indent=2)
   if tokenizer_dir is not None:

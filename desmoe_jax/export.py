@@ -1,5 +1,5 @@
-"""Export an adapted model to the plain Hugging Face DeepSeek-V2 layout (transformers loads it;
-tests/test_export.py checks its logits).
+"""Export an adapted model to the plain Hugging Face layout of its family (transformers loads it;
+tests/test_export.py and tests/test_families_train.py check it).
 
 Two DES-MoE additions are not part of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the
@@ -40,8 +40,9 @@ from flax import nnx
 
 from desmoe_jax import distributed
 from desmoe_jax.convert import save_pretrained
-from desmoe_jax.layers import stack_modules
-from desmoe_jax.router import AdaptiveRouter, TopKRouter
+from desmoe_jax.moe.routing import LinearRouter
+from desmoe_jax.nn.layers import stack_modules
+from desmoe_jax.router import AdaptiveRouter
 from desmoe_jax.sharding import constrain
 from desmoe_jax.specialization import merge_copies
 
@@ -164,7 +165,7 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75, *,
   after the fit's. `batch_sharding`: the mesh layout of a batch (the trainer's), with the model
   already sharded on that mesh and the mesh in context (`jax.set_mesh`); None: one device.
   """
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   if not isinstance(moe.gate, AdaptiveRouter):
     return {"router": "linear (nothing to fold)"}
   fold_tokens = _check_budget("fold_tokens", fold_tokens)
@@ -197,7 +198,7 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75, *,
 
   # The folded model shares every array but the router with the adapted one (no copy).
   old = moe.gate.teacher[...]  # [L, D, E], laid out as the new router weight will be
-  gate = stack_modules([TopKRouter(model.config, rngs=nnx.Rngs(0)) for _ in range(w.shape[0])])
+  gate = stack_modules([LinearRouter(model.config, rngs=nnx.Rngs(0)) for _ in range(w.shape[0])])
   gate.weight.set_value(distributed.global_array(w, old.sharding))
   moe.gate = gate
   graphdef_f, state_f = nnx.split(model)
@@ -227,16 +228,16 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75, *,
 def export_hf(model, path: str, *, tokenizer_dir: str | None, fit_batches: list[dict],
               dtype=None, fold_tokens: int = FOLD_TOKENS, check_tokens: int = CHECK_TOKENS,
               batch_sharding=None) -> dict:
-  """Writes `path` in the HF DeepSeek-V2 layout (merging copies, folding the ALR) and a
-  `desmoe_export.json` report next to it. `model` is modified in place. Every process of a
+  """Writes `path` in the HF layout of the model's family (merging copies, folding the ALR) and
+  a `desmoe_export.json` report next to it. `model` is modified in place. Every process of a
   multi-process run calls it; process 0 writes. See `fold_router` for the other arguments."""
-  report = {"merged_expert_copies": model.moe_layers.mlp.expert_copies is not None}
+  des = model.moe_blocks().des
+  report = {"merged_expert_copies": des is not None and des.expert_copies is not None}
   merge_copies(model)
   report.update(fold_router(model, fit_batches, fold_tokens=fold_tokens,
                             check_tokens=check_tokens, batch_sharding=batch_sharding))
   # DES-MoE state (correlation, masks) is not part of the HF architecture: drop it.
-  model.moe_layers.mlp.correlation = None
-  model.moe_layers.mlp.expert_mask = None
+  model.moe_blocks().des = None
   save_pretrained(model, path, dtype=dtype, tokenizer_dir=tokenizer_dir)
   if jax.process_index() == 0:
     with open(os.path.join(path, "desmoe_export.json"), "w") as f:

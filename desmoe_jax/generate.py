@@ -1,4 +1,4 @@
-"""Batched greedy generation with MLA's compressed KV cache, jitted end to end.
+"""Batched greedy generation with a KV cache (MLA's compressed one, or GQA's), jitted end to end.
 
 Prompts are LEFT-padded to a common length P, so every row writes its next token to the same
 cache slot and one `dynamic_update_slice` serves the batch; each row's RoPE positions start at 0
@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from desmoe_jax.attention import KVCache
-from desmoe_jax.model import ModelCache
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -40,13 +38,7 @@ def _generate(graphdef, state, tokens_bp, pad_b, max_new_tokens: int, eos_ids):
               return_latents=True)
   total = p + max_new_tokens
 
-  def grow(c: KVCache | None):  # prompt latents -> a cache with room for the new tokens
-    if c is None:
-      return None
-    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, max_new_tokens), (0, 0)])
-    return KVCache(latent=pad(c.latent), k_pe=pad(c.k_pe))
-
-  cache = ModelCache(dense=tuple(grow(c) for c in out.latents.dense), moe=grow(out.latents.moe))
+  cache = out.latents.grow(max_new_tokens)  # prompt cache -> room for the new tokens
   first = jnp.argmax(out.logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
   is_eos = lambda t: jnp.isin(t, eos_ids)
   generated = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)

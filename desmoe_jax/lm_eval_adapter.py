@@ -53,7 +53,7 @@ def _score(graphdef, state, tokens, targets, segment_ids):
 
 
 class DesmoeLM(LM):
-  """An lm-eval model over a `DeepseekV2ForCausalLM` and its tokenizer (see module docstring)."""
+  """An lm-eval model over a `MoECausalLM` (any family) and its tokenizer (see module docstring)."""
 
   def __init__(self, model, tokenizer, *, max_length: int = 1024, batch_size: int = 8,
                max_gen_toks: int = 256):

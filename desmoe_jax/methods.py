@@ -113,9 +113,9 @@ class MethodConfig:
 
 
 def prepare_model(model, cfg: MethodConfig, seed: int = 0):
-  """Turns a pretrained DeepSeek-V2 into the trainable model of `cfg.method` (in place):
+  """Turns a pretrained model (any family) into the trainable model of `cfg.method` (in place):
   adaptive routers for the ALR methods, DGES state for all, a copy bank if duplication is on."""
-  if model.moe_layers is None:
+  if model.moe_blocks() is None:
     raise ValueError("the model has no MoE layer (first_k_dense_replace >= num_hidden_layers)")
   if cfg.use_alr:
     attach_alr(model, cfg.alr, seed=seed)

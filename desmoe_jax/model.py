@@ -1,4 +1,9 @@
-"""DeepSeek-V2 causal LM in Flax NNX, numerically matching transformers' DeepseekV2ForCausalLM.
+"""The decoder-only MoE causal LM every family shares (DeepSeek-V2/V3, Qwen3-MoE, OLMoE,
+Mixtral, Qwen2-MoE), numerically matching each family's transformers model.
+
+A family (families/) contributes its config reader and key mapping; the model is pre-norm
+decoder layers: x + attn(norm(x)), then x + mlp(norm(x)), with MLA or GQA attention
+(`config.attention`) and a dense MLP or the sparse MoE block (moe/block.py).
 
 Layout: the first `first_k_dense_replace` decoder layers (dense MLP) are a plain list; the MoE
 layers are ONE stacked module whose every parameter has a leading `layers` axis, applied with
@@ -15,11 +20,12 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from desmoe_jax import losses
-from desmoe_jax.attention import KVCache, MLAttention, attention_mask
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import MLP, Embed, Linear, RMSNorm, stack_modules
-from desmoe_jax.moe import Adaptation, MoE
-from desmoe_jax.router import Routing
+from desmoe_jax.moe.block import Adaptation, MoEBlock
+from desmoe_jax.moe.routing import Routing
+from desmoe_jax.nn.attention_gqa import GQAttention
+from desmoe_jax.nn.attention_mla import MLAttention, attention_mask
+from desmoe_jax.nn.layers import MLP, Embed, Linear, RMSNorm, stack_modules
 from desmoe_jax.sharding import constrain
 
 
@@ -34,34 +40,39 @@ class ModelOutput:
   kd_loss: jax.Array | None = None  # scalar: ALR distillation loss, mean over MoE layers
   domain_counts: jax.Array | None = None  # [L, D, E] tokens of domain d routed to e (DGES)
   domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
-  latents: "ModelCache | None" = None     # per-layer MLA cache contents; if return_latents
+  latents: "ModelCache | None" = None     # per-layer decode cache contents; if return_latents
   hidden: jax.Array | None = None   # [batch, seq, d_model] final-norm output; with logits=False
 
 
 @struct.dataclass
 class ModelCache:
-  """Decode cache of the whole model: one KVCache per dense layer, one stacked for MoE layers."""
+  """Decode cache of the whole model: one cache per dense layer, one stacked for MoE layers
+  (MLA's `KVCache` or GQA's `GQACache`, each with a `grow(n)`)."""
   dense: tuple
-  moe: KVCache | None
+  moe: object | None
+
+  def grow(self, n: int) -> "ModelCache":
+    return ModelCache(dense=tuple(c.grow(n) for c in self.dense),
+                      moe=None if self.moe is None else self.moe.grow(n))
 
 
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
-    pd = jnp.dtype(cfg.param_dtype)
-    self.self_attn = MLAttention(cfg, rngs=rngs)
+    pd = jnp.dtype(cfg.runtime.param_dtype)
+    self.self_attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, rngs=rngs)
     if moe:
-      self.mlp = MoE(cfg, rngs=rngs)
+      self.mlp = MoEBlock(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias,
-                     dtype=jnp.dtype(cfg.dtype), param_dtype=pd, rngs=rngs)
+                     dtype=jnp.dtype(cfg.runtime.dtype), param_dtype=pd, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
     self.is_moe = moe
 
   def __call__(self, x_bsd, positions_bs, mask_b1qk, token_mask_bs, adapt=None,
                return_latents: bool = False):
-    """Returns (x, Routing or None, LayerStats or None, (kv_latent, k_pe) or None)."""
+    """Returns (x, Routing or None, LayerStats or None, this layer's decode cache or None)."""
     attn = self.self_attn(self.input_layernorm(x_bsd), positions_bs, mask_b1qk,
                           return_latents=return_latents)
     attn, latents = attn if return_latents else (attn, None)
@@ -101,10 +112,11 @@ def remat_policy(name: str):
   }[name]
 
 
-class DeepseekV2ForCausalLM(nnx.Module):
+class MoECausalLM(nnx.Module):
+  """`model(input_ids).logits` [batch, seq, vocab]; `model.moe_blocks()` is what DES-MoE uses."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    pd, dt = jnp.dtype(cfg.runtime.param_dtype), jnp.dtype(cfg.runtime.dtype)
     self.config = cfg
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pd, rngs=rngs)
     self.dense_layers = nnx.List([DecoderLayer(cfg, moe=False, rngs=rngs)
@@ -117,6 +129,12 @@ class DeepseekV2ForCausalLM(nnx.Module):
         None if cfg.tie_word_embeddings else
         Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pd,
                rngs=rngs))
+
+  def moe_blocks(self) -> MoEBlock | None:
+    """All MoE blocks as ONE module whose every Variable has a leading [num_moe_layers] axis
+    (the layers are stacked for lax.scan): the one place DES-MoE, the optimizer, export and
+    ESFT reach the MoE layers. None for a model without MoE layers."""
+    return None if self.moe_layers is None else self.moe_layers.mlp
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
                return_routing=False, adapt: Adaptation | None = None,
@@ -131,7 +149,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
       Routing (inputs included) is applied inside the layer loop and its results come back
       stacked over layers: statistics of the router inputs without the [L, T, D] array (the
       export's router fold, export.py).
-    return_latents: also return what an MLA decode cache stores (see generate.py).
+    return_latents: also return what a decode cache stores (see generate.py).
     logits: False returns the final hidden states (`hidden`) instead of the logits, for a loss
       that never materialises them (`token_losses`, `model.ce_chunk`).
     """
@@ -160,9 +178,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
       if stats.domain_counts is not None:
         out = out.replace(domain_counts=stats.domain_counts, domain_tokens=stats.domain_tokens[0])
     if return_latents:
-      as_cache = lambda lat: None if lat is None else KVCache(latent=lat[0], k_pe=lat[1])
-      out = out.replace(latents=ModelCache(dense=tuple(as_cache(l) for l in dense_latents),
-                                           moe=as_cache(moe_latents)))
+      out = out.replace(latents=ModelCache(dense=tuple(dense_latents), moe=moe_latents))
 
     x = self.norm(x)
     if not logits:
@@ -178,11 +194,11 @@ class DeepseekV2ForCausalLM(nnx.Module):
 
   def token_losses(self, out: ModelOutput, tokens_bs):
     """Next-token cross-entropy [B, S] (position 0 gets 0) of a forward pass made with
-    `logits=not self.config.ce_chunk`: plain from the logits, or chunked from the hidden
+    `logits=not self.config.runtime.ce_chunk`: plain from the logits, or chunked from the hidden
     states (`losses.chunked_token_losses`: never the whole batch's float32 logits)."""
-    if self.config.ce_chunk:
+    if self.config.runtime.ce_chunk:
       return losses.chunked_token_losses(out.hidden, self.output_kernel(), tokens_bs,
-                                         self.config.ce_chunk)
+                                         self.config.runtime.ce_chunk)
     return losses.token_losses(out.logits, tokens_bs)
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
@@ -191,7 +207,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
     graphdef, state = nnx.split(self.moe_layers)
 
     def body(h, layer_state):
-      if self.config.remat == "full_offload":  # every use of h goes through the named copy
+      if self.config.runtime.remat == "full_offload":  # every use of h goes through the named copy
         h = checkpoint_name(h, _LAYER_INPUT)
       layer = nnx.merge(graphdef, layer_state)
       h, routing, stats, latents = layer(h, positions_bs, mask, token_mask, adapt,
@@ -202,14 +218,14 @@ class DeepseekV2ForCausalLM(nnx.Module):
         routing = routing.replace(inputs=None)
       return h, (routing if return_routing else None, stats, latents)
 
-    if self.config.remat != "none":
-      body = jax.checkpoint(body, policy=remat_policy(self.config.remat))
+    if self.config.runtime.remat != "none":
+      body = jax.checkpoint(body, policy=remat_policy(self.config.runtime.remat))
     x, (routing, stats, latents) = self._over_layers(body, x, state)
     return x, routing, stats, latents
 
   def _over_layers(self, body, carry, xs):
     """lax.scan of `body` over the stacked MoE layers, or the same loop unrolled."""
-    if self.config.scan_layers:
+    if self.config.runtime.scan_layers:
       return jax.lax.scan(body, carry, xs)
     outs = []
     for i in range(self.config.num_moe_layers):
@@ -240,6 +256,10 @@ class DeepseekV2ForCausalLM(nnx.Module):
     return logits, ModelCache(dense=tuple(dense), moe=moe)
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV2ForCausalLM:
+# The name this model had when DeepSeek-V2 was its only family (public API since then).
+DeepseekV2ForCausalLM = MoECausalLM
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> MoECausalLM:
   """A randomly initialised model (normal(0.02) weights, unit norms), as HF's _init_weights."""
-  return DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(seed))
+  return MoECausalLM(cfg, rngs=nnx.Rngs(seed))

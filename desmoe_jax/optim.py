@@ -1,7 +1,9 @@
 """Optimizers for phase-dependent, mask-dependent training (docs/METHOD.md section 3).
 
-* Every parameter gets a label (`schedule.LABELS`) from its path. A group never trained in the
-  run is `optax.set_to_zero()` and holds no optimizer state at all.
+* Every parameter's label (`schedule.LABELS`) is its `group` metadata, set by the module that
+  creates it (routers, routed experts, shared experts; none = backbone): no path is parsed, so
+  every family's layout gets the same groups. A group never trained in the run is
+  `optax.set_to_zero()` and holds no optimizer state at all.
 * A group trained in some phases only is wrapped by `hold`: in a phase that freezes it, its
   update is zero and its state (moments, count) is carried unchanged, so all phases share one
   optimizer-state structure and a checkpoint restores into any phase.
@@ -62,31 +64,51 @@ class OptimConfig:
                        f"optim.name={self.name!r} has none (use auto, float32 or bfloat16)")
 
 
-def label_of(path) -> str:
-  """Parameter group of one parameter, from its NNX state path."""
-  names = [str(p) for p in path]
-  if names[0] == "moe_layers" and names[1] == "mlp":
-    group = names[2]
-    if group == "gate":
-      return "router"
-    if group in ("experts", "expert_copies"):
-      return "routed_experts"
-    if group == "shared_experts":
-      return "shared_experts"
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def label_of(variable) -> str:
+  """Parameter group of one parameter: its `group` metadata (nn/layers.py), else backbone (also
+  for a bare array, which carries no metadata). Given a path (a tuple of names) instead, the
+  group its module names say (`_bare_label`)."""
+  if isinstance(variable, tuple):
+    return _bare_label(variable)
+  meta = variable.get_metadata() if _is_variable(variable) else {}
+  label = meta.get("group") or "backbone"
+  if label not in LABELS:
+    raise ValueError(f"parameter group {label!r} is not one of {LABELS}")
+  return label
+
+
+def _bare_label(path) -> str:
+  """The group of a bare array (a plain pytree of arrays has no metadata to read), from the
+  module names on its path as nn/ and moe/ name them."""
+  names = [str(_key(p)) for p in path]
+  if "experts" in names or "expert_copies" in names:
+    return "routed_experts"
+  if "shared_experts" in names or "shared_expert" in names or "shared_expert_gate" in names:
+    return "shared_experts"
+  if "gate" in names and "mlp" in names and names.index("gate") == names.index("mlp") + 1:
+    return "router"
   return "backbone"
 
 
-def param_labels(params):
-  """Tree of labels with the structure of `params` (a callable for optax.multi_transform)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: label_of(tuple(_key(p) for p in path)), params)
-
-
 def _key(entry):
+  """The name in one jax tree-path entry (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
       return getattr(entry, attr)
   return entry
+
+
+def param_labels(params):
+  """Tree of labels with the structure of `params` (a callable for optax.multi_transform)."""
+  # Same structure as `params` (a Variable node holds its label), as the tree code over the
+  # labels and the parameters together expects.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: (jax.tree.map(lambda _: label_of(x), x) if _is_variable(x)
+                       else _bare_label(path)), params, is_leaf=_is_variable)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -121,13 +143,23 @@ def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExt
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def _expert_mask_for(path, leaf, masks):
-  """Per-expert mask broadcastable to `leaf` ([L, E, ...] experts or [L, C, ...] copies)."""
-  names = [str(_key(p)) for p in path]
-  m = masks.get("expert_copies" if "expert_copies" in names else "experts")
-  if m is None or leaf.ndim < 2 or leaf.shape[:2] != m.shape:
+def _expert_mask_for(leaf, masks, path=()):
+  """Per-expert mask broadcastable to a routed-expert leaf ([L, E, ...] experts, or [L, C, ...]
+  duplicated copies: `expert_bank` metadata, or the path of a bare array), else None."""
+  if _is_variable(leaf):
+    meta = leaf.get_metadata()
+    group, bank = meta.get("group"), meta.get("expert_bank", "experts")
+    value = leaf.get_value()
+  else:
+    group = _bare_label(path)
+    bank = "expert_copies" if "expert_copies" in [str(_key(p)) for p in path] else "experts"
+    value = leaf
+  if group != "routed_experts" or not hasattr(value, "ndim"):
     return None
-  return m.reshape(m.shape + (1,) * (leaf.ndim - 2)).astype(leaf.dtype)
+  m = masks.get(bank)
+  if m is None or value.ndim < 2 or value.shape[:2] != m.shape:
+    return None
+  return m.reshape(m.shape + (1,) * (value.ndim - 2)).astype(value.dtype)
 
 
 def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -143,17 +175,22 @@ def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransform
       return new_updates, new_state
 
     def mask_update(path, u):
-      m = _expert_mask_for(path, u, expert_update_mask)
-      return u if m is None else u * m
+      m = _expert_mask_for(u, expert_update_mask, path)
+      if m is None:
+        return u
+      return u.replace(u.get_value() * m) if _is_variable(u) else u * m
 
     def keep_state(path, new, old):
-      if not hasattr(new, "ndim"):
+      m = _expert_mask_for(new, expert_update_mask, path)
+      if m is None:
         return new
-      m = _expert_mask_for(path, new, expert_update_mask)
-      return new if m is None else jnp.where(m > 0, new, old)
+      if _is_variable(new):
+        return new.replace(jnp.where(m > 0, new.get_value(), old.get_value()))
+      return jnp.where(m > 0, new, old)
 
-    new_updates = jax.tree_util.tree_map_with_path(mask_update, new_updates)
-    new_state = jax.tree_util.tree_map_with_path(keep_state, new_state, state)
+    new_updates = jax.tree_util.tree_map_with_path(mask_update, new_updates, is_leaf=_is_variable)
+    new_state = jax.tree_util.tree_map_with_path(keep_state, new_state, state,
+                                                 is_leaf=_is_variable)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
@@ -401,4 +438,4 @@ def state_bytes(opt_state) -> int:
 def trainable_filter(labels: Iterable[str]):
   """nnx filter selecting the Params whose group is in `labels`."""
   labels = frozenset(labels)
-  return nnx.All(nnx.Param, lambda path, _: label_of(path) in labels)
+  return nnx.All(nnx.Param, lambda path, variable: label_of(variable) in labels)

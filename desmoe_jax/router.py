@@ -1,9 +1,15 @@
-"""Routers: the pretrained DeepSeek-V2 top-k gate, expert selection, the balance loss, and
-DES-MoE part 1, the Adaptive Lightweight Router (ALR) with its distillation loss
+"""DES-MoE part 1: the Adaptive Lightweight Router (ALR) with its distillation loss
 (docs/METHOD.md section 1).
 
-Routers always run in float32 (HF keeps `gate.weight` in float32 even in a bf16 model),
-because a rounding difference in the logits changes which experts a token goes to.
+The ALR plugs into the MoE block's router interface (`route`; moe/routing.py): it replaces the
+logits (and adds L_KD) and nothing else, so the family's routing function (softmax top-k, top-k
+then softmax, sigmoid with group-limited top-k) and its selection bias apply to the adapted
+logits unchanged (docs/METHOD.md section 6). The distillation loss is
+KL(softmax(z_teacher / tau) || softmax(z_student / tau)) on the pre-activation logits z for every
+scoring function; a selection bias is not part of z.
+
+Routers run in float32, because a rounding difference in the logits changes which experts a
+token goes to.
 """
 
 from __future__ import annotations
@@ -12,80 +18,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from desmoe_jax.config import ModelConfig
 from desmoe_jax.distributed import to_host
-from desmoe_jax.layers import normal_init, param, stack_modules
-
-
-@struct.dataclass
-class Routing:
-  """What one MoE layer decided, per token (tokens flattened: T = batch * seq)."""
-  logits: jax.Array        # [T, E] float32 router logits
-  topk_ids: jax.Array      # [T, K] int32 expert ids
-  topk_weights: jax.Array  # [T, K] gate weights applied to the expert outputs
-  inputs: jax.Array | None = None  # [T, D] the hidden states the router saw (if requested)
-
-  @property
-  def probs(self) -> jax.Array:  # [T, E] softmax scores
-    return jax.nn.softmax(self.logits, axis=-1)
-
-
-def select_experts(logits_te, cfg: ModelConfig):
-  """Top-k selection as DeepSeek-V2 does it; returns (weights [T,K], ids [T,K], scores [T,E])."""
-  scores_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
-  k = cfg.num_experts_per_tok
-  choice = scores_te
-  if cfg.topk_method == "group_limited_greedy":
-    t, e = scores_te.shape
-    group_scores = scores_te.reshape(t, cfg.n_group, e // cfg.n_group).max(axis=-1)
-    _, group_idx = jax.lax.top_k(group_scores, cfg.topk_group)          # [T, topk_group]
-    group_mask = jnp.zeros_like(group_scores).at[
-        jnp.arange(t)[:, None], group_idx].set(1.0)                     # [T, n_group]
-    score_mask = jnp.repeat(group_mask, e // cfg.n_group, axis=-1) > 0  # [T, E]
-    choice = jnp.where(score_mask, scores_te, 0.0)
-  weights_tk, ids_tk = jax.lax.top_k(choice, k)
-  if k > 1 and cfg.norm_topk_prob:
-    # DeepSeek-V2's own modeling code: normalise *instead of* scaling (transformers 5 ignores
-    # norm_topk_prob and always scales; for norm_topk_prob=False both agree).
-    weights_tk = weights_tk / (weights_tk.sum(axis=-1, keepdims=True) + 1e-20)
-  else:
-    weights_tk = weights_tk * cfg.routed_scaling_factor
-  return weights_tk, ids_tk.astype(jnp.int32), scores_te
-
-
-def balance_loss(scores_bse, ids_bsk, token_mask_bs, cfg: ModelConfig):
-  """DeepSeek's expert-level balance loss (times aux_loss_alpha), over real tokens only.
-
-  seq_aux=True: per sequence, sum_e (load_e / uniform load) * mean score_e, averaged over the
-  batch; seq_aux=False: the same over the whole batch. With an all-ones mask this is exactly
-  DeepSeek's formula.
-  """
-  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-  m = token_mask_bs.astype(jnp.float32)
-  counts_bse = jnp.einsum("bske,bs->be", jax.nn.one_hot(ids_bsk, e, dtype=jnp.float32), m)
-  mean_scores_be = jnp.einsum("bse,bs->be", scores_bse, m)
-  if cfg.seq_aux:
-    n_b = jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)
-    ce_be = counts_bse / (n_b * k / e)
-    loss = (ce_be * mean_scores_be / n_b).sum(axis=1).mean()
-  else:
-    n = jnp.maximum(m.sum(), 1.0)
-    fi_e = counts_bse.sum(0) / (n * k) * e
-    loss = (fi_e * mean_scores_be.sum(0) / n).sum()
-  return loss * cfg.aux_loss_alpha
-
-
-class TopKRouter(nnx.Module):
-  """The pretrained linear gate: logits = x @ W, W [d_model, n_experts] in float32."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.weight = param(rngs, normal_init, (cfg.hidden_size, cfg.n_routed_experts),
-                        jnp.float32, ("embed", None))
-
-  def __call__(self, x_td):
-    return jnp.dot(x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+from desmoe_jax.moe.routing import ROUTER
+from desmoe_jax.nn.layers import stack_modules
 
 
 # ------------------------------------------------------------------ DES-MoE: Adaptive Lightweight Router
@@ -179,6 +116,9 @@ _routed_and_distilled.defvjp(_routed_and_distilled_fwd, _routed_and_distilled_bw
 class AdaptiveRouter(nnx.Module):
   """R_adapt(h) = W2 GELU(W1 h + b1) + b2 (+ h W_s for form="residual"), exact at init.
 
+  Wraps the family's linear router W_orig: the teacher is W_orig itself (frozen), so the
+  family's selection rule, applied by the block, sees R_adapt where it saw W_orig h.
+
   residual: W_s is a trainable copy of the pretrained router, W2 = b2 = 0, so the logits are
             bit-identical to the pretrained router's at step 0.
   mlp:      the first 2E hidden units of W1 are [W_orig, -W_orig] and W2 maps them with
@@ -196,7 +136,7 @@ class AdaptiveRouter(nnx.Module):
     w1 = jax.nn.initializers.kaiming_normal()(rngs.params(), (d, hidden), jnp.float32)
     w2 = jnp.zeros((hidden, e), jnp.float32)
     if cfg.form == "residual":
-      self.weight = nnx.Param(w, logical_axes=("embed", None))
+      self.weight = nnx.Param(w, logical_axes=("embed", None), group=ROUTER)
     else:
       if hidden < 2 * e:
         raise ValueError(f"alr.form='mlp' needs hidden_mult * d_model >= 2 * n_experts "
@@ -204,10 +144,10 @@ class AdaptiveRouter(nnx.Module):
       w1 = w1.at[:, :e].set(w).at[:, e:2 * e].set(-w)
       eye = jnp.eye(e, dtype=jnp.float32)
       w2 = w2.at[:e].set(eye).at[e:2 * e].set(-eye)
-    self.w1 = nnx.Param(w1, logical_axes=("embed", "mlp"))
-    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("mlp",))
-    self.w2 = nnx.Param(w2, logical_axes=("mlp", None))
-    self.b2 = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+    self.w1 = nnx.Param(w1, logical_axes=("embed", "mlp"), group=ROUTER)
+    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("mlp",), group=ROUTER)
+    self.w2 = nnx.Param(w2, logical_axes=("mlp", None), group=ROUTER)
+    self.b2 = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,), group=ROUTER)
 
   def __call__(self, x_td, grad_scale=None):
     """Student logits [T, E] in float32; `grad_scale` scales the gradient reaching the router's
@@ -235,6 +175,13 @@ class AdaptiveRouter(nnx.Module):
                  self.tau, self.tau_squared)
     return logits, kd
 
+  def route(self, x_td, token_mask_t, adapt=None):
+    """The router interface (moe/routing.py): (student logits [T, E], L_KD) from one forward
+    (`route_and_distill`), the task path's gradient to the router parameters scaled by
+    `adapt.router_grad_scale` (the convex KD/task mix)."""
+    return self.route_and_distill(x_td, token_mask_t,
+                                  None if adapt is None else adapt.router_grad_scale)
+
   def teacher_logits(self, x_td):
     return jnp.dot(x_td.astype(jnp.float32), self.teacher[...])
 
@@ -255,8 +202,8 @@ def kd_loss(teacher_logits_te, student_logits_te, token_mask_t, tau: float, tau_
 
 
 def attach_alr(model, cfg: AlrConfig, seed: int = 0):
-  """Replaces every MoE layer's pretrained gate by an AdaptiveRouter built from it (in place)."""
-  moe = model.moe_layers.mlp
+  """Replaces the router of every MoE block by an AdaptiveRouter built from it (in place)."""
+  moe = model.moe_blocks()
   if isinstance(moe.gate, AdaptiveRouter):
     raise ValueError("the model already has an adaptive router")
   pretrained_lde = to_host(moe.gate.weight[...])  # may span processes; iterated on the host

@@ -5,7 +5,9 @@ expert, smoothed with momentum) is model STATE: a `Correlation` Variable, stacke
 [L, D, E], saved in checkpoints, never seen by the optimizer. Every `update_every` steps it is
 thresholded into a specialization mask M (`ExpertMask`, [L, D, E]); inside the MoE layer an
 expert then receives gradient from a domain-d token only where M[d, e] = 1 (the forward pass is
-unchanged; see `moe.MoE`).
+unchanged). All of it lives in ONE submodule of the MoE block, `DesState`, which plugs into the
+block's expert hook (`moe/block.py`): the block calls `dispatch`, `isolate` and `statistics`
+and knows nothing else of DES-MoE.
 
 Before the first refresh M is all ones (nothing is isolated yet); a domain never seen keeps its
 row of ones until it is.
@@ -50,6 +52,43 @@ class Correlation(nnx.Variable):
 
 class ExpertMask(nnx.Variable):
   """Which experts each domain may update, [L, D, E] float32 in {0, 1}: model state."""
+
+
+class DesState(nnx.Module):
+  """The DES-MoE state of the MoE blocks (stacked over layers on axis 0): correlation A and
+  mask M [L, D, E], and the optional bank of duplicated experts. The block's expert hook."""
+
+  def __init__(self, layers: int, num_domains: int, num_experts: int):
+    axes = ("layers", "domains", None)
+    self.correlation = Correlation(jnp.zeros((layers, num_domains, num_experts), jnp.float32),
+                                   logical_axes=axes)
+    self.expert_mask = ExpertMask(jnp.ones((layers, num_domains, num_experts), jnp.float32),
+                                  logical_axes=axes)
+    self.expert_copies = nnx.data(None)   # ExpertCopies once attach_copies ran
+
+  # ---- the expert hook (called inside one layer: no leading layer axis here)
+  def dispatch(self, gate, up, down, ids_tk, adapt):
+    """Expert weights extended by the copy bank, ids of duplicated experts remapped."""
+    if self.expert_copies is None or adapt.domain_bs is None:
+      return gate, up, down, ids_tk
+    return self.expert_copies.dispatch(gate, up, down, ids_tk, adapt.domain_bs.reshape(-1))
+
+  def isolate(self, y_tkd, ids_tk, adapt):
+    """An expert learns only from tokens of domains that own it; the forward is unchanged."""
+    if adapt.domain_bs is None:
+      raise ValueError("gradient isolation needs the tokens' domain ids (Adaptation.domain_bs)")
+    domain_t = adapt.domain_bs.reshape(-1)
+    allowed_tk = self.expert_mask[...][domain_t[:, None], ids_tk] > 0
+    return jnp.where(allowed_tk[..., None], y_tkd, jax.lax.stop_gradient(y_tkd))
+
+  def statistics(self, ids_tk, token_mask_t, adapt) -> dict:
+    """{domain_counts [D, E], domain_tokens [D]} of this layer, if the domains are known."""
+    if adapt.domain_bs is None:
+      return {}
+    num_domains, num_experts = self.correlation.shape
+    counts, tokens = domain_expert_counts(ids_tk, adapt.domain_bs.reshape(-1), token_mask_t,
+                                          num_domains, num_experts)
+    return {"domain_counts": counts, "domain_tokens": tokens}
 
 
 def domain_expert_counts(ids_tk, domain_t, token_mask_t, num_domains: int, num_experts: int):
@@ -100,15 +139,21 @@ def mask_overlap(mask_lde):
 
 
 def attach(model, num_domains: int):
-  """Adds zeroed A and all-ones M (stacked over MoE layers) to `model`'s MoE layers."""
-  moe = model.moe_layers.mlp
+  """Plugs the DES-MoE state (zeroed A, all-ones M, stacked over MoE layers) into the model's
+  MoE blocks."""
+  moe = model.moe_blocks()
   layers, e = moe.experts.gate_proj.shape[0], model.config.n_routed_experts
-  axes = ("layers", "domains", None)
-  moe.correlation = Correlation(jnp.zeros((layers, num_domains, e), jnp.float32),
-                                logical_axes=axes)
-  moe.expert_mask = ExpertMask(jnp.ones((layers, num_domains, e), jnp.float32),
-                               logical_axes=axes)
+  moe.des = DesState(layers, num_domains, e)
   return model
+
+
+def des_state(model) -> DesState:
+  """The model's DES-MoE state (stacked over MoE layers); an error if none is attached."""
+  moe = model.moe_blocks()
+  if moe is None or moe.des is None:
+    raise ValueError("the model has no DES-MoE state: run methods.prepare_model (or "
+                     "specialization.attach) first")
+  return moe.des
 
 
 def expert_update_mask(mask_lde, domain_tokens_d):
@@ -137,8 +182,9 @@ class ExpertCopies(nnx.Module):
 
   def __init__(self, layers: int, capacity: int, num_domains: int, num_experts: int,
                d_model: int, d_ff: int, dtype):
-    def bank(shape, axes):
-      return nnx.Param(jnp.zeros((layers, capacity) + shape, dtype), logical_axes=axes)
+    def bank(shape, axes):  # trains as a routed expert; optim.py masks it per copy
+      return nnx.Param(jnp.zeros((layers, capacity) + shape, dtype), logical_axes=axes,
+                       group="routed_experts", expert_bank="expert_copies")
 
     self.gate_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
     self.up_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
@@ -170,9 +216,9 @@ def copies_update_mask(owner_lc, origin_lc, mask_lde, domain_tokens_d):
 
 
 def attach_copies(model, num_domains: int, capacity: int):
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   layers, e, d, f = moe.experts.gate_proj.shape
-  moe.expert_copies = ExpertCopies(layers, capacity, num_domains, model.config.n_routed_experts,
+  moe.des.expert_copies = ExpertCopies(layers, capacity, num_domains, model.config.n_routed_experts,
                                    d, f, moe.experts.gate_proj.dtype)
   return model
 
@@ -184,9 +230,9 @@ def duplicate(model) -> dict:
   bank of a layer is full (what did not fit is reported, and those domains keep sharing).
   In a multi-process run every process calls it (it gathers the expert banks).
   """
-  moe = model.moe_layers.mlp
-  copies = moe.expert_copies
-  mask = to_host(moe.expert_mask[...]) > 0                         # [L, D, E]
+  moe = model.moe_blocks()
+  copies = moe.des.expert_copies
+  mask = to_host(moe.des.expert_mask[...]) > 0                         # [L, D, E]
   layers, num_domains, num_experts = mask.shape
   capacity = copies.origin.shape[1]
   table = np.full((layers, num_domains, num_experts), -1, np.int32)
@@ -219,8 +265,8 @@ def duplicate(model) -> dict:
 
 def merge_copies(model):
   """Folds duplicated experts back (average of the original and its copies); removes the bank."""
-  moe = model.moe_layers.mlp
-  copies = moe.expert_copies
+  moe = model.moe_blocks()
+  copies = None if moe.des is None else moe.des.expert_copies
   if copies is None:
     return model
   origin = copies.origin[...]                                         # [L, C]
@@ -235,5 +281,5 @@ def merge_copies(model):
     ndim = base[...].ndim
     # set_value, not base[...] =: after jax.device_get the old value is a read-only numpy array.
     base.set_value((summed / counts.reshape(counts.shape + (1,) * (ndim - 2))).astype(base.dtype))
-  moe.expert_copies = None
+  moe.des.expert_copies = None
   return model

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from desmoe_jax import losses, optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
-from desmoe_jax.moe import Adaptation
+from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.router import kd_lambda
 from desmoe_jax.schedule import WARMUP
 
@@ -183,13 +183,6 @@ def _to_device(opt_state, labels):
   return jax.tree_util.tree_map_with_path(move, opt_state)
 
 
-def _set(state, path: tuple, value):
-  """A copy of `state` with the Variable at `path` holding `value`."""
-  flat = dict(nnx.to_flat_state(state))
-  flat[path] = flat[path].replace(value)
-  return nnx.from_flat_state(flat)
-
-
 token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
 
 
@@ -255,14 +248,17 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     def loss_fn(diff, mb):
       """(share of the whole batch's total loss, sums) of one microbatch `mb` ([b, S] each)."""
       model = nnx.merge(graphdef, diff, frozen, state)
-      if n_micro > 1 and not model.config.seq_aux:
+      mcfg = model.config
+      if n_micro > 1 and (mcfg.balance_loss == "switch"
+                          or (mcfg.balance_loss == "deepseek" and not mcfg.seq_aux)):
         raise ValueError(f"train.microbatches={n_micro}: the model's batch-level balance loss "
-                         "(seq_aux=False) is not a sum over sequences and cannot be "
+                         f"({mcfg.model_type}: balance_loss={mcfg.balance_loss!r}, seq_aux="
+                         f"{mcfg.seq_aux}) is not a sum over sequences and cannot be "
                          "accumulated exactly; use train.microbatches=1")
       adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
                          router_grad_scale=(1.0 - lam) if convex else None)
       out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
-                  adapt=adapt, logits=not model.config.ce_chunk)
+                  adapt=adapt, logits=not model.config.runtime.ce_chunk)
       nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
       # The balance loss is a mean over sequences (seq_aux), the KD loss a mean over real
       # tokens: weighted by this microbatch's share of each, they sum to the whole batch's.
@@ -308,23 +304,24 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     # After the barrier: the zeros of the phase-frozen groups need never exist as buffers.
     full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
 
-    moe_state = state["moe_layers"]["mlp"]
-    mask = moe_state["expert_mask"][...]                                   # [L, D, E]
+    # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).
+    des = specialization.des_state(nnx.merge(graphdef, model_state))
+    mask = des.expert_mask[...]                                            # [L, D, E]
     domain_tokens = sums["domain_tokens"]                                  # [D] whole batch
     update_mask = {"experts": jnp.ones((mask.shape[0], mask.shape[2]), jnp.float32)}
     if cfg.apply_masks:
       update_mask["experts"] = specialization.expert_update_mask(mask, domain_tokens)
-    if "expert_copies" in moe_state:
-      copies = moe_state["expert_copies"]
+    if des.expert_copies is not None:
+      copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
-          copies["owner"][...], copies["origin"][...], mask, domain_tokens)
+          copies.owner[...], copies.origin[...], mask, domain_tokens)
     updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
                                        expert_update_mask=update_mask)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     new_params = optim.apply_updates(params, updates, key)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.
-    corr = moe_state["correlation"][...]
+    corr = des.correlation[...]
     new_corr = specialization.update_correlation(corr, sums["domain_counts"], domain_tokens,
                                                  cfg.dges.momentum)
     new_mask = mask
@@ -336,8 +333,10 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     if optim_cfg.skip_nonfinite_updates:  # a skipped step leaves the routing statistics too
       new_corr = jnp.where(skipped, corr, new_corr)
       new_mask = jnp.where(skipped, mask, new_mask)
-    new_state = _set(state, ("moe_layers", "mlp", "correlation"), new_corr)
-    new_state = _set(new_state, ("moe_layers", "mlp", "expert_mask"), new_mask)
+    new_model = nnx.merge(graphdef, new_params, state)
+    new_des = specialization.des_state(new_model)
+    new_des.correlation[...] = new_corr
+    new_des.expert_mask[...] = new_mask
 
     overlap = specialization.mask_overlap(new_mask)
     d = cfg.num_domains
@@ -360,7 +359,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     if optim_cfg.skip_nonfinite_updates:
       metrics["update_skipped"] = skipped
       metrics["skipped_updates"] = new_opt_state.total_notfinite   # over the whole run
-    return nnx.merge_state(new_params, new_state), new_opt_state, metrics
+    return nnx.state(new_model), new_opt_state, metrics
 
   return step_fn
 

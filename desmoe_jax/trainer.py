@@ -49,6 +49,7 @@ from desmoe_jax import distributed
 from desmoe_jax import esft as esft_lib
 from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
+from desmoe_jax import specialization
 from desmoe_jax import sources
 from desmoe_jax import train_step as ts
 from desmoe_jax import validate as validate_lib
@@ -299,14 +300,13 @@ def heatmap_paths(workdir: str, step: int) -> dict[str, str]:
   return {"correlation": prefix + "_correlation.png", "overlap": prefix + "_overlap.png"}
 
 
-def save_heatmaps(model_state, domain_names, paths: dict[str, str], max_layers: int):
+def save_heatmaps(des, domain_names, paths: dict[str, str], max_layers: int):
   """PNG heatmaps (`heatmap_paths`): domain x expert correlation (a few MoE layers) and domain
   mask overlap.
 
   Every process of a multi-process run must call it (the matrices are gathered); process 0
   draws and writes them."""
-  mlp = model_state["moe_layers"]["mlp"]
-  corr, mask = distributed.to_host((mlp["correlation"][...], mlp["expert_mask"][...]))  # [L,D,E]
+  corr, mask = distributed.to_host((des.correlation[...], des.expert_mask[...]))  # [L,D,E]
   if jax.process_index() != 0:
     return
   for path in paths.values():
@@ -548,7 +548,7 @@ def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resu
                   for i, s in enumerate(train_specs)}
     masks = esft_lib.esft_masks(model, per_domain, mc.esft_score, mc.esft, mc.num_domains,
                                 place=place)
-    model.moe_layers.mlp.expert_mask[...] = jnp.asarray(masks)
+    specialization.des_state(model).expert_mask[...] = jnp.asarray(masks)
     log.info("ESFT-%s selected %.1f%% of routed experts", mc.esft_score, 100 * masks.mean())
   sharding_lib.shard_model(model, mesh)
   graphdef, model_state = nnx.split(model)
@@ -754,7 +754,8 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
   losses = heldout_losses(graphdef, model_state, eval_sets, batch_sharding)
   record = {"event": "eval", **{f"heldout_loss/{k}": v for k, v in losses.items()}}
   metrics_log.write(step, record)
-  save_heatmaps(model_state, names, heatmap_paths(workdir, step), config.train.heatmap_layers)
+  save_heatmaps(specialization.des_state(nnx.merge(graphdef, model_state)), names,
+                heatmap_paths(workdir, step), config.train.heatmap_layers)
   metrics_log.images(step, heatmap_paths(workdir, step))
   log.info("step %d held-out loss: %s", step,
            ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))

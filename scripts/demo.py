@@ -31,7 +31,7 @@ def main():
   parser.add_argument("--out", default="/tmp/desmoe_demo")
   args = parser.parse_args()
 
-  cfg = ModelConfig(**load_arch(args.arch))
+  cfg = ModelConfig.make(**load_arch(args.arch))
   model = init_model(cfg, seed=0)
   desmoe_jax.save_pretrained(model, args.out)
   print(f"wrote {args.out}: {sorted(os.listdir(args.out))}")

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from desmoe_jax import moe as moe_lib  # noqa: E402
+from desmoe_jax.moe import block as moe_lib  # noqa: E402
 from desmoe_jax.config import ModelConfig  # noqa: E402
 
 V2_LITE = dict(hidden=2048, inter=1408, experts=64, top_k=6, shared=2)
@@ -54,7 +54,7 @@ V2_LITE = dict(hidden=2048, inter=1408, experts=64, top_k=6, shared=2)
 
 def layer_config(shapes: dict, impl: str, dtype: str = "bfloat16") -> ModelConfig:
   """A DeepSeek-V2 config whose MoE layer has these shapes (the attention fields are unused)."""
-  return ModelConfig(
+  return ModelConfig.make(
       vocab_size=128, hidden_size=shapes["hidden"], intermediate_size=4 * shapes["hidden"],
       moe_intermediate_size=shapes["inter"], num_hidden_layers=2, num_attention_heads=2,
       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
@@ -66,7 +66,7 @@ def layer_config(shapes: dict, impl: str, dtype: str = "bfloat16") -> ModelConfi
 
 def layer_step(cfg: ModelConfig):
   """(fn(params, x, cot) -> (dparams, dx), abstract params): the layer's forward+backward."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: moe_lib.MoE(cfg, rngs=nnx.Rngs(0))),
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: moe_lib.MoEBlock(cfg, rngs=nnx.Rngs(0))),
                                nnx.Param)
 
   def loss(p, x, cot):

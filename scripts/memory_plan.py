@@ -222,7 +222,7 @@ def shard_bytes(tree) -> int:
 def param_bytes_by_group(state) -> dict[str, int]:
   out = dict.fromkeys(LABELS, 0)
   for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
-    out[label_of(path)] += _shard_bytes(var.get_value())
+    out[label_of(var)] += _shard_bytes(var.get_value())
   return out
 
 
@@ -457,9 +457,10 @@ def main(argv):
     raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
                          f"(one of {(*PHASE_NAMES, 'all')})")
   model_cfg = model_config(config, _ARCH.value, target, _LAYERS.value)
-  print(f"# {_ARCH.value or config.model.path} on {target}: dtype {model_cfg.dtype}, params "
-        f"{model_cfg.param_dtype}, remat {model_cfg.remat}, scan {model_cfg.scan_layers}, "
-        f"moe_impl {model_cfg.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB", flush=True)
+  rt = model_cfg.runtime
+  print(f"# {_ARCH.value or config.model.path} on {target}: dtype {rt.dtype}, params "
+        f"{rt.param_dtype}, remat {rt.remat}, scan {rt.scan_layers}, "
+        f"moe_impl {rt.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB", flush=True)
   plans = []
   for shape in meshes:
     mesh = sharding_lib.make_mesh(shape, target_devices(target, math.prod(shape.values())))

@@ -118,8 +118,8 @@ def main(argv=None):
   print(f"corpus {len(ids)} tokens; {len(val_rows)} validation windows of {args.seq_len}",
         flush=True)
 
-  cfg = ModelConfig(**ARCH, dtype="float32", param_dtype="float32", moe_impl="auto",
-                    scan_layers=True, remat="none")
+  cfg = ModelConfig.make(**ARCH, dtype="float32", param_dtype="float32", moe_impl="auto",
+                         scan_layers=True, remat="none")
   model = init_model(cfg, seed=args.seed)
   graphdef, state = nnx.split(model)
   params, rest = nnx.split_state(state, nnx.Param, ...)

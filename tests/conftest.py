@@ -69,3 +69,41 @@ def hf_checkpoint(tmp_path_factory):
     return cache[name]
 
   return get
+
+
+def make_family_model(family: str, path, seed=0, **overrides):
+  """Writes a random transformers model of `family` (its file's TINY kwargs, float32) to `path`;
+  returns the model. Norms, biases and DeepSeek-V3's selection bias are randomised so that a
+  wrong mapping cannot hide behind ones and zeros."""
+  import torch
+  import transformers
+
+  from desmoe_jax.families import get_family
+
+  fam = get_family(family)
+  torch.manual_seed(seed)
+  config = getattr(transformers, fam.HF_CONFIG)(**dict(fam.TINY, **overrides))
+  model = getattr(transformers, fam.HF_ARCHITECTURE)(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith(".bias"):
+        p.add_(0.1 * torch.randn_like(p))
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        b.add_(0.1 * torch.randn_like(b))
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+  """Factory: family model_type -> (path, torch model); built once per session."""
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      path = tmp_path_factory.mktemp(f"family_{family}")
+      cache[family] = (str(path), make_family_model(family, str(path)))
+    return cache[family]
+
+  return get

@@ -13,7 +13,7 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediat
 
 
 def tiny_model(seed=0, **kw):
-  return init_model(ModelConfig(**dict(TINY, **kw)), seed=seed)
+  return init_model(ModelConfig.make(**dict(TINY, **kw)), seed=seed)
 
 
 def batch(seed, domains, seq=12, vocab=64):

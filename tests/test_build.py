@@ -19,7 +19,7 @@ def test_every_runtime_field_reaches_every_builder():
   assert build.runtime_fields(config) == want
   for model_cfg in (build.load_model(config).config, evaluate.load_model(
       config.model.path, config).config, build.model_config(config)):
-    assert {k: getattr(model_cfg, k) for k in want} == want
+    assert {k: getattr(model_cfg.runtime, k) for k in want} == want
   import importlib.util
   import sys
   spec = importlib.util.spec_from_file_location("memory_plan", os.path.join(REPO, "scripts",
@@ -27,5 +27,5 @@ def test_every_runtime_field_reaches_every_builder():
   plan = sys.modules["memory_plan"] = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(plan)
   planned = plan.model_config(config, "")
-  assert {k: getattr(planned, k) for k in want} == want
+  assert {k: getattr(planned.runtime, k) for k in want} == want
 

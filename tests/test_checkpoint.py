@@ -57,7 +57,7 @@ def test_mismatch_names_every_key_and_both_shapes(tmp_path):
   with pytest.raises(ValueError) as e:
     saver.restore(ck.abstract_like(other_ms))
   msg = str(e.value)
-  assert "'moe_layers/mlp/correlation': checkpoint has shape [2, 3, 8]" in msg
+  assert "'moe_layers/mlp/des/correlation': checkpoint has shape [2, 3, 8]" in msg
   assert "the config builds [2, 4, 8]" in msg and "expert_mask" in msg
 
 

@@ -43,7 +43,7 @@ def test_reads_deepseek_v2_lite_config():
     ("moe_layer_freq", 2, "moe_layer_freq=2"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("num_key_value_heads", 4, "num_key_value_heads=4"),
-    ("model_type", "deepseek_v3", "deepseek_v3"),
+    ("model_type", "llama", "llama"),
     ("quantization_config", {"quant_method": "fp8"}, "quantization_config"),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "'dynamic'"),
     ("some_new_field", 1, "some_new_field"),
@@ -67,3 +67,41 @@ def test_transformers5_rope_parameters_style():
   cfg = ModelConfig.from_hf_dict(d)
   assert cfg.rope_type == "yarn" and cfg.rope_theta == 10000.0
   assert ModelConfig.from_hf_dict(d).softmax_scale == ModelConfig.from_hf_dict(V2_LITE).softmax_scale
+
+
+def _arch(name):
+  import os
+
+  from desmoe_jax.run_config import load_config
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return load_config(os.path.join(root, "configs", f"models.py:{name}")).to_dict()
+
+
+@pytest.mark.parametrize("name,family,moe_layers,experts,k", [
+    ("v2_lite", "deepseek_v2", 26, 64, 6), ("moonlight_16b_a3b", "deepseek_v3", 26, 64, 6),
+    ("qwen3_30b_a3b", "qwen3_moe", 48, 128, 8), ("olmoe_1b_7b", "olmoe", 16, 64, 8),
+    ("mixtral_8x7b", "mixtral", 32, 8, 2)])
+def test_published_architectures_read_and_write_back(name, family, moe_layers, experts, k):
+  """configs/models.py's real sizes go through their family's reader, and to_hf -> from_hf is
+  the identity on the architecture."""
+  cfg = ModelConfig.from_hf_dict(_arch(name), source=name)
+  assert cfg.model_type == family
+  assert (cfg.num_moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok) == \
+      (moe_layers, experts, k)
+  again = ModelConfig.from_hf_dict(cfg.to_hf_dict())
+  assert again.architecture() == cfg.architecture()
+
+
+@pytest.mark.parametrize("name,field,value,needle", [
+    ("moonlight_16b_a3b", "scoring_func", "softmax", "scoring_func='softmax'"),
+    ("moonlight_16b_a3b", "quantization_config", {"quant_method": "fp8"}, "quantization_config"),
+    ("qwen3_30b_a3b", "mlp_only_layers", [3], "mlp_only_layers"),
+    ("qwen3_30b_a3b", "hidden_act", "gelu", "hidden_act='gelu'"),
+    ("olmoe_1b_7b", "some_new_field", 1, "some_new_field"),
+    ("mixtral_8x7b", "router_jitter_noise", 0.1, "router_jitter_noise=0.1"),
+    ("mixtral_8x7b", "rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
+])
+def test_families_refuse_what_they_cannot_honour(name, field, value, needle):
+  with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")) as e:
+    ModelConfig.from_hf_dict(dict(_arch(name), **{field: value}), source="my/config.json")
+  assert "my/config.json" in str(e.value)

@@ -16,7 +16,9 @@ from flax import nnx
 from helpers import batch as make_batch
 from helpers import tiny_model
 
-from desmoe_jax import expert_parallel, moe, optim, sharding, specialization
+from desmoe_jax import optim, sharding, specialization
+from desmoe_jax.moe import block as moe
+from desmoe_jax.moe import expert_parallel
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
 from desmoe_jax.specialization import DgesConfig
@@ -152,10 +154,10 @@ def _desmoe_model(**kw):
   mc = MethodConfig(method="desmoe_no_schedule", num_domains=DOMAINS, total_steps=10,
                     dges=DgesConfig(duplicate_shared_experts=True, max_copies=4))
   model = prepare_model(tiny_model(seed=0, **kw), mc)
-  mlp = model.moe_layers.mlp
-  owners = np.random.RandomState(0).rand(*mlp.expert_mask.shape) < 0.5  # [L, D, E]
+  des = model.moe_blocks().des
+  owners = np.random.RandomState(0).rand(*des.expert_mask.shape) < 0.5  # [L, D, E]
   owners[:, 0] = True                          # domain 0 owns every expert: copies are made
-  mlp.expert_mask[...] = jnp.asarray(owners, jnp.float32)
+  des.expert_mask[...] = jnp.asarray(owners, jnp.float32)
   assert specialization.duplicate(model)["copies"] > 0
   return mc, model
 
@@ -192,7 +194,7 @@ def test_desmoe_step_equals_unsharded():
   for path, v in flat_want.items():
     np.testing.assert_allclose(flat_got[path][...], v[...], atol=1e-5, rtol=1e-5,
                                err_msg=".".join(map(str, path)))
-  copies = ("moe_layers", "mlp", "expert_copies", "up_proj")
+  copies = ("moe_layers", "mlp", "des", "expert_copies", "up_proj")
   before = dict(nnx.to_flat_state(nnx.state(model)))[copies][...]
   assert np.abs(flat_got[copies][...] - before).max() > 1e-4  # the copies were trained
   for key in ("loss", "total_loss", "kd_loss", "balance_loss", "grad_norm", "domain_loss",

@@ -18,17 +18,17 @@ def test_export_folds_router_and_transformers_agrees(tmp_path):
   mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10,
                     dges=DgesConfig(duplicate_shared_experts=True))
   model = prepare_model(tiny_model(seed=9), mc)
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   # Pretend training moved the ALR's linear part (a real change of routing; its MLP part is
   # still 0, so a linear router can represent it exactly) and created a copy of expert 1.
   moe.gate.weight[...] = moe.gate.weight[...] + 0.05 * jax.random.normal(
       jax.random.key(1), moe.gate.weight.shape)
   student = np.asarray(moe.gate.weight[...])
-  mask = np.zeros(moe.expert_mask.shape, np.float32)
+  mask = np.zeros(moe.des.expert_mask.shape, np.float32)
   mask[:, 0, 1] = mask[:, 2, 1] = 1
-  moe.expert_mask[...] = jnp.asarray(mask)
+  moe.des.expert_mask[...] = jnp.asarray(mask)
   duplicate(model)
-  moe.expert_copies.down_proj[...] = moe.expert_copies.down_proj[...] * 1.5
+  moe.des.expert_copies.down_proj[...] = moe.des.expert_copies.down_proj[...] * 1.5
   down_before = np.asarray(moe.experts.down_proj[...][:, 1])
   attn_before = np.asarray(model.moe_layers.self_attn.kv_b_proj.kernel[...])
 
@@ -38,10 +38,10 @@ def test_export_folds_router_and_transformers_agrees(tmp_path):
   assert report["merged_expert_copies"] and report["check_batches"] >= 1
   assert report["topk_set_agreement"] > 0.99
   assert abs(report["heldout_loss_folded"] - report["heldout_loss_adapted"]) < 1e-3
-  np.testing.assert_allclose(model.moe_layers.mlp.gate.weight[...], student, atol=1e-3)
+  np.testing.assert_allclose(model.moe_blocks().gate.weight[...], student, atol=1e-3)
 
   reloaded = from_pretrained(str(tmp_path), dtype=jnp.float32)
-  np.testing.assert_allclose(reloaded.moe_layers.mlp.experts.down_proj[...][:, 1],
+  np.testing.assert_allclose(reloaded.moe_blocks().experts.down_proj[...][:, 1],
                              down_before * 1.25, rtol=1e-6)  # mean of 1x and 1.5x
   np.testing.assert_array_equal(reloaded.moe_layers.self_attn.kv_b_proj.kernel[...],
                                 attn_before)
@@ -57,7 +57,7 @@ def test_export_folds_router_and_transformers_agrees(tmp_path):
 
 def test_fold_reports_a_nonlinear_router_honestly(tmp_path):
   model = prepare_model(tiny_model(seed=9), MethodConfig(method="desmoe", num_domains=3))
-  gate = model.moe_layers.mlp.gate
+  gate = model.moe_blocks().gate
   gate.w2[...] = 0.05 * jax.random.normal(jax.random.key(2), gate.w2.shape)  # strongly nonlinear
   batches = [{"tokens": batch(i, [0, 1, 2, 1])["tokens"]} for i in range(6)]
   report = export_hf(model, str(tmp_path), tokenizer_dir=None, fit_batches=batches)
@@ -98,13 +98,13 @@ def _adapted_model():
   exactly, so the fit's numbers matter) and a duplicated expert."""
   mc = MethodConfig(method="desmoe", num_domains=3, dges=DgesConfig(duplicate_shared_experts=True))
   model = prepare_model(tiny_model(seed=9), mc)
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   moe.gate.w2[...] = 0.02 * jax.random.normal(jax.random.key(2), moe.gate.w2.shape)
-  mask = np.zeros(moe.expert_mask.shape, np.float32)
+  mask = np.zeros(moe.des.expert_mask.shape, np.float32)
   mask[:, 0, 3] = 1
-  moe.expert_mask[...] = jnp.asarray(mask)
+  moe.des.expert_mask[...] = jnp.asarray(mask)
   duplicate(model)
-  moe.expert_copies.up_proj[...] = moe.expert_copies.up_proj[...] * 0.5
+  moe.des.expert_copies.up_proj[...] = moe.des.expert_copies.up_proj[...] * 0.5
   return model
 
 
@@ -138,16 +138,16 @@ def test_mesh_fold_equals_single_device_fold_on_a_bounded_sample(tmp_path):
   assert one["check_tokens"] == check_tokens
   assert one["check_batches"] == int(np.searchsorted(
       np.cumsum(real_per_batch[n_fit:]), check_tokens) + 1)
-  np.testing.assert_allclose(model.moe_layers.mlp.gate.weight[...], w_ref, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(model.moe_blocks().gate.weight[...], w_ref, rtol=2e-4, atol=2e-5)
 
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})   # batch over fsdp x expert
   with jax.set_mesh(mesh):
     model = sharding.shard_model(_adapted_model(), mesh)
-    assert not model.moe_layers.mlp.experts.up_proj[...].sharding.is_fully_replicated
+    assert not model.moe_blocks().experts.up_proj[...].sharding.is_fully_replicated
     on_mesh = export_hf(model, str(tmp_path / "mesh"), tokenizer_dir=None, fit_batches=batches,
                         fold_tokens=fold_tokens, check_tokens=check_tokens,
                         batch_sharding=sharding.batch_sharding(mesh))
-    assert model.moe_layers.mlp.gate.weight[...].sharding.mesh == mesh
+    assert model.moe_blocks().gate.weight[...].sharding.mesh == mesh
 
   assert {k: on_mesh[k] for k in ("fit_tokens", "fit_batches", "check_tokens", "check_batches",
                                   "topk_set_agreement", "merged_expert_copies")} == \

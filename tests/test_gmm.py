@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from desmoe_jax import gmm
-from desmoe_jax.moe import expert_outputs
+from desmoe_jax.moe import gmm
+from desmoe_jax.moe.block import expert_outputs
 
 E, D, F = 5, 16, 12
 

@@ -55,9 +55,9 @@ def test_chunk_must_divide_the_sequence():
   with pytest.raises(ValueError, match="model.ce_chunk=5"):
     losses.chunked_token_losses(h, w, jnp.zeros((1, 12), jnp.int32), 5)
   with pytest.raises(ValueError, match="ce_chunk=-1"):
-    ModelConfig(**TINY, ce_chunk=-1)
+    ModelConfig.make(**TINY, ce_chunk=-1)
   with pytest.raises(ValueError, match="remat='everything'"):
-    ModelConfig(**TINY, remat="everything")
+    ModelConfig.make(**TINY, remat="everything")
 
 
 def _loss_and_grads(cfg, tokens):
@@ -66,7 +66,7 @@ def _loss_and_grads(cfg, tokens):
 
   def loss(params):
     m = nnx.merge(graphdef, params, rest)
-    out = m(tokens, logits=not cfg.ce_chunk)
+    out = m(tokens, logits=not cfg.runtime.ce_chunk)
     return jnp.mean(m.token_losses(out, tokens)) + out.aux_loss
 
   return jax.value_and_grad(loss)(params)
@@ -76,7 +76,7 @@ def _loss_and_grads(cfg, tokens):
                          [("remat", r) for r in REMAT_POLICIES if r != "none"])
 def test_model_levers_keep_loss_and_gradients(field, value):
   """Each memory lever changes what is stored or recomputed, never the numbers (float32)."""
-  cfg = ModelConfig(**TINY, remat="none", moe_impl="dense")
+  cfg = ModelConfig.make(**TINY, remat="none", moe_impl="dense")
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   ref, ref_grads = _loss_and_grads(cfg, tokens)
   out, grads = _loss_and_grads(cfg.replace(**{field: value}), tokens)

@@ -51,7 +51,7 @@ def _hand_param_bytes(state) -> dict:
     for name in ("embed", "experts"):
       if name in axes and shape[axes.index(name)] % 2 == 0:
         n //= 2
-    out[label_of(path)] += n * var.dtype.itemsize
+    out[label_of(var)] += n * var.dtype.itemsize
   return out
 
 

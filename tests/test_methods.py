@@ -47,7 +47,7 @@ def test_method_trains_and_loss_goes_down(method):
   if mc.is_esft:
     masks = esft.esft_masks(model, {d: train for d in range(DOMAINS)}, mc.esft_score, mc.esft,
                             DOMAINS)
-    model.moe_layers.mlp.expert_mask[...] = jnp.asarray(masks)
+    model.moe_blocks().des.expert_mask[...] = jnp.asarray(masks)
     assert 0 < masks.mean() < 1
   g, model_state = nnx.split(model)
   oc = optim.OptimConfig(learning_rate=1e-2, schedule="constant")
@@ -75,11 +75,11 @@ def test_method_trains_and_loss_goes_down(method):
   assert metrics["domain_loss"].shape == (DOMAINS,)
   if duplication:  # copies trained, and merging them back keeps a working, standard model
     model = nnx.merge(g, model_state)
-    copies = model.moe_layers.mlp.expert_copies
+    copies = model.moe_blocks().des.expert_copies
     origin = np.asarray(copies.origin[...])
-    bank, base = np.asarray(copies.up_proj[...]), np.asarray(model.moe_layers.mlp.experts.up_proj[...])
+    bank, base = np.asarray(copies.up_proj[...]), np.asarray(model.moe_blocks().experts.up_proj[...])
     used = list(zip(*np.nonzero(origin >= 0)))
     assert used and max(np.abs(bank[l, c] - base[l, origin[l, c]]).max() for l, c in used) > 0
     merged = merge_copies(model)
-    assert merged.moe_layers.mlp.expert_copies is None
+    assert merged.moe_blocks().des.expert_copies is None
     assert np.isfinite(np.asarray(merged(held_out[0]["tokens"]).logits)).all()

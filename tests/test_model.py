@@ -75,7 +75,7 @@ def test_bf16_load_is_close(hf_checkpoint):
   ids = _ids(6, (1, 8), hf.config.vocab_size)
   model = from_pretrained(path)  # bf16 by default
   assert model.lm_head.kernel.dtype == jnp.bfloat16
-  assert model.moe_layers.mlp.gate.weight.dtype == jnp.float32  # routers stay float32
+  assert model.moe_blocks().gate.weight.dtype == jnp.float32  # routers stay float32
   out = np.asarray(model(ids).logits.astype(jnp.float32))
   np.testing.assert_allclose(out, _torch_logits(hf, ids), atol=5e-2)
 

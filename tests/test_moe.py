@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.moe import MoE, expert_outputs
-from desmoe_jax.router import balance_loss, select_experts
+from desmoe_jax.moe.block import MoEBlock, expert_outputs
+from desmoe_jax.moe.routing import balance_loss, select_experts
 
 E, D, F = 6, 16, 12
 
@@ -81,10 +81,10 @@ def _cfg(**kw):
               qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=E, n_shared_experts=1,
               num_experts_per_tok=3, first_k_dense_replace=0)
   base.update(kw)
-  return ModelConfig(**base)
+  return ModelConfig.make(**base)
 
 
-def _naive_moe(layer: MoE, x_bsd, cfg):
+def _naive_moe(layer: MoEBlock, x_bsd, cfg):
   """Token-by-token transcription of DeepSeek-V2's MoEGate + DeepseekV2MoE, in numpy float64."""
   w = {k: np.asarray(v, np.float64) for k, v in (
       ("router", layer.gate.weight[...]), ("gate", layer.experts.gate_proj[...]),
@@ -123,7 +123,7 @@ def _naive_moe(layer: MoE, x_bsd, cfg):
 @pytest.mark.parametrize("impl", ["dense", "tiled"])
 def test_layer_matches_naive_reference(kw, impl):
   cfg = _cfg(moe_impl=impl, **kw)
-  layer = MoE(cfg, rngs=nnx.Rngs(0))
+  layer = MoEBlock(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(3), (2, 5, D))
   y, routing, _ = layer(x)
   np.testing.assert_allclose(y, _naive_moe(layer, x, cfg), atol=1e-5)
@@ -174,7 +174,7 @@ def test_layer_grads_agree_across_impls():
   x = jax.random.normal(jax.random.key(5), (2, 9, D))
   grads = {}
   for impl in ("dense", "ragged", "tokamax", "tiled"):
-    layer = MoE(_cfg(moe_impl=impl), rngs=nnx.Rngs(0))
+    layer = MoEBlock(_cfg(moe_impl=impl), rngs=nnx.Rngs(0))
     loss = lambda m: (m(x)[0] ** 2).sum() + m(x)[2].balance
     grads[impl] = nnx.to_flat_state(nnx.grad(loss)(layer))
   for impl in ("ragged", "tokamax", "tiled"):
@@ -196,7 +196,7 @@ def test_tokamax_tpu_kernel_matches_dense_in_interpret_mode(monkeypatch):
   from tokamax._src.ops.ragged_dot import base  # pylint: disable=import-outside-toplevel
   from tokamax._src.ops.ragged_dot.pallas_mosaic_tpu import (  # pylint: disable=import-outside-toplevel
       PallasMosaicTpuRaggedDot)
-  from desmoe_jax import moe  # pylint: disable=import-outside-toplevel
+  from desmoe_jax.moe import block as moe  # pylint: disable=import-outside-toplevel
 
   class Interpreted(PallasMosaicTpuRaggedDot):
     def supported_on(self, device):  # tokamax refuses the TPU kernel on a CPU device

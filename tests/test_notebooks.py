@@ -114,7 +114,7 @@ def test_notebooks_execute(tmp_path):
   mesh = sharding.make_mesh({"fsdp": 8})
   model, meta = evaluate.load_run_model(config, str(work), mesh=mesh)
   assert meta["step"] == 8
-  assert not model.moe_layers.mlp.experts.down_proj[...].sharding.is_fully_replicated
+  assert not model.moe_blocks().experts.down_proj[...].sharding.is_fully_replicated
   sets = trainer._eval_loss_batches(config, AutoTokenizer.from_pretrained(config.model.path))
   losses = trainer.heldout_losses(*nnx.split(model), sets)
   np.testing.assert_allclose([losses[n] for n in names], [results[n]["loss"] for n in names],

@@ -11,7 +11,7 @@ from helpers import batch, tiny_model
 
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import MethodConfig, prepare_model
-from desmoe_jax.moe import Adaptation
+from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.optim import OptimConfig
 from desmoe_jax.router import AdaptiveRouter, AlrConfig, attach_alr, kd_lambda, kd_loss
 
@@ -78,7 +78,7 @@ def test_convex_mix_scales_router_gradient_only():
   """grad_router = (1-lam) dL_task + lam dL_KD; every other gradient = dL_task."""
   model = attach_alr(tiny_model(seed=1), AlrConfig())
   # Move the student away from the teacher so that KD has a gradient.
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   moe.gate.w2[...] = 0.1 * jax.random.normal(jax.random.key(0), moe.gate.w2.shape)
   b = batch(2, [0, 1])
   lam = 0.3
@@ -117,7 +117,7 @@ def test_shared_alr_forward_keeps_the_gradients_of_two_forwards(form, scale, mon
   """route_and_distill (one MLP forward) gives the loss and every gradient (router, experts,
   attention, embeddings: what reaches x) of the two separate forwards of METHOD.md s.1."""
   model = attach_alr(tiny_model(seed=2), AlrConfig(form=form))
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks()
   moe.gate.w2[...] = moe.gate.w2[...] + 0.1 * jax.random.normal(jax.random.key(1),
                                                                   moe.gate.w2.shape)
   b = batch(3, [0, 1])
@@ -143,7 +143,7 @@ def test_shared_alr_forward_keeps_the_gradients_of_two_forwards(form, scale, mon
 def test_alr_mlp_runs_once_per_layer(monkeypatch):
   """The forward holds one [T, d_model] x [d_model, hidden] matmul per ALR (it held two)."""
   model = attach_alr(tiny_model(seed=2), AlrConfig())
-  d, hidden = model.moe_layers.mlp.gate.w1.shape[-2:]
+  d, hidden = model.moe_blocks().gate.w1.shape[-2:]
   tokens = batch(3, [0, 1])["tokens"]
   g, state = nnx.split(model)
 

@@ -44,7 +44,7 @@ def test_sharded_forward_equals_single_device(hf_checkpoint, shape):
 
   mesh = sharding.make_mesh(shape)
   model = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
-  kernel = model.moe_layers.mlp.experts.gate_proj[...]
+  kernel = model.moe_blocks().experts.gate_proj[...]
   assert kernel.sharding.spec == sharding.logical_to_spec(
       ("layers", "experts", "embed", "expert_mlp"), kernel.shape, mesh)
   assert len(kernel.sharding.device_set) == 8

@@ -10,7 +10,7 @@ from helpers import batch, tiny_model
 from desmoe_jax import specialization as sp
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import MethodConfig, prepare_model
-from desmoe_jax.moe import Adaptation
+from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.optim import OptimConfig
 
 
@@ -27,7 +27,7 @@ def test_correlation_update_matches_numpy_over_steps():
   mask = [[1] * 12, [1] * 8 + [0] * 4, [1] * 12]  # padding does not count
   batches[0]["segment_ids"] = jnp.asarray(mask, jnp.int32)
 
-  ref = np.zeros(ms["moe_layers"]["mlp"]["correlation"][...].shape)  # [L, D, E]
+  ref = np.zeros(ms["moe_layers"]["mlp"]["des"]["correlation"][...].shape)  # [L, D, E]
   topk_ids = jax.jit(lambda ms, tokens, seg: nnx.merge(g, ms)(
       tokens, segment_ids_bs=seg, return_routing=True).routing.topk_ids)
   for step, b in enumerate(batches):
@@ -45,7 +45,7 @@ def test_correlation_update_matches_numpy_over_steps():
           f[np.unique(ids[layer, t])] += 1
         ref[layer, dd] = momentum * ref[layer, dd] + (1 - momentum) * f / sel.sum()
     ms, opt, _ = step_fn(ms, opt, b, jnp.asarray(step))
-    np.testing.assert_allclose(ms["moe_layers"]["mlp"]["correlation"][...], ref, atol=1e-6)
+    np.testing.assert_allclose(ms["moe_layers"]["mlp"]["des"]["correlation"][...], ref, atol=1e-6)
 
 
 def test_mask_rules_hand_examples():
@@ -64,9 +64,9 @@ def test_mask_rules_hand_examples():
 def _masked_model(seed=7):
   model = sp.attach(tiny_model(seed=seed), num_domains=3)
   rng = np.random.RandomState(0)
-  mask = (rng.rand(*model.moe_layers.mlp.expert_mask.shape) < 0.5).astype(np.float32)
+  mask = (rng.rand(*model.moe_blocks().des.expert_mask.shape) < 0.5).astype(np.float32)
   mask[:, :, 0] = 0  # expert 0 owned by nobody
-  model.moe_layers.mlp.expert_mask[...] = jnp.asarray(mask)
+  model.moe_blocks().des.expert_mask[...] = jnp.asarray(mask)
   return model, mask
 
 
@@ -106,7 +106,7 @@ def test_duplicated_experts_dispatch_and_merge():
   mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10,
                     dges=sp.DgesConfig(duplicate_shared_experts=True, max_copies=4))
   model = prepare_model(tiny_model(seed=2), mc)
-  moe = model.moe_layers.mlp
+  moe = model.moe_blocks().des
   mask = np.zeros(moe.expert_mask.shape, np.float32)
   mask[:, 0, 1] = mask[:, 2, 1] = 1  # expert 1 owned by domains 0 and 2 in every layer
   mask[:, 1, 2] = 1
@@ -127,10 +127,10 @@ def test_duplicated_experts_dispatch_and_merge():
   assert not np.allclose(moved[2], before[2])                  # row of domain 2
   np.testing.assert_allclose(moved[:2], before[:2], atol=1e-6)  # domains 0 and 1 untouched
   # Merge: expert 1 becomes the mean of its two versions; the bank is gone.
-  up_before = np.asarray(moe.experts.up_proj[...][:, 1])
+  up_before = np.asarray(model.moe_blocks().experts.up_proj[...][:, 1])
   # As the trainer's export hands it over: host copies of the state (read-only numpy arrays).
   nnx.update(model, jax.device_get(nnx.state(model)))
   sp.merge_copies(model)
-  assert model.moe_layers.mlp.expert_copies is None
-  np.testing.assert_allclose(model.moe_layers.mlp.experts.up_proj[...][:, 1], up_before + 0.25,
+  assert model.moe_blocks().des.expert_copies is None
+  np.testing.assert_allclose(model.moe_blocks().experts.up_proj[...][:, 1], up_before + 0.25,
                              atol=1e-6)

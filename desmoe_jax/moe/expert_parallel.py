@@ -33,7 +33,7 @@ Unused buffer rows carry the id "no expert" of `moe.expert_outputs`: the tiled k
 matmul on them; whether ragged_dot skips them depends on the backend's kernel. The fixed
 exchange does move the padding between devices.
 
-DES-MoE is unaffected: routing, statistics and gradient isolation happen in `moe.MoE` around
+DES-MoE is unaffected: routing, statistics and gradient isolation happen in `moe.block.MoEBlock` around
 this call. The copy bank of duplicated experts (C per layer) is split over the expert axis like
 the routed experts, C/ep per device, so C (`dges.max_copies`) must be a multiple of ep.
 

@@ -1,77 +1,21 @@
 """Multi-head latent attention (MLA) with DeepSeek's decoupled RoPE, including YaRN.
 
-Matches transformers' `DeepseekV2Attention`: keys/values are compressed to a `kv_lora_rank`
-latent (plus one shared rotary key), queries optionally through a `q_lora_rank` bottleneck;
-RoPE rotates interleaved pairs (x[2i], x[2i+1]) like a complex multiply, in float32.
+Matches transformers' `DeepseekV2Attention` and `DeepseekV3Attention` (the same MLA):
+keys/values are compressed to a `kv_lora_rank` latent (plus one shared rotary key), queries
+optionally through a `q_lora_rank` bottleneck; RoPE (nn/rope.py) rotates interleaved pairs
+(x[2i], x[2i+1]) like a complex multiply (V3 with rope_interleave=False: halves), in float32.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from desmoe_jax.config import ModelConfig, yarn_get_mscale
-from desmoe_jax.layers import Linear, RMSNorm
-
-
-def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
-  """Inverse frequencies [rope_dim/2] and the cos/sin scale, computed in float32 as HF does."""
-  dim = cfg.qk_rope_head_dim
-  base = np.float32(cfg.rope_theta)
-  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-  if cfg.rope_type == "default":
-    return (np.float32(1.0) / base ** exponents).astype(np.float32), 1.0
-
-  rs = cfg.rope_scaling
-  original_max = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
-  factor = rs.get("factor")
-  if factor is None:
-    factor = cfg.max_position_embeddings / original_max
-  mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
-
-  attention_factor = rs.get("attention_factor")
-  if attention_factor is None:
-    if mscale and mscale_all_dim:
-      attention_factor = float(yarn_get_mscale(factor, mscale)
-                               / yarn_get_mscale(factor, mscale_all_dim))
-    else:
-      attention_factor = yarn_get_mscale(factor)
-  beta_fast = rs.get("beta_fast") or 32
-  beta_slow = rs.get("beta_slow") or 1
-
-  def correction_dim(num_rotations):
-    return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(float(base)))
-
-  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-  if rs.get("truncate", True):
-    low, high = math.floor(low), math.ceil(high)
-  low, high = max(low, 0), min(high, dim - 1)
-  if low == high:
-    high += 0.001  # avoid a zero-width ramp, as HF does
-  pos_freqs = base ** exponents
-  inv_extrapolation = np.float32(1.0) / pos_freqs
-  inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
-  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
-                 / np.float32(high - low), 0, 1).astype(np.float32)
-  extrapolation_factor = np.float32(1) - ramp
-  inv_freq = (inv_interpolation * (np.float32(1) - extrapolation_factor)
-              + inv_extrapolation * extrapolation_factor)
-  return inv_freq.astype(np.float32), float(attention_factor)
-
-
-def apply_rope(x_bshr, positions_bs, inv_freq_r, scale: float):
-  """Rotates interleaved pairs of the last dim by position * inv_freq (HF's complex form)."""
-  freqs_bsr = positions_bs.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_r)
-  cos = (jnp.cos(freqs_bsr) * scale)[:, :, None, :]  # [batch, seq, 1, rope/2]
-  sin = (jnp.sin(freqs_bsr) * scale)[:, :, None, :]
-  xf = x_bshr.astype(jnp.float32).reshape(*x_bshr.shape[:-1], -1, 2)
-  re, im = xf[..., 0], xf[..., 1]
-  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-  return out.reshape(x_bshr.shape).astype(x_bshr.dtype)
+from desmoe_jax.config import ModelConfig
+from desmoe_jax.nn.layers import Linear, RMSNorm
+from desmoe_jax.nn.rope import apply_rope, rope_inv_freq
 
 
 def attention_mask(segment_ids_bs, q_positions=None):
@@ -97,7 +41,7 @@ TOKAMAX_ATTENTION = {"tpu": ("mosaic_tpu", "xla"), "cuda": ("mosaic_gpu", "trito
 
 
 def _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float):
-  from desmoe_jax.moe import import_tokamax  # pylint: disable=import-outside-toplevel
+  from desmoe_jax.moe.block import import_tokamax  # pylint: disable=import-outside-toplevel
   tokamax = import_tokamax()
 
   def call(implementation, per_row=False):
@@ -136,8 +80,8 @@ class MLAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h = cfg.hidden_size, cfg.num_attention_heads
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    pd = jnp.dtype(cfg.param_dtype)
+    pd = jnp.dtype(cfg.runtime.param_dtype)
+    kw = dict(dtype=jnp.dtype(cfg.runtime.dtype), param_dtype=pd, rngs=rngs)
     self.cfg = cfg
     if cfg.q_lora_rank is None:
       self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), **kw)
@@ -154,7 +98,9 @@ class MLAttention(nnx.Module):
                             ("kv_lora", "heads"), **kw)
     self.o_proj = Linear(h * cfg.v_head_dim, d, ("heads", "embed"),
                          use_bias=cfg.attention_bias, **kw)
-    inv_freq, self.rope_scale = rope_inv_freq(cfg)
+    inv_freq, self.rope_scale = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta,
+                                              cfg.rope_scaling, cfg.max_position_embeddings)
+    self.interleaved = cfg.rope_interleave
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: not a parameter
 
   def _queries(self, x_bsd, positions_bs):
@@ -167,7 +113,8 @@ class MLAttention(nnx.Module):
       q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_bsd)))
     q_bshd = q.reshape(b, s, cfg.num_attention_heads, cfg.qk_head_dim)
     q_pe = apply_rope(q_bshd[..., cfg.qk_nope_head_dim:], positions_bs,
-                      np.asarray(self.inv_freq, np.float32), self.rope_scale)
+                      np.asarray(self.inv_freq, np.float32), self.rope_scale,
+                      self.interleaved)
     return q_bshd[..., :cfg.qk_nope_head_dim], q_pe
 
   def latents(self, x_bsd, positions_bs):
@@ -177,7 +124,8 @@ class MLAttention(nnx.Module):
     ckv = self.kv_a_proj_with_mqa(x_bsd)                    # [batch, seq, kv_lora + rope]
     kv_latent = self.kv_a_layernorm(ckv[..., :cfg.kv_lora_rank])
     k_pe = apply_rope(ckv[..., cfg.kv_lora_rank:][:, :, None, :], positions_bs,
-                      np.asarray(self.inv_freq, np.float32), self.rope_scale)
+                      np.asarray(self.inv_freq, np.float32), self.rope_scale,
+                      self.interleaved)
     return kv_latent, k_pe[:, :, 0, :]
 
   def __call__(self, x_bsd, positions_bs, mask_b1qk, return_latents: bool = False):
@@ -193,9 +141,9 @@ class MLAttention(nnx.Module):
     k_bshd = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, rope))], -1)
     q_bshd = jnp.concatenate([q_nope, q_pe], axis=-1)
     out = dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, cfg.softmax_scale,
-                                cfg.attention_impl)
+                                cfg.runtime.attention_impl)
     out = self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
-    return (out, (kv_latent, k_pe)) if return_latents else out
+    return (out, KVCache(latent=kv_latent, k_pe=k_pe)) if return_latents else out
 
   def decode(self, x_b1d, positions_b1, cache: "KVCache", index, key_valid_bt):
     """One new token per row against MLA's compressed cache, with the key/value up-projection
@@ -233,3 +181,8 @@ class KVCache:
   """MLA's compressed decode cache for one layer (or stacked over layers on axis 0)."""
   latent: jax.Array  # [B, T, kv_lora] normalised kv latents
   k_pe: jax.Array    # [B, T, rope] rotated shared rope keys
+
+  def grow(self, n: int) -> "KVCache":
+    """The same cache with room for `n` more tokens (time is the second axis from the end)."""
+    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, n), (0, 0)])
+    return KVCache(latent=pad(self.latent), k_pe=pad(self.k_pe))

@@ -1,4 +1,4 @@
-"""The DeepSeek-V2 MoE layer: shared experts + top-k routed experts, no token ever dropped.
+"""The sparse MoE block of every family: top-k routed experts (+ shared experts), no token dropped.
 
 Expert dispatch has one interface, `expert_outputs`, and four implementations that compute the
 same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
@@ -30,9 +30,14 @@ partitions it with XLA's SPMD partitioner; "shard_map" exchanges token rows betw
 holding the experts explicitly (`expert_parallel.py`), each device running the kernel above on
 its own experts.
 
-The layer returns per-slot outputs before the gate weights are applied, plus its `Routing`, so
-that DES-MoE can build statistics, swap the router and mask gradients per token without
-reaching into this module.
+The block knows two interfaces and nothing of DES-MoE:
+* its router `gate`: `route(x, token_mask, adapt) -> (logits [T, E], loss)` (`moe/routing.py`'s
+  LinearRouter: the pretrained gate, loss 0). The family's routing function (`select_experts`)
+  and selection bias apply to whatever logits the router gives, so DES-MoE's adaptive router
+  replaces the logits only (and adds its distillation loss).
+* an optional expert hook `des` (the one DES-MoE state submodule, `specialization.DesState`):
+  `dispatch` (remap slots to duplicated experts), `isolate` (per-token gradient isolation) and
+  `statistics` (domain x expert counts), each given the per-call `adapt` it alone reads.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from desmoe_jax import expert_parallel, gmm
+from desmoe_jax.moe import expert_parallel, gmm
 from desmoe_jax.config import ModelConfig
-from desmoe_jax.layers import MLP, normal_init, param
-from desmoe_jax.router import AdaptiveRouter, Routing, TopKRouter, balance_loss, select_experts
-from desmoe_jax.specialization import domain_expert_counts
+from desmoe_jax.moe.routing import (LinearRouter, Routing, SelectionBias, balance_loss,
+                                    select_experts)
+from desmoe_jax.nn.layers import MLP, Linear, normal_init, param
+
+ROUTED_EXPERTS, SHARED_EXPERTS = "routed_experts", "shared_experts"   # parameter groups
 
 IMPLS = ("dense", "ragged", "tokamax", "tiled")
 # What "auto" runs on each platform (see the module docstring for why).
@@ -159,48 +166,62 @@ class RoutedExperts(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    pd = jnp.dtype(cfg.param_dtype)
-    self.gate_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"))
-    self.up_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"))
-    self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"))
+    pd = jnp.dtype(cfg.runtime.param_dtype)
+    g = ROUTED_EXPERTS
+    self.gate_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
+    self.up_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
+    self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"), g)
 
 
 @struct.dataclass
 class Adaptation:
-  """Per-call DES-MoE inputs to the MoE layers; the defaults leave the pretrained model as is."""
+  """Per-call DES-MoE inputs, carried through the model to the router and the expert hook (the
+  block itself reads none of them); the defaults leave the pretrained model as is."""
   domain_bs: jax.Array | None = None          # [batch, seq] int domain id of every token
   router_grad_scale: jax.Array | None = None  # scalar (1 - lambda): task-gradient share of the ALR
-  isolate: bool = struct.field(pytree_node=False, default=False)  # apply the ExpertMask
+  isolate: bool = struct.field(pytree_node=False, default=False)  # apply the expert mask
 
 
 @struct.dataclass
 class LayerStats:
-  balance: jax.Array                      # scalar DeepSeek balance loss (times aux_loss_alpha)
-  kd: jax.Array                           # scalar router distillation loss (0 without an ALR)
+  balance: jax.Array                      # scalar balance loss (times aux_loss_alpha)
+  kd: jax.Array                           # scalar router loss (ALR distillation; 0 otherwise)
   domain_counts: jax.Array | None = None  # [D, E] real tokens of domain d that picked expert e
   domain_tokens: jax.Array | None = None  # [D] real tokens of domain d
 
 
-class MoE(nnx.Module):
-  """y = shared_experts(x) + sum_k w[t,k] * expert_{ids[t,k]}(x[t]).
+class MoEBlock(nnx.Module):
+  """y = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) (+ shared experts, optionally sigmoid-gated).
 
-  DES-MoE adds, through `router.attach_alr` / `specialization.attach` / `.attach_copies`: an
-  adaptive router in place of `gate`, the correlation/mask state, and a bank of duplicated
-  experts. With them absent this is exactly the pretrained DeepSeek-V2 MoE.
+  Attribute names follow the HF modules so that a family's key mapping stays short:
+  `gate` (router), `experts`, `shared_experts` (DeepSeek) or `shared_expert` +
+  `shared_expert_gate` (Qwen2-MoE), `e_score_correction_bias` (DeepSeek-V3's selection bias,
+  HF's `gate.e_score_correction_bias`). `des` is the DES-MoE hook, None for a plain model.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.gate = TopKRouter(cfg, rngs=rngs)
+    self.gate = LinearRouter(cfg, rngs=rngs)
     self.experts = RoutedExperts(cfg, rngs=rngs)
-    self.shared_experts = nnx.data(
-        MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-            use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-        if cfg.n_shared_experts else None)
-    self.correlation = nnx.data(None)    # specialization.Correlation [D, E] once attached
-    self.expert_mask = nnx.data(None)    # specialization.ExpertMask [D, E] once attached
-    self.expert_copies = nnx.data(None)  # specialization.ExpertCopies once attached
+    self.e_score_correction_bias = nnx.data(
+        SelectionBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=(None,))
+        if cfg.topk_method == "noaux_tc" else None)
+    mlp = lambda width: MLP(cfg.hidden_size, width, use_bias=cfg.mlp_bias,
+                            dtype=jnp.dtype(cfg.runtime.dtype),
+                            param_dtype=jnp.dtype(cfg.runtime.param_dtype), group=SHARED_EXPERTS,
+                            rngs=rngs)
+    self.shared_experts = nnx.data(mlp(cfg.moe_intermediate_size * cfg.n_shared_experts)
+                                   if cfg.n_shared_experts else None)
+    if cfg.shared_expert_intermediate_size:
+      self.shared_expert = mlp(cfg.shared_expert_intermediate_size)
+      self.shared_expert_gate = nnx.data(
+          Linear(cfg.hidden_size, 1, ("embed", None), dtype=jnp.dtype(cfg.runtime.dtype),
+                 param_dtype=jnp.dtype(cfg.runtime.param_dtype), group=SHARED_EXPERTS,
+                 rngs=rngs) if cfg.shared_expert_gate else None)
+    self.des = nnx.data(None)   # the DES-MoE hook (specialization.DesState) once attached
+
+  def selection_bias(self):
+    return None if self.e_score_correction_bias is None else self.e_score_correction_bias[...]
 
   def __call__(self, x_bsd, token_mask_bs=None, adapt: Adaptation | None = None):
     """Returns (y [B,S,D], Routing over the B*S tokens, LayerStats)."""
@@ -211,49 +232,45 @@ class MoE(nnx.Module):
     if token_mask_bs is None:
       token_mask_bs = jnp.ones((b, s), jnp.bool_)
     mask_t = token_mask_bs.reshape(-1)
-    domain_t = None if adapt.domain_bs is None else adapt.domain_bs.reshape(-1)
 
-    kd = jnp.zeros((), jnp.float32)
-    if isinstance(self.gate, AdaptiveRouter):
-      # One forward of the fp32 MLP serves routing and L_KD (router.py).
-      logits_te, kd = self.gate.route_and_distill(x_td, mask_t, adapt.router_grad_scale)
-    else:
-      logits_te = self.gate(x_td)
-    weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg)
+    logits_te, router_loss = self.gate.route(x_td, mask_t, adapt)
+    weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg, self.selection_bias())
 
     gate, up, down = (self.experts.gate_proj[...], self.experts.up_proj[...],
                       self.experts.down_proj[...])
     dispatch_tk = ids_tk
-    if self.expert_copies is not None and domain_t is not None:
-      gate, up, down, dispatch_tk = self.expert_copies.dispatch(gate, up, down, ids_tk, domain_t)
-    local = functools.partial(expert_outputs, impl=cfg.moe_impl, tile_size=cfg.moe_tile_size)
-    if cfg.expert_parallel == "shard_map":
+    if self.des is not None:
+      gate, up, down, dispatch_tk = self.des.dispatch(gate, up, down, ids_tk, adapt)
+    local = functools.partial(expert_outputs, impl=cfg.runtime.moe_impl,
+                              tile_size=cfg.runtime.moe_tile_size)
+    if cfg.runtime.expert_parallel == "shard_map":
       y_tkd = expert_parallel.expert_outputs(local, x_td, dispatch_tk, gate, up, down,
                                              num_experts=cfg.n_routed_experts)
     else:
       y_tkd = local(x_td, dispatch_tk, gate, up, down)
     if adapt.isolate:
-      if self.expert_mask is None or domain_t is None:
-        raise ValueError("gradient isolation needs specialization.attach(...) and domain ids")
-      # An expert learns only from tokens of domains that own it; the forward is unchanged.
-      allowed_tk = self.expert_mask[...][domain_t[:, None], ids_tk] > 0
-      y_tkd = jnp.where(allowed_tk[..., None], y_tkd, jax.lax.stop_gradient(y_tkd))
+      if self.des is None:
+        raise ValueError("gradient isolation needs the DES-MoE state (specialization.attach)")
+      y_tkd = self.des.isolate(y_tkd, ids_tk, adapt)
 
     # Gate weights stay float32 for the weighted sum, as in HF, then back to the compute dtype.
     y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk).astype(x_bsd.dtype)
+    # Shared experts on [T, D], not [B, S, D]: XLA:CPU builds the 3-D weight gradients with a
+    # slow transposing fusion (bench/RESULTS.md).
     if self.shared_experts is not None:
-      # On [T, D], not [B, S, D]: XLA:CPU builds the 3-D weight gradients with a slow
-      # transposing fusion (bench/RESULTS.md).
       y_td = y_td + self.shared_experts(x_td)
+    if cfg.shared_expert_intermediate_size:
+      shared_td = self.shared_expert(x_td)
+      if self.shared_expert_gate is not None:
+        shared_td = jax.nn.sigmoid(self.shared_expert_gate(x_td)) * shared_td
+      y_td = y_td + shared_td
     y_bsd = y_td.reshape(b, s, d)
 
     stats = LayerStats(
         balance=balance_loss(scores_te.reshape(b, s, -1), ids_tk.reshape(b, s, -1),
                              token_mask_bs, cfg),
-        kd=kd)
-    if domain_t is not None and self.correlation is not None:
-      counts, tokens = domain_expert_counts(ids_tk, domain_t, mask_t,
-                                            self.correlation.shape[0], cfg.n_routed_experts)
-      stats = stats.replace(domain_counts=counts, domain_tokens=tokens)
+        kd=router_loss)
+    if self.des is not None:
+      stats = stats.replace(**self.des.statistics(ids_tk, mask_t, adapt))
     routing = Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk, inputs=x_td)
     return y_bsd, routing, stats

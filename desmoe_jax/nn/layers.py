@@ -3,6 +3,10 @@
 Every parameter carries `logical_axes` metadata (one name per dimension); `sharding.py` maps
 those names to mesh axes. We keep our own metadata key rather than Flax's `out_sharding`, which
 would shard eagerly at creation and require a mesh just to build a model.
+
+A parameter may also carry `group` metadata, its parameter group for the optimizer and the
+phase schedule (`router`, `routed_experts`, `shared_experts`; absent = `backbone`): the module
+that creates a parameter says what it is, so no code elsewhere parses paths (optim.py).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
-def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes, group: str | None = None) -> nnx.Param:
   assert len(axes) == len(shape), (shape, axes)
-  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+  meta = {"group": group} if group else {}
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes), **meta)
 
 
 normal_init = jax.nn.initializers.normal(stddev=0.02)  # HF initializer_range for DeepSeek
@@ -26,10 +31,11 @@ class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel is [in, out] (HF stores the transpose)."""
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, use_bias: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.kernel = param(rngs, normal_init, (d_in, d_out), param_dtype, axes)
-    self.bias = nnx.data(param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, axes[1:])
-                         if use_bias else None)
+               dtype=jnp.float32, param_dtype=jnp.float32, group: str | None = None,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, normal_init, (d_in, d_out), param_dtype, axes, group)
+    self.bias = nnx.data(param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, axes[1:],
+                               group) if use_bias else None)
     self.dtype = dtype
 
   def __call__(self, x):
@@ -72,8 +78,8 @@ class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
   def __init__(self, d_model: int, d_ff: int, *, use_bias: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               param_dtype=jnp.float32, group: str | None = None, rngs: nnx.Rngs):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, group=group, rngs=rngs)
     self.gate_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
     self.up_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
     self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
