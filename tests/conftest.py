@@ -10,7 +10,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# One persistent JAX compilation cache for the whole run: the xdist workers and every train.py /
+# eval.py subprocess a test starts inherit it through the environment, so a program that many
+# tests compile (the tiny preset's train step, its evaluation, the export fold) is compiled once
+# per run instead of once per test. The controller process, which loads this file before the
+# workers start, makes a fresh directory and removes it at the end; runs never share one.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="desmoe_jax_test_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # A small DeepSeek-V2 with every feature of V2-Lite: MLA without q_lora, YaRN, one dense layer,
 # shared + routed experts, greedy top-k.
