@@ -23,7 +23,13 @@ Layers, outermost first (`run_program`):
    under an empty tmpfs (homes, `/root`, `/work`, `/var`, `/run`, `/mnt`, `/opt`, `/srv`,
    `/sys`) with only the Python installation bound back in, `/proc` is a fresh mount of the new
    PID namespace, and `/tmp` is a private, size-limited tmpfs, the program's only writable place
-   and its working directory. It vanishes with the namespace.
+   and its working directory. It vanishes with the namespace. "The Python installation" is what
+   the evaluator's interpreter runs from (`_keep_paths`): in a virtualenv the venv itself (its
+   `bin/python` symlink, `pyvenv.cfg`, site-packages) and the base interpreter it points to
+   (`sys.base_prefix`, the standard library). Each is bound back read-only at its own path, also
+   where that path is under a hidden directory or under `/tmp` (CI's venv from `mktemp -d`):
+   init holds each one by a descriptor before mounting anything over it, and binds it from
+   there, so the bind's source is never one that a new tmpfs has just covered.
 3. Identity: started as root, the program runs as a random unprivileged uid/gid (no
    supplementary groups), so file permissions hold, and `RLIMIT_NPROC` holds (root is exempt
    from it). Started unprivileged, it keeps the namespace's uid 0, which outside is the
@@ -141,15 +147,18 @@ def _bwrap_cmd(tmp_bytes: int) -> list[str] | None:
       cmd += ["--symlink", os.readlink(path), path]
     elif os.path.isdir(path):
       cmd += ["--ro-bind", path, path]
-  made = set()
+  made = {"/tmp"}  # the private tmpfs above, mode set by init
   for p in _keep_paths():
-    if p.split("/")[1] not in _SYSTEM_DIRS:
+    if _hidden_by_sandbox(p):  # e.g. a venv under /tmp, a pyenv under /root
+      if p == "/tmp":
+        return None  # binding all of the host's /tmp back would undo the private one
       parts = p.strip("/").split("/")
       for i in range(1, len(parts)):  # bwrap would make the parents 0700: no way in for a uid
         parent = "/" + "/".join(parts[:i])
         if parent not in made:
           cmd += ["--perms", "0755", "--dir", parent]
           made.add(parent)
+      # Sources are read from the host's tree, so this works after the --tmpfs over /tmp.
       cmd += ["--ro-bind", p, p]
   return cmd + ["--ro-bind", os.path.abspath(__file__), _INIT_PATH_IN_BWRAP, "--chdir", "/tmp"]
 
@@ -257,7 +266,7 @@ def _kill(pid: int | None, group: bool = False):
 def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes: int) -> dict:
   tmp_bytes = max(4 * int(file_bytes), 16 << 20)
   request = {"source": source, "timeout": timeout, "memory_bytes": int(memory_bytes),
-             "file_bytes": int(file_bytes), "tmp_bytes": tmp_bytes}
+             "file_bytes": int(file_bytes), "tmp_bytes": tmp_bytes, "keep": _keep_paths()}
   if _backend() == "bwrap":
     request["premounted"] = True  # bwrap built the filesystem view already
     cmd = _bwrap_cmd(tmp_bytes) + ["--", sys.executable, "-I", "-S", "-B",
@@ -279,6 +288,8 @@ def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes:
     _kill(proc.pid, group=True)
     proc.wait()
   seconds = time.perf_counter() - start
+  lines = err.decode(errors="replace").strip().splitlines()
+  last = lines[-1][:300] if lines else ""
   records = []
   for line in out.decode(errors="replace").splitlines():
     try:
@@ -295,10 +306,10 @@ def _run_isolated(source: str, *, timeout: float, memory_bytes: int, file_bytes:
       return {"passed": False, "reason": "timeout",
               "detail": f"sandbox gave no result within {timeout + _SLACK_S:g} s"}
     return {"passed": False, "reason": "error",
-            "detail": f"the sandbox's supervisor ended without a verdict (exit {proc.returncode})"}
-  lines = err.decode(errors="replace").strip().splitlines()
+            "detail": f"the sandbox's supervisor ended without a verdict (exit {proc.returncode})"
+                      + (f": {last}" if last else "")}
   raise SandboxUnavailable(f"the sandbox failed to start (exit {proc.returncode}): "
-                           f"{lines[-1] if lines else 'no message'}")
+                           f"{last or 'no message'}")
 
 
 def _run_unisolated(source: str, *, timeout: float, memory_bytes: int, file_bytes: int) -> dict:
@@ -432,7 +443,6 @@ def _supervise(source: str, workdir: str, *, timeout: float, memory_bytes: int, 
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_MNT_DETACH = 2
 _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _MOUNT_ATTR_RDONLY = 1
 _SYS_MOUNT_SETATTR = 442  # same number on every architecture (new syscall table)
@@ -494,50 +504,87 @@ def _remount_readonly_each(root: str):
 
 
 def _keep_paths() -> list[str]:
-  """Directories of the Python installation that must stay visible (deduplicated, outermost)."""
-  paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                         sys.base_exec_prefix,
-                                         os.path.dirname(os.path.realpath(sys.executable)))}
+  """Directories of the Python installation that must stay visible (deduplicated, outermost),
+  computed by the evaluator's own interpreter (the host side), which has run `site`: in a
+  virtualenv `sys.prefix` is then the venv (its `bin/python` symlink, `pyvenv.cfg` and
+  site-packages) and `sys.base_prefix` the interpreter it was made from (the standard library).
+  init runs with `-S`, where `sys.prefix` is the base prefix, so it must not compute them itself:
+  it gets them in its request. Each directory is kept under its resolved path and under the path
+  as spelled (a symlink in a hidden directory would otherwise lead nowhere)."""
+  import site
+  dirs = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+          os.path.dirname(os.path.abspath(sys.executable)),
+          os.path.dirname(os.path.realpath(sys.executable))]
+  try:
+    dirs += site.getsitepackages()  # inside the prefixes on every usual layout; cheap to check
+  except AttributeError:  # an old virtualenv's site.py
+    pass
+  paths = set()
+  for d in dirs:
+    if d and os.path.isdir(d):
+      paths.update((os.path.abspath(d), os.path.realpath(d)))
   out = []
   for p in sorted(paths):
-    if not any(p == q or p.startswith(q + "/") for q in out):
+    if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
       out.append(p)
   return out
 
 
-def _setup_filesystem(tmp_bytes: int, ids) -> None:
-  """The program's view (module docstring, layer 2)."""
+def _hidden_by_sandbox(path: str) -> bool:
+  """Whether `path` lies in a top-level directory the sandbox replaces with a tmpfs (`/tmp`
+  included): such a directory of the Python installation has to be bound back in."""
+  top = "/" + path.strip("/").split("/")[0]
+  return top == "/tmp" or (top.lstrip("/") not in _SYSTEM_DIRS and os.path.isdir(top)
+                           and not os.path.islink(top))
+
+
+def _makedirs_0755(path: str):
+  """Creates `path` and its missing parents in a fresh tmpfs, each 0755 whatever the umask, so
+  that the program's uid can reach what is bound there."""
+  parts = path.strip("/").split("/")
+  for i in range(1, len(parts) + 1):
+    d = "/" + "/".join(parts[:i])
+    if not os.path.isdir(d):
+      os.mkdir(d)
+      os.chmod(d, 0o755)
+
+
+def _setup_filesystem(tmp_bytes: int, ids, keep: list[str]) -> None:
+  """The program's view (module docstring, layer 2). `keep`: the Python installation's
+  directories (`_keep_paths`, computed on the host side)."""
   _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
   uid, gid = ids if ids else (0, 0)
-  _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
-         f"size={tmp_bytes},mode=0700,uid={uid},gid={gid}")
-  stage = "/tmp/.keep"
-  os.mkdir(stage, 0o700)
-  keep = _keep_paths()
-  for i, p in enumerate(keep):  # bind the Python installation aside before hiding its parents
-    os.mkdir(f"{stage}/{i}")
-    _mount(p, f"{stage}/{i}", None, _MS_BIND | _MS_REC)
-  for name in sorted(os.listdir("/")):
-    path = "/" + name
-    if name in _SYSTEM_DIRS or os.path.islink(path) or not os.path.isdir(path):
-      continue
-    _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-  for i, p in enumerate(keep):
-    if p.split("/")[1] in _SYSTEM_DIRS:
-      _check(_libc().umount2(f"{stage}/{i}".encode(), _MNT_DETACH), f"umount {stage}/{i}")
-      continue
-    os.makedirs(p, 0o755, exist_ok=True)
-    _mount(f"{stage}/{i}", p, None, _MS_BIND | _MS_REC)
-    _check(_libc().umount2(f"{stage}/{i}".encode(), _MNT_DETACH), f"umount {stage}/{i}")
-  for i in range(len(keep)):
-    os.rmdir(f"{stage}/{i}")
-  os.rmdir(stage)
+  bring_back = [p for p in keep if _hidden_by_sandbox(p)]
+  for p in bring_back:
+    if p in ("/", "/tmp") or not p.startswith("/"):  # would undo the private /tmp or the rest
+      raise OSError(22, f"refusing to keep {p!r} visible: it is the whole of a hidden directory")
+  # Each directory of the Python installation that is about to be hidden (a venv under /tmp, a
+  # pyenv under /root) is held by an O_PATH descriptor BEFORE anything is mounted over it: the
+  # host's /proc/self/fd/N still names it once a tmpfs covers its path (mount(2) follows that
+  # link to the covered directory), so it is bound back from there at its own path.
+  fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in bring_back]
+  try:
+    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
+           f"size={tmp_bytes},mode=0700,uid={uid},gid={gid}")
+    for name in sorted(os.listdir("/")):
+      path = "/" + name
+      if name in _SYSTEM_DIRS or os.path.islink(path) or not os.path.isdir(path):
+        continue
+      _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    for p, fd in zip(bring_back, fds):
+      _makedirs_0755(p)
+      _mount(f"/proc/self/fd/{fd}", p, None, _MS_BIND | _MS_REC)
+  finally:
+    for fd in fds:
+      os.close(fd)
   try:  # this PID namespace's own /proc: no host process is listed
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
   except OSError:
     # A user namespace inside a container that masks parts of /proc may not mount a new one;
     # then no /proc at all rather than the host's.
     _mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0555")
+  # Every mount read-only, recursively: the bound-back installation under /tmp too. Then only
+  # /tmp's own tmpfs (not recursively, so not the installation bound into it) is made writable.
   _set_readonly("/")
   _set_readonly("/tmp", readonly=False, recursive=False)
 
@@ -555,7 +602,10 @@ def _init_main():
         os.chown("/tmp", *ids)
         os.chmod("/tmp", 0o700)
     else:
-      _setup_filesystem(request["tmp_bytes"], ids)
+      _setup_filesystem(request["tmp_bytes"], ids, request["keep"])
+    if not os.access(sys.executable, os.X_OK):  # the program's interpreter must be there
+      raise OSError(2, f"the interpreter {sys.executable} is not visible in the sandbox "
+                    f"(kept: {', '.join(request.get('keep', [])) or 'nothing'})")
   except OSError as e:
     print(json.dumps({"setup_error": f"sandbox setup failed: {e}"}), flush=True)
     return

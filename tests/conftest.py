@@ -4,13 +4,25 @@ Every test process simulates 8 CPU devices (set before JAX starts) so that shard
 build real meshes; single-device tests simply use device 0. Nothing touches the network.
 """
 
+import functools
 import os
+import shutil
+import subprocess
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests run tiny shapes for a few steps, so compiling dominates their time: XLA:CPU's
+# backend (LLVM) optimisation is turned down, which halves a tiny train step's compile
+# (bench/accel.py --smoke's train stage: 51 -> 26 s) for slower code that tiny shapes do not
+# feel. Numerics are unchanged: neither level enables fast-math.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true")
+# What a test's train.py / eval.py subprocess gets: one device (as a user's laptop), fast compile.
+ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
+os.environ.setdefault("XLA_FLAGS",
+                      f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -128,3 +140,82 @@ def family_checkpoint(tmp_path_factory):
     return cache[family]
 
   return get
+
+
+# ------------------------------------------------------------------ the pass@1 sandbox
+
+
+@functools.lru_cache(maxsize=None)
+def machine_can_isolate(user_namespace: bool = False) -> tuple[bool, str]:
+  """(yes, how we know): whether this machine itself can create what the sandbox needs, asked
+  of util-linux directly rather than of desmoe_jax/sandbox.py: new pid, mount, net, ipc and uts
+  namespaces (inside a new user namespace when `user_namespace` or not root, as the sandbox
+  does) in which a tmpfs can be mounted. Where it can, a sandbox that cannot isolate is a bug
+  in the sandbox, not a property of the machine."""
+  if not sys.platform.startswith("linux"):
+    return False, f"namespaces need Linux, this is {sys.platform}"
+  found = {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin")
+           for name in ("unshare", "mount", "bwrap", "true")}
+  tries = []
+  if found["unshare"] and found["mount"]:
+    cmd = [found["unshare"], "--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc",
+           "--uts", "--propagation", "private"]
+    if user_namespace or os.geteuid() != 0:
+      cmd += ["--user", "--map-root-user"]
+    tries.append(cmd + ["--", found["mount"], "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/tmp"])
+  if found["bwrap"] and found["true"]:  # e.g. a setuid bwrap where users get no namespaces
+    cmd = [found["bwrap"], "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+           "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if user_namespace:
+      cmd += ["--unshare-user"]
+    tries.append(cmd + [found["true"]])
+  if not tries:
+    return False, "neither util-linux's unshare(1) and mount(8) nor bwrap is installed"
+  failures = []
+  for cmd in tries:
+    shown = " ".join(os.path.basename(c) if c in found.values() else c for c in cmd)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "LANG": "C"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+      failures.append(f"`{shown}` did not run ({e})")
+      continue
+    if proc.returncode == 0:
+      return True, f"`{shown}` exits 0"
+    err = proc.stderr.strip().splitlines()
+    failures.append(f"`{shown}` exits {proc.returncode}" + (f": {err[-1]}" if err else ""))
+  return False, "; ".join(failures)
+
+
+@pytest.fixture(scope="session")
+def sandbox_isolates() -> bool:
+  """Whether the pass@1 sandbox isolates here. False only on a machine that genuinely cannot
+  (not Linux, no unshare, no namespaces or mounts for this user). Where unshare(1) itself creates
+  the namespaces and mounts a tmpfs in them (root on Linux, or a user with user namespaces: CI),
+  a sandbox whose own setup fails is an error of every test that asked, never a skip: its
+  escape tests cannot be skipped away on a machine that should run them."""
+  from desmoe_jax import sandbox
+  ok, reason = sandbox.isolation_status()
+  if ok:
+    return True
+  can, how = machine_can_isolate()
+  if can:
+    pytest.fail(f"this machine can isolate ({how}), but desmoe_jax/sandbox.py cannot: {reason}",
+                pytrace=False)
+  return False
+
+
+@pytest.fixture
+def isolation(sandbox_isolates):
+  """For a test that needs the sandbox: skipped where the machine cannot isolate (the reason
+  names the sandbox's and util-linux's), an error where it can but the sandbox does not."""
+  if not sandbox_isolates:
+    from desmoe_jax import sandbox
+    pytest.skip(f"this machine cannot isolate: {sandbox.isolation_status()[1]}; and "
+                f"{machine_can_isolate()[1]}")
+
+
+@pytest.fixture(scope="session")
+def machine_isolation():
+  """`machine_can_isolate`, for tests that ask about one way in (e.g. a user namespace)."""
+  return machine_can_isolate

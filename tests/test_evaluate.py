@@ -51,7 +51,7 @@ def test_evaluate_model_hand_loss_and_outputs_in_a_new_directory(tmp_path):
   assert len(lines) == 2 and {"prompt", "answers", "generation"} <= set(json.loads(lines[0]))
 
 
-def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch):
+def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch, sandbox_isolates):
   """Without eval.allow_code_execution the code domain reports pass@1 as not run (null, with the
   flag named), not 0; with it, the programs run isolated; a machine that cannot isolate refuses
   before any model work, naming the override."""
@@ -70,7 +70,7 @@ def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch):
   assert "pass@1 not run (eval.allow_code_execution=False)" in metrics.format_results(results)
 
   config.eval.allow_code_execution = True
-  if sandbox.isolation_status()[0]:
+  if sandbox_isolates:  # False only where the machine cannot isolate (conftest.py)
     code = evaluate.evaluate_model(model, tokenizer, config)["code"]
     assert 0.0 <= code["pass@1"] <= 1.0 and code["pass@1_isolated"] and code["generated"] == 2
 

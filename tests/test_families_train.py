@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_family_model
+from conftest import ONE_DEVICE_XLA_FLAGS, make_family_model
 
 from desmoe_jax.convert import copy_tokenizer
 from desmoe_jax.families import FAMILIES
@@ -25,7 +25,7 @@ FLAGS = ["--config.train.log_every=1", "--config.train.eval_every=0",
 def _env():
   env = dict(os.environ, HF_HUB_OFFLINE="1",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   return env
 
 

@@ -15,6 +15,7 @@ import os
 import nbformat
 import numpy as np
 import pytest
+from conftest import ONE_DEVICE_XLA_FLAGS
 from IPython.core.inputtransformer2 import TransformerManager
 from flax import nnx
 from nbclient import NotebookClient
@@ -76,7 +77,7 @@ def _execute(name, parameters: str, cache_dir):
              TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env.pop("XLA_FLAGS", None)  # one device
+  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": COLAB}}).execute(env=env)
   return nb

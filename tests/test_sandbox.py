@@ -16,6 +16,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 
@@ -27,10 +29,6 @@ PROBLEM = {"task_id": "double", "prompt": "def f(x):\n",
            "test": "def check(candidate):\n    assert candidate(2) == 4\n", "entry_point": "f"}
 CORRECT = "    return 2 * x\n"
 
-pytestmark = pytest.mark.skipif(not sandbox.isolation_status()[0],
-                                reason=f"no isolation here: {sandbox.isolation_status()[1]}")
-
-
 BWRAP = shutil.which("bwrap") is not None
 
 
@@ -39,10 +37,15 @@ BWRAP = shutil.which("bwrap") is not None
                             not BWRAP, reason="bubblewrap is not installed")),
                         pytest.param("bwrap_user_namespace", marks=pytest.mark.skipif(
                             not BWRAP, reason="bubblewrap is not installed"))])
-def mode(request, monkeypatch):
+def mode(request, monkeypatch, isolation, machine_isolation):
   """Every way in: unshare(1) as root (uid change) and through a user namespace (capabilities
   dropped), the path an unprivileged evaluator takes; the same two through bubblewrap where it
-  is installed."""
+  is installed. `isolation` (conftest.py): skipped only where the machine cannot isolate at all;
+  where it can, a sandbox that fails to set itself up is an error, not a skip."""
+  if request.param.endswith("user_namespace") and os.geteuid() == 0:
+    can, how = machine_isolation(user_namespace=True)
+    if not can:  # root, but this kernel gives no user namespaces: only the root path exists
+      pytest.skip(f"no user namespaces on this machine: {how}")
   monkeypatch.setattr(sandbox, "USER_NAMESPACE", request.param.endswith("user_namespace"))
   monkeypatch.setattr(sandbox, "BACKEND", "bwrap" if request.param.startswith("bwrap")
                       else "unshare")
@@ -90,8 +93,13 @@ ok = ok or 'DESMOE_TEST_SECRET' in os.environ
 
 
 def test_cannot_write_outside_its_tmp(mode, tmp_path):
+  """Nor into the Python installation it runs on: a virtualenv (CI's lies under /tmp, bound
+  into the program's private /tmp), its site-packages and the base interpreter stay read-only."""
+  token = secrets.token_hex(4)
   targets = [str(tmp_path / "escaped"), os.path.join(os.path.dirname(__file__), "escaped.txt"),
-             "/etc/desmoe_escaped", f"/var/tmp/desmoe_escaped_{secrets.token_hex(4)}"]
+             "/etc/desmoe_escaped", f"/var/tmp/desmoe_escaped_{token}",
+             *{os.path.join(d, f"desmoe_escaped_{token}")
+               for d in (sys.prefix, sys.base_prefix, sysconfig.get_paths()["purelib"])}]
   try:
     r, = _run(_body(f"""
 ok, why = False, []

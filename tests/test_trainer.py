@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ONE_DEVICE_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
@@ -78,7 +79,7 @@ def _run(tmp_path, workdir, action="none", at=0, **overrides):
   driver.write_text(DRIVER)
   env = dict(os.environ, HF_HUB_OFFLINE="1",   # this checkout's package, whatever is installed
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env.pop("XLA_FLAGS", None)  # one device, as a user's laptop
+  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   return subprocess.run(
       [sys.executable, str(driver), os.path.join(REPO, "configs", "six_domains.py"),
        str(workdir), json.dumps(dict(OVERRIDES, **overrides)), action, str(at)],
@@ -119,7 +120,7 @@ def _train_py(workdir, *flags, patch="", wait=True, **overrides):
           *[f"--config.train.{k}={v}" for k, v in train.items()], *flags]
   env = dict(os.environ, HF_HUB_OFFLINE="1",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   if not wait:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
