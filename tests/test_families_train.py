@@ -1,13 +1,20 @@
-"""`train.py --config=configs/six_domains.py:tiny --config.model.path=<tiny random model of a
-family>` runs DES-MoE, FFT and ESFT-Token on every family, and `eval.py` reloads the run's
-checkpoint. DES-MoE runs the fewest steps that cross its three phases (4) and exports (the ALR
-folded into the family's linear router); FFT and ESFT-Token, which have no phases, run 2 steps.
-One packed sequence per step, one held-out batch."""
+"""The trainer on every family: `train.py --config=configs/six_domains.py:tiny,<method>
+--config.model.path=<tiny random model of a family>` runs DES-MoE, FFT and ESFT-Token, and
+`eval.py` reloads the DES-MoE run's checkpoint.
+
+One process per family runs the three methods one after another through `cli.run(trainer.train,
+...)`, the call train.py makes after parsing its flags (`load_config` is its flag parser's
+config loader), so the suite pays for one interpreter start and one import of JAX per family
+rather than per method; `eval.py` itself runs as a user runs it. DES-MoE runs the fewest steps
+that cross its three phases (4) and exports (the ALR folded into the family's linear router);
+FFT and ESFT-Token, which have no phases, run 1 step each and save their checkpoint. One packed
+sequence per step, one held-out batch."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import ONE_DEVICE_XLA_FLAGS, make_family_model
@@ -17,9 +24,22 @@ from desmoe_jax.families import FAMILIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "assets", "tiny_deepseek_v2")   # the tiny preset's tokenizer
-FLAGS = ["--config.train.log_every=1", "--config.train.eval_every=0",
-         "--config.data.batch_size=1", "--config.eval.loss_batches=1",
-         "--config.eval.general_batches=1"]
+COMMON = {"train.log_every": 1, "train.eval_every": 0, "data.batch_size": 1,
+          "eval.loss_batches": 1, "eval.general_batches": 1}
+RUNS = {"desmoe": {"train.steps": 4, "train.checkpoint_every": 4, "export.enabled": True},
+        "fft": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False},
+        "esft_token": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False}}
+
+DRIVER = textwrap.dedent("""
+    import json, logging, os, sys
+    logging.basicConfig(level=logging.WARNING)
+    from desmoe_jax import cli, trainer
+    from desmoe_jax.run_config import load_config
+    path, root, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    for method, overrides in runs.items():
+      config = load_config(f"six_domains:tiny,{method}", dict(overrides, **{"model.path": path}))
+      cli.run(trainer.train, config, os.path.join(root, method))
+""")
 
 
 def _env():
@@ -29,51 +49,45 @@ def _env():
   return env
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-  """model_type -> a tiny random model of that family with the tiny preset's tokenizer."""
+def _family_dir(family, tmp_path):
+  """A tiny random model of `family` with the tiny preset's tokenizer."""
   with open(os.path.join(TOKENIZER, "config.json")) as f:
     vocab = json.load(f)["vocab_size"]
-  out = {}
-  for family in FAMILIES:
-    path = str(tmp_path_factory.mktemp(f"train_{family}"))
-    make_family_model(family, path, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
-    copy_tokenizer(TOKENIZER, path)
-    out[family] = path
-  return out
+  path = str(tmp_path / family)
+  make_family_model(family, path, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+  copy_tokenizer(TOKENIZER, path)
+  return path
 
 
-def _run(script, preset, path, workdir, *extra):
-  cmd = [sys.executable, os.path.join(REPO, script), f"--config=configs/six_domains.py:{preset}",
-         f"--config.model.path={path}", f"--workdir={workdir}", *FLAGS, *extra]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=1800)
-
-
-def _train(method, path, workdir, steps, export):
-  run = _run("train.py", f"tiny,{method}", path, workdir, f"--config.train.steps={steps}",
-             f"--config.train.checkpoint_every={steps}",
-             f"--config.export.enabled={'true' if export else 'false'}")
-  assert run.returncode == 0, run.stderr[-4000:]
-  with open(workdir / "metrics.jsonl") as f:
+def _steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
-  return records
+  return records, [r["step"] for r in records if "loss" in r]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_desmoe_trains_exports_and_eval_reloads(family_dirs, family, tmp_path):
-  records = _train("desmoe", family_dirs[family], tmp_path, 4, export=True)
+def test_every_method_trains_and_eval_reloads(family, tmp_path):
+  path = _family_dir(family, tmp_path)
+  runs = {m: dict(COMMON, **o) for m, o in RUNS.items()}
+  driver = tmp_path / "driver.py"
+  driver.write_text(DRIVER)
+  train = subprocess.run([sys.executable, str(driver), path, str(tmp_path), json.dumps(runs)],
+                         cwd=REPO, capture_output=True, text=True, env=_env(), timeout=1200)
+  assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
+
+  for method, overrides in runs.items():
+    records, steps = _steps(tmp_path / method)
+    assert steps == list(range(1, overrides["train.steps"] + 1)), method
+    assert os.listdir(tmp_path / method / "checkpoints"), method
+  records, _ = _steps(tmp_path / "desmoe")
   assert {r["phase"] for r in records if "phase" in r} == {0, 1, 2}
-  with open(tmp_path / "hf" / "config.json") as f:
+  with open(tmp_path / "desmoe" / "hf" / "config.json") as f:
     assert json.load(f)["model_type"] == family
-  ev = _run("eval.py", "tiny,desmoe", family_dirs[family], tmp_path, "--no_generation",
-            "--no_base")
+
+  ev = subprocess.run(
+      [sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={tmp_path / 'desmoe'}",
+       "--no_generation", "--no_base"],
+      cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
   assert ev.returncode == 0, ev.stderr[-4000:]
   assert "results:" in ev.stdout
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", ["fft", "esft_token"])
-def test_baselines_train(family_dirs, family, method, tmp_path):
-  _train(method, family_dirs[family], tmp_path, 2, export=False)
