@@ -121,7 +121,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
-  # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/expert_parallel.py)
+  # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
   # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
