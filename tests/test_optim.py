@@ -277,4 +277,5 @@ def test_per_expert_bias_correction_follows_a_hand_computed_adam_sequence():
   assert all((got[t][0, 1] == 1.0).all() for t in range(k))   # masked: bit-identical
   shared = _adam_expert_run(False, masks, grads)
   first_step = lambda run: np.abs(run[k][0, 1] - 1.0).mean()
-  assert first_step(shared) < 0.5 * first_step(got)              # 1 - b1^4 vs 1 - b1
+  # shared count 4: (0.1 / 0.344) / sqrt(0.05 / 0.185) = 0.56 of Adam's first step
+  assert first_step(shared) < 0.6 * first_step(got)
