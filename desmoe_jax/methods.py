@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from desmoe_jax.esft import EsftConfig
-from desmoe_jax.router import AlrConfig, attach_alr
-from desmoe_jax.schedule import (ALL, CONSOLIDATION, ScheduleConfig, desmoe_trainable,
+from desmoe_jax.router import AlrConfig, attach_alr, kd_lambda
+from desmoe_jax.schedule import (ALL, CONSOLIDATION, WARMUP, ScheduleConfig, desmoe_trainable,
                                  phase_at, phase_boundaries)
 from desmoe_jax.specialization import DgesConfig, attach, attach_copies
 
@@ -110,6 +110,28 @@ class MethodConfig:
   def refresh_masks(self, phase: int) -> bool:
     """Masks follow the correlation matrix until consolidation; ESFT's masks are fixed."""
     return not self.is_esft and phase != CONSOLIDATION
+
+  def warmup_end(self) -> int | None:
+    """The first step after phase I (warm-up), or None for a run without one. The masks are
+    always refreshed by the last warm-up step, whatever `dges.update_every` is, so that phase II
+    starts isolated: before the first refresh the masks are all ones and every expert trains."""
+    ends = [end for phase, _, end in self.phases() if phase == WARMUP]
+    return ends[0] if ends else None
+
+  def router_steps(self) -> int:
+    """Steps in which the router trains: up to the end of the last phase that trains it (the
+    end of phase II, T2, under the three-phase schedule; T without it)."""
+    ends = [end for phase, _, end in self.phases() if "router" in self.trainable(phase)]
+    return max(ends, default=self.total_steps)
+
+  def kd_clock_steps(self) -> int:
+    """lambda's clock (`alr.alpha`): alpha = step / this. "run": T; "router": the steps in
+    which the router trains, so lambda reaches 0 where the router freezes, not at T."""
+    return self.total_steps if self.alr.alpha == "run" else self.router_steps()
+
+  def kd_lambda(self, step):
+    """lambda(alpha) = max(0, 1 - alpha) at `step` (a scalar array; the run's global step)."""
+    return kd_lambda(step, self.kd_clock_steps())
 
 
 def prepare_model(model, cfg: MethodConfig, seed: int = 0):

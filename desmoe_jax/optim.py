@@ -12,6 +12,14 @@
   masked experts' moments unchanged: momentum and weight decay cannot move a masked expert.
 * The learning rate follows the GLOBAL step (passed as `step=`), not a group's own count, so a
   group that starts training in phase II follows the same decay as the run.
+* Weight decay skips the parameter kinds in `decay_exclude` (norm gains and biases by default,
+  the HF/ESFT convention), read from the `kind` metadata their modules set.
+* `per_expert_bias_correction`: the routed experts' Adam step count is one per expert ([L, E]),
+  and `mask_experts` keeps a masked expert's count with its moments, so an expert first updated
+  at step k gets Adam's first-step bias correction then, not step k's.
+* `alr.mix="update"` (`mix_updates`): the router keeps two Adam states, one for its task
+  gradient and one for its KD gradient (given as `update(..., router_kd_grads=)`), and moves by
+  lambda u_KD + (1 - lambda) u_task of the two normalised updates.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from desmoe_jax.schedule import LABELS
 
 OPTIMIZERS = ("adamw", "adafactor")
 MOMENT_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# optim.decay_exclude: which parameter kinds (`kind` metadata, nn/layers.py) get no weight decay
+DECAY_EXCLUDE = {"norms,biases": frozenset({"norm", "bias"}), "norms": frozenset({"norm"}),
+                 "biases": frozenset({"bias"}), "none": frozenset()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,9 @@ class OptimConfig:
   # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
   # and the trainer's finiteness checks stop the run).
   skip_nonfinite_updates: int = 0
+  decay_exclude: str = "norms,biases"   # no weight decay for these kinds (DECAY_EXCLUDE); "none"
+  # one Adam step count per routed expert, advanced only when the expert is updated
+  per_expert_bias_correction: bool = False
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine", "constant"):
@@ -59,6 +73,13 @@ class OptimConfig:
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"optim.moments_dtype={self.moments_dtype!r}: expected one of "
                        f"{MOMENT_DTYPES}")
+    if self.decay_exclude not in DECAY_EXCLUDE:
+      raise ValueError(f"optim.decay_exclude={self.decay_exclude!r}: expected one of "
+                       f"{tuple(DECAY_EXCLUDE)}")
+    if self.per_expert_bias_correction and (self.name != "adamw" or self.moments_dtype == "int8"):
+      raise ValueError(f"optim.per_expert_bias_correction counts AdamW's steps per expert: it "
+                       f"needs optim.name='adamw' (not {self.name!r}) with float moments "
+                       f"(optim.moments_dtype={self.moments_dtype!r})")
     if self.moments_dtype == "int8" and self.name != "adamw":
       raise ValueError(f"optim.moments_dtype='int8' quantises AdamW's two moments; "
                        f"optim.name={self.name!r} has none (use auto, float32 or bfloat16)")
@@ -109,6 +130,38 @@ def param_labels(params):
   return jax.tree_util.tree_map_with_path(
       lambda path, x: (jax.tree.map(lambda _: label_of(x), x) if _is_variable(x)
                        else _bare_label(path)), params, is_leaf=_is_variable)
+
+
+def kind_of(variable, path=()) -> str:
+  """"norm" (a norm's gain), "bias", or "weight": the `kind` metadata of a parameter, else (a
+  bare array) what its path says: a leaf named bias/b1/b2, or one inside a module named *norm*."""
+  if _is_variable(variable):
+    return variable.get_metadata().get("kind") or "weight"
+  names = [str(_key(p)) for p in path]
+  if names and names[-1] in ("bias", "b1", "b2"):
+    return "bias"
+  if any("norm" in n for n in names[:-1]):
+    return "norm"
+  return "weight"
+
+
+def decay_mask(exclude: str):
+  """optax mask function: True for the parameters weight decay applies to (`decay_exclude`)."""
+  kinds = DECAY_EXCLUDE[exclude]
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (jax.tree.map(lambda _: kind_of(x) not in kinds, x) if _is_variable(x)
+                         else kind_of(x, path) not in kinds), params, is_leaf=_is_variable)
+
+  return mask
+
+
+def decayed_weights(cfg: OptimConfig) -> optax.GradientTransformation:
+  """AdamW's decoupled weight decay, on every parameter but the kinds in `decay_exclude`."""
+  if not DECAY_EXCLUDE[cfg.decay_exclude]:
+    return optax.add_decayed_weights(cfg.weight_decay)
+  return optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(cfg.decay_exclude))
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -198,8 +251,95 @@ def mask_experts(inner: optax.GradientTransformation) -> optax.GradientTransform
 
 def adamw_core(cfg: OptimConfig) -> optax.GradientTransformation:
   """AdamW direction (Adam moments + decoupled weight decay), before the learning rate."""
-  return optax.chain(optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-                     optax.add_decayed_weights(cfg.weight_decay))
+  return optax.chain(optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps), decayed_weights(cfg))
+
+
+class ScaleByAdamPerExpertState(NamedTuple):
+  """Adam's moments, and a step count per routed expert: a tree like the parameters whose
+  leaves are int32 [L, E] (or [L, C] for the copy bank)."""
+  count: optax.Updates
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _expert_count_zeros(params):
+  """int32 zeros [L, E] per stacked routed-expert leaf [L, E, ...], carrying the leading two
+  logical axes (so the count is sharded like its experts)."""
+  def zeros(x):
+    if not _is_variable(x):
+      return jnp.zeros(x.shape[:2], jnp.int32)
+    axes = x.get_metadata().get("logical_axes")
+    value = jnp.zeros(x.shape[:2], jnp.int32)
+    return x.replace(value) if axes is None else x.replace(value, logical_axes=tuple(axes[:2]))
+
+  return jax.tree.map(zeros, params, is_leaf=_is_variable)
+
+
+def _bias_correction(moment, decay, count_le):
+  """moment / (1 - decay^count), the count [L, E] broadcast over the expert's weights."""
+  c = count_le.astype(jnp.float32).reshape(count_le.shape + (1,) * (moment.ndim - 2))
+  return moment / (1.0 - decay ** c)
+
+
+def scale_by_adam_per_expert(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """optax.scale_by_adam for stacked routed experts [L, E, ...], with one step count per expert.
+
+  Every expert's count advances here; `mask_experts` then keeps a masked expert's count (with
+  its moments), since the count's leading [L, E] axes are the experts'. So an expert's count is
+  the number of updates it has had, and its bias correction is that of its own first, second,
+  ... update, not the run's step (with one shared count, an expert first unmasked at step k would
+  have its first moment divided by 1 - b1^k instead of 1 - b1: a step far smaller than Adam's)."""
+
+  def init(params):
+    return ScaleByAdamPerExpertState(_expert_count_zeros(params), optax.tree.zeros_like(params),
+                                     optax.tree.zeros_like(params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = jax.tree.map(optax.safe_increment, state.count)
+    new_updates = jax.tree.map(
+        lambda m, v, c: _bias_correction(m, b1, c) / (jnp.sqrt(_bias_correction(v, b2, c)) + eps),
+        mu, nu, count)
+    return new_updates, ScaleByAdamPerExpertState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+class MixState(NamedTuple):
+  """The router's two optimizer states under `alr.mix="update"`."""
+  task: optax.OptState
+  kd: optax.OptState
+
+
+def mix_updates(direction: optax.GradientTransformation, kd_direction: optax.GradientTransformation,
+                kd_lambda) -> optax.GradientTransformationExtraArgs:
+  """The router's update lambda u_KD + (1 - lambda) u_task (`alr.mix="update"`).
+
+  u_task = direction(task gradient) is the update of the gradient this transform is given, u_KD
+  = kd_direction(KD gradient) that of `update(..., router_kd_grads=)` (a tree like the
+  parameters, masked like them), each with its own state, so each is normalised by its own
+  Adam moments. The mix is of normalised updates: with the KD gradient at 0 (the ALR equals its
+  teacher), u_KD = 0 and the router moves by (1 - lambda) of a task-only step, where mixing the
+  gradients would let Adam scale (1 - lambda) dL_task back up to a full step.
+  `kd_lambda(step)`: lambda at the run's global step `step=`."""
+  direction = optax.with_extra_args_support(direction)
+  kd_direction = optax.with_extra_args_support(kd_direction)
+
+  def init(params):
+    return MixState(direction.init(params), kd_direction.init(params))
+
+  def update(updates, state, params=None, *, step, router_kd_grads=None, **extra):
+    if router_kd_grads is None:
+      raise ValueError("alr.mix='update': the router's KD gradient (router_kd_grads=) is missing")
+    u_task, task = direction.update(updates, state.task, params, **extra)
+    u_kd, kd = kd_direction.update(router_kd_grads, state.kd, params, **extra)
+    lam = jnp.asarray(kd_lambda(step), jnp.float32)
+    mixed = jax.tree.map(lambda t, k: (lam * k + (1.0 - lam) * t).astype(t.dtype), u_task, u_kd)
+    return mixed, MixState(task, kd)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 # ------------------------------------------------------------------ 8-bit moments
@@ -298,7 +438,7 @@ def adafactor_core(cfg: OptimConfig) -> optax.GradientTransformation:
   (`multiply_by_parameter_scale`) is off, so `optim.learning_rate` means what it means for
   AdamW. A flagged alternative, not the paper's optimizer."""
   return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
-                     optax.add_decayed_weights(cfg.weight_decay))
+                     decayed_weights(cfg))
 
 
 def state_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformationExtraArgs:
@@ -398,10 +538,27 @@ def apply_updates(params, updates, key=None):
   return jax.tree.unflatten(treedef, out)
 
 
+def direction(cfg: OptimConfig, per_expert: bool = False) -> optax.GradientTransformation:
+  """The optimizer's direction without weight decay (Adam, int8 Adam or Adafactor), its state
+  stored as `moments_dtype` says; `per_expert`: Adam with a step count per routed expert."""
+  if cfg.moments_dtype == "int8":
+    return state_in(scale_by_adam_int8(cfg.b1, cfg.b2, cfg.eps), None)
+  dtype = None if cfg.moments_dtype == "auto" else jnp.dtype(cfg.moments_dtype)
+  if cfg.name == "adafactor":
+    return state_in(optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)),
+                    dtype)
+  adam = scale_by_adam_per_expert if per_expert else optax.scale_by_adam
+  return state_in(adam(cfg.b1, cfg.b2, cfg.eps), dtype)
+
+
 def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[str],
-                    trainable_ever: Iterable[str]) -> optax.GradientTransformationExtraArgs:
-  """The optimizer for one phase. All phases built with the same `trainable_ever` share
-  one state structure (see module docstring)."""
+                    trainable_ever: Iterable[str],
+                    router_kd_lambda=None) -> optax.GradientTransformationExtraArgs:
+  """The optimizer for one phase. All phases built with the same `trainable_ever` (and
+  `router_kd_lambda` or not) share one state structure (see module docstring).
+
+  `router_kd_lambda`: None, or lambda(step) for `alr.mix="update"` (the router group then
+  mixes two updates, `mix_updates`; `update` needs `router_kd_grads=`)."""
   trainable_now, trainable_ever = frozenset(trainable_now), frozenset(trainable_ever)
   if not trainable_now <= trainable_ever:
     raise ValueError(f"groups {sorted(trainable_now - trainable_ever)} train now but not ever")
@@ -410,16 +567,21 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
     if label not in trainable_ever:
       transforms[label] = optax.set_to_zero()
       continue
-    if cfg.moments_dtype == "int8":
-      core = state_in(optax.chain(scale_by_adam_int8(cfg.b1, cfg.b2, cfg.eps),
-                                  optax.add_decayed_weights(cfg.weight_decay)), None)
-    else:
-      core = state_in(adamw_core(cfg) if cfg.name == "adamw" else adafactor_core(cfg),
-                      None if cfg.moments_dtype == "auto" else jnp.dtype(cfg.moments_dtype))
+    core = direction(cfg, per_expert=cfg.per_expert_bias_correction and label == "routed_experts")
+    if label == "router" and router_kd_lambda is not None:
+      # The task gradient is clipped with every other gradient (below); the KD gradient, given
+      # apart, is clipped by itself at the same norm.
+      kd = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), direction(cfg)) \
+          if cfg.grad_clip else direction(cfg)
+      core = mix_updates(core, kd, router_kd_lambda)
+    core = optax.chain(core, decayed_weights(cfg))
     if label == "routed_experts":
       core = mask_experts(core)
     transforms[label] = core if label in trainable_now else hold(core)
-  chain = [in_float32(), optax.multi_transform(transforms, param_labels)]
+  # mask_compatible_extra_args: `router_kd_grads` (a tree like the parameters) reaches each
+  # group's transform masked like its updates.
+  chain = [in_float32(), optax.multi_transform(transforms, param_labels,
+                                               mask_compatible_extra_args=True)]
   if cfg.grad_clip:
     chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))

@@ -36,6 +36,9 @@ FREE_TO_CHANGE = (
     # Evaluation-only data.
     "data.general", "data.general_mc", "data.domains[].eval", "data.domains[].metric",
 )
+# Not free, deliberately: alr.mix, alr.alpha, optim.decay_exclude and
+# optim.per_expert_bias_correction change the updates (alr.mix=update and the per-expert count
+# also change the optimizer state's structure, which a checkpoint restores into).
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ token goes to.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ from desmoe_jax.nn.layers import stack_modules
 # ------------------------------------------------------------------ DES-MoE: Adaptive Lightweight Router
 
 
+MIXES = ("gradient", "update")
+ALPHAS = ("run", "router")
+
+
 @dataclasses.dataclass(frozen=True)
 class AlrConfig:
   """docs/METHOD.md section 1; every field is a config knob (`alr.*`)."""
@@ -37,12 +42,24 @@ class AlrConfig:
   loss: str = "convex"        # "convex": router grad = (1-lam) dL_task + lam dL_KD | "additive"
   beta: float = 1.0           # KD weight for loss="additive"
   tau_squared: bool = False   # multiply L_KD by tau^2 (Hinton); the paper does not
+  # "gradient": one Adam state, router gradient (1-lam) dL_task + lam dL_KD | "update": two Adam
+  # states (task, KD), router update lam u_KD + (1-lam) u_task after Adam's normalisation
+  mix: str = "gradient"
+  # lambda's clock: "run" alpha = step / T | "router" alpha = step / (steps the router trains)
+  alpha: str = "run"
 
   def __post_init__(self):
     if self.form not in ("residual", "mlp"):
       raise ValueError(f"alr.form={self.form!r}: expected 'residual' or 'mlp'")
     if self.loss not in ("convex", "additive"):
       raise ValueError(f"alr.loss={self.loss!r}: expected 'convex' or 'additive'")
+    if self.mix not in MIXES:
+      raise ValueError(f"alr.mix={self.mix!r}: expected one of {MIXES}")
+    if self.alpha not in ALPHAS:
+      raise ValueError(f"alr.alpha={self.alpha!r}: expected one of {ALPHAS}")
+    if self.mix == "update" and self.loss != "convex":
+      raise ValueError(f"alr.mix='update' mixes the convex loss's two terms after Adam; "
+                       f"alr.loss={self.loss!r} has no such mix (use alr.loss=convex)")
     if self.tau <= 0 or self.hidden_mult < 1:
       raise ValueError(f"alr.tau={self.tau} must be > 0 and alr.hidden_mult={self.hidden_mult} >= 1")
 
@@ -52,9 +69,16 @@ class RouterTeacher(nnx.Variable):
   (not an nnx.Param, so no gradient, no optimizer state)."""
 
 
-def kd_lambda(step, total_steps):
-  """lambda(alpha) = max(0, 1 - alpha), alpha = step / total_steps."""
-  alpha = jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+class KdProbe(nnx.Variable):
+  """A zero array shaped like one router parameter, present only inside the train step of
+  `alr.mix="update"` (`attach_kd_probe`): L_KD is routed through it, so its gradient is the
+  router's KD gradient, kept apart from the task gradient that the parameter itself gets."""
+
+
+def kd_lambda(step, clock_steps):
+  """lambda(alpha) = max(0, 1 - alpha), alpha = step / clock_steps: T for `alr.alpha="run"`,
+  the steps the router trains for `alr.alpha="router"` (MethodConfig.kd_clock_steps)."""
+  alpha = jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(clock_steps, jnp.float32), 1.0)
   return jnp.maximum(0.0, 1.0 - alpha)
 
 
@@ -113,6 +137,33 @@ def _routed_and_distilled_bwd(res, g):
 _routed_and_distilled.defvjp(_routed_and_distilled_fwd, _routed_and_distilled_bwd)
 
 
+@jax.custom_vjp
+def _routed_and_probed(params, probe, x_td):
+  """The student logits twice, (for routing, for L_KD), for `alr.mix="update"`: the parameters
+  and x get the routing (task) path's gradient, `probe` (zeros shaped like `params`, whose
+  value is never read) the L_KD path's. One forward and the backward of
+  `_routed_and_distilled`, with the two parameter cotangents kept apart."""
+  del probe
+  logits = _student_logits(params, x_td)
+  return logits, logits
+
+
+def _routed_and_probed_fwd(params, probe, x_td):
+  del probe
+  logits, vjp = jax.vjp(_student_logits, params, x_td)
+  return (logits, logits), vjp
+
+
+def _routed_and_probed_bwd(vjp, g):
+  g_route, g_kd = g
+  dparams, dx = vjp(g_route)
+  dprobe, _ = vjp(g_kd)
+  return dparams, dprobe, dx
+
+
+_routed_and_probed.defvjp(_routed_and_probed_fwd, _routed_and_probed_bwd)
+
+
 class AdaptiveRouter(nnx.Module):
   """R_adapt(h) = W2 GELU(W1 h + b1) + b2 (+ h W_s for form="residual"), exact at init.
 
@@ -145,9 +196,12 @@ class AdaptiveRouter(nnx.Module):
       eye = jnp.eye(e, dtype=jnp.float32)
       w2 = w2.at[:e].set(eye).at[e:2 * e].set(-eye)
     self.w1 = nnx.Param(w1, logical_axes=("embed", "mlp"), group=ROUTER)
-    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("mlp",), group=ROUTER)
+    self.b1 = nnx.Param(jnp.zeros((hidden,), jnp.float32), logical_axes=("mlp",), group=ROUTER,
+                        kind="bias")
     self.w2 = nnx.Param(w2, logical_axes=("mlp", None), group=ROUTER)
-    self.b2 = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,), group=ROUTER)
+    self.b2 = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,), group=ROUTER,
+                        kind="bias")
+    self.kd_probe = nnx.data(None)   # {parameter name: KdProbe} inside an alr.mix="update" step
 
   def __call__(self, x_td, grad_scale=None):
     """Student logits [T, E] in float32; `grad_scale` scales the gradient reaching the router's
@@ -169,11 +223,21 @@ class AdaptiveRouter(nnx.Module):
     them equal): L_KD trains the router only, the routing gradient reaches x and, scaled by
     `grad_scale`, the router.
     """
-    scale = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32)
-    logits, student = _routed_and_distilled(self._params(), x_td, scale)
+    if self.kd_probe is not None:   # alr.mix="update": L_KD's gradient goes to the probe
+      if grad_scale is not None:
+        raise ValueError("alr.mix='update' keeps the task gradient unscaled (grad_scale=None)")
+      logits, student = _routed_and_probed(self._params(), self._probe(), x_td)
+    else:
+      scale = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32)
+      logits, student = _routed_and_distilled(self._params(), x_td, scale)
     kd = kd_loss(self.teacher_logits(jax.lax.stop_gradient(x_td)), student, token_mask_t,
                  self.tau, self.tau_squared)
     return logits, kd
+
+  def _probe(self):
+    p = self.kd_probe
+    return (p["w1"][...], p["b1"][...], p["w2"][...], p["b2"][...],
+            p["weight"][...] if self.form == "residual" else None)
 
   def route(self, x_td, token_mask_t, adapt=None):
     """The router interface (moe/routing.py): (student logits [T, E], L_KD) from one forward
@@ -193,12 +257,66 @@ class AdaptiveRouter(nnx.Module):
 
 def kd_loss(teacher_logits_te, student_logits_te, token_mask_t, tau: float, tau_squared: bool):
   """mean over real tokens of KL(softmax(teacher/tau) || softmax(student/tau))."""
-  log_p = jax.nn.log_softmax(teacher_logits_te / tau, axis=-1)
-  log_q = jax.nn.log_softmax(student_logits_te / tau, axis=-1)
-  kl_t = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  kl_t = _kl_t(teacher_logits_te, student_logits_te, tau)
   m = token_mask_t.astype(jnp.float32)
   loss = jnp.sum(kl_t * m) / jnp.maximum(m.sum(), 1.0)
   return loss * tau * tau if tau_squared else loss
+
+
+ROUTER_PARAMS = ("w1", "b1", "w2", "b2", "weight")   # AdaptiveRouter's parameter names
+
+
+def kd_probe_zeros(model) -> dict:
+  """{parameter name: zeros} shaped like the model's stacked ALR parameters ([L, ...]): the
+  probe of an `alr.mix="update"` step, made inside the step (it is never stored)."""
+  gate = model.moe_blocks().gate
+  return {n: jnp.zeros(getattr(gate, n).shape, jnp.float32) for n in ROUTER_PARAMS
+          if isinstance(getattr(gate, n, None), nnx.Param)}
+
+
+def attach_kd_probe(model, probe: dict):
+  """Routes every layer's L_KD through `probe` (`kd_probe_zeros`; in place): the gradient of
+  the loss with respect to `probe[name]` is then the KD gradient of router parameter `name`,
+  and the parameter itself gets the task gradient only."""
+  gate = model.moe_blocks().gate
+  if not isinstance(gate, AdaptiveRouter):
+    raise ValueError("alr.mix='update' needs the adaptive router (a method with the ALR)")
+  gate.kd_probe = nnx.data({n: KdProbe(v) for n, v in probe.items()})
+  return model
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kl_t(teacher_te, student_te, tau: float):
+  """KL(softmax(teacher/tau) || softmax(student/tau)) per token [T].
+
+  Its gradient is written out, (softmax(student/tau) - softmax(teacher/tau)) / tau for the
+  student, and is EXACTLY zero for a token whose student logits equal the teacher's (the ALR at
+  initialisation): there the KL is at its minimum. Computed, it would be rounding noise (autodiff
+  gives (q sum(p) - p) / tau, and XLA may round the two softmaxes differently in two fusions),
+  which Adam would normalise into a full step under `alr.mix="update"`."""
+  log_p = jax.nn.log_softmax(teacher_te / tau, axis=-1)
+  log_q = jax.nn.log_softmax(student_te / tau, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _kl_t_fwd(teacher_te, student_te, tau):
+  return _kl_t(teacher_te, student_te, tau), (teacher_te, student_te)
+
+
+def _kl_t_bwd(tau, res, g_t):
+  teacher_te, student_te = res
+  p = jax.nn.softmax(teacher_te / tau, axis=-1)
+  q = jax.nn.softmax(student_te / tau, axis=-1)
+  log_ratio = jax.nn.log_softmax(teacher_te / tau, axis=-1) - jax.nn.log_softmax(
+      student_te / tau, axis=-1)
+  kl = jnp.sum(p * log_ratio, axis=-1, keepdims=True)
+  differ_t1 = jnp.any(student_te != teacher_te, axis=-1, keepdims=True)
+  d_teacher = jnp.where(differ_t1, g_t[:, None] * p * (log_ratio - kl) / tau, 0.0)
+  d_student = jnp.where(differ_t1, g_t[:, None] * (q - p) / tau, 0.0)
+  return d_teacher.astype(teacher_te.dtype), d_student.astype(student_te.dtype)
+
+
+_kl_t.defvjp(_kl_t_fwd, _kl_t_bwd)
 
 
 def attach_alr(model, cfg: AlrConfig, seed: int = 0):

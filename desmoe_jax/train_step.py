@@ -29,7 +29,7 @@ from desmoe_jax import losses, optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe.block import Adaptation
-from desmoe_jax.router import kd_lambda
+from desmoe_jax.router import attach_kd_probe, kd_probe_zeros
 from desmoe_jax.schedule import WARMUP
 
 PRECISIONS = ("fp32_master", "bf16_sr", "bf16_master")
@@ -88,10 +88,30 @@ def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phas
   whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
   update was skipped)."""
   tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
-                             method_cfg.trainable_ever())
+                             method_cfg.trainable_ever(),
+                             router_kd_lambda=method_cfg.kd_lambda if mixes_updates(method_cfg)
+                             else None)
   if optim_cfg.skip_nonfinite_updates:
     tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
   return tx
+
+
+def mixes_updates(method_cfg: MethodConfig) -> bool:
+  """`alr.mix="update"` on a method with the ALR: the router's task and KD gradients are kept
+  apart (router.attach_kd_probe) and mixed after Adam (optim.mix_updates)."""
+  return method_cfg.use_alr and method_cfg.alr.mix == "update"
+
+
+def router_kd_grads(full_grads, probe_grads: dict):
+  """A tree like the gradients holding the router parameters' KD gradients (by parameter name,
+  from the probe) and zeros elsewhere (masked away before any transform reads them)."""
+  def kd(path, g):
+    if optim.label_of(g) != "router":
+      return jax.tree.map(jnp.zeros_like, g)
+    return g.replace(probe_grads[str(optim._key(path[-1]))].astype(g.dtype))
+
+  return jax.tree_util.tree_map_with_path(kd, full_grads,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
@@ -215,6 +235,9 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
+  warmup_end = cfg.warmup_end() if phase == WARMUP else None
+  # alr.mix="update" while the router trains: L_KD reaches a probe, not the router parameters.
+  probed = mixes_updates(cfg) and "router" in cfg.trainable(phase)
   n_micro = step_cfg.microbatches
   if optim_cfg.master_weights != (step_cfg.precision == "bf16_master"):
     raise ValueError(f"train.precision={step_cfg.precision!r} with optim master_weights="
@@ -241,13 +264,20 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     n_real = jnp.maximum((segment_ids != 0).sum(), 1).astype(jnp.float32)  # KD: over real tokens
     rows = tokens.shape[0]
 
-    lam = kd_lambda(step, cfg.total_steps) if cfg.use_alr else jnp.zeros((), jnp.float32)
+    lam = cfg.kd_lambda(step) if cfg.use_alr else jnp.zeros((), jnp.float32)
     convex = cfg.use_alr and cfg.alr.loss == "convex"
     diff, frozen = nnx.split_state(params, trainable, ...)
+    probe = kd_probe_zeros(nnx.merge(graphdef, model_state)) if probed else None
 
-    def loss_fn(diff, mb):
-      """(share of the whole batch's total loss, sums) of one microbatch `mb` ([b, S] each)."""
+    def loss_fn(diff_and_probe, mb):
+      """(share of the whole batch's objective, sums) of one microbatch `mb` ([b, S] each). The
+      objective is the total loss, except under alr.mix="update", where L_KD enters with weight
+      1 and reaches the probe only: the probe's gradient is the router's KD gradient, and the
+      router's own gradient is its task gradient."""
+      diff, probe = diff_and_probe
       model = nnx.merge(graphdef, diff, frozen, state)
+      if probe is not None:
+        attach_kd_probe(model, probe)
       mcfg = model.config
       if n_micro > 1 and (mcfg.balance_loss == "switch"
                           or (mcfg.balance_loss == "deepseek" and not mcfg.seq_aux)):
@@ -256,7 +286,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
                          f"{mcfg.seq_aux}) is not a sum over sequences and cannot be "
                          "accumulated exactly; use train.microbatches=1")
       adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
-                         router_grad_scale=(1.0 - lam) if convex else None)
+                         router_grad_scale=(1.0 - lam) if convex and probe is None else None)
       out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
                   adapt=adapt, logits=not model.config.runtime.ce_chunk)
       nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
@@ -267,6 +297,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
             else jnp.zeros((), jnp.float32))
       task = jnp.sum(nll * mb["loss_mask"]) / n_targets
       total = task + (balance if cfg.balance_loss else 0.0)
+      objective = total + kd if probe is not None else None
       if cfg.use_alr:
         total = total + (lam if convex else cfg.alr.beta * lam) * kd
       domain_loss, domain_targets = per_domain(nll, mb["loss_mask"], mb["domain_bs"],
@@ -274,23 +305,23 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       sums = {"loss": task, "total_loss": total, "kd_loss": kd, "balance_loss": balance,
               "domain_loss": domain_loss, "domain_targets": domain_targets,
               "domain_counts": out.domain_counts, "domain_tokens": out.domain_tokens}
-      return total, sums
+      return (total if objective is None else objective), sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     whole = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
              "loss_mask": loss_mask, "domain_bs": domain_bs}
     if n_micro == 1:
-      (_, sums), grads = grad_fn(diff, whole)
+      (_, sums), (grads, probe_grads) = grad_fn((diff, probe), whole)
     else:
       def accumulate(carry, mb):
-        (_, mb_sums), mb_grads = grad_fn(diff, mb)
+        (_, mb_sums), mb_grads = grad_fn((diff, probe), mb)
         return jax.tree.map(jnp.add, carry, (mb_grads, mb_sums)), None
 
       parts = {k: microbatched(v, n_micro) for k, v in whole.items()}
-      zero_sums = jax.eval_shape(loss_fn, diff, jax.tree.map(lambda x: x[0], parts))[1]
-      zeros = (_zeros_like_params(diff),
+      zero_sums = jax.eval_shape(loss_fn, (diff, probe), jax.tree.map(lambda x: x[0], parts))[1]
+      zeros = ((_zeros_like_params(diff), jax.tree.map(jnp.zeros_like, probe)),
                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums))
-      (grads, sums), _ = jax.lax.scan(accumulate, zeros, parts)
+      ((grads, probe_grads), sums), _ = jax.lax.scan(accumulate, zeros, parts)
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
     if optim_cfg.host_offload:
       # The state lives in host memory between steps (optimizer_shardings); the update runs on
@@ -315,8 +346,9 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
           copies.owner[...], copies.origin[...], mask, domain_tokens)
+    extra = {} if probe is None else {"router_kd_grads": router_kd_grads(full_grads, probe_grads)}
     updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
-                                       expert_update_mask=update_mask)
+                                       expert_update_mask=update_mask, **extra)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     new_params = optim.apply_updates(params, updates, key)
 
@@ -327,6 +359,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     new_mask = mask
     if refresh:
       due = (step + 1) % cfg.dges.update_every == 0
+      if warmup_end is not None:   # phase II starts with masks (MethodConfig.warmup_end)
+        due = due | (step + 1 == warmup_end)
       new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
                                                                      cfg.dges.score), mask)
     skipped = update_skipped(new_opt_state, optim_cfg)

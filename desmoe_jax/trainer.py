@@ -368,6 +368,48 @@ def _loss_sums_fn(graphdef):
   return loss_sums
 
 
+@functools.lru_cache(maxsize=8)
+def _teacher_agreement_fn(graphdef):
+  """The jitted ALR/teacher agreement of one batch: (tokens x layers whose two top-k SETS are
+  equal, tokens x layers), over the real tokens. Each layer reduces its own ids inside the layer
+  loop; the router inputs are never returned."""
+
+  @jax.jit
+  def agreement(state, batch):
+    def same_t(routing):
+      return jnp.all(jnp.sort(routing.topk_ids, axis=-1)
+                     == jnp.sort(routing.teacher_topk_ids, axis=-1), axis=-1)
+
+    out = nnx.merge(graphdef, state)(batch["tokens"], segment_ids_bs=batch["segment_ids"],
+                                     positions_bs=batch["positions"], return_routing=same_t,
+                                     logits=False)
+    real_t = (batch["segment_ids"] != 0).reshape(-1).astype(jnp.float32)
+    same_lt = out.routing.astype(jnp.float32)
+    return jnp.sum(same_lt * real_t), same_lt.shape[0] * jnp.sum(real_t)
+
+  return agreement
+
+
+def alr_teacher_agreement(graphdef, model_state, batches, batch_sharding=None) -> float | None:
+  """Top-k agreement of the ALR with its frozen teacher (the pretrained router) on `batches`:
+  the fraction of (MoE layer, real token) pairs whose top-k expert SET is the same under both
+  (`Routing.teacher_topk_ids`; the export's `topk_set_agreement` measures the folded router the
+  same way). 1.0 at initialisation, where the ALR equals its teacher; how far it drifts from it
+  is what distillation holds back. None for a model without the ALR, or no batch."""
+  from desmoe_jax.router import AdaptiveRouter
+  moe = nnx.merge(graphdef, model_state).moe_blocks()
+  if moe is None or not isinstance(moe.gate, AdaptiveRouter) or not batches:
+    return None
+  agreement = _teacher_agreement_fn(graphdef)
+  same, total = 0.0, 0.0
+  for b in batches:
+    b = (distributed.global_batch(b, batch_sharding) if batch_sharding is not None
+         else {k: jnp.asarray(v) for k, v in b.items()})
+    s, n = agreement(model_state, b)
+    same, total = same + float(s), total + float(n)
+  return same / total if total else None
+
+
 def heldout_losses(graphdef, model_state, batches_by_domain: dict, batch_sharding=None) -> dict:
   """Mean next-token loss on held-out packed batches, {name: loss}. With `batch_sharding`,
   batches are split over its mesh (every process of a multi-process run must call this).
@@ -753,6 +795,10 @@ def _evaluate(graphdef, model_state, eval_sets, names, workdir, step, config, me
               batch_sharding):
   losses = heldout_losses(graphdef, model_state, eval_sets, batch_sharding)
   record = {"event": "eval", **{f"heldout_loss/{k}": v for k, v in losses.items()}}
+  agreement = alr_teacher_agreement(graphdef, model_state, eval_sets.get("general"),
+                                    batch_sharding)
+  if agreement is not None:   # on general text: how far the ALR has moved from its teacher
+    record["alr_teacher_topk_agreement"] = agreement
   metrics_log.write(step, record)
   save_heatmaps(specialization.des_state(nnx.merge(graphdef, model_state)), names,
                 heatmap_paths(workdir, step), config.train.heatmap_layers)

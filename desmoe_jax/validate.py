@@ -29,7 +29,8 @@ from typing import Any
 
 from desmoe_jax.config import REMAT_POLICIES
 from desmoe_jax.errors import ConfigError
-from desmoe_jax.optim import MOMENT_DTYPES, OPTIMIZERS
+from desmoe_jax.optim import DECAY_EXCLUDE, MOMENT_DTYPES, OPTIMIZERS
+from desmoe_jax.router import ALPHAS, MIXES
 from desmoe_jax.train_step import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -155,6 +156,8 @@ FIELDS: dict[str, Rule] = {
     "optim.name": OneOf(*OPTIMIZERS),
     "optim.moments_dtype": OneOf(*MOMENT_DTYPES),
     "optim.host_offload": BOOL,
+    "optim.decay_exclude": OneOf(*DECAY_EXCLUDE),
+    "optim.per_expert_bias_correction": BOOL,
 
     "alr.form": OneOf("residual", "mlp"),
     "alr.hidden_mult": Int(1),
@@ -162,6 +165,8 @@ FIELDS: dict[str, Rule] = {
     "alr.loss": OneOf("convex", "additive"),
     "alr.beta": Float(0),
     "alr.tau_squared": BOOL,
+    "alr.mix": OneOf(*MIXES),
+    "alr.alpha": OneOf(*ALPHAS),
 
     "dges.momentum": Float(0, 1, hi_open=True),
     "dges.phi": Float(0, 1, lo_open=True),
@@ -252,6 +257,19 @@ def _cross_checks(config, has) -> list[str]:
   ok_s, steps = has("train.steps")
   if ok_w and ok_s and _is_num(warm) and _is_num(steps) and warm >= steps > 0:
     out.append(f"optim.warmup_steps={warm}: must be < train.steps={steps}")
+  ok_mix, mix = has("alr.mix")
+  ok_loss, loss = has("alr.loss")
+  if ok_mix and ok_loss and mix == "update" and loss in ("additive",):
+    out.append(f"alr.mix='update': mixes the convex loss's two router updates; alr.loss="
+               f"{loss!r} has none (set alr.loss=convex or alr.mix=gradient)")
+  ok_pe, per_expert = has("optim.per_expert_bias_correction")
+  ok_n, name = has("optim.name")
+  ok_md, moments = has("optim.moments_dtype")
+  if ok_pe and per_expert is True and ((ok_n and name == "adafactor")
+                                       or (ok_md and moments == "int8")):
+    out.append(f"optim.per_expert_bias_correction=True: counts AdamW's steps per expert; "
+               f"optim.name={name!r} with optim.moments_dtype={moments!r} has no such count "
+               "(needs adamw with float moments)")
   ok_m, mesh = has("mesh")
   if ok_m:
     minus = [k for k in ("data", "fsdp", "expert", "tensor") if mesh.get(k) == -1]

@@ -310,7 +310,8 @@ def convergence_section(groups: dict, plot_dir: str) -> list[str]:
 
 def ablation_section(groups: dict, base: dict) -> list[str]:
   d_max = _largest_d(groups)
-  variants = [("desmoe", ""), ("desmoe", "router+experts"), ("desmoe_no_alr", ""),
+  variants = [("desmoe", ""), ("desmoe", "router+experts"), ("desmoe", "mix=update"),
+              ("desmoe", "alpha=router"), ("desmoe", "per_expert"), ("desmoe_no_alr", ""),
               ("desmoe_no_dges", ""), ("desmoe_no_schedule", ""), ("fft", "")]
   lines = [f"### Ablations, D = {d_max} (the paper's Table 3)", "",
            "Expert overlap: Jaccard similarity of two domains' final DGES masks, averaged over "

@@ -12,7 +12,9 @@ does.
 * For D = 2, 4, 6 (the first D of math, code, law, intent, summary, translation): FFT,
   ESFT-Token and ESFT-Gate on the union of the domains' expert selections, DES-MoE under both
   readings of its warm-up (`schedule.warmup_trains` = router+backbone, the default, and
-  router+experts), and the ablations without ALR, without DGES, without the schedule.
+  router+experts), DES-MoE with each option of docs/METHOD.md section 7 that is off by default
+  (`alr.mix=update`, `alr.alpha=router`, `optim.per_expert_bias_correction`), and the
+  ablations without ALR, without DGES, without the schedule.
 * Single-domain ESFT-Token and ESFT-Gate, one run per domain: the paper's "one ESFT model per
   domain" reference.
 * Equal token budgets: every run gets `steps_per_domain` optimizer steps per domain of the same
@@ -53,12 +55,23 @@ log = logging.getLogger("reproduce")
 DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
 # (method, variant) of the multi-domain runs at each D, in report order.
 MULTI = (("fft", ""), ("esft_token", "union"), ("esft_gate", "union"), ("desmoe", ""),
-         ("desmoe", "router+experts"), ("desmoe_no_alr", ""), ("desmoe_no_dges", ""),
+         ("desmoe", "router+experts"), ("desmoe", "mix=update"), ("desmoe", "alpha=router"),
+         ("desmoe", "per_expert"), ("desmoe_no_alr", ""), ("desmoe_no_dges", ""),
          ("desmoe_no_schedule", ""))
+# The config fields each variant of a DES-MoE run sets (docs/METHOD.md sections 3 and 7).
+VARIANT_FIELDS = {
+    "router+experts": {"schedule.warmup_trains": "router+experts"},
+    "mix=update": {"alr.mix": "update"},
+    "alpha=router": {"alr.alpha": "router"},
+    "per_expert": {"optim.per_expert_bias_correction": True},
+}
 SINGLE = ("esft_token", "esft_gate")
 LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
           ("esft_gate", "union"): "ESFT-Gate (union)", ("desmoe", ""): "DES-MoE",
           ("desmoe", "router+experts"): "DES-MoE (warm-up: router+experts)",
+          ("desmoe", "mix=update"): "DES-MoE (ALR: mixed updates)",
+          ("desmoe", "alpha=router"): "DES-MoE (ALR: lambda on the router's clock)",
+          ("desmoe", "per_expert"): "DES-MoE (per-expert Adam bias correction)",
           ("desmoe_no_alr", ""): "DES-MoE w/o ALR", ("desmoe_no_dges", ""): "DES-MoE w/o DGES",
           ("desmoe_no_schedule", ""): "DES-MoE w/o schedule",
           ("esft_token", "single"): "ESFT-Token (one model per domain)",
@@ -88,7 +101,7 @@ def family(method: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Run:
   method: str
-  variant: str              # "" | "union" | "single" | "router+experts" | "lr=<lr>"
+  variant: str              # "" | "union" | "single" | a VARIANT_FIELDS key | "lr=<lr>"
   domains: tuple[str, ...]
   seed: int
   steps: int
@@ -147,8 +160,9 @@ def run_config(run: Run, s: dict, model_path: str | None):
   # Code pass@1 executes the model's programs: only with --allow_code_execution (isolated).
   config.eval.allow_code_execution = bool(s.get("allow_code_execution", False))
   config.export.enabled = False
-  if run.variant == "router+experts":
-    config.schedule.warmup_trains = "router+experts"
+  for field, value in VARIANT_FIELDS.get(run.variant, {}).items():
+    group, name = field.split(".")
+    config[group][name] = value
   return config
 
 

@@ -183,3 +183,99 @@ def test_without_skipping_a_nan_gradient_poisons_the_parameters():
   ms1, _, m = jax.jit(ts.make_train_step(g, mc, oc, STABILIZATION))(ms, opt, bad, jnp.asarray(3))
   assert "update_skipped" not in m
   assert not all(np.isfinite(v).all() for v in _flat(ms1).values())
+
+
+# ------------------------------------------------------------------ issue 17: decay, per-expert count
+
+
+def _decay_only_step(decay_exclude):
+  """One optimizer step with zero gradients on a tiny model with biases: only weight decay
+  moves anything. Returns ({path: before}, {path: after}, {path: kind})."""
+  model = tiny_model(seed=11, mlp_bias=True)
+  params = nnx.state(model, nnx.Param)
+  oc = optim.OptimConfig(learning_rate=1e-2, weight_decay=0.1, schedule="constant",
+                         decay_exclude=decay_exclude)
+  tx = optim.build_optimizer(oc, 10, {"backbone", "shared_experts", "router", "routed_experts"},
+                             {"backbone", "shared_experts", "router", "routed_experts"})
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params, step=jnp.asarray(0),
+                         expert_update_mask=None)
+  after = optim.apply_updates(params, updates)
+  flat = lambda s: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(s)}
+  kinds = {p: optim.kind_of(v) for p, v in nnx.to_flat_state(params)}
+  return flat(params), flat(after), kinds
+
+
+def test_decay_exclude_spares_norms_and_biases_and_decays_kernels():
+  """optim.decay_exclude="norms,biases" (default): a norm gain and a bias do not move by weight
+  decay, a kernel moves by exactly -lr * wd * w. "none" decays the norm gain too."""
+  before, after, kinds = _decay_only_step("norms,biases")
+  assert {"norm", "bias", "weight"} <= set(kinds.values())
+  for path, kind in kinds.items():
+    if kind == "weight":
+      np.testing.assert_allclose(after[path], before[path] * (1 - 1e-2 * 0.1), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(after[path], before[path], err_msg=str(path))
+  before, after, kinds = _decay_only_step("none")
+  norm = next(p for p, k in kinds.items() if k == "norm")
+  np.testing.assert_allclose(after[norm], before[norm] * (1 - 1e-2 * 0.1), rtol=1e-6)
+
+
+def test_kinds_come_from_the_modules_and_bare_paths_agree():
+  model = prepare_model(tiny_model(seed=11, mlp_bias=True), MethodConfig(num_domains=3))
+  params = nnx.state(model, nnx.Param)
+  by_meta = {p: optim.kind_of(v) for p, v in nnx.to_flat_state(params)}
+  bare = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda v: v[...], params,
+                                                           is_leaf=optim._is_variable))[0]
+  by_path = {tuple(str(_key(k)) for k in path): optim.kind_of(x, path) for path, x in bare}
+  assert {tuple(map(str, p)): k for p, k in by_meta.items()} == by_path
+  assert by_meta[("moe_layers", "mlp", "gate", "b1")] == "bias"            # the ALR's biases
+  assert by_meta[("moe_layers", "mlp", "gate", "w1")] == "weight"
+  assert by_meta[("norm", "weight")] == "norm"
+
+
+def _adam_expert_run(per_expert, masks, grads):
+  """Runs the routed-experts optimizer on one leaf [L=1, E=2, 2, 3] with `masks[t]` ([1, 2])
+  and gradients `grads[t]`; returns the parameter after each step."""
+  params = {"experts": {"gate_proj": jnp.ones((1, 2, 2, 3), jnp.float32)}}
+  oc = optim.OptimConfig(learning_rate=0.1, schedule="constant", weight_decay=0.0, grad_clip=0,
+                         b1=0.9, b2=0.95, eps=1e-8, per_expert_bias_correction=per_expert)
+  tx = optim.build_optimizer(oc, 100, {"routed_experts"}, {"routed_experts"})
+  state, out = tx.init(params), []
+  for t, (m, g) in enumerate(zip(masks, grads)):
+    updates, state = tx.update({"experts": {"gate_proj": g}}, state, params,
+                               step=jnp.asarray(t), expert_update_mask={"experts": m})
+    params = optim.apply_updates(params, updates)
+    out.append(np.asarray(params["experts"]["gate_proj"]))
+  return out
+
+
+def test_per_expert_bias_correction_follows_a_hand_computed_adam_sequence():
+  """Expert 1 is masked for k = 3 steps, then trained 2 steps. With per-expert counts its
+  updates are Adam's first and second steps (bias corrections 1 - b1, 1 - b1^2), computed here
+  by hand; it does not move while masked; expert 0 follows Adam from step 1. With the shared
+  count, expert 1's first update is divided by 1 - b1^4 instead: a smaller step."""
+  k, n, b1, b2, eps, lr = 3, 5, 0.9, 0.95, 1e-8, 0.1
+  rng = np.random.RandomState(0)
+  grads = [jnp.asarray(rng.randn(1, 2, 2, 3).astype(np.float32)) for _ in range(n)]
+  masks = [jnp.asarray([[1.0, 0.0 if t < k else 1.0]]) for t in range(n)]
+
+  def hand(expert, first):
+    w, m, v, c, out = np.ones((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)), 0, []
+    for t in range(n):
+      if t >= first:
+        g = np.asarray(grads[t])[0, expert].astype(np.float64)
+        m, v, c = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g, c + 1
+        w = w - lr * (m / (1 - b1 ** c)) / (np.sqrt(v / (1 - b2 ** c)) + eps)
+      out.append(w.copy())
+    return out
+
+  got = _adam_expert_run(True, masks, grads)
+  for t in range(n):
+    np.testing.assert_allclose(got[t][0, 0], hand(0, 0)[t], rtol=1e-5)
+    np.testing.assert_allclose(got[t][0, 1], hand(1, k)[t], rtol=1e-5)
+  assert all((got[t][0, 1] == 1.0).all() for t in range(k))   # masked: bit-identical
+  shared = _adam_expert_run(False, masks, grads)
+  first_step = lambda run: np.abs(run[k][0, 1] - 1.0).mean()
+  # shared count 4: (0.1 / 0.344) / sqrt(0.05 / 0.185) = 0.56 of Adam's first step
+  assert first_step(shared) < 0.6 * first_step(got)

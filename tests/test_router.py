@@ -61,6 +61,86 @@ def test_lambda_schedule():
                               kd_lambda(150, 100)], [1.0, 0.5, 0.0, 0.0])
 
 
+def test_lambda_clock_run_and_router():
+  """alr.alpha: lambda = max(0, 1 - step / T) on the run's clock; on the router's, T is the
+  steps the router trains: the end of phase II (ceil(0.7 * 100) = 70) under the schedule, the
+  whole run without it (desmoe_no_schedule)."""
+  steps = [0, 14, 35, 63, 70, 90]
+  run = MethodConfig(method="desmoe", num_domains=3, total_steps=100)
+  router = MethodConfig(method="desmoe", num_domains=3, total_steps=100,
+                        alr=AlrConfig(alpha="router"))
+  assert (run.kd_clock_steps(), router.router_steps(), router.kd_clock_steps()) == (100, 70, 70)
+  np.testing.assert_allclose([run.kd_lambda(s) for s in steps],
+                             [1.0, 0.86, 0.65, 0.37, 0.30, 0.10], rtol=1e-6)
+  np.testing.assert_allclose([router.kd_lambda(s) for s in steps],
+                             [1.0, 0.8, 0.5, 0.1, 0.0, 0.0], rtol=1e-6, atol=1e-7)
+  odd = MethodConfig(method="desmoe", num_domains=3, total_steps=7,
+                     alr=AlrConfig(alpha="router"))      # T2 = ceil(0.7 * 7) = 5
+  np.testing.assert_allclose([odd.kd_lambda(s) for s in range(7)],
+                             [1, 0.8, 0.6, 0.4, 0.2, 0, 0], rtol=1e-6, atol=1e-7)
+  unscheduled = MethodConfig(method="desmoe_no_schedule", num_domains=3, total_steps=100,
+                             alr=AlrConfig(alpha="router"))
+  assert unscheduled.kd_clock_steps() == 100
+  with pytest.raises(ValueError, match="alr.alpha"):
+    AlrConfig(alpha="phase")
+  with pytest.raises(ValueError, match="alr.mix='update'.*alr.loss='additive'"):
+    AlrConfig(mix="update", loss="additive")
+
+
+def test_kd_gradient_is_exactly_zero_where_the_student_equals_the_teacher():
+  """Under jit XLA may round the two softmaxes differently; the written-out gradient is 0 for a
+  token whose student logits equal the teacher's, and (q - p) / tau elsewhere."""
+  t = jax.random.normal(jax.random.key(0), (6, 8))
+  s = t.at[3].add(0.1)                               # token 3 differs
+  grad = jax.jit(jax.grad(lambda s: kd_loss(t, s, jnp.ones(6, bool), 0.7, False)))(s)
+  assert float(jnp.abs(grad[jnp.asarray([0, 1, 2, 4, 5])]).max()) == 0.0
+  want = (jax.nn.softmax(s[3] / 0.7) - jax.nn.softmax(t[3] / 0.7)) / 0.7 / 6
+  np.testing.assert_allclose(grad[3], want, rtol=1e-5, atol=1e-8)
+
+
+def _packed_batch(seed=0, rows=2, seq=16):
+  b = batch(seed, list(range(rows)), seq=seq)
+  segment_ids = np.ones((rows, seq), np.int32)
+  segment_ids[1, 11:] = 0                            # padding: not counted
+  return {"tokens": b["tokens"], "segment_ids": jnp.asarray(segment_ids),
+          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq)),
+          "loss_mask": b["loss_mask"]}
+
+
+def test_alr_teacher_agreement_is_one_at_init_and_matches_numpy_after_a_perturbation():
+  """trainer.alr_teacher_agreement: the fraction of (layer, real token) pairs whose top-k SET
+  is the same under the ALR and its frozen teacher; 1.0 at init; after perturbing the ALR, the
+  same number as numpy's top-k of the teacher's and the student's logits on the router inputs."""
+  from desmoe_jax import trainer
+  model = prepare_model(tiny_model(seed=2), MethodConfig(method="desmoe", num_domains=3))
+  batches = [_packed_batch(0), _packed_batch(1)]
+  graphdef, state = nnx.split(model)
+  assert trainer.alr_teacher_agreement(graphdef, state, batches) == 1.0
+  gate = model.moe_blocks().gate
+  w = np.asarray(gate.weight[...])
+  gate.weight[...] = jnp.asarray(w + 0.3 * np.abs(w).mean()
+                                 * np.random.RandomState(0).randn(*w.shape).astype(np.float32))
+  graphdef, state = nnx.split(model)
+  got = trainer.alr_teacher_agreement(graphdef, state, batches)
+  k = model.config.num_experts_per_tok
+  teacher = np.asarray(gate.teacher[...])                              # [L, D, E]
+  same, total = 0, 0
+  for b in batches:
+    out = model(b["tokens"], segment_ids_bs=b["segment_ids"], positions_bs=b["positions"],
+                return_routing="inputs")
+    x_ltd, student_lte = np.asarray(out.routing.inputs), np.asarray(out.routing.logits)
+    real_t = np.asarray(b["segment_ids"]).reshape(-1) != 0
+    for layer in range(teacher.shape[0]):
+      top = lambda z: np.sort(np.argsort(-z, axis=-1, kind="stable")[:, :k], axis=-1)
+      agree_t = np.all(top(x_ltd[layer] @ teacher[layer]) == top(student_lte[layer]), axis=-1)
+      same, total = same + agree_t[real_t].sum(), total + real_t.sum()
+  assert 0 < got < 1
+  assert got == pytest.approx(same / total)
+  # a model without the ALR has nothing to compare
+  plain = prepare_model(tiny_model(seed=2), MethodConfig(method="fft", num_domains=3))
+  assert trainer.alr_teacher_agreement(*nnx.split(plain), batches) is None
+
+
 def test_kd_weight_reaches_zero_in_training():
   mc = MethodConfig(method="desmoe", num_domains=3, total_steps=10)
   model = prepare_model(tiny_model(), mc)

@@ -1,6 +1,8 @@
 """The train step's StepConfig: gradient accumulation equals the big batch, and the precision
 modes lose no update (stochastic rounding unbiased, weight decay applied)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -602,3 +604,79 @@ def test_frozen_zero_gradients_are_laid_out_like_their_parameters():
             if "'router'" in jax.tree_util.keystr(p) or "router" not in jax.tree_util.keystr(p)
             and "inner_states" not in jax.tree_util.keystr(p)]
   assert sorted(moved) == sorted(router) and len(moved) < len(jax.tree.leaves(opt))
+
+
+# ------------------------------------------------------------------ issue 17: the method options
+
+
+@functools.lru_cache(maxsize=None)
+def _router_step(alr: tuple, weight_decay=0.0, step=12):
+  """One train step at global `step` (phase II of 20 steps: lambda = 1 - step / 20) from a fresh
+  optimizer and a fresh ALR, which equals its teacher (the KD gradient is exactly 0): the ALR
+  parameters' change {name: [L, ...]}, lambda, the ALR before, and the optimizer state."""
+  from desmoe_jax.router import AlrConfig
+  mc = MethodConfig(method="desmoe", num_domains=D, total_steps=20, alr=AlrConfig(**dict(alr)))
+  graphdef, state = nnx.split(prepare_model(tiny_model(seed=4), mc))
+  oc = optim.OptimConfig(learning_rate=1e-3, schedule="constant", weight_decay=weight_decay)
+  opt_state = ts.init_optimizer(mc, oc, state)
+  phase = mc.phase(step)
+  assert phase == STABILIZATION and "router" in mc.trainable(phase)
+  fn = jax.jit(ts.make_train_step(graphdef, mc, oc, phase))
+  new_state, _, metrics = fn(state, opt_state, _batch(), jnp.asarray(step, jnp.int32))
+  gate = lambda s: nnx.merge(graphdef, s).moe_blocks().gate
+  names = ("w1", "b1", "w2", "b2", "weight")
+  before = {n: np.asarray(getattr(gate(state), n)[...]) for n in names}
+  delta = {n: np.asarray(getattr(gate(new_state), n)[...]) - before[n] for n in names}
+  return delta, float(metrics["lambda"]), before, opt_state
+
+
+def test_update_mix_moves_the_router_by_one_minus_lambda_of_a_task_only_step():
+  """alr.mix="update": with the KD gradient exactly 0 (a fresh ALR equals its teacher), the
+  router's update is (1 - lambda) times the update of the task gradient alone (alr.loss=additive
+  with beta=0: the router gets dL_task unscaled). Under alr.mix="gradient", Adam normalises
+  (1 - lambda) dL_task back to the task-only step: lambda has no effect."""
+  task_only = _router_step((("loss", "additive"), ("beta", 0.0)))[0]
+  mixed, lam, _, opt_state = _router_step((("mix", "update"),))
+  gradient, lam_g, _, _ = _router_step((("mix", "gradient"),))
+  assert lam == lam_g == pytest.approx(1 - 12 / 20)
+  for name in ("w2", "b2", "weight"):   # W2 = 0 at init: no gradient reaches W1, b1 yet
+    assert np.abs(task_only[name]).max() > 0, name      # the router does train in phase II
+  for name in task_only:
+    np.testing.assert_allclose(mixed[name], (1 - lam) * task_only[name], rtol=1e-5,
+                               atol=1e-9, err_msg=name)
+  # "gradient": the same step as task-only, not (1 - lambda) of it (lambda is lost in Adam)
+  ratio = np.abs(gradient["weight"]).mean() / np.abs(task_only["weight"]).mean()
+  assert 0.9 < ratio <= 1.0 + 1e-6 and 1 - lam < 0.9
+  # two Adam states for the router (task, KD)
+  is_mix = lambda x: isinstance(x, optim.MixState)
+  assert sum(map(is_mix, jax.tree.leaves(opt_state, is_leaf=is_mix))) == 1
+
+
+def test_update_mix_decays_the_mixed_update_once():
+  """Weight decay is added once to the mixed router update (-lr wd w), and not to biases."""
+  mixed = _router_step((("mix", "update"),))[0]
+  decayed, _, before, _ = _router_step((("mix", "update"),), weight_decay=0.1)
+  for name in ("w1", "w2", "weight"):
+    np.testing.assert_allclose(decayed[name] - mixed[name], -1e-3 * 0.1 * before[name],
+                               rtol=1e-3, atol=1e-9, err_msg=name)
+  for name in ("b1", "b2"):
+    np.testing.assert_array_equal(decayed[name], mixed[name])
+
+
+def test_masks_refresh_at_the_end_of_warmup_whatever_update_every_is():
+  """Phase II starts with masks: the last warm-up step refreshes them, though update_every
+  (1000) would refresh none in this run; the step before it leaves them all ones."""
+  from desmoe_jax.specialization import DgesConfig
+  mc = MethodConfig(method="desmoe", num_domains=D, total_steps=20,
+                    dges=DgesConfig(update_every=1000, phi=0.9))
+  assert mc.warmup_end() == 4
+  graphdef, state = nnx.split(prepare_model(tiny_model(seed=4), mc))
+  oc = optim.OptimConfig(learning_rate=1e-3, schedule="constant")
+  opt_state = ts.init_optimizer(mc, oc, state)
+  fn = jax.jit(ts.make_train_step(graphdef, mc, oc, mc.phase(0)))
+  masks = []
+  for step in (2, 3):
+    state, opt_state, _ = fn(state, opt_state, _batch(), jnp.asarray(step, jnp.int32))
+    masks.append(np.asarray(nnx.merge(graphdef, state).moe_blocks().des.expert_mask[...]))
+  assert masks[0].min() == 1.0                     # step 2: not the end of warm-up
+  assert 0 < masks[1].mean() < 1                   # step 3 (the last of phase I): refreshed

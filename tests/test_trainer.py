@@ -336,3 +336,66 @@ def test_heldout_losses_compile_once_per_run():
     jax.monitoring.unregister_event_duration_listener(listener)
   assert after_first > 0 and len(compiles) == after_first, compiles
   assert first == second and np.isfinite(first["a"])
+
+
+SPECIALIZE = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.WARNING)
+    from desmoe_jax import cli, trainer
+    from desmoe_jax.configs.six_domains import get_config
+    config = get_config("tiny")
+    for dotted, value in json.loads(sys.argv[2]).items():
+      group, *mid, name = dotted.split(".")
+      node = config[group]
+      for m in mid:
+        node = node[m]
+      node[name] = value
+    cli.run(trainer.train, config, sys.argv[1])
+""")
+
+
+def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
+  """The done criterion of the mask refresh at the end of phase I: a short DES-MoE run whose
+  phase II starts (step 2 of 6) long before the first dges.update_every refresh (1000), with a
+  high dges.phi, leaves every expert that no domain owns bit-identical to the base model in the
+  exported safetensors (before, the masks were all ones in phase II and every expert moved).
+  The run's evaluation also logs the ALR/teacher top-k agreement."""
+  from safetensors.numpy import load_file
+
+  from desmoe_jax import evaluate
+  from desmoe_jax.configs.six_domains import get_config
+  from desmoe_jax.specialization import des_state
+
+  work = tmp_path / "work"
+  fields = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 0,
+            "train.checkpoint_every": 6, "data.select": "math,code", "data.batch_size": 1,
+            "data.seq_len": 256, "eval.loss_batches": 1, "data.general_mc": "",
+            "dges.update_every": 1000, "dges.phi": 0.95}
+  env = dict(os.environ, HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-c", SPECIALIZE, str(work), json.dumps(fields)],
+                          capture_output=True, text=True, env=env, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  config = get_config("tiny")
+  config.data.domains = [d for d in config.data.domains if d.name in ("math", "code")]
+  model, _ = evaluate.load_run_model(config, str(work))
+  owned_le = np.asarray(des_state(model).expert_mask[...]).max(axis=1) > 0        # [L, E]
+  assert 0 < owned_le.sum() < owned_le.size
+  base = load_file(os.path.join(config.model.path, "model.safetensors"))
+  exported = {}
+  for name in os.listdir(work / "hf"):
+    if name.endswith(".safetensors"):
+      exported.update(load_file(str(work / "hf" / name)))
+  first_moe = model.config.first_k_dense_replace
+  moved = np.zeros_like(owned_le)
+  for layer, expert in np.ndindex(*owned_le.shape):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      key = f"model.layers.{first_moe + layer}.mlp.experts.{expert}.{proj}.weight"
+      a, b = base[key].astype(np.float32), exported[key].astype(np.float32)
+      moved[layer, expert] |= not np.array_equal(a, b)
+  assert not (moved & ~owned_le).any(), "an expert no domain owns moved"
+  assert moved[owned_le].any()                        # the owned ones did train
+  evals = [json.loads(l) for l in open(work / "metrics.jsonl") if '"eval"' in l]
+  assert 0.0 <= evals[-1]["alr_teacher_topk_agreement"] <= 1.0

@@ -52,9 +52,27 @@ def test_shipped_configs_are_valid_and_every_field_has_a_rule(presets):
     ("data.batch_size", 0, "data.batch_size=0: must be >= 1"),
     ("eval.code_timeout", 0.0, "eval.code_timeout=0.0: must be > 0"),
     ("optim.warmup_steps", 200, "optim.warmup_steps=200: must be < train.steps=120"),
+    ("alr.mix", "adam", "alr.mix='adam': must be one of 'gradient', 'update'"),
+    ("alr.alpha", "phase", "alr.alpha='phase': must be one of 'run', 'router'"),
+    ("optim.decay_exclude", "norms+biases", "optim.decay_exclude='norms+biases': must be one of"),
 ])
 def test_each_bad_field_is_one_line_naming_it(field, value, needle):
   config = load_config(f"{CONFIG}:tiny", {field: value})
+  with pytest.raises(ConfigError) as e:
+    validate.validate(config)
+  assert needle in str(e.value)
+  assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"alr.mix": "update", "alr.loss": "additive"}, "alr.mix='update': mixes the convex loss"),
+    ({"optim.per_expert_bias_correction": True, "optim.name": "adafactor"},
+     "optim.per_expert_bias_correction=True: counts AdamW's steps per expert"),
+    ({"optim.per_expert_bias_correction": True, "optim.moments_dtype": "int8"},
+     "optim.per_expert_bias_correction=True: counts AdamW's steps per expert"),
+])
+def test_options_that_contradict_each_other_are_one_line(fields, needle):
+  config = load_config(f"{CONFIG}:tiny", fields)
   with pytest.raises(ConfigError) as e:
     validate.validate(config)
   assert needle in str(e.value)

@@ -197,6 +197,12 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
   # pinned_host memory (TPU, GPU; the error names this field otherwise).
   c.optim.host_offload = False
+  # Parameter kinds with no weight decay: norms,biases (HF/ESFT: norm gains and biases are not
+  # decayed) | norms | biases | none (decay every trained parameter)
+  c.optim.decay_exclude = "norms,biases"
+  # One Adam step count per routed expert, advanced only when the expert is updated: an expert
+  # masked by DGES keeps its count, and its first update gets Adam's first-step bias correction
+  c.optim.per_expert_bias_correction = False
   if tiny:
     c.optim.learning_rate = 3e-3 if c.method not in PAPER_LR else 1e-3
 
@@ -207,12 +213,20 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.alr.loss = "convex"         # convex: router grad = (1-l) task + l KD | additive
   c.alr.beta = 1.0              # KD weight for loss=additive
   c.alr.tau_squared = False     # multiply the KD loss by tau^2
+  # How KD and task combine for the router: gradient (one Adam state, router gradient
+  # (1-l) task + l KD) | update (two Adam states, router update l u_KD + (1-l) u_task; convex)
+  c.alr.mix = "gradient"
+  # lambda's clock: run (alpha = step / train.steps) | router (alpha = step / the steps the
+  # router trains, i.e. until it freezes at the end of phase II)
+  c.alr.alpha = "run"
 
   c.dges = ml_collections.ConfigDict()
   c.dges.momentum = 0.9         # weight of the old value in the correlation update
   c.dges.phi = 0.6              # mask threshold
   c.dges.score = "relative"     # relative (A / row max >= phi) | cumulative (top-p)
-  c.dges.update_every = 10      # T_update: steps between mask refreshes
+  # T_update: steps between mask refreshes (and one at the end of phase I whatever this is).
+  # The tiny preset's 120 steps refresh at steps 10 and 20 before phase II starts at 24.
+  c.dges.update_every = 10
   c.dges.duplicate_shared_experts = False  # duplicate experts owned by several domains
   c.dges.max_copies = 8         # per-layer capacity of the duplicated-expert bank
 

@@ -32,7 +32,8 @@ its own experts.
 
 The block knows two interfaces and nothing of DES-MoE:
 * its router `gate`: `route(x, token_mask, adapt) -> (logits [T, E], loss)` (`moe/routing.py`'s
-  LinearRouter: the pretrained gate, loss 0). The family's routing function (`select_experts`)
+  LinearRouter: the pretrained gate, loss 0), and optionally `teacher_logits(x)`, whose top-k
+  the block reports next to the router's (`Routing.teacher_topk_ids`). The family's routing function (`select_experts`)
   and selection bias apply to whatever logits the router gives, so DES-MoE's adaptive router
   replaces the logits only (and adds its distillation loss).
 * an optional expert hook `des` (the one DES-MoE state submodule, `specialization.DesState`):
@@ -272,5 +273,10 @@ class MoEBlock(nnx.Module):
         kd=router_loss)
     if self.des is not None:
       stats = stats.replace(**self.des.statistics(ids_tk, mask_t, adapt))
-    routing = Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk, inputs=x_td)
+    teacher_ids_tk = None
+    if hasattr(self.gate, "teacher_logits"):   # a router that keeps a frozen teacher (the ALR)
+      teacher_ids_tk = select_experts(self.gate.teacher_logits(x_td), cfg,
+                                      self.selection_bias())[1]
+    routing = Routing(logits=logits_te, topk_ids=ids_tk, topk_weights=weights_tk, inputs=x_td,
+                      teacher_topk_ids=teacher_ids_tk)
     return y_bsd, routing, stats

@@ -40,6 +40,10 @@ class Routing:
   topk_ids: jax.Array      # [T, K] int32 expert ids
   topk_weights: jax.Array  # [T, K] gate weights applied to the expert outputs
   inputs: jax.Array | None = None  # [T, D] the hidden states the router saw (if requested)
+  # [T, K] the experts the router's frozen teacher (DES-MoE's pretrained router) would pick for
+  # the same tokens under the same rule; None for a router without one. Computed only where it
+  # is read (unused outputs are dropped by XLA): the ALR/teacher agreement diagnostic.
+  teacher_topk_ids: jax.Array | None = None
 
   @property
   def probs(self) -> jax.Array:  # [T, E] softmax of the logits

@@ -6,7 +6,9 @@ would shard eagerly at creation and require a mesh just to build a model.
 
 A parameter may also carry `group` metadata, its parameter group for the optimizer and the
 phase schedule (`router`, `routed_experts`, `shared_experts`; absent = `backbone`): the module
-that creates a parameter says what it is, so no code elsewhere parses paths (optim.py).
+that creates a parameter says what it is, so no code elsewhere parses paths (optim.py). Norm
+gains and biases carry `kind` metadata (`norm`, `bias`; absent = a weight matrix), which
+`optim.decay_exclude` reads: by the HF/ESFT convention they get no weight decay.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
-def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes, group: str | None = None) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes, group: str | None = None,
+          kind: str | None = None) -> nnx.Param:
   assert len(axes) == len(shape), (shape, axes)
   meta = {"group": group} if group else {}
+  if kind:
+    meta["kind"] = kind
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes), **meta)
 
 
@@ -35,7 +40,7 @@ class Linear(nnx.Module):
                rngs: nnx.Rngs):
     self.kernel = param(rngs, normal_init, (d_in, d_out), param_dtype, axes, group)
     self.bias = nnx.data(param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, axes[1:],
-                               group) if use_bias else None)
+                               group, kind="bias") if use_bias else None)
     self.dtype = dtype
 
   def __call__(self, x):
@@ -63,7 +68,7 @@ class RMSNorm(nnx.Module):
   """DeepSeek/HF RMSNorm: normalise in float32, cast back, then scale (in that order)."""
 
   def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name: str = "norm"):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,), kind="norm")
     self.eps = eps
 
   def __call__(self, x):
