@@ -245,9 +245,11 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     convex = cfg.use_alr and cfg.alr.loss == "convex"
     diff, frozen = nnx.split_state(params, trainable, ...)
 
-    def loss_fn(diff, mb):
-      """(share of the whole batch's total loss, sums) of one microbatch `mb` ([b, S] each)."""
-      model = nnx.merge(graphdef, diff, frozen, state)
+    def loss_fn(diff, mb, acc=None, held=()):
+      """(share of the whole batch's total loss, (sums, acc)) of one microbatch `mb` ([b, S]
+      each). `acc`: the running gradient sum of the trained MoE-layer parameters `held` (given
+      here without gradient), passed to the model (`grad_acc`) and returned."""
+      model = nnx.merge(graphdef, diff, *held, frozen, state)
       mcfg = model.config
       if n_micro > 1 and (mcfg.balance_loss == "switch"
                           or (mcfg.balance_loss == "deepseek" and not mcfg.seq_aux)):
@@ -258,7 +260,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
                          router_grad_scale=(1.0 - lam) if convex else None)
       out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
-                  adapt=adapt, logits=not model.config.runtime.ce_chunk)
+                  adapt=adapt, logits=not model.config.runtime.ce_chunk, grad_acc=acc)
       nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
       # The balance loss is a mean over sequences (seq_aux), the KD loss a mean over real
       # tokens: weighted by this microbatch's share of each, they sum to the whole batch's.
@@ -274,23 +276,43 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       sums = {"loss": task, "total_loss": total, "kd_loss": kd, "balance_loss": balance,
               "domain_loss": domain_loss, "domain_targets": domain_targets,
               "domain_counts": out.domain_counts, "domain_tokens": out.domain_tokens}
-      return total, sums
+      return total, (sums, out.grad_acc)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     whole = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
              "loss_mask": loss_mask, "domain_bs": domain_bs}
     if n_micro == 1:
-      (_, sums), grads = grad_fn(diff, whole)
+      (_, (sums, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(diff, whole)
     else:
+      # The trained MoE-layer parameters (stacked [L, ...]: nearly all of an MoE model's
+      # weights) accumulate in place inside the layer loop's backward (model `grad_acc`): one
+      # gradient-sized buffer for them. The others sum microbatch gradients as usual.
+      in_layers, rest = nnx.split_state(diff, lambda path, _: path[0] == "moe_layers", ...)
+      if not nnx.to_flat_state(in_layers):
+        in_layers = None
+      held = () if in_layers is None else (jax.lax.stop_gradient(in_layers),)
+
       def accumulate(carry, mb):
-        (_, mb_sums), mb_grads = grad_fn(diff, mb)
-        return jax.tree.map(jnp.add, carry, (mb_grads, mb_sums)), None
+        rest_sum, acc, sums_sum = carry
+
+        def f(rest, acc):
+          total, (mb_sums, acc_out) = loss_fn(rest, mb, acc, held)
+          return (total, acc_out), mb_sums
+
+        (total, _), vjp, mb_sums = jax.vjp(f, rest, acc, has_aux=True)
+        # acc is the cotangent of the returned acc: its gradient comes back as acc + this
+        # microbatch's gradient (model.accumulate_into).
+        rest_grads, acc = vjp((jnp.ones_like(total), acc))
+        return (jax.tree.map(jnp.add, rest_sum, rest_grads), acc,
+                jax.tree.map(jnp.add, sums_sum, mb_sums)), None
 
       parts = {k: microbatched(v, n_micro) for k, v in whole.items()}
-      zero_sums = jax.eval_shape(loss_fn, diff, jax.tree.map(lambda x: x[0], parts))[1]
-      zeros = (_zeros_like_params(diff),
+      zero_sums = jax.eval_shape(loss_fn, diff, jax.tree.map(lambda x: x[0], parts))[1][0]
+      zeros = (_zeros_like_params(rest),
+               None if in_layers is None else _zeros_like_params(in_layers)["moe_layers"],
                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums))
-      (grads, sums), _ = jax.lax.scan(accumulate, zeros, parts)
+      (rest_grads, acc, sums), _ = jax.lax.scan(accumulate, zeros, parts)
+      grads = rest_grads if acc is None else nnx.merge_state(
+          rest_grads, nnx.State({"moe_layers": acc}))
     # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
     if optim_cfg.host_offload:
       # The state lives in host memory between steps (optimizer_shardings); the update runs on
