@@ -86,9 +86,9 @@ def _cfg(**kw):
 
 def _naive_moe(layer: MoEBlock, x_bsd, cfg):
   """Token-by-token transcription of DeepSeek-V2's MoEGate + DeepseekV2MoE, in numpy float64."""
-  gate, up, down = layer.experts.weights()  # [E, D, F], [E, D, F], [E, F, D]
   w = {k: np.asarray(v, np.float64) for k, v in (
-      ("router", layer.gate.weight[...]), ("gate", gate), ("up", up), ("down", down))}
+      ("router", layer.gate.weight[...]), ("gate", layer.experts.gate_proj[...]),
+      ("up", layer.experts.up_proj[...]), ("down", layer.experts.down_proj[...]))}
   sh = layer.shared_experts
   silu = lambda z: z / (1 + np.exp(-z))
   out = []
