@@ -145,9 +145,9 @@ def build_jax(shapes, w, impl, dtype, tile_size, **runtime):
   pd = jnp.dtype(dtype)
   gate_up = w["experts.gate_up_proj"]
   layer.gate.weight[...] = jnp.asarray(w["gate.weight"].T)                     # [D, E] float32
-  layer.experts.gate_proj[...] = jnp.asarray(gate_up[:, :f], pd)               # [E, F, D]
-  layer.experts.up_proj[...] = jnp.asarray(gate_up[:, f:], pd)                 # [E, F, D]
-  layer.experts.down_proj[...] = jnp.asarray(w["experts.down_proj"], pd)       # [E, D, F]
+  layer.experts.gate_proj[...] = jnp.asarray(gate_up[:, :f].transpose(0, 2, 1), pd)  # [E, D, F]
+  layer.experts.up_proj[...] = jnp.asarray(gate_up[:, f:].transpose(0, 2, 1), pd)    # [E, D, F]
+  layer.experts.down_proj[...] = jnp.asarray(w["experts.down_proj"].transpose(0, 2, 1), pd)
   sh = layer.shared_experts
   for name in ("gate_proj", "up_proj", "down_proj"):
     getattr(sh, name).kernel[...] = jnp.asarray(w[f"shared_experts.{name}.weight"].T, pd)
@@ -209,9 +209,9 @@ def torch_grads_in_jax_layout(layer, grads, f):
   return {
       "x": grads[0].detach().float().cpu().numpy(),
       ("gate", "weight"): g["gate.weight"].T,
-      ("experts", "gate_proj"): gu[:, :f],              # routed experts: HF's layout
-      ("experts", "up_proj"): gu[:, f:],
-      ("experts", "down_proj"): g["experts.down_proj"],
+      ("experts", "gate_proj"): gu[:, :f].transpose(0, 2, 1),
+      ("experts", "up_proj"): gu[:, f:].transpose(0, 2, 1),
+      ("experts", "down_proj"): g["experts.down_proj"].transpose(0, 2, 1),
       ("shared_experts", "gate_proj", "kernel"): g["shared_experts.gate_proj.weight"].T,
       ("shared_experts", "up_proj", "kernel"): g["shared_experts.up_proj.weight"].T,
       ("shared_experts", "down_proj", "kernel"): g["shared_experts.down_proj.weight"].T,
@@ -345,7 +345,7 @@ def profile(shapes, w, dtype, tile_size, reps, torch_impls):
   x_td = x.reshape(b * s, d)
   router_w = layer.gate.weight[...]
   ex = layer.experts
-  gate, up, down = ex.weights()  # [E, D, F], [E, D, F], [E, F, D]
+  gate, up, down = ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...]
   shared_mlp = layer.shared_experts
   _, ids_tk, _ = select_experts(x_td.astype(jnp.float32) @ router_w, cfg)
   impl = moe_lib.resolve_impl(cfg.runtime.moe_impl)

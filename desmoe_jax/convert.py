@@ -16,8 +16,7 @@ experts.{e}.w1):
   dense_layers[i].<name>                 model.layers.{i}.<name>
   moe_layers.<name>[j]                   model.layers.{first_k_dense_replace + j}.<name>
   moe_layers.mlp.gate.weight[j]          model.layers.{..}.mlp.gate.weight          (transposed)
-  moe_layers.mlp.experts.gate_proj[j, e] model.layers.{..}.mlp.experts.{e}.gate_proj.weight (as is:
-                                         routed experts are stored [out, in] as HF does)
+  moe_layers.mlp.experts.gate_proj[j, e] model.layers.{..}.mlp.experts.{e}.gate_proj.weight (T)
   norm.weight / lm_head.kernel           model.norm.weight / lm_head.weight
 What is exported: the Params and the selection bias (`moe.routing.SelectionBias`); DES-MoE state
 is not part of any HF architecture (export.py folds or drops it first).
@@ -265,7 +264,7 @@ def leaf_specs(model: MoECausalLM) -> list[LeafSpec]:
         name = hf_name(f"mlp.experts.{{e}}.{rest[2]}.weight")
         specs.append(LeafSpec(
             path, lambda j, e, name=name: f"model.layers.{k0 + j}." + name.format(e=e),
-            (nl, cfg.n_routed_experts), False))
+            (nl, cfg.n_routed_experts), True))
       else:
         suffix = hf_name(_hf_suffix(rest))
         specs.append(LeafSpec(path, lambda j, s=suffix: f"model.layers.{k0 + j}.{s}", (nl,),

@@ -186,9 +186,9 @@ class ExpertCopies(nnx.Module):
       return nnx.Param(jnp.zeros((layers, capacity) + shape, dtype), logical_axes=axes,
                        group="routed_experts", expert_bank="expert_copies")
 
-    self.gate_proj = bank((d_ff, d_model), ("layers", None, "expert_mlp", "embed"))
-    self.up_proj = bank((d_ff, d_model), ("layers", None, "expert_mlp", "embed"))
-    self.down_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
+    self.gate_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
+    self.up_proj = bank((d_model, d_ff), ("layers", None, "embed", "expert_mlp"))
+    self.down_proj = bank((d_ff, d_model), ("layers", None, "expert_mlp", "embed"))
     self.table = CopyTable(jnp.full((layers, num_domains, num_experts), -1, jnp.int32),
                            logical_axes=("layers", "domains", None))
     self.origin = CopyTable(jnp.full((layers, capacity), -1, jnp.int32),
@@ -202,10 +202,8 @@ class ExpertCopies(nnx.Module):
     slot_tk = self.table[...][domain_t[:, None], ids_tk]
     ids = jnp.where(slot_tk >= 0, e + slot_tk, ids_tk)
     cat = lambda base, copies: jnp.concatenate([base, copies.astype(base.dtype)], axis=0)
-    # The bank is stored like the experts (HF's layout, moe.block.RoutedExperts) and given to
-    # the dispatch transposed like them: gate/up [C, D, F], down [C, F, D].
-    bank = (self.gate_proj, self.up_proj, self.down_proj)
-    return (*(cat(w, b[...].swapaxes(-1, -2)) for w, b in zip((gate, up, down), bank)), ids)
+    return (cat(gate, self.gate_proj[...]), cat(up, self.up_proj[...]),
+            cat(down, self.down_proj[...]), ids)
 
 
 
@@ -219,7 +217,7 @@ def copies_update_mask(owner_lc, origin_lc, mask_lde, domain_tokens_d):
 
 def attach_copies(model, num_domains: int, capacity: int):
   moe = model.moe_blocks()
-  layers, e, f, d = moe.experts.gate_proj.shape
+  layers, e, d, f = moe.experts.gate_proj.shape
   moe.des.expert_copies = ExpertCopies(layers, capacity, num_domains, model.config.n_routed_experts,
                                    d, f, moe.experts.gate_proj.dtype)
   return model

@@ -162,27 +162,15 @@ def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "aut
 
 
 class RoutedExperts(nnx.Module):
-  """The E routed experts' SwiGLU weights, stacked in HF's layout: gate/up [E, F, D] (each
-  expert's nn.Linear weight [out, in]), down [E, D, F]. `weights()` gives them as the dispatch
-  multiplies them, gate/up [E, D, F] and down [E, F, D]: a transpose that costs nothing.
-
-  Why HF's layout: the grouped matmul reads each weight with its contraction axis minor-most
-  (D for gate/up, F for down). Stored [E, D, F] (contraction axis major), the TPU compiler made
-  a transposed copy of every stacked expert weight before the microbatch loop of a step that
-  trains them (V2-Lite on a v5e-8: 3 x 1.12 GiB per chip, docs/SCALING.md); stored this way the
-  default layout is already the one the kernel reads."""
+  """The E routed experts' SwiGLU weights, stacked: gate/up [E, D, F], down [E, F, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     pd = jnp.dtype(cfg.runtime.param_dtype)
     g = ROUTED_EXPERTS
-    self.gate_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"), g)
-    self.up_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"), g)
-    self.down_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
-
-  def weights(self):
-    """(gate [E, D, F], up [E, D, F], down [E, F, D]): the stored weights, transposed."""
-    return tuple(w[...].swapaxes(-1, -2) for w in (self.gate_proj, self.up_proj, self.down_proj))
+    self.gate_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
+    self.up_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
+    self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"), g)
 
 
 @struct.dataclass
@@ -248,7 +236,8 @@ class MoEBlock(nnx.Module):
     logits_te, router_loss = self.gate.route(x_td, mask_t, adapt)
     weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg, self.selection_bias())
 
-    gate, up, down = self.experts.weights()
+    gate, up, down = (self.experts.gate_proj[...], self.experts.up_proj[...],
+                      self.experts.down_proj[...])
     dispatch_tk = ids_tk
     if self.des is not None:
       gate, up, down, dispatch_tk = self.des.dispatch(gate, up, down, ids_tk, adapt)
