@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental import compute_on
 from jax.sharding import NamedSharding, PartitionSpec
 
 from desmoe_jax import losses, optim, specialization
@@ -82,13 +83,14 @@ def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_pha
   return model_state, info
 
 
-def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
+def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
+                    norm_given: bool = False):
   """The optax transform of `phase`. Every phase's shares one state structure, so the state
   made by `init_optimizer` (any phase) serves them all. With `skip_nonfinite_updates`, the
   whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
-  update was skipped)."""
+  update was skipped). `norm_given`: see optim.build_optimizer."""
   tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
-                             method_cfg.trainable_ever())
+                             method_cfg.trainable_ever(), norm_given)
   if optim_cfg.skip_nonfinite_updates:
     tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
   return tx
@@ -98,6 +100,9 @@ def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
   """Whether `apply_if_finite` skipped the update that produced `opt_state` (False if off)."""
   if not optim_cfg.skip_nonfinite_updates:
     return jnp.asarray(False)
+  if optim_cfg.host_offload:  # the state is in host memory
+    opt_state = jax.device_put(opt_state, jax.tree.map(lambda _: jax.memory.Space.Device,
+                                                        opt_state))
   return ~opt_state.last_finite & (opt_state.notfinite_count <= optim_cfg.skip_nonfinite_updates)
 
 
@@ -166,21 +171,45 @@ def _zeros_like_params(params):
   return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _to_device(opt_state, labels):
-  """The optimizer state of the parameter groups `labels` (optax.multi_transform's inner
-  states) moved to device memory; every other leaf left where it is."""
-  labels = set(labels)
+def _update_on_host(tx, params, grads, frozen, opt_state, step, update_mask, key):
+  """(new params, new optimizer state) with `optim.host_offload`: the optimizer update runs in
+  host memory, on the host (`compute_on("device_host")`), where the state lives between steps,
+  so no moment is ever copied to the device (copied in whole, the six routed-expert moments of
+  V2-Lite were 6.7 GiB per v5e chip). The device sends the trained groups' gradients and
+  weights to the host and gets their new weights back; the phase-frozen groups never leave the
+  device (their update is 0, `apply_updates` would leave them bit for bit). Everything that
+  reduces over all gradients (the clip's global norm) is computed on the device first: on
+  the host each device holds its shard only. The arithmetic is `tx.update` + `apply_updates`
+  of the on-device path, with the same leaf order (the same stochastic-rounding bits)."""
+  host, device = jax.memory.Space.Host, jax.memory.Space.Device
+  grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+  trained = nnx.filter_state(params, lambda path, _: path in _paths(grads))
+  frozen_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
 
-  def move(path, x):
-    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-    if "inner_states" in names and names[names.index("inner_states") + 1] not in labels:
-      return x
-    # bf16_master's float32 masters (optim.master_weights): by their parameter's group.
-    if "master" in names and optim.label_of(tuple(names[names.index("master") + 1:])) not in labels:
-      return x
-    return jax.device_put(x, jax.memory.Space.Device)
+  def update(grads, trained, opt_state, step, update_mask, grad_norm, key):
+    zeros = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), host),
+                         frozen_spec)
+    updates, new_opt_state = tx.update(
+        nnx.merge_state(zeros, grads), opt_state, nnx.merge_state(zeros, trained), step=step,
+        expert_update_mask=update_mask, grad_norm=grad_norm)
+    # optax makes some leaves afresh (set_to_zero, hold's zeros): in device memory by default.
+    updates = jax.tree.map(lambda u: u if jax.typeof(u).memory_space == host
+                           else jax.device_put(u, host), updates)
+    # The frozen groups' leaves (zeros + 0) are dropped: their weights stay on the device.
+    new = optim.apply_updates(nnx.merge_state(zeros, trained), updates, key)
+    return nnx.filter_state(new, lambda path, _: path in _paths(grads)), new_opt_state
 
-  return jax.tree_util.tree_map_with_path(move, opt_state)
+  key = None if key is None else jax.random.key_data(key)  # uint32 words (optim.hashed_bits16)
+  args = (grads, trained, opt_state, step, update_mask, grad_norm, key)
+  args = jax.device_put(args, jax.tree.map(lambda _: host, args))
+  new_trained, new_opt_state = compute_on.compute_on2(
+      update, compute_type="device_host", out_memory_spaces=(host, host))(*args)
+  new_trained = jax.device_put(new_trained, jax.tree.map(lambda _: device, new_trained))
+  return nnx.merge_state(params, new_trained), new_opt_state
+
+
+def _paths(state):
+  return {path for path, _ in nnx.to_flat_state(state)}
 
 
 token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
@@ -212,6 +241,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
   cfg = method_cfg
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
+  host_tx = phase_optimizer(method_cfg, optim_cfg, phase, norm_given=True)
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
@@ -313,19 +343,6 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       (rest_grads, acc, sums), _ = jax.lax.scan(accumulate, zeros, parts)
       grads = rest_grads if acc is None else nnx.merge_state(
           rest_grads, nnx.State({"moe_layers": acc}))
-    # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
-    if optim_cfg.host_offload:
-      # The state lives in host memory between steps (optimizer_shardings); the update runs on
-      # the device, and jit_train_step's out_shardings write the new state back to the host.
-      # The barrier ties the copy to the finished gradients, so the scheduler cannot fetch the
-      # state early and hold it in device memory through the forward and backward passes.
-      # Only the groups trained in this phase come to the device: a phase-frozen group's
-      # state is carried unchanged (optim.hold) and stays on the host.
-      opt_state, grads = jax.lax.optimization_barrier((opt_state, grads))
-      opt_state = _to_device(opt_state, cfg.trainable(phase))
-    # After the barrier: the zeros of the phase-frozen groups need never exist as buffers.
-    full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
-
     # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).
     des = specialization.des_state(nnx.merge(graphdef, model_state))
     mask = des.expert_mask[...]                                            # [L, D, E]
@@ -337,10 +354,16 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
           copies.owner[...], copies.origin[...], mask, domain_tokens)
-    updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
-                                       expert_update_mask=update_mask)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
-    new_params = optim.apply_updates(params, updates, key)
+    if optim_cfg.host_offload:
+      new_params, new_opt_state = _update_on_host(host_tx, params, grads, frozen, opt_state,
+                                                  step, update_mask, key)
+    else:
+      # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
+      full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
+      updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
+                                         expert_update_mask=update_mask)
+      new_params = optim.apply_updates(params, updates, key)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.
     corr = des.correlation[...]
