@@ -42,6 +42,7 @@ class ModelOutput:
   domain_tokens: jax.Array | None = None  # [D] real tokens per domain in the batch
   latents: "ModelCache | None" = None     # per-layer decode cache contents; if return_latents
   hidden: jax.Array | None = None   # [batch, seq, d_model] final-norm output; with logits=False
+  grad_acc: object | None = None    # the `grad_acc` given to the call, passed on (see __call__)
 
 
 @struct.dataclass
@@ -138,7 +139,8 @@ class MoECausalLM(nnx.Module):
 
   def __call__(self, input_ids_bs, *, positions_bs=None, segment_ids_bs=None,
                return_routing=False, adapt: Adaptation | None = None,
-               return_latents: bool = False, logits: bool = True) -> ModelOutput:
+               return_latents: bool = False, logits: bool = True,
+               grad_acc=None) -> ModelOutput:
     """input_ids [batch, seq] -> ModelOutput(logits [batch, seq, vocab], aux_loss, ...).
 
     segment_ids: packed-example ids, 0 = padding; attention never crosses segments.
@@ -152,6 +154,15 @@ class MoECausalLM(nnx.Module):
     return_latents: also return what a decode cache stores (see generate.py).
     logits: False returns the final hidden states (`hidden`) instead of the logits, for a loss
       that never materialises them (`token_losses`, `model.ce_chunk`).
+    grad_acc: gradient accumulation in place (train.microbatches): an nnx.State of some of the
+      stacked MoE-layer parameters' paths (relative to `moe_layers`), a running gradient sum.
+      It is carried through the layer loop and returned as `out.grad_acc`; in the backward pass
+      each layer's gradient of those parameters is ADDED into it at the layer's index
+      (`accumulate_into`), instead of becoming a stacked gradient of its own. Differentiate the
+      loss and `out.grad_acc` with respect to the given `grad_acc`, with `grad_acc` itself as
+      the cotangent of `out.grad_acc`: the result is grad_acc + this call's gradient, built in
+      one buffer. The parameters themselves get no gradient through this path (pass them under
+      stop_gradient).
     """
     cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
@@ -169,11 +180,12 @@ class MoECausalLM(nnx.Module):
       x, _, _, latents = layer(x, positions_bs, mask, token_mask, return_latents=return_latents)
       dense_latents.append(latents)
 
-    out = ModelOutput(logits=None, aux_loss=jnp.zeros((), jnp.float32))
+    out = ModelOutput(logits=None, aux_loss=jnp.zeros((), jnp.float32), grad_acc=grad_acc)
     moe_latents = None
     if self.moe_layers is not None:
-      x, routing, stats, moe_latents = self._moe_stack(x, positions_bs, mask, token_mask,
-                                                       return_routing, adapt, return_latents)
+      x, routing, stats, moe_latents, grad_acc = self._moe_stack(
+          x, positions_bs, mask, token_mask, return_routing, adapt, return_latents, grad_acc)
+      out = out.replace(grad_acc=grad_acc)
       out = out.replace(aux_loss=stats.balance.sum(), kd_loss=stats.kd.mean(), routing=routing)
       if stats.domain_counts is not None:
         out = out.replace(domain_counts=stats.domain_counts, domain_tokens=stats.domain_tokens[0])
@@ -202,11 +214,22 @@ class MoECausalLM(nnx.Module):
     return losses.token_losses(out.logits, tokens_bs)
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
-                 return_latents=False):
-    """Applies the stacked MoE layers; per-layer outputs come back stacked on axis 0."""
+                 return_latents=False, grad_acc=None):
+    """Applies the stacked MoE layers; per-layer outputs come back stacked on axis 0.
+    Returns (x, routing, stats, latents, grad_acc passed through; see __call__)."""
     graphdef, state = nnx.split(self.moe_layers)
 
-    def body(h, layer_state):
+    def body(carry, xs):
+      h, acc = carry
+      layer_state, index = xs
+      if acc is not None:  # each accumulated weight of this layer, tied to its slice of acc
+        flat = dict(nnx.to_flat_state(layer_state))
+        tied = []
+        for path, var in nnx.to_flat_state(acc):
+          w, a = accumulate_into(flat[path][...], var[...], index)
+          flat[path] = flat[path].replace(w)
+          tied.append((path, var.replace(a)))
+        layer_state, acc = nnx.from_flat_state(list(flat.items())), nnx.from_flat_state(tied)
       if self.config.runtime.remat == "full_offload":  # every use of h goes through the named copy
         h = checkpoint_name(h, _LAYER_INPUT)
       layer = nnx.merge(graphdef, layer_state)
@@ -216,12 +239,14 @@ class MoECausalLM(nnx.Module):
         routing = return_routing(routing)
       elif return_routing != "inputs":  # the [T, D] router inputs only when asked for
         routing = routing.replace(inputs=None)
-      return h, (routing if return_routing else None, stats, latents)
+      return (h, acc), (routing if return_routing else None, stats, latents)
 
     if self.config.runtime.remat != "none":
       body = jax.checkpoint(body, policy=remat_policy(self.config.runtime.remat))
-    x, (routing, stats, latents) = self._over_layers(body, x, state)
-    return x, routing, stats, latents
+    layers = jnp.arange(self.config.num_moe_layers, dtype=jnp.int32)
+    (x, grad_acc), (routing, stats, latents) = self._over_layers(body, (x, grad_acc),
+                                                                 (state, layers))
+    return x, routing, stats, latents, grad_acc
 
   def _over_layers(self, body, carry, xs):
     """lax.scan of `body` over the stacked MoE layers, or the same loop unrolled."""
@@ -254,6 +279,31 @@ class MoECausalLM(nnx.Module):
     x = self.norm(x)
     logits = self.lm_head(x) if self.lm_head is not None else self.embed_tokens.attend(x)
     return logits, ModelCache(dense=tuple(dense), moe=moe)
+
+
+@jax.custom_vjp
+def accumulate_into(w, acc, index):
+  """(w, acc) unchanged: `w` is layer `index`'s slice of a stacked weight, `acc` the running
+  gradient sum of the whole stack [L, ...], carried through the layer loop.
+
+  The backward pass adds w's cotangent into acc's at `index` (an in-place update of the carried
+  buffer) and gives w none: a loop over microbatches that feeds its running sum in this way
+  holds one gradient-sized buffer, where summing each microbatch's gradient into it would hold
+  two (the sum, and the stacked gradient the layer loop's backward builds for every microbatch;
+  V2-Lite on a v5e-8: 3.35 GiB per chip each for the routed experts, docs/SCALING.md)."""
+  return w, acc
+
+
+def _accumulate_into_fwd(w, acc, index):
+  return (w, acc), index
+
+
+def _accumulate_into_bwd(index, cotangents):
+  ct_w, ct_acc = cotangents
+  return None, ct_acc.at[index].add(ct_w.astype(ct_acc.dtype)), None
+
+
+accumulate_into.defvjp(_accumulate_into_fwd, _accumulate_into_bwd)
 
 
 # The name this model had when DeepSeek-V2 was its only family (public API since then).

@@ -188,6 +188,20 @@ def scale_by_global_lr(schedule: optax.Schedule) -> optax.GradientTransformation
   return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
 
 
+def clip_by_given_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (the same arithmetic) with the global norm given to
+  `update(..., grad_norm=)` instead of computed from the updates: the update then holds no
+  reduction over all gradients, and runs where only a shard of each is (on the host, with
+  `optim.host_offload`; train_step computes the norm on the device)."""
+
+  def update(updates, state, params=None, *, grad_norm, **_):
+    trigger = jnp.squeeze(grad_norm < max_norm)
+    return jax.tree.map(lambda t: jax.lax.select(
+        trigger, t, (t / grad_norm.astype(t.dtype)) * max_norm), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """`inner`'s state structure, but zero updates and the state carried unchanged."""
   def update(updates, state, params=None, **_):
@@ -472,12 +486,42 @@ def in_float32() -> optax.GradientTransformation:
       lambda u: u.astype(jnp.float32) if jnp.issubdtype(u.dtype, jnp.floating) else u, updates))
 
 
-def _stochastic_round_bf16(x_f32, key):
+def _stochastic_round_bf16(x_f32, key, leaf: int = 0):
   """float32 -> bfloat16, rounding up with probability equal to the fraction of the bfloat16
   step that `x` lies above the value below it: unbiased, E[result] = x. Adds 16 random bits
   below bfloat16's mantissa and truncates. Non-finite values round to nearest (the random carry
   could otherwise turn a NaN into a finite number and hide a divergence)."""
-  return round_bf16_with_noise(x_f32, jax.random.bits(key, x_f32.shape, jnp.uint16))
+  return round_bf16_with_noise(x_f32, hashed_bits16(key, leaf, x_f32))
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability
+  about 1/2."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hashed_bits16(key, leaf: int, like):
+  """16 pseudo-random bits per element of `like`, a function of (key, leaf, element index):
+  the counter-based hash of each element's indices with the key's words (`key`: a PRNG key or
+  its uint32 data). Elementwise integer arithmetic only, in `like`'s memory space: it runs
+  where the update does, on the host with `optim.host_offload` (threefry's loop cannot be
+  compiled there), and gives the same bits on the device."""
+  data = key if jnp.issubdtype(key.dtype, jnp.unsignedinteger) else jax.random.key_data(key)
+  data = data.reshape(-1).astype(jnp.uint32)
+  space = jax.typeof(like).memory_space
+  h = _fmix32(data[0] ^ _fmix32(data[-1] + jnp.uint32(leaf) * jnp.uint32(0x9E3779B9)))
+  for axis in range(like.ndim):
+    index = jax.lax.broadcasted_iota(jnp.uint32, like.shape, axis)
+    if jax.typeof(index).memory_space != space:
+      index = jax.device_put(index, space)
+    h = _fmix32(h * jnp.uint32(0x27D4EB2F) + index + jnp.uint32(axis + 1))
+  if like.ndim == 0:
+    h = _fmix32(h)
+  return (h >> 16).astype(jnp.uint16)
 
 
 def round_bf16_with_noise(x_f32, noise_u16):
@@ -502,8 +546,7 @@ def master_weights(trainable_now: Iterable[str]) -> optax.GradientTransformation
   what bfloat16 cannot hold, so no update is lost, deterministically.
 
   Groups not trained in this phase are not touched at all (their master passes through, their
-  update is 0): with `optim.host_offload` their masters never leave the host
-  (`train_step._to_device` moves the trained groups' only)."""
+  update is 0): with `optim.host_offload` their masters are never read."""
   trainable_now = frozenset(trainable_now)
 
   def init(params):
@@ -532,7 +575,7 @@ def apply_updates(params, updates, key=None):
   for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
     x = p.astype(jnp.float32) + u.astype(jnp.float32)
     if p.dtype == jnp.bfloat16 and key is not None:
-      out.append(_stochastic_round_bf16(x, jax.random.fold_in(key, i)))
+      out.append(_stochastic_round_bf16(x, key, i))
     else:
       out.append(x.astype(p.dtype))
   return jax.tree.unflatten(treedef, out)
@@ -552,13 +595,15 @@ def direction(cfg: OptimConfig, per_expert: bool = False) -> optax.GradientTrans
 
 
 def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[str],
-                    trainable_ever: Iterable[str],
-                    router_kd_lambda=None) -> optax.GradientTransformationExtraArgs:
+                    trainable_ever: Iterable[str], router_kd_lambda=None,
+                    norm_given: bool = False) -> optax.GradientTransformationExtraArgs:
   """The optimizer for one phase. All phases built with the same `trainable_ever` (and
   `router_kd_lambda` or not) share one state structure (see module docstring).
 
   `router_kd_lambda`: None, or lambda(step) for `alr.mix="update"` (the router group then
-  mixes two updates, `mix_updates`; `update` needs `router_kd_grads=`)."""
+  mixes two updates, `mix_updates`; `update` needs `router_kd_grads=`). `norm_given`: the
+  gradient clip reads the global norm of the float32 gradients from `update(..., grad_norm=)`
+  (`clip_by_given_norm`)."""
   trainable_now, trainable_ever = frozenset(trainable_now), frozenset(trainable_ever)
   if not trainable_now <= trainable_ever:
     raise ValueError(f"groups {sorted(trainable_now - trainable_ever)} train now but not ever")
@@ -583,7 +628,8 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
   chain = [in_float32(), optax.multi_transform(transforms, param_labels,
                                                mask_compatible_extra_args=True)]
   if cfg.grad_clip:
-    chain.insert(1, optax.clip_by_global_norm(cfg.grad_clip))
+    chain.insert(1, clip_by_given_norm(cfg.grad_clip) if norm_given
+                 else optax.clip_by_global_norm(cfg.grad_clip))
   chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
   if cfg.master_weights:  # only for groups trained in some phase: the others never move
     chain.append(optax.masked(master_weights(trainable_now), lambda params: jax.tree.map(

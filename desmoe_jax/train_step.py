@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental import compute_on
 from jax.sharding import NamedSharding, PartitionSpec
 
 from desmoe_jax import losses, optim, specialization
@@ -82,15 +83,16 @@ def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_pha
   return model_state, info
 
 
-def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int):
+def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
+                    norm_given: bool = False):
   """The optax transform of `phase`. Every phase's shares one state structure, so the state
   made by `init_optimizer` (any phase) serves them all. With `skip_nonfinite_updates`, the
   whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
-  update was skipped)."""
+  update was skipped). `norm_given`: see optim.build_optimizer."""
   tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
                              method_cfg.trainable_ever(),
                              router_kd_lambda=method_cfg.kd_lambda if mixes_updates(method_cfg)
-                             else None)
+                             else None, norm_given=norm_given)
   if optim_cfg.skip_nonfinite_updates:
     tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
   return tx
@@ -118,6 +120,9 @@ def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
   """Whether `apply_if_finite` skipped the update that produced `opt_state` (False if off)."""
   if not optim_cfg.skip_nonfinite_updates:
     return jnp.asarray(False)
+  if optim_cfg.host_offload:  # the state is in host memory
+    opt_state = jax.device_put(opt_state, jax.tree.map(lambda _: jax.memory.Space.Device,
+                                                        opt_state))
   return ~opt_state.last_finite & (opt_state.notfinite_count <= optim_cfg.skip_nonfinite_updates)
 
 
@@ -186,21 +191,45 @@ def _zeros_like_params(params):
   return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _to_device(opt_state, labels):
-  """The optimizer state of the parameter groups `labels` (optax.multi_transform's inner
-  states) moved to device memory; every other leaf left where it is."""
-  labels = set(labels)
+def _update_on_host(tx, params, grads, frozen, opt_state, step, update_mask, key):
+  """(new params, new optimizer state) with `optim.host_offload`: the optimizer update runs in
+  host memory, on the host (`compute_on("device_host")`), where the state lives between steps,
+  so no moment is ever copied to the device (copied in whole, the six routed-expert moments of
+  V2-Lite were 6.7 GiB per v5e chip). The device sends the trained groups' gradients and
+  weights to the host and gets their new weights back; the phase-frozen groups never leave the
+  device (their update is 0, `apply_updates` would leave them bit for bit). Everything that
+  reduces over all gradients (the clip's global norm) is computed on the device first: on
+  the host each device holds its shard only. The arithmetic is `tx.update` + `apply_updates`
+  of the on-device path, with the same leaf order (the same stochastic-rounding bits)."""
+  host, device = jax.memory.Space.Host, jax.memory.Space.Device
+  grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+  trained = nnx.filter_state(params, lambda path, _: path in _paths(grads))
+  frozen_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
 
-  def move(path, x):
-    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-    if "inner_states" in names and names[names.index("inner_states") + 1] not in labels:
-      return x
-    # bf16_master's float32 masters (optim.master_weights): by their parameter's group.
-    if "master" in names and optim.label_of(tuple(names[names.index("master") + 1:])) not in labels:
-      return x
-    return jax.device_put(x, jax.memory.Space.Device)
+  def update(grads, trained, opt_state, step, update_mask, grad_norm, key):
+    zeros = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), host),
+                         frozen_spec)
+    updates, new_opt_state = tx.update(
+        nnx.merge_state(zeros, grads), opt_state, nnx.merge_state(zeros, trained), step=step,
+        expert_update_mask=update_mask, grad_norm=grad_norm)
+    # optax makes some leaves afresh (set_to_zero, hold's zeros): in device memory by default.
+    updates = jax.tree.map(lambda u: u if jax.typeof(u).memory_space == host
+                           else jax.device_put(u, host), updates)
+    # The frozen groups' leaves (zeros + 0) are dropped: their weights stay on the device.
+    new = optim.apply_updates(nnx.merge_state(zeros, trained), updates, key)
+    return nnx.filter_state(new, lambda path, _: path in _paths(grads)), new_opt_state
 
-  return jax.tree_util.tree_map_with_path(move, opt_state)
+  key = None if key is None else jax.random.key_data(key)  # uint32 words (optim.hashed_bits16)
+  args = (grads, trained, opt_state, step, update_mask, grad_norm, key)
+  args = jax.device_put(args, jax.tree.map(lambda _: host, args))
+  new_trained, new_opt_state = compute_on.compute_on2(
+      update, compute_type="device_host", out_memory_spaces=(host, host))(*args)
+  new_trained = jax.device_put(new_trained, jax.tree.map(lambda _: device, new_trained))
+  return nnx.merge_state(params, new_trained), new_opt_state
+
+
+def _paths(state):
+  return {path for path, _ in nnx.to_flat_state(state)}
 
 
 token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
@@ -232,12 +261,18 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
   cfg = method_cfg
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
+  host_tx = phase_optimizer(method_cfg, optim_cfg, phase, norm_given=True)
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
   warmup_end = cfg.warmup_end() if phase == WARMUP else None
   # alr.mix="update" while the router trains: L_KD reaches a probe, not the router parameters.
   probed = mixes_updates(cfg) and "router" in cfg.trainable(phase)
+  if mixes_updates(cfg) and optim_cfg.host_offload:
+    # The KD gradients would have to reach the host update as a tree the size of the model.
+    raise ValueError("alr.mix='update' with optim.host_offload=True: not supported (the "
+                     "host-side update takes one gradient tree); use alr.mix='gradient' or "
+                     "optim.host_offload=False")
   n_micro = step_cfg.microbatches
   if optim_cfg.master_weights != (step_cfg.precision == "bf16_master"):
     raise ValueError(f"train.precision={step_cfg.precision!r} with optim master_weights="
@@ -269,13 +304,15 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     diff, frozen = nnx.split_state(params, trainable, ...)
     probe = kd_probe_zeros(nnx.merge(graphdef, model_state)) if probed else None
 
-    def loss_fn(diff_and_probe, mb):
-      """(share of the whole batch's objective, sums) of one microbatch `mb` ([b, S] each). The
-      objective is the total loss, except under alr.mix="update", where L_KD enters with weight
-      1 and reaches the probe only: the probe's gradient is the router's KD gradient, and the
-      router's own gradient is its task gradient."""
+    def loss_fn(diff_and_probe, mb, acc=None, held=()):
+      """(share of the whole batch's objective, (sums, acc)) of one microbatch `mb` ([b, S]
+      each). The objective is the total loss, except under alr.mix="update", where L_KD enters
+      with weight 1 and reaches the probe only: the probe's gradient is the router's KD
+      gradient, and the router's own gradient is its task gradient. `acc`: the running gradient
+      sum of the trained MoE-layer parameters `held` (given here without gradient), passed to
+      the model (`grad_acc`) and returned."""
       diff, probe = diff_and_probe
-      model = nnx.merge(graphdef, diff, frozen, state)
+      model = nnx.merge(graphdef, diff, *held, frozen, state)
       if probe is not None:
         attach_kd_probe(model, probe)
       mcfg = model.config
@@ -288,7 +325,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
                          router_grad_scale=(1.0 - lam) if convex and probe is None else None)
       out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
-                  adapt=adapt, logits=not model.config.runtime.ce_chunk)
+                  adapt=adapt, logits=not model.config.runtime.ce_chunk, grad_acc=acc)
       nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
       # The balance loss is a mean over sequences (seq_aux), the KD loss a mean over real
       # tokens: weighted by this microbatch's share of each, they sum to the whole batch's.
@@ -305,36 +342,46 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       sums = {"loss": task, "total_loss": total, "kd_loss": kd, "balance_loss": balance,
               "domain_loss": domain_loss, "domain_targets": domain_targets,
               "domain_counts": out.domain_counts, "domain_tokens": out.domain_tokens}
-      return (total if objective is None else objective), sums
+      return (total if objective is None else objective), (sums, out.grad_acc)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     whole = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
              "loss_mask": loss_mask, "domain_bs": domain_bs}
     if n_micro == 1:
-      (_, sums), (grads, probe_grads) = grad_fn((diff, probe), whole)
+      (_, (sums, _)), (grads, probe_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+          (diff, probe), whole)
     else:
+      # The trained MoE-layer parameters (stacked [L, ...]: nearly all of an MoE model's
+      # weights) accumulate in place inside the layer loop's backward (model `grad_acc`): one
+      # gradient-sized buffer for them. The others sum microbatch gradients as usual.
+      in_layers, rest = nnx.split_state(diff, lambda path, _: path[0] == "moe_layers", ...)
+      if not nnx.to_flat_state(in_layers):
+        in_layers = None
+      held = () if in_layers is None else (jax.lax.stop_gradient(in_layers),)
+
       def accumulate(carry, mb):
-        (_, mb_sums), mb_grads = grad_fn((diff, probe), mb)
-        return jax.tree.map(jnp.add, carry, (mb_grads, mb_sums)), None
+        rest_sum, probe_sum, acc, sums_sum = carry
+
+        def f(rest_and_probe, acc):
+          total, (mb_sums, acc_out) = loss_fn(rest_and_probe, mb, acc, held)
+          return (total, acc_out), mb_sums
+
+        (total, _), vjp, mb_sums = jax.vjp(f, (rest, probe), acc, has_aux=True)
+        # acc is the cotangent of the returned acc: its gradient comes back as acc + this
+        # microbatch's gradient (model.accumulate_into).
+        (rest_grads, probe_grads), acc = vjp((jnp.ones_like(total), acc))
+        return (jax.tree.map(jnp.add, rest_sum, rest_grads),
+                jax.tree.map(jnp.add, probe_sum, probe_grads), acc,
+                jax.tree.map(jnp.add, sums_sum, mb_sums)), None
 
       parts = {k: microbatched(v, n_micro) for k, v in whole.items()}
-      zero_sums = jax.eval_shape(loss_fn, (diff, probe), jax.tree.map(lambda x: x[0], parts))[1]
-      zeros = ((_zeros_like_params(diff), jax.tree.map(jnp.zeros_like, probe)),
+      zero_sums = jax.eval_shape(loss_fn, (diff, probe),
+                                 jax.tree.map(lambda x: x[0], parts))[1][0]
+      zeros = (_zeros_like_params(rest), jax.tree.map(jnp.zeros_like, probe),
+               None if in_layers is None else _zeros_like_params(in_layers)["moe_layers"],
                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums))
-      ((grads, probe_grads), sums), _ = jax.lax.scan(accumulate, zeros, parts)
-    # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
-    if optim_cfg.host_offload:
-      # The state lives in host memory between steps (optimizer_shardings); the update runs on
-      # the device, and jit_train_step's out_shardings write the new state back to the host.
-      # The barrier ties the copy to the finished gradients, so the scheduler cannot fetch the
-      # state early and hold it in device memory through the forward and backward passes.
-      # Only the groups trained in this phase come to the device: a phase-frozen group's
-      # state is carried unchanged (optim.hold) and stays on the host.
-      opt_state, grads = jax.lax.optimization_barrier((opt_state, grads))
-      opt_state = _to_device(opt_state, cfg.trainable(phase))
-    # After the barrier: the zeros of the phase-frozen groups need never exist as buffers.
-    full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
-
+      (rest_grads, probe_grads, acc, sums), _ = jax.lax.scan(accumulate, zeros, parts)
+      grads = rest_grads if acc is None else nnx.merge_state(
+          rest_grads, nnx.State({"moe_layers": acc}))
     # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).
     des = specialization.des_state(nnx.merge(graphdef, model_state))
     mask = des.expert_mask[...]                                            # [L, D, E]
@@ -346,11 +393,18 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       copies = des.expert_copies
       update_mask["expert_copies"] = specialization.copies_update_mask(
           copies.owner[...], copies.origin[...], mask, domain_tokens)
-    extra = {} if probe is None else {"router_kd_grads": router_kd_grads(full_grads, probe_grads)}
-    updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
-                                       expert_update_mask=update_mask, **extra)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
-    new_params = optim.apply_updates(params, updates, key)
+    if optim_cfg.host_offload:
+      new_params, new_opt_state = _update_on_host(host_tx, params, grads, frozen, opt_state,
+                                                  step, update_mask, key)
+    else:
+      # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
+      full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
+      extra = ({} if probe is None
+               else {"router_kd_grads": router_kd_grads(full_grads, probe_grads)})
+      updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
+                                         expert_update_mask=update_mask, **extra)
+      new_params = optim.apply_updates(params, updates, key)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.
     corr = des.correlation[...]
