@@ -264,9 +264,20 @@ class _NoOrbaxTracebacks(logging.Filter):
   cause."""
 
   def filter(self, record):
-    if "orbax" in (record.pathname or "") and record.exc_info:
+    if record.exc_info and ("orbax" in (record.pathname or "") or _raised_in_orbax(record)):
       record.exc_info, record.exc_text = None, None
     return True
+
+
+def _raised_in_orbax(record) -> bool:
+  """asyncio's "Task exception was never retrieved" for a task of orbax's background save (the
+  same failure, logged again by the event loop, with its traceback)."""
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _closed_loop_callback(unraisable) -> bool:
@@ -284,9 +295,10 @@ def quiet_orbax_tracebacks():
   """For entry points (train.py, eval.py): orbax's background-failure records lose their
   tracebacks (filter above), and the closed-event-loop leftovers of a failed save are dropped;
   every other unraisable exception still goes to the previous hook. Idempotent."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _NoOrbaxTracebacks) for f in logger.filters):
-    logger.addFilter(_NoOrbaxTracebacks())
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _NoOrbaxTracebacks) for f in logger.filters):
+      logger.addFilter(_NoOrbaxTracebacks())
   previous = sys.unraisablehook
   if getattr(previous, "_desmoe_quiet", False):
     return
