@@ -136,3 +136,41 @@ def test_machine_preset_errors_are_named():
   with pytest.raises(ValueError, match="--layers=-2"):
     memory_plan.model_config(config, "tiny", "cpu", -2)
   assert memory_plan.model_config(config, "tiny", "cpu", 2).num_hidden_layers == 2
+
+
+# The other families: the published architectures load through --arch, and a tiny model of each
+# family plans on XLA:CPU with the same exact-bytes checks as the DeepSeek-V2 one above.
+FAMILY_ARCHS = {"deepseek_v3": "moonlight_16b_a3b", "qwen3_moe": "qwen3_30b_a3b",
+                "olmoe": "olmoe_1b_7b", "mixtral": "mixtral_8x7b"}
+
+
+@pytest.mark.parametrize("family,arch", sorted(FAMILY_ARCHS.items()))
+def test_arch_of_every_family_loads(family, arch):
+  config = six_domains.get_config("v5e8")
+  cfg = memory_plan.model_config(config, arch, "v5e:2x4", 2)
+  assert cfg.model_type == family and cfg.num_hidden_layers == 2
+  assert cfg.runtime.moe_impl == "ragged" and cfg.runtime.expert_parallel == "shard_map"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_other_family_plans_to_its_exact_bytes(family):
+  from desmoe_jax.build import runtime_fields
+  from desmoe_jax.config import ModelConfig
+  from desmoe_jax.families import get_family
+
+  config = six_domains.get_config("tiny,desmoe")
+  config.model.param_dtype, config.train.precision = "bfloat16", "bf16_sr"
+  model_cfg = ModelConfig.from_hf_dict(dict(get_family(family).TINY, model_type=family),
+                                       **runtime_fields(config))
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 2}, devices=jax.devices()[:4])
+  (p,) = memory_plan.plan(config, model_cfg, mesh, BATCH, SEQ, phases=["stabilization"])
+  hand = _hand_param_bytes(memory_plan.abstract_train_state(config, model_cfg, mesh).state)
+  hand = {g: hand[g] for g in LABELS}
+  assert p.params_by_group == hand and p.params == sum(hand.values())
+  assert (hand["shared_experts"] > 0) == (family == "deepseek_v3")  # Qwen3-MoE has none
+  trained = [g for g in LABELS if hand[g]]
+  assert {g: p.opt_by_group[g] for g in trained} == {g: 2 * hand[g] + COUNT for g in trained}
+  state_bytes = p.params + p.model_state + p.opt_state
+  assert p.argument == state_bytes + p.batch_bytes and p.alias == state_bytes
+  assert p.temp > 0 and p.peak > p.argument
+  assert memory_plan.row(p, 16.0)[7] == "+".join(memory_plan.SHORT[g] for g in trained)
