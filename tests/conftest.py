@@ -39,6 +39,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+from desmoe_jax.families import deepseek_v2  # noqa: E402  (imports JAX: after its settings)
+
 
 def pytest_unconfigure(config):
   del config
@@ -46,16 +48,8 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # A small DeepSeek-V2 with every feature of V2-Lite: MLA without q_lora, YaRN, one dense layer,
-# shared + routed experts, greedy top-k.
-BASE = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-    num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=16, q_lora_rank=None,
-    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-    n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-    max_position_embeddings=256,
-    rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
-                      beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
-)
+# shared + routed experts, greedy top-k (the family file's own tiny kwargs).
+BASE = dict(deepseek_v2.TINY)
 
 # Named variants covering the architecture's switches (see test_model.py).
 VARIANTS = {

@@ -13,7 +13,8 @@ Each method runs 1 step and saves its checkpoint; DES-MoE's step is in stabiliza
 t2=1: router and experts train, masks apply, one compile) and its run exports `workdir/hf` (the
 ALR folded into the family's linear router). Crossing the three phases is tested on DeepSeek-V2
 (tests/test_trainer.py, tests/test_methods.py); which phase trains what does not depend on the
-family. One packed sequence per step, one held-out batch."""
+family. Two of the six domains (math, code), one packed sequence of 256 tokens per step, one
+held-out batch."""
 
 import json
 import os
@@ -30,11 +31,13 @@ from desmoe_jax.families import FAMILIES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "assets", "tiny_deepseek_v2")   # the tiny preset's tokenizer
 COMMON = {"train.log_every": 1, "train.eval_every": 0, "data.batch_size": 1,
-          "eval.loss_batches": 1, "eval.general_batches": 1}
+          "data.seq_len": 256, "data.select": "math,code", "eval.loss_batches": 1,
+          "eval.general_batches": 1}
 RUNS = {"desmoe": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": True,
                    "schedule.t1": 0.0, "schedule.t2": 1.0},
         "fft": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False},
-        "esft_token": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False}}
+        "esft_token": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False,
+                       "esft.sample_tokens": 256}}   # experts scored on one sequence a domain
 
 DRIVER = textwrap.dedent("""
     import json, logging, os, sys
