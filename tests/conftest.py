@@ -39,19 +39,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
-from desmoe_jax.families import deepseek_v2  # noqa: E402  (imports JAX: after its settings)
-
 
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE is not None:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
-# A small DeepSeek-V2 with every feature of V2-Lite: MLA without q_lora, YaRN, one dense layer,
-# shared + routed experts, greedy top-k (the family file's own tiny kwargs).
-BASE = dict(deepseek_v2.TINY)
-
-# Named variants covering the architecture's switches (see test_model.py).
+# Named variants covering the architecture's switches (see test_model.py): overrides of
+# desmoe_jax/families/deepseek_v2.py's TINY, a small DeepSeek-V2 with every feature of V2-Lite
+# (MLA without q_lora, YaRN, one dense layer, shared + routed experts, greedy top-k).
 VARIANTS = {
     "v2lite_like": {},
     "qlora_grouped": dict(q_lora_rank=12, rope_scaling=None, topk_method="group_limited_greedy",
@@ -68,20 +64,9 @@ VARIANTS = {
 
 
 def make_hf_model(path, seed=0, **overrides):
-  """Writes a random transformers DeepseekV2ForCausalLM (float32) to `path`; returns the model."""
-  import torch
-  from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
-  kwargs = dict(BASE)
-  kwargs.update(overrides)
-  torch.manual_seed(seed)
-  model = DeepseekV2ForCausalLM(DeepseekV2Config(**kwargs)).eval()
-  with torch.no_grad():  # norms start at 1: randomise them so a wrong mapping cannot hide
-    for name, p in model.named_parameters():
-      if "norm" in name or name.endswith(".bias"):
-        p.add_(0.1 * torch.randn_like(p))
-  model.save_pretrained(path)
-  return model
+  """Writes a random transformers DeepseekV2ForCausalLM (float32) to `path`; returns the model:
+  `make_family_model` for DeepSeek-V2."""
+  return make_family_model("deepseek_v2", path, seed=seed, **overrides)
 
 
 @pytest.fixture(scope="session")
