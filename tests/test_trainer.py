@@ -43,11 +43,19 @@ DRIVER = textwrap.dedent("""
         if step == at:
           os._exit(17)
       checkpoint.Checkpointer.save = dying_save
-    if action == "die_after_step":  # die right after logging step `at`
-      write = trainer.MetricsLog.write
+    if action == "die_after_step":  # die right after logging step `at`, once the saves started
+      write = trainer.MetricsLog.write   # before it have committed (a kill during a save is
+      opened = []                        # die_in_save's case; here it would be a timing race)
+      init = checkpoint.Checkpointer.__init__
+      def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        opened.append(self)
+      checkpoint.Checkpointer.__init__ = recording_init
       def dying_write(self, step, record, *a):
         write(self, step, record, *a)
         if step == at and "loss" in record:
+          for c in opened:
+            c.wait()
           os._exit(17)
       trainer.MetricsLog.write = dying_write
     if action == "nan_at":          # the step's loss becomes NaN
