@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE_XLA_FLAGS
+from conftest import E2E_MOE_IMPL, FAST_COMPILE_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ ARGS = ["--config=configs/six_domains.py:tiny", "--config.train.steps=3",
         "--config.train.checkpoint_every=2", "--config.data.seq_len=256",
         "--config.data.batch_size=8", "--config.eval.loss_batches=2",
         "--config.schedule.t1=0.0", "--config.schedule.t2=1.0", "--config.alr.loss=additive",
-        *NO_DOMAIN_EVAL]
+        f"--config.model.moe_impl={E2E_MOE_IMPL}", *NO_DOMAIN_EVAL]
 TIMEOUT_S = 600
 
 

@@ -23,7 +23,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ONE_DEVICE_XLA_FLAGS, make_family_model
+from conftest import E2E_MOE_IMPL, ONE_DEVICE_XLA_FLAGS, make_family_model
 
 from desmoe_jax.convert import copy_tokenizer
 from desmoe_jax.families import FAMILIES
@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "assets", "tiny_deepseek_v2")   # the tiny preset's tokenizer
 COMMON = {"train.log_every": 1, "train.eval_every": 0, "data.batch_size": 1,
           "data.seq_len": 256, "data.select": "math,code", "eval.loss_batches": 1,
-          "eval.general_batches": 1}
+          "eval.general_batches": 1, "model.moe_impl": E2E_MOE_IMPL}
 RUNS = {"desmoe": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": True,
                    "schedule.t1": 0.0, "schedule.t2": 1.0},
         "fft": {"train.steps": 1, "train.checkpoint_every": 1, "export.enabled": False},

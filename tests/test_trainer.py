@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE_XLA_FLAGS
+from conftest import E2E_MOE_IMPL, ONE_DEVICE_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
@@ -35,6 +35,7 @@ DRIVER = textwrap.dedent("""
     config.data.batch_size, config.eval.loss_batches = 1, 1
     config.data.seq_len, config.data.select = 256, "math,code"   # TRAIN_FLAGS' data
     config.export.enabled = False
+    config.model.moe_impl = sys.argv[6]
     action, at = sys.argv[4], int(sys.argv[5])
     if action == "die_in_save":     # start the async save of step `at`, then die before commit
       save = checkpoint.Checkpointer.save
@@ -91,7 +92,7 @@ def _run(tmp_path, workdir, action="none", at=0, **overrides):
   env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   return subprocess.run(
       [sys.executable, str(driver), os.path.join(REPO, "configs", "six_domains.py"),
-       str(workdir), json.dumps(dict(OVERRIDES, **overrides)), action, str(at)],
+       str(workdir), json.dumps(dict(OVERRIDES, **overrides)), action, str(at), E2E_MOE_IMPL],
       capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -121,7 +122,7 @@ LAUNCH = textwrap.dedent("""
 # sequences in every run would dominate their time.
 TRAIN_FLAGS = ["--config.data.batch_size=1", "--config.eval.loss_batches=1",
                "--config.export.enabled=False", "--config.data.seq_len=256",
-               "--config.data.select=math,code"]
+               "--config.data.select=math,code", f"--config.model.moe_impl={E2E_MOE_IMPL}"]
 
 
 def _train_py(workdir, *flags, patch="", wait=True, **overrides):
@@ -383,10 +384,10 @@ def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
   fields = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 0,
             "train.checkpoint_every": 6, "data.select": "math,code", "data.batch_size": 1,
             "data.seq_len": 256, "eval.loss_batches": 1, "data.general_mc": "",
-            "dges.update_every": 1000, "dges.phi": 0.95}
+            "dges.update_every": 1000, "dges.phi": 0.95, "model.moe_impl": E2E_MOE_IMPL}
   env = dict(os.environ, HF_HUB_OFFLINE="1",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   result = subprocess.run([sys.executable, "-c", SPECIALIZE, str(work), json.dumps(fields)],
                           capture_output=True, text=True, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
