@@ -55,7 +55,7 @@ def test_model_grads_agree_with_tokamax_attention():
   for impl in ("einsum", "tokamax"):
     model = tiny_model(seed=5, attention_impl=impl)
     loss = lambda m: (m(tokens).logits.astype(jnp.float32) ** 2).mean()
-    grads[impl] = dict(nnx.to_flat_state(nnx.grad(loss)(model)))
+    grads[impl] = dict(nnx.to_flat_state(nnx.jit(nnx.grad(loss))(model)))  # jit: one compile
   for path, a in grads["tokamax"].items():
     np.testing.assert_allclose(a[...], grads["einsum"][path][...], atol=1e-5, rtol=1e-5,
                                err_msg=str(path))

@@ -56,17 +56,27 @@ def test_scan_unrolled_and_decode_agree(family_checkpoint, family):
   ids = _ids(1, (2, 9), hf.config.vocab_size)
   scanned = from_pretrained(path, dtype=jnp.float32, scan_layers=True)
   unrolled = from_pretrained(path, dtype=jnp.float32, scan_layers=False)
-  a, b = scanned(ids, return_routing=True), unrolled(ids, return_routing=True)
-  np.testing.assert_allclose(a.logits, b.logits, atol=1e-6)
-  np.testing.assert_array_equal(a.routing.topk_ids, b.routing.topk_ids)
 
-  # Prefill 8 tokens, decode the 9th against the cache: the full forward's logits at 9.
-  prefill = scanned(ids[:, :8], return_latents=True)
-  cache = prefill.latents.grow(1)
-  positions = jnp.full((2, 1), 8, jnp.int32)
-  logits, _ = scanned.decode_step(jnp.asarray(ids[:, 8:9]), positions, cache, 8,
-                                  jnp.ones((2, 9), jnp.bool_))
-  np.testing.assert_allclose(logits[:, 0], a.logits[:, 8], atol=1e-5)
+  # Jitted as the trainer and the evaluator run them (op by op, the unrolled model compiles
+  # each of its ~300 kernels apart).
+  @nnx.jit
+  def forward(m, ids):
+    out = m(ids, return_routing=True)
+    return out.logits, out.routing.topk_ids
+
+  @nnx.jit
+  def prefill_then_decode(m, ids):
+    """Prefill 8 tokens, decode the 9th against the cache."""
+    cache = m(ids[:, :8], return_latents=True).latents.grow(1)
+    positions = jnp.full((2, 1), 8, jnp.int32)
+    logits, _ = m.decode_step(ids[:, 8:9], positions, cache, 8, jnp.ones((2, 9), jnp.bool_))
+    return logits
+
+  (a, a_ids), (b, b_ids) = forward(scanned, ids), forward(unrolled, ids)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_array_equal(a_ids, b_ids)
+  logits = prefill_then_decode(scanned, jnp.asarray(ids))   # the full forward's logits at 9
+  np.testing.assert_allclose(logits[:, 0], a[:, 8], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

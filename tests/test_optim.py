@@ -198,9 +198,13 @@ def _decay_only_step(decay_exclude):
   tx = optim.build_optimizer(oc, 10, {"backbone", "shared_experts", "router", "routed_experts"},
                              {"backbone", "shared_experts", "router", "routed_experts"})
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params, step=jnp.asarray(0),
-                         expert_update_mask=None)
-  after = optim.apply_updates(params, updates)
+
+  @jax.jit  # one compile; op by op, every leaf's shape compiles its own kernels (~20 s)
+  def step(params):
+    updates, _ = tx.update(zeros, tx.init(params), params, step=jnp.asarray(0),
+                           expert_update_mask=None)
+    return optim.apply_updates(params, updates)
+  after = step(params)
   flat = lambda s: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(s)}
   kinds = {p: optim.kind_of(v) for p, v in nnx.to_flat_state(params)}
   return flat(params), flat(after), kinds
