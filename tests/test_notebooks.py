@@ -29,8 +29,8 @@ COLAB = os.path.join(REPO, "colab")
 NOTEBOOKS = ("quickstart.ipynb", "deepseek_v2_lite_tpu.ipynb")
 FAST = {"train.steps": 8, "train.log_every": 2, "train.eval_every": 0,
         "train.checkpoint_every": 8, "data.batch_size": 1, "data.seq_len": 512,
-        "eval.loss_batches": 1,
-        "eval.max_examples": 2, "eval.max_new_tokens": 16, "data.general_mc": ""}
+        "eval.loss_batches": 1, "eval.max_examples": 2, "eval.max_new_tokens": 16,
+        "data.general_mc": ""}
 
 
 def _read(name):

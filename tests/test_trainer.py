@@ -44,9 +44,11 @@ DRIVER = textwrap.dedent("""
         if step == at:
           os._exit(17)
       checkpoint.Checkpointer.save = dying_save
-    if action == "die_after_step":  # die right after logging step `at`, once the saves started
-      write = trainer.MetricsLog.write   # before it have committed (a kill during a save is
-      opened = []                        # die_in_save's case; here it would be a timing race)
+    if action == "die_after_step":  # die right after logging step `at`, once every save
+      # started before it has committed: a kill during a save is die_in_save's case, and here
+      # whether step 4's async save beats step 5 would be a race (CI once lost it).
+      write = trainer.MetricsLog.write
+      opened = []
       init = checkpoint.Checkpointer.__init__
       def recording_init(self, *a, **k):
         init(self, *a, **k)
