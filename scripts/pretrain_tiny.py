@@ -180,7 +180,8 @@ def main(argv=None):
     tokens = np.stack([np.concatenate([[tokenizer.bos_token_id], ids[s:s + n]]) for s in starts])
     params, opt_state, nll = train_step(params, opt_state, tokens)
     log["train_loss"].append(float(nll))
-    if step % args.eval_every == 0 or step == last:
+    # --stop_after saves nothing, so no best weights to pick: no validation pass at its end.
+    if step % args.eval_every == 0 or (step == last and not args.stop_after):
       val = mean_loss(params, val_batches)
       log["validation"].append([step, val])
       if val < best[0]:
