@@ -24,6 +24,17 @@ ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
 # (tests/test_moe.py compares every impl). The default dispatch still runs end to end in
 # tests/test_cli.py, tests/test_notebooks.py and CI's runtime stage (.ci/run).
 E2E_MOE_IMPL = "dense"
+
+
+def one_device_env(**extra) -> dict:
+  """The environment of a test's train.py / eval.py subprocess: this checkout's package first on
+  PYTHONPATH (whatever is installed), the hub offline, ONE_DEVICE_XLA_FLAGS, then `extra`."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+  env.update(XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, **extra)
+  return env
+
 os.environ.setdefault("XLA_FLAGS",
                       f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
 os.environ["HF_HUB_OFFLINE"] = "1"

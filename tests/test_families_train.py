@@ -23,7 +23,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import E2E_MOE_IMPL, ONE_DEVICE_XLA_FLAGS, make_family_model
+from conftest import E2E_MOE_IMPL, make_family_model, one_device_env
 
 from desmoe_jax.convert import copy_tokenizer
 from desmoe_jax.families import FAMILIES
@@ -58,13 +58,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _env():
-  env = dict(os.environ, HF_HUB_OFFLINE="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
-  return env
-
-
 def _family_dir(family, tmp_path):
   """A tiny random model of `family` with the tiny preset's tokenizer."""
   with open(os.path.join(TOKENIZER, "config.json")) as f:
@@ -89,7 +82,7 @@ def test_every_method_trains_and_eval_reloads(family, tmp_path):
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER)
   train = subprocess.run([sys.executable, str(driver), path, str(tmp_path), json.dumps(runs)],
-                         cwd=REPO, capture_output=True, text=True, env=_env(), timeout=1200)
+                         cwd=REPO, capture_output=True, text=True, env=one_device_env(), timeout=1200)
   assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
 
   for method, overrides in runs.items():

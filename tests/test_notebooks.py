@@ -15,7 +15,7 @@ import os
 import nbformat
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE_XLA_FLAGS
+from conftest import one_device_env
 from IPython.core.inputtransformer2 import TransformerManager
 from flax import nnx
 from nbclient import NotebookClient
@@ -74,11 +74,9 @@ def test_tpu_notebook_tiny_overrides_are_the_fast_ones():
 def _execute(name, parameters: str, cache_dir):
   nb = _read(name)
   nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell(parameters))
-  env = dict(os.environ, HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", GIT_ALLOW_PROTOCOL="file",
-             TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
+  env = one_device_env(PIP_NO_INDEX="1", GIT_ALLOW_PROTOCOL="file",
+                       TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": COLAB}}).execute(env=env)
   return nb

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import E2E_MOE_IMPL, ONE_DEVICE_XLA_FLAGS
+from conftest import E2E_MOE_IMPL, one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
@@ -89,13 +89,10 @@ DRIVER = textwrap.dedent("""
 def _run(tmp_path, workdir, action="none", at=0, **overrides):
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER)
-  env = dict(os.environ, HF_HUB_OFFLINE="1",   # this checkout's package, whatever is installed
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   return subprocess.run(
       [sys.executable, str(driver), os.path.join(REPO, "configs", "six_domains.py"),
        str(workdir), json.dumps(dict(OVERRIDES, **overrides)), action, str(at), E2E_MOE_IMPL],
-      capture_output=True, text=True, env=env, timeout=900)
+      capture_output=True, text=True, env=one_device_env(), timeout=900)
 
 
 def _losses(workdir):
@@ -134,9 +131,7 @@ def _train_py(workdir, *flags, patch="", wait=True, **overrides):
           f"--config={os.path.join(REPO, 'configs', 'six_domains.py')}:tiny",
           f"--workdir={workdir}", *TRAIN_FLAGS,
           *[f"--config.train.{k}={v}" for k, v in train.items()], *flags]
-  env = dict(os.environ, HF_HUB_OFFLINE="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
+  env = one_device_env()
   if not wait:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
@@ -387,9 +382,7 @@ def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
             "train.checkpoint_every": 6, "data.select": "math,code", "data.batch_size": 1,
             "data.seq_len": 256, "eval.loss_batches": 1, "data.general_mc": "",
             "dges.update_every": 1000, "dges.phi": 0.95, "model.moe_impl": E2E_MOE_IMPL}
-  env = dict(os.environ, HF_HUB_OFFLINE="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
+  env = one_device_env()
   result = subprocess.run([sys.executable, "-c", SPECIALIZE, str(work), json.dumps(fields)],
                           capture_output=True, text=True, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,7 @@ import sys
 
 import ml_collections
 import pytest
-from conftest import ONE_DEVICE_XLA_FLAGS
+from conftest import one_device_env
 
 from desmoe_jax import validate
 from desmoe_jax.errors import ConfigError
@@ -120,11 +120,8 @@ def test_domains_need_names_train_paths_and_unique_names():
 
 
 def _cli(script, *args, cwd):
-  env = dict(os.environ, HF_HUB_OFFLINE="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  env["XLA_FLAGS"] = ONE_DEVICE_XLA_FLAGS  # one device, fast compile
   return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True,
-                        text=True, env=env, cwd=cwd, timeout=300)
+                        text=True, env=one_device_env(), cwd=cwd, timeout=300)
 
 
 def _error_lines(stderr):

@@ -5,9 +5,9 @@ as images; with W&B off, wandb is never imported (its absence costs nothing)."""
 import glob
 import json
 import os
-import types
 import struct
 import sys
+import types
 
 import numpy as np
 import pytest
