@@ -42,6 +42,13 @@ DECAY_EXCLUDE = {"norms,biases": frozenset({"norm", "bias"}), "norms": frozenset
                  "biases": frozenset({"bias"}), "none": frozenset()}
 
 
+ADAFACTOR_OFFLOAD = (
+    "optim.name='adafactor' with optim.host_offload=True: not supported. The offloaded state is "
+    "streamed through the device one layer at a time, and Adafactor's update clip reads the "
+    "RMS of a whole stacked parameter (every layer). Its state is factored (rows + columns per "
+    "matrix, a few MB): keep it on the device, optim.host_offload=False")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Every field is a config knob (`optim.*`). Defaults: ESFT's AdamW settings."""
@@ -80,6 +87,8 @@ class OptimConfig:
       raise ValueError(f"optim.per_expert_bias_correction counts AdamW's steps per expert: it "
                        f"needs optim.name='adamw' (not {self.name!r}) with float moments "
                        f"(optim.moments_dtype={self.moments_dtype!r})")
+    if self.host_offload and self.name == "adafactor":
+      raise ValueError(ADAFACTOR_OFFLOAD)
     if self.moments_dtype == "int8" and self.name != "adamw":
       raise ValueError(f"optim.moments_dtype='int8' quantises AdamW's two moments; "
                        f"optim.name={self.name!r} has none (use auto, float32 or bfloat16)")
@@ -191,8 +200,8 @@ def scale_by_global_lr(schedule: optax.Schedule) -> optax.GradientTransformation
 def clip_by_given_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
   """optax.clip_by_global_norm (the same arithmetic) with the global norm given to
   `update(..., grad_norm=)` instead of computed from the updates: the update then holds no
-  reduction over all gradients, and runs where only a shard of each is (on the host, with
-  `optim.host_offload`; train_step computes the norm on the device)."""
+  reduction over all gradients, and can run on a part of the tree at a time (the streamed
+  update of `optim.host_offload`, one layer at a time; train_step computes the norm first)."""
 
   def update(updates, state, params=None, *, grad_norm, **_):
     trigger = jnp.squeeze(grad_norm < max_norm)
@@ -200,6 +209,33 @@ def clip_by_given_norm(max_norm: float) -> optax.GradientTransformationExtraArgs
         trigger, t, (t / grad_norm.astype(t.dtype)) * max_norm), updates), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def apply_if_finite_given(inner: optax.GradientTransformation,
+                          max_consecutive_errors: int) -> optax.GradientTransformationExtraArgs:
+  """optax.apply_if_finite (the same state and decisions) with whether every gradient is
+  finite given to `update(..., all_finite=)` instead of read from the updates it sees: the
+  streamed update sees one layer at a time, and all of its parts must skip, or not, together.
+  A skipped step's zero updates have the dtypes of a taken step's (optax's are the gradients':
+  bfloat16 where `master_weights` makes float32 updates, which `lax.cond` refuses)."""
+  inner = optax.with_extra_args_support(inner)
+  reference = optax.apply_if_finite(inner, max_consecutive_errors)
+
+  def update(updates, state, params=None, *, all_finite, **extra):
+    notfinite_count = jnp.where(all_finite, jnp.zeros([], jnp.int32),
+                                optax.safe_increment(state.notfinite_count))
+    take = lambda: inner.update(updates, state.inner_state, params, **extra)
+    shapes = jax.eval_shape(take)[0]
+    new_updates, new_inner = jax.lax.cond(
+        all_finite | (notfinite_count > max_consecutive_errors), take,
+        lambda: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state.inner_state))
+    total = jnp.where(all_finite, state.total_notfinite,
+                      optax.safe_increment(state.total_notfinite))
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=notfinite_count, last_finite=jnp.asarray(all_finite),
+        total_notfinite=total, inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(reference.init, update)
 
 
 def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -280,6 +316,8 @@ def _expert_count_zeros(params):
   """int32 zeros [L, E] per stacked routed-expert leaf [L, E, ...], carrying the leading two
   logical axes (so the count is sharded like its experts)."""
   def zeros(x):
+    if not hasattr(x.get_value() if _is_variable(x) else x, "shape"):
+      return x    # optax.masked's MaskedNode: a parameter of another group (multi_transform)
     if not _is_variable(x):
       return jnp.zeros(x.shape[:2], jnp.int32)
     axes = x.get_metadata().get("logical_axes")
@@ -313,9 +351,15 @@ def scale_by_adam_per_expert(b1: float, b2: float, eps: float) -> optax.Gradient
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = jax.tree.map(optax.safe_increment, state.count)
-    new_updates = jax.tree.map(
-        lambda m, v, c: _bias_correction(m, b1, c) / (jnp.sqrt(_bias_correction(v, b2, c)) + eps),
-        mu, nu, count)
+
+    def corrected(m, v, c):  # per leaf; the count's Variable carries 2 of the moment's 4 axes
+      mv, vv, cv = (x.get_value() if _is_variable(x) else x for x in (m, v, c))
+      if not hasattr(mv, "shape"):
+        return m   # optax.masked's MaskedNode: a parameter of another group
+      out = _bias_correction(mv, b1, cv) / (jnp.sqrt(_bias_correction(vv, b2, cv)) + eps)
+      return m.replace(out) if _is_variable(m) else out
+
+    new_updates = jax.tree.map(corrected, mu, nu, count, is_leaf=_is_variable)
     return new_updates, ScaleByAdamPerExpertState(count, mu, nu)
 
   return optax.GradientTransformation(init, update)
@@ -390,6 +434,8 @@ def quantize_blockwise(x, power: int):
 
 def dequantize_blockwise(code, absmax, power: int):
   """Inverse of `quantize_blockwise` (up to its rounding), float32."""
+  if not code.size:  # a zero-size view (train_step's streamed update)
+    return jnp.zeros(code.shape, jnp.float32)
   n, blocks = code.shape[-1], absmax.shape[-1]
   c = code.astype(jnp.float32).reshape(code.shape[:-1] + (blocks, n // blocks)) / 127.0
   return (jnp.sign(c) * jnp.abs(c) ** power * absmax[..., None]).reshape(code.shape)
@@ -486,12 +532,12 @@ def in_float32() -> optax.GradientTransformation:
       lambda u: u.astype(jnp.float32) if jnp.issubdtype(u.dtype, jnp.floating) else u, updates))
 
 
-def _stochastic_round_bf16(x_f32, key, leaf: int = 0):
+def _stochastic_round_bf16(x_f32, key, leaf: int = 0, row_offset=0):
   """float32 -> bfloat16, rounding up with probability equal to the fraction of the bfloat16
   step that `x` lies above the value below it: unbiased, E[result] = x. Adds 16 random bits
   below bfloat16's mantissa and truncates. Non-finite values round to nearest (the random carry
   could otherwise turn a NaN into a finite number and hide a divergence)."""
-  return round_bf16_with_noise(x_f32, hashed_bits16(key, leaf, x_f32))
+  return round_bf16_with_noise(x_f32, hashed_bits16(key, leaf, x_f32, row_offset))
 
 
 def _fmix32(h):
@@ -504,18 +550,22 @@ def _fmix32(h):
   return h ^ (h >> 16)
 
 
-def hashed_bits16(key, leaf: int, like):
+def hashed_bits16(key, leaf: int, like, row_offset=0):
   """16 pseudo-random bits per element of `like`, a function of (key, leaf, element index):
   the counter-based hash of each element's indices with the key's words (`key`: a PRNG key or
-  its uint32 data). Elementwise integer arithmetic only, in `like`'s memory space: it runs
-  where the update does, on the host with `optim.host_offload` (threefry's loop cannot be
-  compiled there), and gives the same bits on the device."""
+  its uint32 data). `row_offset`: `like` holds rows row_offset.. of a larger leaf (a slice
+  along axis 0), and gets that leaf's bits: the streamed update (train_step) rounds one layer
+  of a stacked leaf at a time exactly as the whole-leaf update would, which a key-split PRNG
+  cannot do without drawing the whole leaf. Elementwise integer arithmetic only, in `like`'s
+  memory space."""
   data = key if jnp.issubdtype(key.dtype, jnp.unsignedinteger) else jax.random.key_data(key)
   data = data.reshape(-1).astype(jnp.uint32)
   space = jax.typeof(like).memory_space
   h = _fmix32(data[0] ^ _fmix32(data[-1] + jnp.uint32(leaf) * jnp.uint32(0x9E3779B9)))
   for axis in range(like.ndim):
     index = jax.lax.broadcasted_iota(jnp.uint32, like.shape, axis)
+    if axis == 0:
+      index = index + jnp.asarray(row_offset).astype(jnp.uint32)
     if jax.typeof(index).memory_space != space:
       index = jax.device_put(index, space)
     h = _fmix32(h * jnp.uint32(0x27D4EB2F) + index + jnp.uint32(axis + 1))
@@ -564,18 +614,20 @@ def master_weights(trainable_now: Iterable[str]) -> optax.GradientTransformation
   return optax.GradientTransformation(init, update)
 
 
-def apply_updates(params, updates, key=None):
+def apply_updates(params, updates, key=None, row_offset=0):
   """params + updates, added in float32. A bfloat16 parameter gets the sum rounded
   stochastically when `key` is given (`train.precision=bf16_sr`; each leaf its own bits from
   `key`), to nearest otherwise; float32 parameters are exact. An update of exactly 0 leaves a
-  parameter bit for bit (a frozen or masked expert stays frozen whatever the rounding)."""
+  parameter bit for bit (a frozen or masked expert stays frozen whatever the rounding).
+  `row_offset`: the leaves are slices from this row (axis 0) of the whole tree's, and get the
+  bits the whole leaves would (the streamed update of train_step)."""
   p_leaves, treedef = jax.tree.flatten(params)
   u_leaves = treedef.flatten_up_to(updates)
   out = []
   for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
     x = p.astype(jnp.float32) + u.astype(jnp.float32)
     if p.dtype == jnp.bfloat16 and key is not None:
-      out.append(_stochastic_round_bf16(x, key, i))
+      out.append(_stochastic_round_bf16(x, key, i, row_offset))
     else:
       out.append(x.astype(p.dtype))
   return jax.tree.unflatten(treedef, out)

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.experimental import compute_on
 from jax.sharding import NamedSharding, PartitionSpec
 
 from desmoe_jax import losses, optim, specialization
@@ -87,14 +86,15 @@ def phase_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phas
                     norm_given: bool = False):
   """The optax transform of `phase`. Every phase's shares one state structure, so the state
   made by `init_optimizer` (any phase) serves them all. With `skip_nonfinite_updates`, the
-  whole transform is wrapped in `optax.apply_if_finite` (its state then says whether the last
-  update was skipped). `norm_given`: see optim.build_optimizer."""
+  whole transform is wrapped in `optim.apply_if_finite_given` (optax.apply_if_finite's state,
+  which says whether the last update was skipped; `update(..., all_finite=)`, see
+  `finiteness`). `norm_given`: see optim.build_optimizer."""
   tx = optim.build_optimizer(optim_cfg, method_cfg.total_steps, method_cfg.trainable(phase),
                              method_cfg.trainable_ever(),
                              router_kd_lambda=method_cfg.kd_lambda if mixes_updates(method_cfg)
                              else None, norm_given=norm_given)
   if optim_cfg.skip_nonfinite_updates:
-    tx = optax.apply_if_finite(tx, optim_cfg.skip_nonfinite_updates)
+    tx = optim.apply_if_finite_given(tx, optim_cfg.skip_nonfinite_updates)
   return tx
 
 
@@ -116,14 +116,23 @@ def router_kd_grads(full_grads, probe_grads: dict):
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def finiteness(grads, opt_state) -> dict:
+  """The `all_finite=` extra argument of `optim.apply_if_finite_given` (with
+  `optim.skip_nonfinite_updates`; else no argument): whether every gradient is finite."""
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return {}
+  return {"all_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                           for g in jax.tree.leaves(grads)]))}
+
+
 def update_skipped(opt_state, optim_cfg: optim.OptimConfig):
   """Whether `apply_if_finite` skipped the update that produced `opt_state` (False if off)."""
   if not optim_cfg.skip_nonfinite_updates:
     return jnp.asarray(False)
+  finite, count = opt_state.last_finite, opt_state.notfinite_count
   if optim_cfg.host_offload:  # the state is in host memory
-    opt_state = jax.device_put(opt_state, jax.tree.map(lambda _: jax.memory.Space.Device,
-                                                        opt_state))
-  return ~opt_state.last_finite & (opt_state.notfinite_count <= optim_cfg.skip_nonfinite_updates)
+    finite, count = jax.device_put((finite, count), jax.memory.Space.Device)
+  return ~finite & (count <= optim_cfg.skip_nonfinite_updates)
 
 
 def init_optimizer(method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, model_state):
@@ -191,41 +200,124 @@ def _zeros_like_params(params):
   return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _update_on_host(tx, params, grads, frozen, opt_state, step, update_mask, key):
-  """(new params, new optimizer state) with `optim.host_offload`: the optimizer update runs in
-  host memory, on the host (`compute_on("device_host")`), where the state lives between steps,
-  so no moment is ever copied to the device (copied in whole, the six routed-expert moments of
-  V2-Lite were 6.7 GiB per v5e chip). The device sends the trained groups' gradients and
-  weights to the host and gets their new weights back; the phase-frozen groups never leave the
-  device (their update is 0, `apply_updates` would leave them bit for bit). Everything that
-  reduces over all gradients (the clip's global norm) is computed on the device first: on
-  the host each device holds its shard only. The arithmetic is `tx.update` + `apply_updates`
-  of the on-device path, with the same leaf order (the same stochastic-rounding bits)."""
+STACK = "moe_layers"   # the model's stacked layers (model.MoECausalLM): one leading [L] axis
+
+
+def _names(path) -> list:
+  return [optim._key(p) for p in path]
+
+
+def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, trained_labels):
+  """(new params, new optimizer state) with `optim.host_offload`: the optimizer state stays in
+  host memory and is streamed through the device one stacked layer at a time.
+
+  The update is `tx.update` + `apply_updates`, run twice on views of the trees: once on the
+  leaves outside the stacked layers (embeddings, LM head, dense layers: their state is copied
+  in whole, small), then in a `lax.scan` over the L stacked layers on the [1, ...] slice of
+  every stacked leaf: each layer's moments are read from host memory, updated on the device and
+  written back (`dynamic_update_slice` into the host buffer, as remat offload does), so one
+  layer's state is on the device at a time. Leaves absent from a view are zero-size ([0, ...]),
+  so the transform chain, its masks and its per-leaf stochastic-rounding bits (offset by the
+  layer: `apply_updates(row_offset=)`) are those of the whole-tree update, leaf for leaf.
+  Groups frozen in this phase are in neither view: their weights and state are not touched.
+
+  Why not update on the host (`compute_on("device_host")`, tried): the TPU compiler passes host
+  computations untiled arrays, so every stacked leaf sent there (the routed experts' gradients
+  and weights, 1.12 GiB each per v5e chip for V2-Lite) was re-laid-out on the device first,
+  through two device buffers of its size, and the result counted against HBM (stabilization of
+  the v5e-8 preset: 18.19 GiB of temporaries; docs/SCALING.md). Everything that reduces over
+  all gradients (the clip's global norm) is computed once, before."""
   host, device = jax.memory.Space.Host, jax.memory.Space.Device
   grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
-  trained = nnx.filter_state(params, lambda path, _: path in _paths(grads))
-  frozen_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+  given = finiteness(grads, opt_state)
+  p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  s_flat, s_def = jax.tree_util.tree_flatten_with_path(opt_state)
+  g_by_path = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  stacked = [x.shape[0] for path, x in p_flat if STACK in _names(path) and x.ndim]
+  num_layers = stacked[0] if stacked else 0
 
-  def update(grads, trained, opt_state, step, update_mask, grad_norm, key):
-    zeros = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), host),
-                         frozen_spec)
-    updates, new_opt_state = tx.update(
-        nnx.merge_state(zeros, grads), opt_state, nnx.merge_state(zeros, trained), step=step,
-        expert_update_mask=update_mask, grad_norm=grad_norm)
-    # optax makes some leaves afresh (set_to_zero, hold's zeros): in device memory by default.
-    updates = jax.tree.map(lambda u: u if jax.typeof(u).memory_space == host
-                           else jax.device_put(u, host), updates)
-    # The frozen groups' leaves (zeros + 0) are dropped: their weights stay on the device.
-    new = optim.apply_updates(nnx.merge_state(zeros, trained), updates, key)
-    return nnx.filter_state(new, lambda path, _: path in _paths(grads)), new_opt_state
+  def kind(path, x, of_state):
+    """"stack" (a leaf of the stacked layers), "flat" (any other trained leaf) or "skip"."""
+    names = _names(path)
+    if of_state:
+      i = names.index("inner_states") if "inner_states" in names else -1
+      if i >= 0 and i + 1 < len(names) and names[i + 1] not in trained_labels:
+        return "skip"
+    elif path not in g_by_path:
+      return "skip"
+    ndim = getattr(x, "ndim", 0)
+    return "stack" if STACK in names and ndim and x.shape[0] == num_layers else "flat"
 
-  key = None if key is None else jax.random.key_data(key)  # uint32 words (optim.hashed_bits16)
-  args = (grads, trained, opt_state, step, update_mask, grad_norm, key)
-  args = jax.device_put(args, jax.tree.map(lambda _: host, args))
-  new_trained, new_opt_state = compute_on.compute_on2(
-      update, compute_type="device_host", out_memory_spaces=(host, host))(*args)
-  new_trained = jax.device_put(new_trained, jax.tree.map(lambda _: device, new_trained))
-  return nnx.merge_state(params, new_trained), new_opt_state
+  p_kind = [kind(path, x, False) for path, x in p_flat]
+  s_kind = [kind(path, x, True) for path, x in s_flat]
+  empty = lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype) if x.ndim else x
+
+  def view(x, k, layer):
+    """x as the pass `layer` sees it: the flat pass (None) its flat leaves whole, a layer's
+    pass the [1, ...] slice of its stacked leaves; everything else zero-size."""
+    if layer is None:
+      return x if k == "flat" else empty(x)
+    return jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) if k == "stack" else empty(x)
+
+  def to_device(x):
+    return jax.device_put(x, device) if jax.typeof(x).memory_space == host else x
+
+  def run(p_leaves, s_leaves, layer):
+    """tx.update + apply_updates on the view of one pass: (new params, new state) leaves."""
+    p = [view(x, k, layer) for x, k in zip(p_leaves, p_kind)]
+    g = [view(g_by_path[path], k, layer) if k != "skip" else empty(x)
+         for (path, x), k in zip(p_flat, p_kind)]
+    s = [to_device(view(x, k, layer)) for x, k in zip(s_leaves, s_kind)]
+    mask = {name: (m[:0] if layer is None else jax.lax.dynamic_slice_in_dim(m, layer, 1, 0))
+            for name, m in update_mask.items()}
+    p, g, s = p_def.unflatten(p), p_def.unflatten(g), s_def.unflatten(s)
+    updates, new_s = tx.update(g, s, p, step=step, expert_update_mask=mask, grad_norm=grad_norm,
+                               **given)
+    new_p = optim.apply_updates(p, updates, key, row_offset=0 if layer is None else layer)
+    return jax.tree.leaves(new_p), jax.tree.leaves(new_s)
+
+  p_leaves = [x for _, x in p_flat]
+  s_leaves = [x for _, x in s_flat]
+  flat_p, flat_s = run(p_leaves, s_leaves, None)
+  pick = lambda leaves, kinds, k: [x for x, kk in zip(leaves, kinds) if kk == k]
+
+  def put(leaves, kinds, stack):
+    """Full leaf list from the stacked leaves `stack` (in order) and the others unchanged."""
+    it = iter(stack)
+    return [next(it) if k == "stack" else x for x, k in zip(leaves, kinds)]
+
+  def layer_step(carry, layer):
+    p_stack, s_stack = carry
+    new_p, new_s = run(put(p_leaves, p_kind, p_stack), put(s_leaves, s_kind, s_stack), layer)
+    p_stack = [jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), layer, 0)
+               for x, y in zip(p_stack, pick(new_p, p_kind, "stack"))]
+    s_stack = [jax.lax.dynamic_update_slice_in_dim(
+        x, jax.device_put(y.astype(x.dtype), jax.typeof(x).memory_space), layer, 0)
+        for x, y in zip(s_stack, pick(new_s, s_kind, "stack"))]
+    return (p_stack, s_stack), None
+
+  p_stack, s_stack = pick(p_leaves, p_kind, "stack"), pick(s_leaves, s_kind, "stack")
+  # Stacked vectors ([L, n]: norms, biases, per-expert counts) cross to the device whole: small,
+  # and one row of a bfloat16 one cannot be sliced out of host memory (the TPU compiler slices
+  # sublanes in pairs there: "Sublane slicing size must be multiple of element packing factor").
+  s_stack = [to_device(x) if x.ndim <= 2 else x for x in s_stack]
+  if num_layers and (p_stack or s_stack):
+    (p_stack, s_stack), _ = jax.lax.scan(layer_step, (p_stack, s_stack),
+                                         jnp.arange(num_layers))
+
+  def merge(old, kinds, flat, stack):
+    it = iter(stack)
+    out = []
+    for x, k, f in zip(old, kinds, flat):
+      new = x if k == "skip" else next(it) if k == "stack" else f
+      if new is not x and jax.typeof(x).memory_space == host:
+        new = jax.device_put(new, host)
+      out.append(new)
+    return out
+
+  new_params = p_def.unflatten(merge(p_leaves, p_kind, flat_p, p_stack))
+  new_state = s_def.unflatten(merge(s_leaves, s_kind, flat_s, s_stack))
+  return new_params, new_state
 
 
 def _paths(state):
@@ -395,15 +487,16 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
           copies.owner[...], copies.origin[...], mask, domain_tokens)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     if optim_cfg.host_offload:
-      new_params, new_opt_state = _update_on_host(host_tx, params, grads, frozen, opt_state,
-                                                  step, update_mask, key)
+      new_params, new_opt_state = _update_streamed(host_tx, params, grads, opt_state, step,
+                                                   update_mask, key, cfg.trainable(phase))
     else:
       # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
       full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)
       extra = ({} if probe is None
                else {"router_kd_grads": router_kd_grads(full_grads, probe_grads)})
       updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
-                                         expert_update_mask=update_mask, **extra)
+                                         expert_update_mask=update_mask, **extra,
+                                         **finiteness(grads, opt_state))
       new_params = optim.apply_updates(params, updates, key)
 
     # DGES: correlation from this step's routing; masks refreshed every T_update steps.

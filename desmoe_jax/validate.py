@@ -29,7 +29,7 @@ from typing import Any
 
 from desmoe_jax.config import REMAT_POLICIES
 from desmoe_jax.errors import ConfigError
-from desmoe_jax.optim import DECAY_EXCLUDE, MOMENT_DTYPES, OPTIMIZERS
+from desmoe_jax.optim import ADAFACTOR_OFFLOAD, DECAY_EXCLUDE, MOMENT_DTYPES, OPTIMIZERS
 from desmoe_jax.router import ALPHAS, MIXES
 from desmoe_jax.train_step import PRECISIONS
 
@@ -266,11 +266,13 @@ def _cross_checks(config, has) -> list[str]:
   ok_meth, method = has("method")
   if ok_mix and ok_ho and mix == "update" and offload is True and (
       not ok_meth or (method.startswith("desmoe") and method != "desmoe_no_alr")):
-    out.append("alr.mix='update' with optim.host_offload=True: not supported (the host-side "
+    out.append("alr.mix='update' with optim.host_offload=True: not supported (the streamed "
                "update takes one gradient tree); set alr.mix=gradient or "
                "optim.host_offload=False")
   ok_pe, per_expert = has("optim.per_expert_bias_correction")
   ok_n, name = has("optim.name")
+  if ok_ho and offload is True and ok_n and name == "adafactor":
+    out.append(ADAFACTOR_OFFLOAD)
   ok_md, moments = has("optim.moments_dtype")
   if ok_pe and per_expert is True and ((ok_n and name == "adafactor")
                                        or (ok_md and moments == "int8")):

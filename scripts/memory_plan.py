@@ -478,13 +478,6 @@ def main(argv):
         if _QUICK.value:
           if target == "cpu":
             raise app.UsageError("--quick needs a TPU --target (the TPU compiler's report)")
-          if config.optim.host_offload:
-            # The memory-usage report adds up the host computation's own buffers (253 GiB
-            # for V2-Lite's stabilization on a v5e-8): its total is not device memory.
-            raise app.UsageError(
-                "--quick cannot read a step whose optimizer update runs on the host "
-                "(optim.host_offload=True); run without --quick (a compile the TPU compiler "
-                "refuses ends in seconds) or with --config.optim.host_offload=False")
           quick = quick_runner(sys.argv, method, batch,
                                ",".join(f"{k}={v}" for k, v in shape.items()))
         method_plans = plan(config, model_cfg, mesh, batch, seq, phases, quick)

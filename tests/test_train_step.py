@@ -14,7 +14,7 @@ from helpers import tiny_model
 from desmoe_jax import optim
 from desmoe_jax import train_step as ts
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig, prepare_model
-from desmoe_jax.schedule import LABELS as LABELS_ALL, STABILIZATION
+from desmoe_jax.schedule import STABILIZATION, WARMUP
 
 D, B, S = 3, 4, 12
 
@@ -260,13 +260,20 @@ def test_precision_must_match_the_weights_dtype():
 # ------------------------------------------------------------------ optimizer levers
 
 
-@pytest.mark.parametrize("method,phase,precision,micro", [
-    ("fft", UNSCHEDULED, "fp32_master", 1),
-    ("desmoe", STABILIZATION, "bf16_sr", 2),   # phase-frozen groups, stochastic rounding
+@pytest.mark.parametrize("method,phase,precision,micro,levers", [
+    ("fft", UNSCHEDULED, "fp32_master", 1, {}),
+    ("desmoe", STABILIZATION, "bf16_sr", 2, {}),   # phase-frozen groups, stochastic rounding
+    ("desmoe", WARMUP, "bf16_sr", 1, {}),          # the routed experts frozen: never streamed
+    ("desmoe", STABILIZATION, "bf16_master", 1,    # master copy, [L, E] counts; a NaN batch
+     {"per_expert_bias_correction": True, "skip_nonfinite_updates": 2}),
+    ("fft", UNSCHEDULED, "bf16_sr", 1, {"moments_dtype": "int8"}),
 ])
-def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro):
-  """optim.host_offload: the state is laid out in pinned_host memory and updated there, on the
-  host (compute_on device_host), and two steps give the on-device update's numbers."""
+def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro,
+                                                            levers):
+  """optim.host_offload: the state is laid out in pinned_host memory and streamed through the
+  device a layer at a time (train_step._update_streamed), and two steps give the on-device
+  update's numbers: every optimizer option, frozen groups, the stochastic-rounding bits, and a
+  non-finite batch skipped by every layer alike (the first step's, with skip_nonfinite_updates)."""
   from desmoe_jax import sharding
   mc = MethodConfig(method=method, num_domains=D, total_steps=20)
   model = tiny_model(seed=4)
@@ -279,9 +286,13 @@ def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, preci
   state = jax.device_put(state, state_sh)
   batch_sh = sharding.batch_sharding(mesh)
   step_cfg = ts.StepConfig(microbatches=micro, precision=precision)
+  batches = [_batch(), _batch()]
+  if levers.get("skip_nonfinite_updates"):
+    batches[0]["loss_mask"] = batches[0]["loss_mask"].at[0, 3].set(jnp.nan)
   out = {}
   for offload in (False, True):
-    oc = optim.OptimConfig(learning_rate=1e-3, host_offload=offload, grad_clip=0.01)
+    oc = optim.OptimConfig(learning_rate=1e-3, host_offload=offload, grad_clip=0.01,
+                           master_weights=precision == "bf16_master", **levers)
     opt_sh = ts.optimizer_shardings(mc, oc, state, mesh)
     kinds = {s.memory_kind for s in jax.tree.leaves(opt_sh)}
     assert kinds == ({"pinned_host"} if offload else {"device"}), kinds
@@ -289,9 +300,13 @@ def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, preci
     step = ts.jit_train_step(g, mc, oc, phase, state_sh, opt_sh, batch_sh, step_cfg)
     new_state = jax.tree.map(jnp.copy, state)
     with jax.set_mesh(mesh):
-      for i in (1, 2):
-        new_state, opt, m = step(new_state, opt, jax.device_put(_batch(), batch_sh),
-                                 jnp.asarray(i))
+      for i, bt in enumerate(batches):
+        new_state, opt, m = step(new_state, opt, jax.device_put(bt, batch_sh),
+                                 jnp.asarray(i + 1))
+        if i == 0 and levers.get("skip_nonfinite_updates"):
+          assert bool(m["update_skipped"])
+          for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert {x.sharding.memory_kind for x in jax.tree.leaves(opt)} == kinds
     out[offload] = (new_state, opt, m)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state),
@@ -300,6 +315,11 @@ def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, preci
   for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True])):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6,
                                atol=1e-6)
+
+
+def test_adafactor_with_host_offload_is_refused_naming_the_fields():
+  with pytest.raises(ValueError, match="optim.name='adafactor' with optim.host_offload=True"):
+    optim.OptimConfig(name="adafactor", host_offload=True)
 
 
 def test_host_offload_fails_naming_the_field_without_host_memory():

@@ -70,6 +70,8 @@ def test_each_bad_field_is_one_line_naming_it(field, value, needle):
      "optim.per_expert_bias_correction=True: counts AdamW's steps per expert"),
     ({"optim.per_expert_bias_correction": True, "optim.moments_dtype": "int8"},
      "optim.per_expert_bias_correction=True: counts AdamW's steps per expert"),
+    ({"optim.host_offload": True, "optim.name": "adafactor"},
+     "optim.name='adafactor' with optim.host_offload=True: not supported"),
 ])
 def test_options_that_contradict_each_other_are_one_line(fields, needle):
   config = load_config(f"{CONFIG}:tiny", fields)

@@ -48,6 +48,7 @@ import functools
 import math
 
 import jax
+from jax.experimental import layout
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -110,6 +111,7 @@ def expert_outputs(local, x_td, ids_tk, gate_edf, up_edf, down_efd, *, num_exper
   gate_edf, up_edf = (sharding.constrain(w, ("experts", "embed", "expert_mlp"))
                       for w in (gate_edf, up_edf))
   down_efd = sharding.constrain(down_efd, ("experts", "expert_mlp", "embed"))
+  gate_edf, up_edf, down_efd = (_row_major(w) for w in (gate_edf, up_edf, down_efd))
   dt = x_td.dtype
   experts = tuple(w[:num_experts].astype(dt) for w in (gate_edf, up_edf, down_efd))
   copies = tuple(w[num_experts:].astype(dt) for w in (gate_edf, up_edf, down_efd)) \
@@ -121,6 +123,16 @@ def expert_outputs(local, x_td, ids_tk, gate_edf, up_edf, down_efd, *, num_exper
       per_device, mesh=mesh,
       in_specs=(P(tok_entry, None), P(tok_entry, None), w_specs, w_specs if copies else ()),
       out_specs=P(tok_entry, None, None))(x_td, ids_tk, experts, copies)
+
+
+def _row_major(w):
+  """w, pinned to the row-major layout at this point of the program. The backward's grouped
+  matmul reads each layer's gathered weights transposed ([E, F, D] in memory); without a pin,
+  the TPU compiler's layout assignment carries that wish back through the all-gather and the
+  layer scan's slice to the stacked parameter, and copies every layer's weights to the
+  transposed layout before the step (3 x 1.12 GiB per v5e chip for V2-Lite, docs/SCALING.md).
+  Pinned, the transpose is of one layer's weights, inside the layer."""
+  return layout.with_layout_constraint(w, layout.Layout(tuple(range(w.ndim))))
 
 
 def _per_device(local, num_experts, ep, ep_axis, tp_axis, tok_axes, exchange, x_td, ids_tk,
