@@ -61,24 +61,28 @@ _LOCAL_DISPATCH = {  # what every V2-Lite preset shares (docs/SCALING.md, the te
     "model.expert_parallel": "shard_map",   # each device dispatches its own tokens
 }
 # How the weights and the optimizer state are stored: bfloat16 weights trained by stochastic
-# rounding with bf16 moments in host memory (chips that cannot hold the state), or float32 master
-# weights and moments on the device (chips that can).
+# rounding with bf16 moments (chips that cannot hold more), or float32 weights (the master
+# copy) with float32 moments (chips that can). Either way the optimizer state lives in host
+# memory and streams through the device one layer at a time (optim.host_offload): an update of
+# the whole tree on the device holds several gradient-sized float32 temporaries (v5p-8 plan:
+# temp 68-80 GiB per chip on the device, 37-52 GiB streamed; docs/SCALING.md).
 _BF16_STATE_ON_HOST = {
     "train.precision": "bf16_sr", "model.param_dtype": "bfloat16",
     "optim.moments_dtype": "bfloat16", "optim.host_offload": True}
-_FP32_STATE_ON_DEVICE = {
+_FP32_STATE_ON_HOST = {
     "train.precision": "fp32_master", "model.param_dtype": "float32",
-    "optim.moments_dtype": "float32", "optim.host_offload": False}
+    "optim.moments_dtype": "float32", "optim.host_offload": True}
 MACHINES = {
-    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (3.9 GiB per chip) and their gradients fit;
-    # the optimizer state (bf16 moments, 7.9 GiB per chip) lives in host memory.
+    # TPU v5e-8: 8 chips x 16 GiB. The bf16 weights (4.0 GiB per chip), one layer's moments
+    # and the gradients fit (every phase of DES-MoE, FFT and ESFT; docs/SCALING.md).
     "v5e8": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 8, "train.microbatches": 4},
-    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip, moments on the host.
+    # TPU v4-8: 4 chips (megacore) x 32 GiB: weights 7.9 GiB per chip.
     "v4_8": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 4, "train.microbatches": 8},
-    # TPU v5p-8: 4 chips x 95 GiB: float32 master weights and moments, all on the device.
-    "v5p8": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_DEVICE, "mesh.fsdp": 4, "train.microbatches": 2},
-    # 8 x H100 80 GB: float32 master weights and moments on the GPUs (27.5 GiB per GPU).
-    "8xh100": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_DEVICE, "mesh.fsdp": 8,
+    # TPU v5p-8: 4 chips x 95 GiB: float32 weights (15.2 GiB per chip), float32 moments.
+    "v5p8": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_HOST, "mesh.fsdp": 4, "train.microbatches": 2},
+    # 8 x H100 80 GB: float32 weights (7.6 GiB per GPU), float32 moments. Not planned here
+    # (no GPU compiler on the planning machine): set as the v5p-8 plan says.
+    "8xh100": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_HOST, "mesh.fsdp": 8,
                "train.microbatches": 2},
     # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
     "h200": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 1, "train.microbatches": 16},
@@ -193,9 +197,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # less accurate: tests/test_train_step.py measures it, docs/SCALING.md). int8: adamw only.
   c.optim.moments_dtype = "auto"
   # Keep the optimizer state (AdamW: two moments per trained weight) in host memory (JAX memory
-  # kind pinned_host) between steps; it is copied to the device for the update and back. Frees
-  # its bytes of device memory for a host<->device copy of them per step. Needs a backend with
-  # pinned_host memory (TPU, GPU; the error names this field otherwise).
+  # kind pinned_host); each step streams it through the device one stacked layer at a time
+  # (read, updated, written back), so the device holds one layer's state. Costs a host<->device
+  # copy of the state per step. Needs a backend with pinned_host memory (TPU, GPU; the error
+  # names this field otherwise). Not with optim.name=adafactor (its state is small).
   c.optim.host_offload = False
   # Parameter kinds with no weight decay: norms,biases (HF/ESFT: norm gains and biases are not
   # decayed) | norms | biases | none (decay every trained parameter)
