@@ -177,6 +177,10 @@ class MoECausalLM(nnx.Module):
     x = constrain(self.embed_tokens(input_ids_bs), ACTIVATIONS)
     dense_latents = []
     for layer in self.dense_layers:
+      if self.config.runtime.remat != "none" and not return_latents:
+        x = self._remat_dense(layer, x, positions_bs, mask, token_mask)
+        dense_latents.append(None)
+        continue
       x, _, _, latents = layer(x, positions_bs, mask, token_mask, return_latents=return_latents)
       dense_latents.append(latents)
 
@@ -212,6 +216,18 @@ class MoECausalLM(nnx.Module):
       return losses.chunked_token_losses(out.hidden, self.output_kernel(), tokens_bs,
                                          self.config.runtime.ce_chunk)
     return losses.token_losses(out.logits, tokens_bs)
+
+  def _remat_dense(self, layer, x, positions_bs, mask, token_mask):
+    """A dense layer under `model.remat`'s policy, as the MoE layers are: without it, its
+    saved activations (V2-Lite: the [16, S, S] attention scores and the [S, 10944] MLP
+    intermediates per sequence) stay alive for the backward of every step that trains
+    anything before or in it (FFT, DES-MoE's router+backbone warm-up)."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, h):
+      return nnx.merge(graphdef, state)(h, positions_bs, mask, token_mask)[0]
+
+    return jax.checkpoint(run, policy=remat_policy(self.config.runtime.remat))(state, x)
 
   def _moe_stack(self, x, positions_bs, mask, token_mask, return_routing, adapt,
                  return_latents=False, grad_acc=None):

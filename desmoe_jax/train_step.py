@@ -207,7 +207,8 @@ def _names(path) -> list:
   return [optim._key(p) for p in path]
 
 
-def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, trained_labels):
+def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, trained_labels,
+                     probe_grads=None):
   """(new params, new optimizer state) with `optim.host_offload`: the optimizer state stays in
   host memory and is streamed through the device one stacked layer at a time.
 
@@ -220,6 +221,7 @@ def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, train
   so the transform chain, its masks and its per-leaf stochastic-rounding bits (offset by the
   layer: `apply_updates(row_offset=)`) are those of the whole-tree update, leaf for leaf.
   Groups frozen in this phase are in neither view: their weights and state are not touched.
+  `probe_grads` (alr.mix="update"): the router's KD gradients, viewed like the gradients.
 
   Why not update on the host (`compute_on("device_host")`, tried): the TPU compiler passes host
   computations untiled arrays, so every stacked leaf sent there (the routed experts' gradients
@@ -233,6 +235,8 @@ def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, train
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   s_flat, s_def = jax.tree_util.tree_flatten_with_path(opt_state)
   g_by_path = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  kd_by_path = None if probe_grads is None else dict(
+      jax.tree_util.tree_flatten_with_path(router_kd_grads(grads, probe_grads))[0])
   stacked = [x.shape[0] for path, x in p_flat if STACK in _names(path) and x.ndim]
   num_layers = stacked[0] if stacked else 0
 
@@ -265,14 +269,17 @@ def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, train
   def run(p_leaves, s_leaves, layer):
     """tx.update + apply_updates on the view of one pass: (new params, new state) leaves."""
     p = [view(x, k, layer) for x, k in zip(p_leaves, p_kind)]
-    g = [view(g_by_path[path], k, layer) if k != "skip" else empty(x)
-         for (path, x), k in zip(p_flat, p_kind)]
+    like_grads = lambda by_path: p_def.unflatten(
+        [view(by_path[path], k, layer) if k != "skip" else empty(x)
+         for (path, x), k in zip(p_flat, p_kind)])
+    g = like_grads(g_by_path)
+    extra = {} if kd_by_path is None else {"router_kd_grads": like_grads(kd_by_path)}
     s = [to_device(view(x, k, layer)) for x, k in zip(s_leaves, s_kind)]
     mask = {name: (m[:0] if layer is None else jax.lax.dynamic_slice_in_dim(m, layer, 1, 0))
             for name, m in update_mask.items()}
-    p, g, s = p_def.unflatten(p), p_def.unflatten(g), s_def.unflatten(s)
+    p, s = p_def.unflatten(p), s_def.unflatten(s)
     updates, new_s = tx.update(g, s, p, step=step, expert_update_mask=mask, grad_norm=grad_norm,
-                               **given)
+                               **given, **extra)
     new_p = optim.apply_updates(p, updates, key, row_offset=0 if layer is None else layer)
     return jax.tree.leaves(new_p), jax.tree.leaves(new_s)
 
@@ -360,11 +367,6 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   warmup_end = cfg.warmup_end() if phase == WARMUP else None
   # alr.mix="update" while the router trains: L_KD reaches a probe, not the router parameters.
   probed = mixes_updates(cfg) and "router" in cfg.trainable(phase)
-  if mixes_updates(cfg) and optim_cfg.host_offload:
-    # The KD gradients would have to reach the host update as a tree the size of the model.
-    raise ValueError("alr.mix='update' with optim.host_offload=True: not supported (the "
-                     "host-side update takes one gradient tree); use alr.mix='gradient' or "
-                     "optim.host_offload=False")
   n_micro = step_cfg.microbatches
   if optim_cfg.master_weights != (step_cfg.precision == "bf16_master"):
     raise ValueError(f"train.precision={step_cfg.precision!r} with optim master_weights="
@@ -488,7 +490,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     if optim_cfg.host_offload:
       new_params, new_opt_state = _update_streamed(host_tx, params, grads, opt_state, step,
-                                                   update_mask, key, cfg.trainable(phase))
+                                                   update_mask, key, cfg.trainable(phase),
+                                                   None if probe is None else probe_grads)
     else:
       # Groups frozen in this phase were not differentiated: zeros keep the optimizer's tree.
       full_grads = nnx.merge_state(_zeros_like_params(frozen), grads)

@@ -263,12 +263,6 @@ def _cross_checks(config, has) -> list[str]:
     out.append(f"alr.mix='update': mixes the convex loss's two router updates; alr.loss="
                f"{loss!r} has none (set alr.loss=convex or alr.mix=gradient)")
   ok_ho, offload = has("optim.host_offload")
-  ok_meth, method = has("method")
-  if ok_mix and ok_ho and mix == "update" and offload is True and (
-      not ok_meth or (method.startswith("desmoe") and method != "desmoe_no_alr")):
-    out.append("alr.mix='update' with optim.host_offload=True: not supported (the streamed "
-               "update takes one gradient tree); set alr.mix=gradient or "
-               "optim.host_offload=False")
   ok_pe, per_expert = has("optim.per_expert_bias_correction")
   ok_n, name = has("optim.name")
   if ok_ho and offload is True and ok_n and name == "adafactor":

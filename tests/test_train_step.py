@@ -267,6 +267,7 @@ def test_precision_must_match_the_weights_dtype():
     ("desmoe", STABILIZATION, "bf16_master", 1,    # master copy, [L, E] counts; a NaN batch
      {"per_expert_bias_correction": True, "skip_nonfinite_updates": 2}),
     ("fft", UNSCHEDULED, "bf16_sr", 1, {"moments_dtype": "int8"}),
+    ("desmoe", WARMUP, "bf16_sr", 2, {"alr.mix": "update"}),   # the router's KD gradients
 ])
 def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro,
                                                             levers):
@@ -275,7 +276,10 @@ def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, preci
   update's numbers: every optimizer option, frozen groups, the stochastic-rounding bits, and a
   non-finite batch skipped by every layer alike (the first step's, with skip_nonfinite_updates)."""
   from desmoe_jax import sharding
-  mc = MethodConfig(method=method, num_domains=D, total_steps=20)
+  from desmoe_jax.router import AlrConfig
+  levers = dict(levers)
+  alr = AlrConfig(mix=levers.pop("alr.mix", "gradient"))
+  mc = MethodConfig(method=method, num_domains=D, total_steps=20, alr=alr)
   model = tiny_model(seed=4)
   if precision != "fp32_master":
     model = nnx.merge(*jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32
