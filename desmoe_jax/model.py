@@ -164,7 +164,6 @@ class MoECausalLM(nnx.Module):
       one buffer. The parameters themselves get no gradient through this path (pass them under
       stop_gradient).
     """
-    cfg = self.config
     input_ids_bs = jnp.asarray(input_ids_bs)
     b, s = input_ids_bs.shape
     if segment_ids_bs is None:
