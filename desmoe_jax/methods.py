@@ -53,6 +53,10 @@ class MethodConfig:
                        "must be >= 1")
     if self.esft.domain >= self.num_domains:
       raise ValueError(f"esft.domain={self.esft.domain} but num_domains={self.num_domains}")
+    if self.dges.exclude_general_top and (not self.apply_masks or self.is_esft):
+      raise ValueError(f"dges.exclude_general_top={self.dges.exclude_general_top} removes "
+                       f"experts from DGES masks, which method={self.method!r} does not apply; "
+                       "use desmoe, desmoe_no_alr or desmoe_no_schedule, or set it to 0")
 
   # ---------------------------------------------------------------- what the method does
   @property

@@ -229,6 +229,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.dges.update_every = 10
   c.dges.duplicate_shared_experts = False  # duplicate experts owned by several domains
   c.dges.max_copies = 8         # per-layer capacity of the duplicated-expert bank
+  # Oracle control (docs/RESULTS.md): per MoE layer, the N experts to which the base model routes
+  # the most general text (data.general, before training) are removed from every domain's mask,
+  # so they never train; 0 = off. Tests DGES given its premise (general text elsewhere).
+  c.dges.exclude_general_top = 0
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.t1 = 0.2           # end of phase I (warm-up) as a fraction of train.steps
