@@ -122,7 +122,11 @@ def group(records: list[dict]) -> dict:
   return out
 
 
-def write(workdir: str, report_file: str, sweep: bool = False):
+def write(workdir: str, report_file: str, sweep: bool = False, frontier: bool = False):
+  if frontier:
+    import frontier_report  # scripts/ is on sys.path
+    frontier_report.write(workdir, report_file)
+    return
   records = read_jsonl(os.path.join(workdir, "results.jsonl"))
   with open(os.path.join(workdir, "base.json")) as f:
     base = json.load(f)["eval"]
@@ -150,17 +154,20 @@ def write(workdir: str, report_file: str, sweep: bool = False):
     lines += convergence_section(groups, plot_dir)
     lines += ablation_section(groups, base)
     lines += goals_section(groups, base)
-  _splice(report_file, "\n".join(lines))
+  splice(report_file, "\n".join(lines))
 
 
-def _splice(path: str, generated: str):
-  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{BEGIN}\n{END}\n"
-  if BEGIN not in text or END not in text:
-    text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
+def splice(path: str, generated: str, begin: str = BEGIN, end: str = END):
+  """Writes `generated` between the `begin` and `end` markers of `path` (appended when missing),
+  keeping the hand-written text around them."""
+  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
+  if begin not in text or end not in text:
+    text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
   with open(path, "w") as f:
-    f.write(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
+    f.write(f"{head}{begin}\n{generated}\n{end}{tail}")
+
 
 
 def _largest_d(groups: dict) -> int:

@@ -92,6 +92,9 @@ FRONTIER_LRS = {
     ("desmoe", "mix=update"): (3e-4, 1e-3, 3e-3, 6e-3),
 }
 FRONTIER_D = 6
+# The mean in-domain held-out losses at which methods are compared (frontier_report): inside the
+# range that FFT's and DES-MoE's seed-0 frontiers both span.
+FRONTIER_TARGETS = (5.25, 5.75, 6.25, 6.75)
 # Ablations and controls of the DES-MoE reading with the least forgetting at matched quality,
 # each at the two frontier rates whose in-domain losses bracket the middle target:
 # (method, variant suffix after the reading). "w/o schedule" has no reading.
@@ -191,8 +194,8 @@ def plan_ablations(s: dict, seeds, records: list[dict], base: dict) -> list[Run]
   DES-MoE reading whose general-loss increase is the smallest fraction of FFT's at the middle
   target, at the two of its rates that bracket that target. [] until the seed-0 frontier of
   FFT and the DES-MoE readings is complete."""
-  import paper_report  # scripts/ is on sys.path when this script runs
-  choice = paper_report.ablation_setting(records, base)
+  import frontier_report  # scripts/ is on sys.path when this script runs
+  choice = frontier_report.ablation_setting(records, base)
   if choice is None:
     return []
   reading, lrs = choice
