@@ -213,16 +213,29 @@ def attach(model, num_domains: int):
   return model
 
 
+def attach_exclusion(model):
+  """Plugs an empty exclusion (no expert excluded, [L, E] zeros) into the DES-MoE state: the
+  structure of a `dges.exclude_general_top` run, which `exclude_experts` (training) or a
+  checkpoint (evaluation, resume) fills."""
+  des = des_state(model)
+  layers, _, e = des.expert_mask.shape
+  des.excluded = ExcludedExperts(jnp.zeros((layers, e), jnp.float32),
+                                 logical_axes=("layers", None))
+  return model
+
+
 def exclude_experts(model, excluded_le):
   """Removes the experts of `excluded_le` ([L, E] bool) from every domain's mask, now and at
   every refresh: they receive no gradient and no update (weight decay included), so they end
   the run bit-identical. The oracle DGES control (`dges.exclude_general_top`)."""
   des = des_state(model)
+  if des.excluded is None:
+    attach_exclusion(model)
   excluded = jnp.asarray(np.asarray(excluded_le, bool), jnp.float32)
-  if excluded.shape != (des.expert_mask.shape[0], des.expert_mask.shape[2]):
+  if excluded.shape != des.excluded.shape:
     raise ValueError(f"excluded experts of shape {excluded.shape}, expected [layers, experts] = "
-                     f"{(des.expert_mask.shape[0], des.expert_mask.shape[2])}")
-  des.excluded = ExcludedExperts(excluded, logical_axes=("layers", None))
+                     f"{des.excluded.shape}")
+  des.excluded[...] = excluded
   des.expert_mask[...] = des.allowed(des.expert_mask[...])
   return model
 
