@@ -23,7 +23,7 @@ import numpy as np
 
 from paper_report import fmt, general_delta, mean_in_domain, splice, table
 from reproduce_paper import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
-                             read_jsonl)
+                             VARIANT_FIELDS, read_jsonl)
 
 BEGIN, END = "<!-- BEGIN FRONTIER -->", "<!-- END FRONTIER -->"
 FFT = ("fft", "")
@@ -239,7 +239,9 @@ def ablation_label(method: str, variant: str) -> str:
   name = {("desmoe_no_alr", ""): "w/o ALR", ("desmoe_no_dges", ""): "w/o DGES",
           ("desmoe_no_schedule", ""): "w/o schedule",
           ("desmoe_no_alr", "router_frozen"): "router frozen (linear, no ALR)",
-          ("desmoe", "oracle"): "oracle DGES (top-16 general experts excluded)",
+          ("desmoe", "oracle"): "oracle DGES (the top "
+                                f"{VARIANT_FIELDS['oracle']['dges.exclude_general_top']} general "
+                                "experts excluded)",
           ("desmoe", ""): "DES-MoE"}.get((method, suffix), f"{method} {suffix}")
   return f"{name} [{reading}]" if reading else name
 
