@@ -79,26 +79,32 @@ def run_ratio(rec: dict, records: list[dict], base: dict) -> float | None:
 
 def ablation_setting(records: list[dict], base: dict):
   """(reading, (lr_a, lr_b)) for the ablations: the DES-MoE reading whose seed-0 increase is
-  the smallest mean fraction of FFT's over the targets it reaches, and its two rates whose
-  in-domain losses are nearest the middle of those targets. None until both readings' and
-  FFT's seed-0 frontiers are complete."""
+  the smallest mean fraction of FFT's over the targets that both readings reach (all the
+  targets each reaches if they share none), and its two rates whose in-domain losses are
+  nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
+  are complete."""
   from reproduce_paper import FRONTIER_LRS
+  fft = points(records, base, *FFT, 0)
+  if len(fft) < len(FRONTIER_LRS[FFT]):
+    return None
+  curves, reached = {}, {}
+  for reading in READINGS:
+    curves[reading] = points(records, base, "desmoe", reading, 0)
+    if len(curves[reading]) < len(FRONTIER_LRS[("desmoe", reading)]):
+      return None
+    reached[reading] = {t: r for t in FRONTIER_TARGETS
+                        if (r := ratio(interpolate(curves[reading], t), interpolate(fft, t)))
+                        is not None}
+  common = set.intersection(*(set(r) for r in reached.values()))
   best = None
   for reading in READINGS:
-    pts = points(records, base, "desmoe", reading, 0)
-    if len(pts) < len(FRONTIER_LRS[("desmoe", reading)]):
-      return None
-    fft = points(records, base, *FFT, 0)
-    if len(fft) < len(FRONTIER_LRS[FFT]):
-      return None
-    reached = [(t, ratio(interpolate(pts, t), interpolate(fft, t))) for t in FRONTIER_TARGETS]
-    reached = [(t, r) for t, r in reached if r is not None]
-    if not reached:
+    targets = sorted(common) if common else sorted(reached[reading])
+    if not targets:
       continue
-    score = statistics.mean(r for _, r in reached)
+    score = statistics.mean(reached[reading][t] for t in targets)
     if best is None or score < best[0]:
-      middle = statistics.median(t for t, _ in reached)
-      nearest = sorted(pts, key=lambda p: abs(p[1] - middle))[:2]
+      middle = statistics.median(targets)
+      nearest = sorted(curves[reading], key=lambda p: abs(p[1] - middle))[:2]
       best = (score, reading, tuple(sorted(p[0] for p in nearest)))
   return None if best is None else (best[1], best[2])
 

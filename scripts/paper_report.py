@@ -348,9 +348,11 @@ def goals_section(groups: dict, base: dict) -> list[str]:
   f_inc = np.mean([general_delta(r, base) for r in fft])
   d_inc = np.mean([general_delta(r, base) for r in des])
   ratio = d_inc / f_inc if f_inc > 0 else float("nan")
-  lines.append(f"* General-loss increase: DES-MoE {d_inc:+.4f}, FFT {f_inc:+.4f}: DES-MoE's is "
-               f"**{100 * ratio:.0f}%** of FFT's (goal <= 11%; the paper's Figure 2 implies 2%)."
-               + (" Met." if ratio <= 0.11 else " Not met."))
+  # At one learning rate the methods reach different in-domain losses, so this ratio is not
+  # the forgetting goal: that is measured at matched in-domain loss (frontier_report.py).
+  lines.append(f"* General-loss increase at the same learning rate (not at the same in-domain "
+               f"loss; the goal is judged on the frontier): DES-MoE {d_inc:+.4f}, FFT "
+               f"{f_inc:+.4f}, a ratio of {100 * ratio:.0f}%.")
   for m in SINGLE:
     per = {d: groups.get((m, "single", 1, d), []) for d in DOMAINS[:d_max]}
     if not all(per.values()):
