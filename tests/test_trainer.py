@@ -261,7 +261,7 @@ def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_p
   assert _error_lines(changed.stderr) == [
       f"error: resuming {work}/checkpoints/8 with a config that changes the run (2 fields); "
       "rerun with --allow_config_change to accept, or use another --workdir:",
-      "  optim.learning_rate: 0.003 -> 0.001", "  train.steps: 8 -> 10"]
+      "  optim.learning_rate: 0.0003 -> 0.001", "  train.steps: 8 -> 10"]
   assert _losses(work) == got                    # nothing was run
 
 
