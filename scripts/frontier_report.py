@@ -80,8 +80,8 @@ def run_ratio(rec: dict, records: list[dict], base: dict) -> float | None:
 def ablation_setting(records: list[dict], base: dict):
   """(reading, (lr_a, lr_b)) for the ablations: the DES-MoE reading whose seed-0 increase is
   the smallest mean fraction of FFT's over the targets that both readings reach (all the
-  targets each reaches if they share none), and its two rates whose in-domain losses are
-  nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
+  targets each reaches if they share none), and its two rates on the learning branch whose
+  in-domain losses are nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
   are complete."""
   from reproduce_paper import FRONTIER_LRS
   fft = points(records, base, *FFT, 0)
@@ -104,7 +104,9 @@ def ablation_setting(records: list[dict], base: dict):
     score = statistics.mean(reached[reading][t] for t in targets)
     if best is None or score < best[0]:
       middle = statistics.median(targets)
-      nearest = sorted(curves[reading], key=lambda p: abs(p[1] - middle))[:2]
+      x, _ = branch(curves[reading])   # the learning branch only: no overshooting rate
+      learning = [p for p in curves[reading] if p[1] in x]
+      nearest = sorted(learning, key=lambda p: abs(p[1] - middle))[:2]
       best = (score, reading, tuple(sorted(p[0] for p in nearest)))
   return None if best is None else (best[1], best[2])
 

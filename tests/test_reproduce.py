@@ -165,6 +165,10 @@ def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
   records += [_frontier_record("desmoe", "router+experts", lr, x + 0.2, y / 5)
               for lr, x, y in curve]
   assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
+  # A rate past the best in-domain loss lands near the middle (6.0) but is never chosen.
+  monkeypatch.setitem(rp.FRONTIER_LRS, ("desmoe", "router+experts"), (1e-4, 1e-3, 3e-3, 1e-2))
+  records.append(_frontier_record("desmoe", "router+experts", 1e-2, 6.0, 3.0))
+  assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
   monkeypatch.setattr(rp, "ABLATIONS", (("desmoe_no_alr", ""), ("desmoe_no_schedule", ""),
                                         ("desmoe", "oracle")))
   runs = rp.plan_ablations(rp.SETTINGS["frontier"], (0,), records, base)
