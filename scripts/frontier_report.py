@@ -310,7 +310,8 @@ def plot(records, base, path: str):
                   xytext=(3, 3), textcoords="offset points")
   for t in FRONTIER_TARGETS:
     ax.axvline(t, color="gray", linewidth=0.6, linestyle=":")
-  ax.set_yscale("symlog", linthresh=0.01)
+  ax.set_yscale("symlog", linthresh=0.01)   # linear below 0.01: an increase may be ~0 or < 0
+  ax.set_ylim(bottom=min(0.0, *(general_delta(r, base) for r in records)))
   ax.set_xlabel(f"mean in-domain held-out loss, D = {FRONTIER_D} (lower is better)")
   ax.set_ylabel("general held-out loss − base (lower is better)")
   ax.set_title("Learning vs forgetting, one point per learning rate (mean over seeds)",

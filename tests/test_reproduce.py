@@ -176,3 +176,29 @@ def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
       ("desmoe", "router+experts,oracle"), ("desmoe_no_alr", "router+experts"),
       ("desmoe_no_schedule", "")]
   assert {r.lr for r in runs} == {1e-3, 3e-3} and len(runs) == 6
+
+
+def test_frontier_report_is_written_between_its_markers(tmp_path):
+  """The whole --frontier report from hand-made records: premise table, headline with FFT's
+  percentage, every point, and the PNG beside the file; the text around the markers stays."""
+  import json
+
+  import frontier_report as fr
+  from desmoe_jax import specialization as sp
+  base = {"general": {"loss": 4.0}, "math": {"loss": 9.0}, "code": {"loss": 9.0}}
+  (tmp_path / "base.json").write_text(json.dumps({"eval": base}))
+  premise = sp.routing_premise(np.full((2, 32), 1 / 32), {"math": np.eye(32)[[0, 1]]}, phi=0.6)
+  premise.update(tokens={"general": 100, "math": 90}, phi=0.6)
+  (tmp_path / "premise.json").write_text(json.dumps(premise))
+  curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
+  records = [_frontier_record("fft", "", lr, x, y) for lr, x, y in curve]
+  records += [_frontier_record("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
+  (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  report = tmp_path / "R.md"
+  report.write_text(f"intro\n{fr.BEGIN}\nold\n{fr.END}\ndiscussion\n")
+  fr.write(str(tmp_path), str(report))
+  text = report.read_text()
+  assert "intro" in text and "discussion" in text and "old" not in text
+  assert "| math | 0.03 / 0.03 |" in text     # overlap of uniform routing with one expert: 1/32
+  assert "(50%)" in text and "not met" in text        # DES-MoE's increase is half FFT's
+  assert (tmp_path / "frontier_D6.png").exists()
