@@ -481,3 +481,22 @@ def test_oracle_dges_excludes_the_top_general_experts_and_leaves_them_bit_identi
   moved = _moved_experts(work, config, model)
   assert not moved[want].any(), "an excluded expert moved"
   assert moved[~want].any()
+
+
+def test_oracle_dges_config_errors_name_the_fields(tmp_path):
+  """dges.exclude_general_top ranks experts on data.general with the pretrained model: without
+  general text, or starting from another run's trained model, it is refused before any load."""
+  from desmoe_jax import trainer
+  from desmoe_jax.configs.six_domains import get_config
+  from desmoe_jax.errors import ConfigError
+  config = get_config("tiny")
+  config.dges.exclude_general_top = 4
+  trainer.check_config(config)
+  config.data.general = ""
+  with pytest.raises(ConfigError, match="exclude_general_top.*data.general"):
+    trainer.check_config(config)
+  config = get_config("tiny")
+  config.dges.exclude_general_top = 4
+  config.train.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match="exclude_general_top.*init_from"):
+    trainer.check_config(config)
