@@ -21,7 +21,7 @@ from desmoe_jax.esft import EsftConfig
 from desmoe_jax.router import AlrConfig, attach_alr, kd_lambda
 from desmoe_jax.schedule import (ALL, CONSOLIDATION, WARMUP, ScheduleConfig, desmoe_trainable,
                                  phase_at, phase_boundaries)
-from desmoe_jax.specialization import DgesConfig, attach, attach_copies
+from desmoe_jax.specialization import DgesConfig, attach, attach_copies, attach_exclusion
 
 METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_no_dges",
            "desmoe_no_schedule")
@@ -53,6 +53,10 @@ class MethodConfig:
                        "must be >= 1")
     if self.esft.domain >= self.num_domains:
       raise ValueError(f"esft.domain={self.esft.domain} but num_domains={self.num_domains}")
+    if self.dges.exclude_general_top and (not self.apply_masks or self.is_esft):
+      raise ValueError(f"dges.exclude_general_top={self.dges.exclude_general_top} removes "
+                       f"experts from DGES masks, which method={self.method!r} does not apply; "
+                       "use desmoe, desmoe_no_alr or desmoe_no_schedule, or set it to 0")
 
   # ---------------------------------------------------------------- what the method does
   @property
@@ -142,6 +146,8 @@ def prepare_model(model, cfg: MethodConfig, seed: int = 0):
   if cfg.use_alr:
     attach_alr(model, cfg.alr, seed=seed)
   attach(model, cfg.num_domains)
+  if cfg.dges.exclude_general_top:
+    attach_exclusion(model)          # filled by trainer.exclude_general_experts or a checkpoint
   if cfg.duplicate_experts:
     attach_copies(model, cfg.num_domains, cfg.dges.max_copies)
   return model

@@ -34,6 +34,9 @@ class DgesConfig:
   update_every: int = 10                 # T_update: steps between mask refreshes
   duplicate_shared_experts: bool = False  # expert duplication at the end of phase I
   max_copies: int = 8                    # per layer, capacity of the duplicate-expert bank
+  # Oracle control of the premise: per layer, the N experts the base model routes general text
+  # to most never join a mask (so never train); 0 = off. See `exclude_experts`.
+  exclude_general_top: int = 0
 
   def __post_init__(self):
     if self.score not in ("relative", "cumulative"):
@@ -44,6 +47,8 @@ class DgesConfig:
       raise ValueError(f"dges.phi={self.phi} must be in (0, 1]")
     if self.update_every < 1:
       raise ValueError(f"dges.update_every={self.update_every} must be >= 1")
+    if self.exclude_general_top < 0:
+      raise ValueError(f"dges.exclude_general_top={self.exclude_general_top} must be >= 0")
 
 
 class Correlation(nnx.Variable):
@@ -52,6 +57,11 @@ class Correlation(nnx.Variable):
 
 class ExpertMask(nnx.Variable):
   """Which experts each domain may update, [L, D, E] float32 in {0, 1}: model state."""
+
+
+class ExcludedExperts(nnx.Variable):
+  """Experts no domain's mask may include, [L, E] float32 in {0, 1} (1 = excluded): model
+  state, fixed for the run (`dges.exclude_general_top`)."""
 
 
 class DesState(nnx.Module):
@@ -65,6 +75,13 @@ class DesState(nnx.Module):
     self.expert_mask = ExpertMask(jnp.ones((layers, num_domains, num_experts), jnp.float32),
                                   logical_axes=axes)
     self.expert_copies = nnx.data(None)   # ExpertCopies once attach_copies ran
+    self.excluded = nnx.data(None)        # ExcludedExperts once exclude_experts ran
+
+  def allowed(self, mask_lde):
+    """`mask_lde` without the excluded experts (unchanged when none are)."""
+    if self.excluded is None:
+      return mask_lde
+    return mask_lde * (1.0 - self.excluded[...])[:, None, :]
 
   # ---- the expert hook (called inside one layer: no leading layer axis here)
   def dispatch(self, gate, up, down, ids_tk, adapt):
@@ -138,12 +155,88 @@ def mask_overlap(mask_lde):
   return jnp.mean(jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0), axis=0)
 
 
+def routing_overlap(p_e, q_e):
+  """sum_e min(p_e, q_e) over the last axis: the mass two expert-share distributions (each
+  summing to 1) have in common; 1 = the same routing, 0 = disjoint experts."""
+  return np.minimum(np.asarray(p_e, np.float64), np.asarray(q_e, np.float64)).sum(axis=-1)
+
+
+def top_share_experts(share_le, n: int):
+  """[L, E] bool: per layer, the `n` experts with the largest share (ties: lower index)."""
+  share_le = np.asarray(share_le)
+  order = np.argsort(-share_le, axis=-1, kind="stable")[:, :n]
+  out = np.zeros(share_le.shape, bool)
+  np.put_along_axis(out, order, True, axis=-1)
+  return out
+
+
+def routing_premise(general_le, domain_shares: dict, phi: float) -> dict:
+  """The premise of DGES (docs/RESULTS.md): does general text use other experts than the
+  domains? Inputs are per-layer expert-slot shares [L, E] (each row sums to 1: the fraction of
+  top-k slots landing on each expert, esft.domain_scores' "token") of general text and of each
+  domain. Per layer and domain:
+    overlap          sum_e min(p_general(e), p_domain(e))
+    mask_fraction    fraction of experts in the domain's DGES mask (relative score at `phi`:
+                     share >= phi * the row's max, as mask_from_correlation)
+    general_on_mask  fraction of general text's top-k slots on those experts
+    domain_on_mask   the same for the domain's own slots
+  and, for the union of all domains' masks, mask_fraction and general_on_mask. If the premise
+  held, general_on_mask would be well below mask_fraction (general text elsewhere)."""
+  general = np.asarray(general_le, np.float64)
+  per_domain, union = {}, np.zeros(general.shape, bool)
+  for name, share in domain_shares.items():
+    share = np.asarray(share, np.float64)
+    mask = np.asarray(mask_from_correlation(jnp.asarray(share)[:, None, :], phi,
+                                            "relative"))[:, 0] > 0
+    union |= mask
+    per_domain[name] = {"overlap": routing_overlap(general, share).tolist(),
+                        "mask_fraction": mask.mean(-1).tolist(),
+                        "general_on_mask": (general * mask).sum(-1).tolist(),
+                        "domain_on_mask": (share * mask).sum(-1).tolist()}
+  mean = lambda key: float(np.mean([v[key] for v in per_domain.values()]))
+  return {"per_domain": per_domain,
+          "union": {"mask_fraction": union.mean(-1).tolist(),
+                    "general_on_mask": (general * union).sum(-1).tolist()},
+          "general_top_share": {n: (general * top_share_experts(general, n)).sum(-1).tolist()
+                                for n in (4, 8, 16)},
+          "overlap_mean": mean("overlap"), "mask_fraction_mean": mean("mask_fraction"),
+          "general_on_mask_mean": mean("general_on_mask"),
+          "domain_on_mask_mean": mean("domain_on_mask")}
+
+
 def attach(model, num_domains: int):
   """Plugs the DES-MoE state (zeroed A, all-ones M, stacked over MoE layers) into the model's
   MoE blocks."""
   moe = model.moe_blocks()
   layers, e = moe.experts.gate_proj.shape[0], model.config.n_routed_experts
   moe.des = DesState(layers, num_domains, e)
+  return model
+
+
+def attach_exclusion(model):
+  """Plugs an empty exclusion (no expert excluded, [L, E] zeros) into the DES-MoE state: the
+  structure of a `dges.exclude_general_top` run, which `exclude_experts` (training) or a
+  checkpoint (evaluation, resume) fills."""
+  des = des_state(model)
+  layers, _, e = des.expert_mask.shape
+  des.excluded = ExcludedExperts(jnp.zeros((layers, e), jnp.float32),
+                                 logical_axes=("layers", None))
+  return model
+
+
+def exclude_experts(model, excluded_le):
+  """Removes the experts of `excluded_le` ([L, E] bool) from every domain's mask, now and at
+  every refresh: they receive no gradient and no update (weight decay included), so they end
+  the run bit-identical. The oracle DGES control (`dges.exclude_general_top`)."""
+  des = des_state(model)
+  if des.excluded is None:
+    attach_exclusion(model)
+  excluded = jnp.asarray(np.asarray(excluded_le, bool), jnp.float32)
+  if excluded.shape != des.excluded.shape:
+    raise ValueError(f"excluded experts of shape {excluded.shape}, expected [layers, experts] = "
+                     f"{des.excluded.shape}")
+  des.excluded[...] = excluded
+  des.expert_mask[...] = des.allowed(des.expert_mask[...])
   return model
 
 

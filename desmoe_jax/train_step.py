@@ -511,8 +511,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
       due = (step + 1) % cfg.dges.update_every == 0
       if warmup_end is not None:   # phase II starts with masks (MethodConfig.warmup_end)
         due = due | (step + 1 == warmup_end)
-      new_mask = jnp.where(due, specialization.mask_from_correlation(new_corr, cfg.dges.phi,
-                                                                     cfg.dges.score), mask)
+      new_mask = jnp.where(due, des.allowed(specialization.mask_from_correlation(
+          new_corr, cfg.dges.phi, cfg.dges.score)), mask)
     skipped = update_skipped(new_opt_state, optim_cfg)
     if optim_cfg.skip_nonfinite_updates:  # a skipped step leaves the routing statistics too
       new_corr = jnp.where(skipped, corr, new_corr)

@@ -136,9 +136,39 @@ def check_config(config):
   if init and not os.path.isdir(init):
     raise ConfigError(f"config.train.init_from={init!r} does not exist (a run's work "
                       "directory)")
+  if config.dges.get("exclude_general_top") and not config.data.general:
+    raise ConfigError("config.dges.exclude_general_top ranks experts on general text, but "
+                      "config.data.general is empty")
+  if config.dges.get("exclude_general_top") and init:
+    raise ConfigError("config.dges.exclude_general_top ranks experts on the pretrained model; "
+                      f"config.train.init_from={init!r} starts from a trained one")
   if config.export.get("hub_repo") and not config.export.enabled:
     raise ConfigError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
                       "but config.export.enabled=False")
+
+
+# Real tokens of general text (data.general) that rank experts for dges.exclude_general_top.
+GENERAL_SAMPLE_TOKENS = 32768
+
+
+def exclude_general_experts(model, config, tokenizer, n: int, place=jnp.asarray):
+  """The oracle DGES control: ranks each MoE layer's experts by the share of the (still
+  pretrained) model's top-k slots that general text gives them, over the first
+  GENERAL_SAMPLE_TOKENS tokens of data.general, and removes the top `n` from every mask."""
+  e = model.config.n_routed_experts
+  if n >= e:
+    raise ConfigError(f"config.dges.exclude_general_top={n} would exclude all {e} routed "
+                      "experts of a layer")
+  batches = data_lib.text_loss_batches(
+      config.data.general, tokenizer, seq_len=config.data.seq_len,
+      batch_size=config.data.batch_size,
+      max_batches=-(-GENERAL_SAMPLE_TOKENS // (config.data.batch_size * config.data.seq_len)))
+  share = esft_lib.domain_scores(model, batches, GENERAL_SAMPLE_TOKENS, e, place)["token"]
+  excluded = specialization.top_share_experts(share, n)                        # [L, E]
+  specialization.exclude_experts(model, excluded)
+  log.info("oracle DGES: the %d experts per layer with the most general-text routing (%.1f%% "
+           "of its top-k slots) excluded from every mask", n,
+           100 * float((np.asarray(share) * excluded).sum(-1).mean()))
 
 
 def domain_spec(d, split: str = "train",
@@ -592,6 +622,8 @@ def _run(config, workdir, mesh, guard, checkpoints, tokenizer, fingerprint, resu
                                 place=place)
     specialization.des_state(model).expert_mask[...] = jnp.asarray(masks)
     log.info("ESFT-%s selected %.1f%% of routed experts", mc.esft_score, 100 * masks.mean())
+  if mc.dges.exclude_general_top:
+    exclude_general_experts(model, config, tokenizer, mc.dges.exclude_general_top, place)
   sharding_lib.shard_model(model, mesh)
   graphdef, model_state = nnx.split(model)
   state_shardings = sharding_lib.state_shardings(model_state, mesh)

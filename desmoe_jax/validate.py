@@ -174,6 +174,7 @@ FIELDS: dict[str, Rule] = {
     "dges.update_every": Int(1),
     "dges.duplicate_shared_experts": BOOL,
     "dges.max_copies": Int(1),
+    "dges.exclude_general_top": Int(0),              # 0: off
 
     "schedule.t1": Float(0, 1),
     "schedule.t2": Float(0, 1),

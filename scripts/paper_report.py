@@ -122,7 +122,11 @@ def group(records: list[dict]) -> dict:
   return out
 
 
-def write(workdir: str, report_file: str, sweep: bool = False):
+def write(workdir: str, report_file: str, sweep: bool = False, frontier: bool = False):
+  if frontier:
+    import frontier_report  # scripts/ is on sys.path
+    frontier_report.write(workdir, report_file)
+    return
   records = read_jsonl(os.path.join(workdir, "results.jsonl"))
   with open(os.path.join(workdir, "base.json")) as f:
     base = json.load(f)["eval"]
@@ -150,17 +154,20 @@ def write(workdir: str, report_file: str, sweep: bool = False):
     lines += convergence_section(groups, plot_dir)
     lines += ablation_section(groups, base)
     lines += goals_section(groups, base)
-  _splice(report_file, "\n".join(lines))
+  splice(report_file, "\n".join(lines))
 
 
-def _splice(path: str, generated: str):
-  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{BEGIN}\n{END}\n"
-  if BEGIN not in text or END not in text:
-    text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
+def splice(path: str, generated: str, begin: str = BEGIN, end: str = END):
+  """Writes `generated` between the `begin` and `end` markers of `path` (appended when missing),
+  keeping the hand-written text around them."""
+  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
+  if begin not in text or end not in text:
+    text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
   with open(path, "w") as f:
-    f.write(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
+    f.write(f"{head}{begin}\n{generated}\n{end}{tail}")
+
 
 
 def _largest_d(groups: dict) -> int:
@@ -341,9 +348,11 @@ def goals_section(groups: dict, base: dict) -> list[str]:
   f_inc = np.mean([general_delta(r, base) for r in fft])
   d_inc = np.mean([general_delta(r, base) for r in des])
   ratio = d_inc / f_inc if f_inc > 0 else float("nan")
-  lines.append(f"* General-loss increase: DES-MoE {d_inc:+.4f}, FFT {f_inc:+.4f}: DES-MoE's is "
-               f"**{100 * ratio:.0f}%** of FFT's (goal <= 11%; the paper's Figure 2 implies 2%)."
-               + (" Met." if ratio <= 0.11 else " Not met."))
+  # At one learning rate the methods reach different in-domain losses, so this ratio is not
+  # the forgetting goal: that is measured at matched in-domain loss (frontier_report.py).
+  lines.append(f"* General-loss increase at the same learning rate (not at the same in-domain "
+               f"loss; the goal is judged on the frontier): DES-MoE {d_inc:+.4f}, FFT "
+               f"{f_inc:+.4f}, a ratio of {100 * ratio:.0f}%.")
   for m in SINGLE:
     per = {d: groups.get((m, "single", 1, d), []) for d in DOMAINS[:d_max]}
     if not all(per.values()):

@@ -5,6 +5,9 @@ number of domains grows, on the embedded tiny model pretrained by scripts/pretra
   python scripts/reproduce_paper.py               # 3 seeds: the numbers of docs/RESULTS.md
   python scripts/reproduce_paper.py --sweep       # the learning-rate sweep behind LR below
   python scripts/reproduce_paper.py --report      # only rebuild the report from results.jsonl
+  python scripts/reproduce_paper.py --premise     # general vs domain routing on the base model
+  python scripts/reproduce_paper.py --frontier    # matched-quality frontier + ablations, 3 seeds
+  python scripts/reproduce_paper.py --frontier --quick   # seed 0 of FFT and DES-MoE (< 30 min)
 
 What runs: every run is `desmoe_jax.trainer.train` on a `configs/six_domains.py:tiny` config,
 exactly what `train.py` does, followed by `desmoe_jax.evaluate.evaluate_model`, what `eval.py`
@@ -59,13 +62,47 @@ MULTI = (("fft", ""), ("esft_token", "union"), ("esft_gate", "union"), ("desmoe"
          ("desmoe", "per_expert"), ("desmoe_no_alr", ""), ("desmoe_no_dges", ""),
          ("desmoe_no_schedule", ""))
 # The config fields each variant of a DES-MoE run sets (docs/METHOD.md sections 3 and 7).
+# A variant may join several keys with "," (e.g. "router+experts,oracle"); each sets its fields.
 VARIANT_FIELDS = {
     "router+experts": {"schedule.warmup_trains": "router+experts"},
-    "mix=update": {"alr.mix": "update"},
+    "router+backbone": {"schedule.warmup_trains": "router+backbone"},
+    # Pinned to the reading it was measured under, whatever the preset's default becomes.
+    "mix=update": {"alr.mix": "update", "schedule.warmup_trains": "router+backbone"},
+    # desmoe_no_alr with the pretrained linear router frozen: masks and schedule only.
+    "router_frozen": {"ablation.linear_router_trainable": False},
+    # The oracle DGES control: the experts general text routes to most never join a mask. 16 of
+    # the tiny model's 32: they carry 58% of general text's top-k slots (--premise), since the
+    # base model routes general text almost uniformly.
+    "oracle": {"dges.exclude_general_top": 16},
     "alpha=router": {"alr.alpha": "router"},
     "per_expert": {"optim.per_expert_bias_correction": True},
 }
 SINGLE = ("esft_token", "esft_gate")
+
+# The matched-quality frontier (issue 17): at D = 6, each method at several learning rates, so
+# that its general-loss increase can be read at the in-domain losses FFT reaches (paper_report's
+# frontier section). The rates bracket docs/RESULTS.md's D = 2 sweep on both sides of the losses
+# the methods share: FFT reaches low in-domain loss fast, so its grid starts lower (3e-5, the
+# paper's FFT rate); the masked methods learn slower, so theirs reach higher.
+FRONTIER = (("fft", ""), ("esft_token", "union"), ("desmoe", "router+backbone"),
+            ("desmoe", "router+experts"), ("desmoe", "mix=update"))
+FRONTIER_LRS = {
+    ("fft", ""): (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+    ("esft_token", "union"): (3e-4, 1e-3, 3e-3, 1e-2),
+    ("desmoe", "router+backbone"): (3e-4, 1e-3, 3e-3, 6e-3),
+    ("desmoe", "router+experts"): (3e-4, 1e-3, 3e-3, 1e-2),
+    ("desmoe", "mix=update"): (3e-4, 1e-3, 3e-3, 6e-3),
+}
+FRONTIER_D = 6
+# The mean in-domain held-out losses at which methods are compared (frontier_report): spaced
+# over the range the seed-0 frontiers span (FFT 4.2-7.9, DES-MoE 5.4-7.1, ESFT-Token 5.7-7.9);
+# every method's reaches 6.0.
+FRONTIER_TARGETS = (5.5, 6.0, 6.5, 7.0)
+# Ablations and controls of the DES-MoE reading with the least forgetting at matched quality,
+# each at the two frontier rates whose in-domain losses bracket the middle target:
+# (method, variant suffix after the reading). "w/o schedule" has no reading.
+ABLATIONS = (("desmoe_no_alr", ""), ("desmoe_no_dges", ""), ("desmoe_no_schedule", ""),
+             ("desmoe_no_alr", "router_frozen"), ("desmoe", "oracle"))
 LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
           ("esft_gate", "union"): "ESFT-Gate (union)", ("desmoe", ""): "DES-MoE",
           ("desmoe", "router+experts"): "DES-MoE (warm-up: router+experts)",
@@ -74,6 +111,9 @@ LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
           ("desmoe", "per_expert"): "DES-MoE (per-expert Adam bias correction)",
           ("desmoe_no_alr", ""): "DES-MoE w/o ALR", ("desmoe_no_dges", ""): "DES-MoE w/o DGES",
           ("desmoe_no_schedule", ""): "DES-MoE w/o schedule",
+          ("desmoe", "router+backbone"): "DES-MoE (warm-up: router+backbone)",
+          ("desmoe_no_alr", "router_frozen"): "DES-MoE, router frozen",
+          ("desmoe", "oracle"): "DES-MoE + oracle DGES",
           ("esft_token", "single"): "ESFT-Token (one model per domain)",
           ("esft_gate", "single"): "ESFT-Gate (one model per domain)"}
 # Learning rate per method family, from `--sweep` (docs/RESULTS.md): the one of SWEEP_LRS with
@@ -87,10 +127,21 @@ SWEEP_METHODS = ("fft", "esft_token", "desmoe")
 # 6, run for run, so a full run given the same --workdir continues from it.
 _RUN = dict(steps_per_domain=10, num_domains=(2, 4, 6), evals=1, gen_examples=8, batch_size=2,
             loss_batches=4, general_batches=24)
+# The premise: routing statistics of the base model from this many real tokens per text.
+PREMISE_TOKENS = 32768
+PREMISE_BATCHES = 16      # of general text (2 x 1024 tokens each): the first 32 k tokens
+
 SETTINGS = {
     "full": dict(_RUN, seeds=(0, 1, 2)),
     "quick": dict(_RUN, seeds=(0,), num_domains=(2, 6)),
     "sweep": dict(_RUN, seeds=(0,), num_domains=(2,), gen_examples=0),
+    # No generation: every task metric is ~0 at this scale (docs/RESULTS.md); losses only.
+    "frontier": dict(_RUN, seeds=(0, 1, 2), num_domains=(FRONTIER_D,), gen_examples=0),
+    # Seed 0 of FFT and DES-MoE, run for run the full frontier's (9 runs: 24 min in the full
+    # run's seed 0 on a shared machine; a full --frontier given the same --workdir continues
+    # from it), no ablations.
+    "frontier_quick": dict(_RUN, seeds=(0,), num_domains=(FRONTIER_D,), gen_examples=0,
+                           ablations=False, methods=(("fft", ""), ("desmoe", "router+backbone"))),
 }
 
 
@@ -106,6 +157,7 @@ class Run:
   seed: int
   steps: int
   lr: float
+  frontier: bool = False    # a frontier or ablation run: the learning rate is in its name
 
   @property
   def key(self) -> tuple:
@@ -114,9 +166,10 @@ class Run:
 
   @property
   def name(self) -> str:
-    parts = [self.method, self.variant.replace("+", "_").replace("=", ""),
+    parts = [self.method,
+             self.variant.replace("+", "_").replace("=", "").replace(",", "_"),
              f"D{len(self.domains)}", self.domains[0] if self.variant == "single" else "",
-             f"s{self.seed}"]
+             f"lr{self.lr:g}" if self.frontier else "", f"s{self.seed}"]
     return "-".join(p for p in parts if p)
 
 
@@ -132,6 +185,35 @@ def plan(s: dict, sweep: bool = False) -> list[Run]:
       runs += [Run(method, "single", (d,), seed, spd, LR["esft"]) for d in DOMAINS]
     for num in s["num_domains"]:
       runs += [Run(m, v, DOMAINS[:num], seed, spd * num, LR[family(m)]) for m, v in MULTI]
+  return runs
+
+
+def plan_frontier(s: dict, seeds) -> list[Run]:
+  """The frontier runs of `seeds`: every FRONTIER method (or the setting's `methods`) at each
+  of its FRONTIER_LRS."""
+  steps = s["steps_per_domain"] * FRONTIER_D
+  return [Run(m, v, DOMAINS[:FRONTIER_D], seed, steps, lr, frontier=True)
+          for seed in seeds for m, v in s.get("methods", FRONTIER)
+          for lr in FRONTIER_LRS[(m, v)]]
+
+
+def plan_ablations(s: dict, seeds, records: list[dict], base: dict) -> list[Run]:
+  """The ablation runs of `seeds`, placed by the seed-0 frontier in `records`: under the
+  DES-MoE reading whose general-loss increase is the smallest fraction of FFT's at the middle
+  target, at the two of its rates that bracket that target. [] until the seed-0 frontier of
+  FFT and the DES-MoE readings is complete."""
+  import frontier_report  # scripts/ is on sys.path when this script runs
+  choice = frontier_report.ablation_setting(records, base)
+  if choice is None:
+    return []
+  reading, lrs = choice
+  steps = s["steps_per_domain"] * FRONTIER_D
+  runs = []
+  for seed in seeds:
+    for m, suffix in ABLATIONS:
+      variant = ",".join(v for v in ("" if m == "desmoe_no_schedule" else reading, suffix) if v)
+      runs += [Run(m, variant, DOMAINS[:FRONTIER_D], seed, steps, lr, frontier=True)
+               for lr in lrs]
   return runs
 
 
@@ -160,9 +242,10 @@ def run_config(run: Run, s: dict, model_path: str | None):
   # Code pass@1 executes the model's programs: only with --allow_code_execution (isolated).
   config.eval.allow_code_execution = bool(s.get("allow_code_execution", False))
   config.export.enabled = False
-  for field, value in VARIANT_FIELDS.get(run.variant, {}).items():
-    group, name = field.split(".")
-    config[group][name] = value
+  for key in run.variant.split(","):
+    for field, value in VARIANT_FIELDS.get(key, {}).items():
+      group, name = field.split(".")
+      config[group][name] = value
   return config
 
 
@@ -241,7 +324,9 @@ def execute(run: Run, s: dict, workdir: str, tokenizer, model_path) -> dict:
   return record
 
 
-def reproduce(args, s: dict, runs: list[Run]) -> str:
+def prepare(args, s: dict):
+  """The work directory, its compilation cache, setup.json and base.json (the base model's
+  evaluation); returns (tokenizer, base eval)."""
   import jax
   from transformers import AutoTokenizer
   from desmoe_jax import evaluate
@@ -249,8 +334,6 @@ def reproduce(args, s: dict, runs: list[Run]) -> str:
   # The same programs come back for every seed: compile each once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  results_path = os.path.join(args.workdir, "results.jsonl")
-  done = {r["name"] for r in read_jsonl(results_path)}
   header_path = os.path.join(args.workdir, "setup.json")
   if not os.path.exists(header_path):
     with open(header_path, "w") as f:
@@ -268,7 +351,14 @@ def reproduce(args, s: dict, runs: list[Run]) -> str:
     with open(base_path, "w") as f:
       json.dump({"eval": base, "wall_s": time.perf_counter() - t0}, f, indent=2)
     log.info("base model: %s", base)
+  with open(base_path) as f:
+    return tokenizer, json.load(f)["eval"]
 
+
+def reproduce(args, s: dict, runs: list[Run], tokenizer) -> str:
+  """Runs what of `runs` is not yet in <workdir>/results.jsonl, appending each as it ends."""
+  results_path = os.path.join(args.workdir, "results.jsonl")
+  done = {r["name"] for r in read_jsonl(results_path)}
   todo = [r for r in runs if r.name not in done]
   log.info("%d runs planned, %d done, %d to go", len(runs), len(runs) - len(todo), len(todo))
   for i, run in enumerate(todo):
@@ -281,10 +371,74 @@ def reproduce(args, s: dict, runs: list[Run]) -> str:
   return results_path
 
 
+def frontier(args, s: dict, tokenizer, base: dict):
+  """The frontier in the order that gives a complete picture soonest: the premise, seed 0 of
+  every frontier point, seed 0's ablations (placed by that frontier), then the other seeds."""
+  premise_path = os.path.join(args.workdir, "premise.json")
+  if not os.path.exists(premise_path):
+    premise(args, s, premise_path)
+  results = os.path.join(args.workdir, "results.jsonl")
+  first, rest = s["seeds"][:1], s["seeds"][1:]
+  for seeds in (first, rest):
+    if not seeds:
+      continue
+    reproduce(args, s, _only(args, plan_frontier(s, seeds)), tokenizer)
+    if s.get("ablations", True):
+      runs = plan_ablations(s, seeds, read_jsonl(results), base)
+      if not runs:
+        log.warning("ablations not placed: the seed-0 frontier of FFT and DES-MoE is "
+                    "incomplete in %s", results)
+      reproduce(args, s, _only(args, runs), tokenizer)
+
+
+def premise(args, s: dict, out_path: str) -> dict:
+  """Routing of general text against each domain's on the base model (--premise): per MoE
+  layer, the overlap of their expert-slot shares and the share of general text's top-k slots
+  on the experts each domain's DGES mask would select (specialization.routing_premise)."""
+  from transformers import AutoTokenizer
+  from desmoe_jax import data as data_lib
+  from desmoe_jax import esft, evaluate, specialization, trainer
+  config = base_config(s, args.model)
+  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  model = evaluate.load_model(config.model.path, config)
+  e = model.config.n_routed_experts
+  t0 = time.perf_counter()
+  general_batches = data_lib.text_loss_batches(
+      config.data.general, tokenizer, seq_len=config.data.seq_len,
+      batch_size=config.data.batch_size, max_batches=PREMISE_BATCHES)
+  general = esft.domain_scores(model, general_batches, PREMISE_TOKENS, e)
+  shares, tokens = {}, {"general": general["tokens"]}
+  for d in config.data.domains:
+    batches = data_lib.MixtureIterator([trainer.domain_spec(d, "train")], tokenizer,
+                                       seq_len=config.data.seq_len,
+                                       batch_size=config.data.batch_size, seed=0)
+    scores = esft.domain_scores(model, batches, PREMISE_TOKENS, e)
+    shares[d.name], tokens[d.name] = scores["token"], scores["tokens"]
+  result = specialization.routing_premise(general["token"], shares, phi=config.dges.phi)
+  result.update(tokens=tokens, phi=config.dges.phi, wall_s=time.perf_counter() - t0,
+                general_share=[[float(x) for x in row] for row in general["token"]])
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(result, f, indent=2)
+  log.info("premise (%.0f s): overlap %.3f, general slots on domain masks %.3f", result["wall_s"],
+           result["overlap_mean"], result["general_on_mask_mean"])
+  return result
+
+
+def _only(args, runs: list[Run]) -> list[Run]:
+  return [r for r in runs if args.only in r.name] if args.only else runs
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="1 seed, short runs (< 30 min)")
   p.add_argument("--sweep", action="store_true", help="the learning-rate sweep at D = 2")
+  p.add_argument("--frontier", action="store_true",
+                 help="the matched-quality frontier at D = 6 and its ablations")
+  p.add_argument("--premise", action="store_true",
+                 help="only measure general vs domain routing on the base model")
+  p.add_argument("--skip_ablations", action="store_true",
+                 help="--frontier: only the frontier points")
   p.add_argument("--report", action="store_true", help="only rebuild the report")
   p.add_argument("--workdir", default=None,
                  help="runs and results.jsonl (default /tmp/desmoe_repro_<mode>)")
@@ -305,25 +459,33 @@ def main(argv=None):
   logging.getLogger("desmoe_jax").setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
 
-  mode = "sweep" if args.sweep else "quick" if args.quick else "full"
+  mode = ("sweep" if args.sweep else "frontier_quick" if args.frontier and args.quick else
+          "frontier" if args.frontier else "quick" if args.quick else "full")
   s = dict(SETTINGS[mode])
   s["allow_code_execution"] = args.allow_code_execution
   if args.steps_per_domain:
     s["steps_per_domain"] = args.steps_per_domain
   if args.seeds:
     s["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+  if args.skip_ablations:
+    s["ablations"] = False
   args.workdir = args.workdir or f"/tmp/desmoe_repro_{mode}"
-  report_file = args.report_file or (os.path.join(REPO, "docs", "RESULTS.md") if mode == "full"
+  if args.premise:
+    premise(args, s, os.path.join(args.workdir, "premise.json"))
+    return
+  report_file = args.report_file or (os.path.join(REPO, "docs", "RESULTS.md")
+                                     if mode in ("full", "frontier")
                                      else os.path.join(args.workdir, "RESULTS.md"))
-  runs = plan(s, sweep=args.sweep)
-  if args.only:
-    runs = [r for r in runs if args.only in r.name]
   if not args.report:
     t0 = time.perf_counter()
-    reproduce(args, s, runs)
+    tokenizer, base = prepare(args, s)
+    if args.frontier:
+      frontier(args, s, tokenizer, base)
+    else:
+      reproduce(args, s, _only(args, plan(s, sweep=args.sweep)), tokenizer)
     log.info("all runs done in %.1f min", (time.perf_counter() - t0) / 60)
   import paper_report  # scripts/ is on sys.path when this script runs
-  paper_report.write(args.workdir, report_file, sweep=args.sweep)
+  paper_report.write(args.workdir, report_file, sweep=args.sweep, frontier=args.frontier)
   log.info("report: %s", report_file)
 
 

@@ -248,7 +248,8 @@ def test_format_results_general_block_is_aligned():
   block = text[text.index("general abilities"):].splitlines()
   assert block[1].split() == ["held-out", "text", "loss", "6.3237", "4.6480", "+1.6757"]
   assert block[3].startswith("multiple choice acc/token") and block[3].endswith("-0.0250")
-  assert len({len(line) for line in block}) == 1          # the columns line up
+  assert len({len(line) for line in block[:4]}) == 1      # the columns line up
+  assert block[4] == metrics.GENERAL_VS_FFT and "docs/RESULTS.md" in block[4]
 
 
 def test_format_results_names_a_metric_that_was_not_run():

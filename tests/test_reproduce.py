@@ -88,6 +88,117 @@ def test_report_keeps_the_hand_written_text(tmp_path):
   path = tmp_path / "R.md"
   path.write_text(f"# Title\n\nintro\n\n{paper_report.BEGIN}\nold\n{paper_report.END}\n\n"
                   "discussion\n")
-  paper_report._splice(str(path), "new table")
+  paper_report.splice(str(path), "new table")
   text = path.read_text()
   assert "intro" in text and "discussion" in text and "new table" in text and "old" not in text
+
+
+def test_frontier_plan_and_configs():
+  """Every FRONTIER method at each of its rates at D = 6, names unique (results.jsonl resumes
+  by name), and each run's config is a valid trainer config with its variant's fields set."""
+  s = rp.SETTINGS["frontier"]
+  runs = rp.plan_frontier(s, (0, 1))
+  assert len({r.name for r in runs}) == len(runs)
+  assert len(runs) == 2 * sum(len(v) for v in rp.FRONTIER_LRS.values())
+  assert all(len(rp.FRONTIER_LRS[k]) >= 4 for k in rp.FRONTIER)
+  assert {r.steps for r in runs} == {s["steps_per_domain"] * 6}
+  for run in runs[:len(runs) // 2]:
+    config = rp.run_config(run, s, None)
+    trainer.check_config(config)
+    assert config.optim.learning_rate == run.lr and config.eval.max_examples == 0
+    want = "router+experts" if run.variant == "router+experts" else "router+backbone"
+    assert config.schedule.warmup_trains == want
+    assert config.alr.mix == ("update" if run.variant == "mix=update" else "gradient")
+  oracle = rp.Run("desmoe", "router+experts,oracle", rp.DOMAINS, 0, 60, 1e-3, frontier=True)
+  config = rp.run_config(oracle, s, None)
+  trainer.check_config(config)
+  assert config.dges.exclude_general_top > 0
+  assert config.schedule.warmup_trains == "router+experts"
+  quick = rp.plan_frontier(rp.SETTINGS["frontier_quick"], (0,))
+  assert set(quick) <= set(rp.plan_frontier(s, (0, 1, 2))) and len(quick) == 9
+  frozen = rp.run_config(rp.Run("desmoe_no_alr", "router+backbone,router_frozen", rp.DOMAINS,
+                                0, 60, 1e-3, frontier=True), s, None)
+  assert frozen.ablation.linear_router_trainable is False
+  assert "router" not in trainer.method_config(frozen).trainable_ever()
+
+
+def _frontier_record(method, variant, lr, in_domain, rise, seed=0):
+  """A results.jsonl record whose mean in-domain loss and general increase are given."""
+  return {"method": method, "variant": variant, "lr": lr, "seed": seed, "D": 6,
+          "frontier": True, "domains": ["math", "code"],
+          "eval": {"math": {"loss": in_domain - 1}, "code": {"loss": in_domain + 1},
+                   "general": {"loss": 4.0 + rise}}}
+
+
+def test_frontier_interpolation_by_hand():
+  import frontier_report as fr
+  base = {"general": {"loss": 4.0}}
+  # The learning branch stops at the lowest in-domain loss (lr 1e-2 overshoots: dropped).
+  pts = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3), (1e-2, 5.5, 2.0)]
+  x, y = fr.branch(pts)
+  np.testing.assert_array_equal(x, [5.0, 6.0, 7.0])
+  assert fr.interpolate(pts, 5.5) == pytest.approx(0.8)       # halfway between 1.3 and 0.3
+  assert fr.interpolate(pts, 4.9) is None and fr.interpolate(pts, 7.1) is None
+  records = [_frontier_record("fft", "", lr, x, y) for lr, x, y in pts]
+  records += [_frontier_record("desmoe", "router+backbone", lr, x, y / 4)
+              for lr, x, y in pts]
+  got = fr.seed_ratios(records, base, ("desmoe", "router+backbone"), 5.5)
+  assert got == {0: pytest.approx(0.25)}
+  rec = _frontier_record("desmoe_no_alr", "router+backbone", 1e-3, 6.5, 0.1)
+  assert fr.run_ratio(rec, records, base) == pytest.approx(0.1 / 0.2)
+  assert fr.ratio(0.1, 0.0) is None and fr.ratio(None, 1.0) is None
+
+
+def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
+  """The reading with the smaller fraction of FFT's forgetting is chosen, at its two rates
+  nearest the middle of the targets it reaches; nothing until the frontiers are complete."""
+  import frontier_report as fr
+  monkeypatch.setattr(rp, "FRONTIER_LRS", {("fft", ""): (1e-4, 1e-3, 3e-3),
+                                           ("desmoe", "router+backbone"): (1e-4, 1e-3, 3e-3),
+                                           ("desmoe", "router+experts"): (1e-4, 1e-3, 3e-3)})
+  monkeypatch.setattr(fr, "FRONTIER_TARGETS", (5.5, 6.0, 6.5))
+  base = {"general": {"loss": 4.0}}
+  curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
+  records = [_frontier_record("fft", "", lr, x, y) for lr, x, y in curve]
+  records += [_frontier_record("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
+  assert fr.ablation_setting(records, base) is None            # router+experts missing
+  records += [_frontier_record("desmoe", "router+experts", lr, x + 0.2, y / 5)
+              for lr, x, y in curve]
+  assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
+  # A rate past the best in-domain loss lands near the middle (6.0) but is never chosen.
+  monkeypatch.setitem(rp.FRONTIER_LRS, ("desmoe", "router+experts"), (1e-4, 1e-3, 3e-3, 1e-2))
+  records.append(_frontier_record("desmoe", "router+experts", 1e-2, 6.0, 3.0))
+  assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
+  monkeypatch.setattr(rp, "ABLATIONS", (("desmoe_no_alr", ""), ("desmoe_no_schedule", ""),
+                                        ("desmoe", "oracle")))
+  runs = rp.plan_ablations(rp.SETTINGS["frontier"], (0,), records, base)
+  assert sorted({(r.method, r.variant) for r in runs}) == [
+      ("desmoe", "router+experts,oracle"), ("desmoe_no_alr", "router+experts"),
+      ("desmoe_no_schedule", "")]
+  assert {r.lr for r in runs} == {1e-3, 3e-3} and len(runs) == 6
+
+
+def test_frontier_report_is_written_between_its_markers(tmp_path):
+  """The whole --frontier report from hand-made records: premise table, headline with FFT's
+  percentage, every point, and the PNG beside the file; the text around the markers stays."""
+  import json
+
+  import frontier_report as fr
+  from desmoe_jax import specialization as sp
+  base = {"general": {"loss": 4.0}, "math": {"loss": 9.0}, "code": {"loss": 9.0}}
+  (tmp_path / "base.json").write_text(json.dumps({"eval": base}))
+  premise = sp.routing_premise(np.full((2, 32), 1 / 32), {"math": np.eye(32)[[0, 1]]}, phi=0.6)
+  premise.update(tokens={"general": 100, "math": 90}, phi=0.6)
+  (tmp_path / "premise.json").write_text(json.dumps(premise))
+  curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
+  records = [_frontier_record("fft", "", lr, x, y) for lr, x, y in curve]
+  records += [_frontier_record("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
+  (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  report = tmp_path / "R.md"
+  report.write_text(f"intro\n{fr.BEGIN}\nold\n{fr.END}\ndiscussion\n")
+  fr.write(str(tmp_path), str(report))
+  text = report.read_text()
+  assert "intro" in text and "discussion" in text and "old" not in text
+  assert "| math | 0.03 / 0.03 |" in text     # overlap of uniform routing with one expert: 1/32
+  assert "(50%)" in text and "not met" in text        # DES-MoE's increase is half FFT's
+  assert (tmp_path / "frontier_D6.png").exists()

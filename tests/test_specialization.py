@@ -134,3 +134,72 @@ def test_duplicated_experts_dispatch_and_merge():
   assert model.moe_blocks().des.expert_copies is None
   np.testing.assert_allclose(model.moe_blocks().experts.up_proj[...][:, 1], up_before + 0.25,
                              atol=1e-6)
+
+
+def test_routing_overlap_and_premise_hand_example():
+  """One layer, 4 experts: general text spreads over experts 0-3, the domain over 0 and 1."""
+  general = np.array([[0.4, 0.3, 0.2, 0.1]])
+  domain = np.array([[0.5, 0.5, 0.0, 0.0]])
+  # sum_e min: 0.4 + 0.3 + 0 + 0
+  assert sp.routing_overlap(general, domain) == pytest.approx([0.7])
+  assert sp.routing_overlap(general, general) == pytest.approx([1.0])
+  assert sp.routing_overlap(domain, np.array([[0.0, 0.0, 0.5, 0.5]])) == pytest.approx([0.0])
+  # phi = 0.6: the domain's mask is {0, 1} (0.5 >= 0.6 * 0.5); a second domain's is {3}
+  premise = sp.routing_premise(general, {"a": domain, "b": np.array([[0.1, 0.1, 0.1, 0.7]])},
+                               phi=0.6)
+  a = premise["per_domain"]["a"]
+  assert a["overlap"] == pytest.approx([0.7])
+  assert a["mask_fraction"] == pytest.approx([0.5])
+  assert a["general_on_mask"] == pytest.approx([0.7])        # 0.4 + 0.3
+  assert a["domain_on_mask"] == pytest.approx([1.0])
+  assert premise["per_domain"]["b"]["general_on_mask"] == pytest.approx([0.1])
+  assert premise["union"]["mask_fraction"] == pytest.approx([0.75])   # {0, 1, 3}
+  assert premise["union"]["general_on_mask"] == pytest.approx([0.8])
+  assert premise["overlap_mean"] == pytest.approx((0.7 + 0.1 + 0.1 + 0.1 + 0.1) / 2)
+  assert premise["general_top_share"][4] == pytest.approx([1.0])
+
+
+def test_top_share_experts_picks_the_largest_per_layer_ties_to_lower_index():
+  share = np.array([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]])
+  np.testing.assert_array_equal(sp.top_share_experts(share, 2),
+                                [[False, True, False, True], [True, True, False, False]])
+
+
+def test_excluded_experts_never_join_a_mask_and_stay_bit_identical():
+  """The oracle DGES control: with experts removed from every mask, refreshes every step
+  (update_every=1) and a low phi that would give each domain most experts, the excluded ones
+  are in no mask, receive no update (weight decay included) and keep their pretrained bits,
+  while other experts train."""
+  d = 3
+  mc = MethodConfig(method="desmoe_no_schedule", num_domains=d, total_steps=4,
+                    dges=sp.DgesConfig(update_every=1, phi=0.05,
+                                       exclude_general_top=2))
+  model = prepare_model(tiny_model(seed=6), mc)
+  layers, e = model.moe_blocks().experts.gate_proj.shape[:2]
+  excluded = np.zeros((layers, e), bool)
+  excluded[:, [0, 5]] = True
+  excluded[1, 5], excluded[1, 3] = False, True           # per layer
+  sp.exclude_experts(model, excluded)
+  before = np.asarray(model.moe_blocks().experts.gate_proj[...])
+  g, ms = nnx.split(model)
+  oc = OptimConfig(learning_rate=1e-2, weight_decay=0.1)
+  opt = ts.init_optimizer(mc, oc, ms)
+  step_fn = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(0)))
+  for step in range(4):
+    ms, opt, _ = step_fn(ms, opt, batch(step, [0, 1, 2, 0]), jnp.asarray(step))
+    mask = np.asarray(ms["moe_layers"]["mlp"]["des"]["expert_mask"][...])   # [L, D, E]
+    assert not mask.transpose(0, 2, 1)[excluded].any()
+    assert mask.transpose(0, 2, 1)[~excluded].any()
+  after = np.asarray(nnx.merge(g, ms).moe_blocks().experts.gate_proj[...])  # [L, E, d, f]
+  moved = (after != before).reshape(layers, e, -1).any(-1)
+  assert not moved[excluded].any()
+  assert moved[~excluded].any()
+
+
+def test_exclusion_needs_a_method_that_applies_masks():
+  with pytest.raises(ValueError, match="exclude_general_top"):
+    MethodConfig(method="fft", dges=sp.DgesConfig(exclude_general_top=4))
+  with pytest.raises(ValueError, match="exclude_general_top"):
+    MethodConfig(method="esft_token", dges=sp.DgesConfig(exclude_general_top=4))
+  with pytest.raises(ValueError, match="exclude_general_top"):
+    sp.DgesConfig(exclude_general_top=-1)

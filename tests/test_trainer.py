@@ -261,7 +261,7 @@ def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_p
   assert _error_lines(changed.stderr) == [
       f"error: resuming {work}/checkpoints/8 with a config that changes the run (2 fields); "
       "rerun with --allow_config_change to accept, or use another --workdir:",
-      "  optim.learning_rate: 0.003 -> 0.001", "  train.steps: 8 -> 10"]
+      "  optim.learning_rate: 0.0003 -> 0.001", "  train.steps: 8 -> 10"]
   assert _losses(work) == got                    # nothing was run
 
 
@@ -408,3 +408,95 @@ def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
   assert moved[owned_le].any()                        # the owned ones did train
   evals = [json.loads(l) for l in open(work / "metrics.jsonl") if '"eval"' in l]
   assert 0.0 <= evals[-1]["alr_teacher_topk_agreement"] <= 1.0
+
+
+def _moved_experts(work, config, model) -> np.ndarray:
+  """[L, E] True where the exported expert differs from the base model's in any bit."""
+  from safetensors.numpy import load_file
+  base = load_file(os.path.join(config.model.path, "model.safetensors"))
+  exported = {}
+  for name in os.listdir(work / "hf"):
+    if name.endswith(".safetensors"):
+      exported.update(load_file(str(work / "hf" / name)))
+  first_moe = model.config.first_k_dense_replace
+  layers = model.config.num_hidden_layers - first_moe
+  moved = np.zeros((layers, model.config.n_routed_experts), bool)
+  for layer, expert in np.ndindex(*moved.shape):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      key = f"model.layers.{first_moe + layer}.mlp.experts.{expert}.{proj}.weight"
+      moved[layer, expert] |= not np.array_equal(base[key], exported[key])
+  return moved
+
+
+def test_oracle_dges_excludes_the_top_general_experts_and_leaves_them_bit_identical(tmp_path):
+  """dges.exclude_general_top: the N experts per layer to which the base model routes the most
+  general text (counted here directly from the base model's top-k ids) are in no domain's mask
+  and end a run bit-identical in the export, although the masks refresh every step at a low
+  phi that gives the domains most experts, and experts train from step 0 (router+experts)."""
+  import jax
+  from flax import nnx
+
+  from desmoe_jax import data as data_lib
+  from desmoe_jax import evaluate, trainer
+  from desmoe_jax.configs.six_domains import get_config
+  from desmoe_jax.specialization import des_state
+  from transformers import AutoTokenizer
+
+  n, seq_len = 8, 256
+  work = tmp_path / "work"
+  fields = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 0,
+            "train.checkpoint_every": 6, "data.select": "math,code", "data.batch_size": 1,
+            "data.seq_len": seq_len, "eval.loss_batches": 1, "data.general_mc": "",
+            "dges.update_every": 1, "dges.phi": 0.3, "dges.exclude_general_top": n,
+            "schedule.warmup_trains": "router+experts", "model.moe_impl": E2E_MOE_IMPL}
+  result = subprocess.run([sys.executable, "-c", SPECIALIZE, str(work), json.dumps(fields)],
+                          capture_output=True, text=True, env=one_device_env(), timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  config = get_config("tiny")
+  config.data.domains = [d for d in config.data.domains if d.name in ("math", "code")]
+  config.data.seq_len, config.data.batch_size = seq_len, 1
+  config.model.moe_impl = E2E_MOE_IMPL
+  config.dges.exclude_general_top = n
+  base_model = evaluate.load_model(config.model.path, config)
+  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  batches = data_lib.text_loss_batches(config.data.general, tokenizer, seq_len=seq_len,
+                                       batch_size=1,
+                                       max_batches=trainer.GENERAL_SAMPLE_TOKENS // seq_len)
+  graphdef, state = nnx.split(base_model)
+  ids = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t, return_routing=True).routing.topk_ids)
+  e = base_model.config.n_routed_experts
+  counts = sum(np.stack([np.bincount(np.asarray(layer).ravel(), minlength=e)
+                         for layer in ids(state, b["tokens"])]) for b in batches)   # [L, E]
+  top = np.argsort(-counts, axis=-1, kind="stable")[:, :n]
+  want = np.zeros(counts.shape, bool)
+  np.put_along_axis(want, top, True, axis=-1)
+
+  model, _ = evaluate.load_run_model(config, str(work))
+  des = des_state(model)
+  np.testing.assert_array_equal(np.asarray(des.excluded[...]) > 0, want)
+  mask = np.asarray(des.expert_mask[...]) > 0                                  # [L, D, E]
+  assert not mask.transpose(0, 2, 1)[want].any(), "an excluded expert is in a mask"
+  assert mask.transpose(0, 2, 1)[~want].mean() > 0.25     # phi = 0.3: the rest mostly owned
+  moved = _moved_experts(work, config, model)
+  assert not moved[want].any(), "an excluded expert moved"
+  assert moved[~want].any()
+
+
+def test_oracle_dges_config_errors_name_the_fields(tmp_path):
+  """dges.exclude_general_top ranks experts on data.general with the pretrained model: without
+  general text, or starting from another run's trained model, it is refused before any load."""
+  from desmoe_jax import trainer
+  from desmoe_jax.configs.six_domains import get_config
+  from desmoe_jax.errors import ConfigError
+  config = get_config("tiny")
+  config.dges.exclude_general_top = 4
+  trainer.check_config(config)
+  config.data.general = ""
+  with pytest.raises(ConfigError, match="exclude_general_top.*data.general"):
+    trainer.check_config(config)
+  config = get_config("tiny")
+  config.dges.exclude_general_top = 4
+  config.train.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match="exclude_general_top.*init_from"):
+    trainer.check_config(config)

@@ -1,0 +1,322 @@
+"""The matched-quality report of `scripts/reproduce_paper.py --frontier` (issue 17).
+
+Every method trades in-domain learning against forgetting through its learning rate, so one
+learning rate for all compares methods at different in-domain quality. Here each method's runs at
+several rates form its frontier: general-loss increase (y) against mean in-domain held-out loss
+(x). A method's forgetting at a target in-domain loss is read off its frontier by linear
+interpolation between the two runs that bracket the target, and compared with FFT's at the same
+target (a percentage of FFT's). Only the learning branch of a frontier is used: the runs up to
+the rate with the lowest in-domain loss (higher rates overshoot: worse in-domain AND more
+forgetting, never a better trade-off). Targets outside a frontier's range are not extrapolated.
+
+The report goes between `<!-- BEGIN FRONTIER -->` and `<!-- END FRONTIER -->` of the target
+markdown file; the PNG beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import numpy as np
+
+from paper_report import fmt, general_delta, mean_in_domain, splice, table
+from reproduce_paper import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
+                             VARIANT_FIELDS, read_jsonl)
+
+BEGIN, END = "<!-- BEGIN FRONTIER -->", "<!-- END FRONTIER -->"
+FFT = ("fft", "")
+READINGS = ("router+backbone", "router+experts")   # the DES-MoE readings ablations may use
+GOAL = 0.11   # the issue's goal: DES-MoE's increase <= 11% of FFT's at matched in-domain loss
+
+
+# ------------------------------------------------------------------ frontiers
+
+
+def points(records: list[dict], base: dict, method: str, variant: str, seed: int) -> list:
+  """[(lr, mean in-domain loss, general-loss increase)] of one method and seed, by lr."""
+  return sorted((r["lr"], mean_in_domain(r), general_delta(r, base)) for r in records
+                if r["method"] == method and r["variant"] == variant and r["seed"] == seed
+                and r["D"] == FRONTIER_D and r.get("frontier"))
+
+
+def branch(pts: list) -> tuple[np.ndarray, np.ndarray]:
+  """The learning branch (rates up to the one with the lowest in-domain loss) as (x, y) sorted
+  by in-domain loss x, ready for np.interp."""
+  if not pts:
+    return np.zeros(0), np.zeros(0)
+  best = int(np.argmin([p[1] for p in pts]))
+  kept = sorted(pts[:best + 1], key=lambda p: p[1])
+  return np.array([p[1] for p in kept]), np.array([p[2] for p in kept])
+
+
+def interpolate(pts: list, target: float) -> float | None:
+  """General-loss increase at in-domain loss `target` along the frontier of `pts`; None when
+  the target is outside the range of its learning branch (no extrapolation)."""
+  x, y = branch(pts)
+  if len(x) == 0 or not x[0] <= target <= x[-1]:
+    return None
+  return float(np.interp(target, x, y))
+
+
+def ratio(rise: float | None, fft_rise: float | None) -> float | None:
+  """`rise` as a fraction of FFT's; None when either is missing or FFT's is not positive."""
+  if rise is None or fft_rise is None or fft_rise <= 0:
+    return None
+  return rise / fft_rise
+
+
+def seeds_of(records: list[dict]) -> list[int]:
+  return sorted({r["seed"] for r in records if r.get("frontier")})
+
+
+def run_ratio(rec: dict, records: list[dict], base: dict) -> float | None:
+  """One run's increase as a fraction of FFT's at the run's own in-domain loss (same seed)."""
+  fft = points(records, base, *FFT, rec["seed"])
+  return ratio(general_delta(rec, base), interpolate(fft, mean_in_domain(rec)))
+
+
+def ablation_setting(records: list[dict], base: dict):
+  """(reading, (lr_a, lr_b)) for the ablations: the DES-MoE reading whose seed-0 increase is
+  the smallest mean fraction of FFT's over the targets that both readings reach (all the
+  targets each reaches if they share none), and its two rates on the learning branch whose
+  in-domain losses are nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
+  are complete."""
+  from reproduce_paper import FRONTIER_LRS
+  fft = points(records, base, *FFT, 0)
+  if len(fft) < len(FRONTIER_LRS[FFT]):
+    return None
+  curves, reached = {}, {}
+  for reading in READINGS:
+    curves[reading] = points(records, base, "desmoe", reading, 0)
+    if len(curves[reading]) < len(FRONTIER_LRS[("desmoe", reading)]):
+      return None
+    reached[reading] = {t: r for t in FRONTIER_TARGETS
+                        if (r := ratio(interpolate(curves[reading], t), interpolate(fft, t)))
+                        is not None}
+  common = set.intersection(*(set(r) for r in reached.values()))
+  best = None
+  for reading in READINGS:
+    targets = sorted(common) if common else sorted(reached[reading])
+    if not targets:
+      continue
+    score = statistics.mean(reached[reading][t] for t in targets)
+    if best is None or score < best[0]:
+      middle = statistics.median(targets)
+      x, _ = branch(curves[reading])   # the learning branch only: no overshooting rate
+      learning = [p for p in curves[reading] if p[1] in x]
+      nearest = sorted(learning, key=lambda p: abs(p[1] - middle))[:2]
+      best = (score, reading, tuple(sorted(p[0] for p in nearest)))
+  return None if best is None else (best[1], best[2])
+
+
+# ------------------------------------------------------------------ the report
+
+
+def write(workdir: str, report_file: str):
+  records = [r for r in read_jsonl(os.path.join(workdir, "results.jsonl")) if r.get("frontier")]
+  with open(os.path.join(workdir, "base.json")) as f:
+    base = json.load(f)["eval"]
+  plot_dir = os.path.dirname(os.path.abspath(report_file))
+  lines = [f"Generated by `scripts/reproduce_paper.py --frontier` from {len(records)} runs at "
+           f"D = {FRONTIER_D} (seeds {seeds_of(records)}). Base model: general held-out loss "
+           f"{base['general']['loss']:.4f}, mean in-domain held-out loss "
+           f"{np.mean([base[d]['loss'] for d in base if d != 'general']):.3f}.", ""]
+  premise_path = os.path.join(workdir, "premise.json")
+  if os.path.exists(premise_path):
+    with open(premise_path) as f:
+      lines += premise_section(json.load(f))
+  lines += headline_section(records, base, plot_dir)
+  lines += points_section(records, base)
+  lines += ablations_section(records, base)
+  splice(report_file, "\n".join(lines), BEGIN, END)
+
+
+def premise_section(p: dict) -> list[str]:
+  layers = len(p["union"]["mask_fraction"])
+  per = lambda v: " / ".join(f"{x:.2f}" for x in v)
+  lines = ["### The premise: does general text use other experts than the domains?", "",
+           f"Base model, routing of {p['tokens']['general']} tokens of general held-out text and "
+           f"about {min(v for k, v in p['tokens'].items() if k != 'general')} tokens of each "
+           "domain's training data. Per MoE layer (values for layers "
+           f"1 / ... / {layers}): *overlap* = sum over experts of min(p_general(e), p_domain(e)), "
+           "where p(e) is the share of the text's top-k slots routed to expert e (1 = identical "
+           f"routing, 0 = disjoint experts); *mask* = the experts DGES selects for the domain at "
+           f"phi = {p['phi']} from this routing; *general on mask* = share of general text's "
+           "slots landing on those experts. If general text used other experts, general on mask "
+           "would sit well below the mask's fraction of the experts.", ""]
+  rows = [[name, per(v["overlap"]), per(v["mask_fraction"]), per(v["general_on_mask"]),
+           per(v["domain_on_mask"])] for name, v in p["per_domain"].items()]
+  rows.append(["union of the six masks", "", per(p["union"]["mask_fraction"]),
+               per(p["union"]["general_on_mask"]), ""])
+  rows.append(["mean over domains and layers", f"{p['overlap_mean']:.3f}",
+               f"{p['mask_fraction_mean']:.3f}", f"{p['general_on_mask_mean']:.3f}",
+               f"{p['domain_on_mask_mean']:.3f}"])
+  lines += table(["domain", "overlap", "mask fraction of experts", "general on mask",
+                  "domain on mask"], rows)
+  top = p["general_top_share"]
+  lines += ["", "General text's own concentration: share of its slots on its top N experts "
+            "(uniform routing over 32 experts would give N / 32): "
+            + "; ".join(f"top {n}: {per(v)}" for n, v in top.items()) + ".", ""]
+  return lines
+
+
+def seed_ratios(records, base, key, target) -> dict:
+  """{seed: the method's increase at `target` as a fraction of FFT's (same seed)}, for the
+  seeds where both frontiers reach the target."""
+  out = {}
+  for seed in seeds_of(records):
+    r = ratio(interpolate(points(records, base, *key, seed), target),
+              interpolate(points(records, base, *FFT, seed), target))
+    if r is not None:
+      out[seed] = r
+  return out
+
+
+def mean_ratio_per_seed(records, base, key) -> list[float]:
+  """Per seed: the mean over the targets reached of the fraction of FFT's increase."""
+  by_seed: dict = {}
+  for t in FRONTIER_TARGETS:
+    for seed, r in seed_ratios(records, base, key, t).items():
+      by_seed.setdefault(seed, []).append(r)
+  return [statistics.mean(v) for _, v in sorted(by_seed.items())]
+
+
+def headline_section(records, base, plot_dir) -> list[str]:
+  lines = ["### Forgetting at matched in-domain quality (the headline)", "",
+           "General-loss increase of each method interpolated along its frontier at the same "
+           "mean in-domain held-out losses, and in brackets as a percentage of FFT's increase "
+           "at that loss (per seed, then mean ± std over seeds). `-`: the target is outside "
+           "the method's frontier (never extrapolated). Last column: per seed, the mean of the "
+           "percentages over the targets reached, then mean ± std over seeds.", ""]
+  rows = []
+  for key in FRONTIER:
+    cells = []
+    for t in FRONTIER_TARGETS:
+      rises = [interpolate(points(records, base, *key, s), t) for s in seeds_of(records)]
+      rs = list(seed_ratios(records, base, key, t).values())
+      pct = f" ({fmt([100 * r for r in rs], digits=0)}%)" if rs and key != FFT else ""
+      cells.append(fmt(rises, signed=True) + pct)
+    means = mean_ratio_per_seed(records, base, key)
+    rows.append([LABELS[key], *cells, fmt([100 * m for m in means], digits=0) + "%"
+                 if means else "-"])
+  lines += table(["method", *[f"in-domain {t:g}" for t in FRONTIER_TARGETS],
+                  "mean % of FFT"], rows)
+  lines += ["", goal_line(records, base), "", "![frontier](frontier_D6.png)", ""]
+  plot(records, base, os.path.join(plot_dir, "frontier_D6.png"))
+  return lines
+
+
+def goal_line(records, base) -> str:
+  out = []
+  for key in FRONTIER:
+    if key[0] != "desmoe":
+      continue
+    per_target = [seed_ratios(records, base, key, t) for t in FRONTIER_TARGETS]
+    reached = [statistics.mean(r.values()) for r in per_target if r]
+    if not reached:
+      out.append(f"{LABELS[key]}: no target reached")
+      continue
+    best = min(reached)
+    out.append(f"{LABELS[key]}: {100 * min(reached):.0f}%-{100 * max(reached):.0f}% of FFT "
+               f"over the targets it reaches ({'met' if best <= GOAL else 'not met'})")
+  return (f"Goal: DES-MoE's increase at FFT-matched in-domain loss <= {100 * GOAL:.0f}% of "
+          "FFT's. " + "; ".join(out) + ".")
+
+
+def points_section(records, base) -> list[str]:
+  lines = ["### Every frontier point", "",
+           "Mean ± std over seeds of the mean in-domain held-out loss and the general-loss "
+           "increase, per method and learning rate.", ""]
+  rows = []
+  for key in FRONTIER:
+    lrs = sorted({r["lr"] for r in records if (r["method"], r["variant"]) == key})
+    for lr in lrs:
+      rs = [r for r in records if (r["method"], r["variant"]) == key and r["lr"] == lr]
+      rows.append([LABELS[key], f"{lr:g}", str(len(rs)), fmt([mean_in_domain(r) for r in rs]),
+                   fmt([general_delta(r, base) for r in rs], signed=True)])
+  return lines + table(["method", "lr", "seeds", "mean in-domain loss", "Δ general loss"],
+                       rows) + [""]
+
+
+def ablation_label(method: str, variant: str) -> str:
+  parts = variant.split(",")
+  reading = parts[0] if parts[0] in READINGS else ""
+  suffix = ",".join(p for p in parts if p not in READINGS)
+  name = {("desmoe_no_alr", ""): "w/o ALR", ("desmoe_no_dges", ""): "w/o DGES",
+          ("desmoe_no_schedule", ""): "w/o schedule",
+          ("desmoe_no_alr", "router_frozen"): "router frozen (linear, no ALR)",
+          ("desmoe", "oracle"): "oracle DGES (the top "
+                                f"{VARIANT_FIELDS['oracle']['dges.exclude_general_top']} general "
+                                "experts excluded)",
+          ("desmoe", ""): "DES-MoE"}.get((method, suffix), f"{method} {suffix}")
+  return f"{name} [{reading}]" if reading else name
+
+
+def ablations_section(records, base) -> list[str]:
+  ablation_methods = {m for m, _ in ABLATIONS}
+  abl = [r for r in records if r["method"] in ablation_methods and r["method"] != "desmoe"
+         or (r["method"] == "desmoe" and "oracle" in r["variant"])]
+  if not abl:
+    return []
+  readings = {r["variant"].split(",")[0] for r in abl if r["variant"].split(",")[0] in READINGS}
+  lrs = sorted({r["lr"] for r in abl})
+  keys = [("desmoe", reading) for reading in sorted(readings)]
+  keys += sorted({(r["method"], r["variant"]) for r in abl})
+  lines = ["### Ablations and controls at the matched learning rates", "",
+           "Each DES-MoE ablation at the two frontier learning rates of the chosen reading whose "
+           "in-domain losses are nearest the middle target; the last column is the run's "
+           "general-loss increase as a percentage of FFT's at the run's own in-domain loss "
+           "(FFT's frontier of the same seed), mean ± std over seeds.", ""]
+  rows = []
+  for method, variant in keys:
+    for lr in lrs:
+      rs = [r for r in records if r["method"] == method and r["variant"] == variant
+            and r["lr"] == lr]
+      if not rs:
+        continue
+      ratios = [run_ratio(r, records, base) for r in rs]
+      ratios = [100 * x for x in ratios if x is not None]
+      rows.append([ablation_label(method, variant), f"{lr:g}", str(len(rs)),
+                   fmt([mean_in_domain(r) for r in rs]),
+                   fmt([general_delta(r, base) for r in rs], signed=True),
+                   fmt(ratios, digits=0) + "%" if ratios else "-"])
+  return lines + table(["run", "lr", "seeds", "mean in-domain loss", "Δ general loss",
+                        "% of FFT at the same in-domain loss"], rows) + [""]
+
+
+def plot(records, base, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.0, 4.6))
+  for key in FRONTIER:
+    lrs = sorted({r["lr"] for r in records if (r["method"], r["variant"]) == key})
+    xs, ys, xe, ye = [], [], [], []
+    for lr in lrs:
+      rs = [r for r in records if (r["method"], r["variant"]) == key and r["lr"] == lr]
+      x = [mean_in_domain(r) for r in rs]
+      y = [general_delta(r, base) for r in rs]
+      xs.append(np.mean(x)), ys.append(np.mean(y))
+      xe.append(np.std(x, ddof=1) if len(x) > 1 else 0.0)
+      ye.append(np.std(y, ddof=1) if len(y) > 1 else 0.0)
+    if not xs:
+      continue
+    line = ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, label=LABELS[key],
+                       linewidth=2.2 if key in (FFT, ("desmoe", "router+backbone")) else 1.2)
+    for x, y, lr in zip(xs, ys, lrs):
+      ax.annotate(f"{lr:g}", (x, y), fontsize=6, color=line[0].get_color(),
+                  xytext=(3, 3), textcoords="offset points")
+  for t in FRONTIER_TARGETS:
+    ax.axvline(t, color="gray", linewidth=0.6, linestyle=":")
+  ax.set_yscale("symlog", linthresh=0.01)   # linear below 0.01: an increase may be ~0 or < 0
+  ax.set_ylim(bottom=min(0.0, *(general_delta(r, base) for r in records)))
+  ax.set_xlabel(f"mean in-domain held-out loss, D = {FRONTIER_D} (lower is better)")
+  ax.set_ylabel("general held-out loss − base (lower is better)")
+  ax.set_title("Learning vs forgetting, one point per learning rate (mean over seeds)",
+               fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
