@@ -36,6 +36,8 @@ ARGS = ["--config=configs/six_domains.py:tiny", "--config.train.steps=3",
         "--config.train.checkpoint_every=2", "--config.data.seq_len=256",
         "--config.data.batch_size=8", "--config.eval.loss_batches=2",
         "--config.schedule.t1=0.0", "--config.schedule.t2=1.0", "--config.alr.loss=additive",
+        # a rate at which 3 steps visibly lower the loss (the check that it trained)
+        "--config.optim.learning_rate=3e-3",
         f"--config.model.moe_impl={E2E_MOE_IMPL}", *NO_DOMAIN_EVAL]
 TIMEOUT_S = 600
 

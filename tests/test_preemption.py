@@ -12,15 +12,21 @@ from desmoe_jax import preemption
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_first_signal_sets_the_flag_second_stops_at_once(sig):
-  before = signal.getsignal(sig)
-  with preemption.PreemptionGuard() as guard:
-    assert not guard.reached(3)
-    os.kill(os.getpid(), sig)                # delivered to this (main) thread right away
-    assert guard.reached(3) and guard.signal_name == sig.name
-    if sig == signal.SIGINT:                 # Ctrl-C twice: Python's own KeyboardInterrupt
-      with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), sig)
-  assert signal.getsignal(sig) is before     # handlers restored after the run
+  # The handler the guard replaces: Python's own for SIGINT, whatever an earlier test in this
+  # worker process installed (one that is not Python's would not raise KeyboardInterrupt).
+  outer = signal.default_int_handler if sig == signal.SIGINT else signal.getsignal(sig)
+  before = signal.signal(sig, outer)
+  try:
+    with preemption.PreemptionGuard() as guard:
+      assert not guard.reached(3)
+      os.kill(os.getpid(), sig)                # delivered to this (main) thread right away
+      assert guard.reached(3) and guard.signal_name == sig.name
+      if sig == signal.SIGINT:                 # Ctrl-C twice: Python's own KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is outer      # handlers restored after the run
+  finally:
+    signal.signal(sig, before)
 
 
 def test_multi_process_runs_follow_the_jax_preemption_sync(monkeypatch):
