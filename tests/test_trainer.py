@@ -371,8 +371,6 @@ def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
   high dges.phi, leaves every expert that no domain owns bit-identical to the base model in the
   exported safetensors (before, the masks were all ones in phase II and every expert moved).
   The run's evaluation also logs the ALR/teacher top-k agreement."""
-  from safetensors.numpy import load_file
-
   from desmoe_jax import evaluate
   from desmoe_jax.configs.six_domains import get_config
   from desmoe_jax.specialization import des_state
@@ -392,18 +390,7 @@ def test_experts_no_domain_owns_are_exported_bit_identical(tmp_path):
   model, _ = evaluate.load_run_model(config, str(work))
   owned_le = np.asarray(des_state(model).expert_mask[...]).max(axis=1) > 0        # [L, E]
   assert 0 < owned_le.sum() < owned_le.size
-  base = load_file(os.path.join(config.model.path, "model.safetensors"))
-  exported = {}
-  for name in os.listdir(work / "hf"):
-    if name.endswith(".safetensors"):
-      exported.update(load_file(str(work / "hf" / name)))
-  first_moe = model.config.first_k_dense_replace
-  moved = np.zeros_like(owned_le)
-  for layer, expert in np.ndindex(*owned_le.shape):
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-      key = f"model.layers.{first_moe + layer}.mlp.experts.{expert}.{proj}.weight"
-      a, b = base[key].astype(np.float32), exported[key].astype(np.float32)
-      moved[layer, expert] |= not np.array_equal(a, b)
+  moved = _moved_experts(work, config, model)
   assert not (moved & ~owned_le).any(), "an expert no domain owns moved"
   assert moved[owned_le].any()                        # the owned ones did train
   evals = [json.loads(l) for l in open(work / "metrics.jsonl") if '"eval"' in l]
