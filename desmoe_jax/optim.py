@@ -556,18 +556,14 @@ def hashed_bits16(key, leaf: int, like, row_offset=0):
   its uint32 data). `row_offset`: `like` holds rows row_offset.. of a larger leaf (a slice
   along axis 0), and gets that leaf's bits: the streamed update (train_step) rounds one layer
   of a stacked leaf at a time exactly as the whole-leaf update would, which a key-split PRNG
-  cannot do without drawing the whole leaf. Elementwise integer arithmetic only, in `like`'s
-  memory space."""
+  cannot do without drawing the whole leaf. Elementwise integer arithmetic only."""
   data = key if jnp.issubdtype(key.dtype, jnp.unsignedinteger) else jax.random.key_data(key)
   data = data.reshape(-1).astype(jnp.uint32)
-  space = jax.typeof(like).memory_space
   h = _fmix32(data[0] ^ _fmix32(data[-1] + jnp.uint32(leaf) * jnp.uint32(0x9E3779B9)))
   for axis in range(like.ndim):
     index = jax.lax.broadcasted_iota(jnp.uint32, like.shape, axis)
     if axis == 0:
       index = index + jnp.asarray(row_offset).astype(jnp.uint32)
-    if jax.typeof(index).memory_space != space:
-      index = jax.device_put(index, space)
     h = _fmix32(h * jnp.uint32(0x27D4EB2F) + index + jnp.uint32(axis + 1))
   if like.ndim == 0:
     h = _fmix32(h)
