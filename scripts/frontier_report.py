@@ -266,9 +266,12 @@ def ablations_section(records, base) -> list[str]:
   keys += sorted({(r["method"], r["variant"]) for r in abl})
   lines = ["### Ablations and controls at the matched learning rates", "",
            "Each DES-MoE ablation at the two frontier learning rates of the chosen reading whose "
-           "in-domain losses are nearest the middle target; the last column is the run's "
-           "general-loss increase as a percentage of FFT's at the run's own in-domain loss "
-           "(FFT's frontier of the same seed), mean ± std over seeds.", ""]
+           "in-domain losses are nearest the middle target. *% of FFT*: the run's general-loss "
+           "increase as a percentage of FFT's at the run's own in-domain loss (FFT's frontier "
+           "of the same seed), mean ± std over seeds. *Paired change*: that percentage minus "
+           "DES-MoE's (same reading, learning rate and seed), in percentage points, mean ± std "
+           "over the seeds both ran; it removes what the seeds share, so it is the column that "
+           "says whether a mechanism helps (negative: the ablation forgets less).", ""]
   rows = []
   for method, variant in keys:
     for lr in lrs:
@@ -276,14 +279,34 @@ def ablations_section(records, base) -> list[str]:
             and r["lr"] == lr]
       if not rs:
         continue
-      ratios = [run_ratio(r, records, base) for r in rs]
-      ratios = [100 * x for x in ratios if x is not None]
+      ratios = [100 * x for r in rs if (x := run_ratio(r, records, base)) is not None]
+      paired = [] if method == "desmoe" and variant in READINGS else [
+          100 * d for r in rs if (d := paired_change(r, records, base, readings)) is not None]
       rows.append([ablation_label(method, variant), f"{lr:g}", str(len(rs)),
                    fmt([mean_in_domain(r) for r in rs]),
                    fmt([general_delta(r, base) for r in rs], signed=True),
-                   fmt(ratios, digits=0) + "%" if ratios else "-"])
+                   fmt(ratios, digits=0) + "%" if ratios else "-",
+                   fmt(paired, signed=True, digits=0) if paired else "-"])
   return lines + table(["run", "lr", "seeds", "mean in-domain loss", "Δ general loss",
-                        "% of FFT at the same in-domain loss"], rows) + [""]
+                        "% of FFT at the same in-domain loss", "paired change (pp)"],
+                       rows) + [""]
+
+
+def paired_change(rec: dict, records: list[dict], base: dict, readings) -> float | None:
+  """`run_ratio` of an ablation run minus that of the DES-MoE frontier run with the same
+  reading, learning rate and seed (None without one). An ablation without a reading of its own
+  (w/o schedule) is paired with the one reading the ablations ran under."""
+  reading = rec["variant"].split(",")[0]
+  if reading not in READINGS:
+    if len(readings) != 1:
+      return None
+    reading = next(iter(readings))
+  ref = [r for r in records if (r["method"], r["variant"]) == ("desmoe", reading)
+         and r["lr"] == rec["lr"] and r["seed"] == rec["seed"]]
+  if not ref:
+    return None
+  mine, theirs = run_ratio(rec, records, base), run_ratio(ref[0], records, base)
+  return None if mine is None or theirs is None else mine - theirs
 
 
 def plot(records, base, path: str):

@@ -147,6 +147,12 @@ def test_frontier_interpolation_by_hand():
   rec = _frontier_record("desmoe_no_alr", "router+backbone", 1e-3, 6.5, 0.1)
   assert fr.run_ratio(rec, records, base) == pytest.approx(0.1 / 0.2)
   assert fr.ratio(0.1, 0.0) is None and fr.ratio(None, 1.0) is None
+  # Paired with DES-MoE's run at the same reading, lr and seed: 0.5 - 0.25 of FFT's.
+  assert fr.paired_change(rec, records, base, {"router+backbone"}) == pytest.approx(0.25)
+  assert fr.paired_change({**rec, "seed": 1}, records, base, {"router+backbone"}) is None
+  no_schedule = _frontier_record("desmoe_no_schedule", "", 1e-3, 6.5, 0.1)
+  assert fr.paired_change(no_schedule, records, base, {"router+backbone"}) == pytest.approx(0.25)
+  assert fr.paired_change(no_schedule, records, base, set(fr.READINGS)) is None
 
 
 def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
