@@ -1,4 +1,4 @@
-"""The matched-quality report of `scripts/reproduce_paper.py --frontier` (issue 17).
+"""The matched-quality report of `scripts/reproduce_paper.py --frontier`.
 
 Every method trades in-domain learning against forgetting through its learning rate, so one
 learning rate for all compares methods at different in-domain quality. Here each method's runs at

@@ -115,7 +115,7 @@ def test_frontier_plan_and_configs():
   assert config.dges.exclude_general_top > 0
   assert config.schedule.warmup_trains == "router+experts"
   quick = rp.plan_frontier(rp.SETTINGS["frontier_quick"], (0,))
-  assert set(quick) <= set(rp.plan_frontier(s, (0, 1, 2))) and len(quick) == 9
+  assert set(quick) <= set(rp.plan_frontier(s, (0, 1, 2))) and len(quick) == 10
   frozen = rp.run_config(rp.Run("desmoe_no_alr", "router+backbone,router_frozen", rp.DOMAINS,
                                 0, 60, 1e-3, frontier=True), s, None)
   assert frozen.ablation.linear_router_trainable is False
