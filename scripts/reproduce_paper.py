@@ -32,8 +32,9 @@ for steps-to-target; (d) expert overlap between domains: Jaccard of the final DG
 
 Results are appended to `<workdir>/results.jsonl` as runs finish; a rerun skips finished runs, so
 an interrupted reproduction continues where it stopped. The report is written between the
-GENERATED markers of `--report_file` (docs/RESULTS.md for the full run; <workdir>/RESULTS.md
-for --quick and --sweep), with its PNG plots beside it.
+GENERATED markers of `--report_file` (docs/RESULTS.md for the whole full or --frontier run;
+<workdir>/RESULTS.md for --quick, --sweep and any part of a run: --only, --seeds,
+--steps_per_domain), with its PNG plots beside it.
 """
 
 from __future__ import annotations
@@ -445,7 +446,7 @@ def main(argv=None):
                  help="runs and results.jsonl (default /tmp/desmoe_repro_<mode>)")
   p.add_argument("--report_file", default=None,
                  help="markdown file to write the report into (default: docs/RESULTS.md for "
-                      "the full run, <workdir>/RESULTS.md otherwise)")
+                      "the whole full or --frontier run, <workdir>/RESULTS.md otherwise)")
   p.add_argument("--model", default=None, help="HF DeepSeek-V2 directory (default: the "
                  "embedded tiny model of the :tiny preset)")
   p.add_argument("--allow_code_execution", action="store_true",
@@ -474,9 +475,7 @@ def main(argv=None):
   if args.premise:
     premise(args, s, os.path.join(args.workdir, "premise.json"))
     return
-  report_file = args.report_file or (os.path.join(REPO, "docs", "RESULTS.md")
-                                     if mode in ("full", "frontier")
-                                     else os.path.join(args.workdir, "RESULTS.md"))
+  report_file = args.report_file or default_report_file(args, mode)
   if not args.report:
     t0 = time.perf_counter()
     tokenizer, base = prepare(args, s)
@@ -488,6 +487,15 @@ def main(argv=None):
   import paper_report  # scripts/ is on sys.path when this script runs
   paper_report.write(args.workdir, report_file, sweep=args.sweep, frontier=args.frontier)
   log.info("report: %s", report_file)
+
+
+def default_report_file(args, mode: str) -> str:
+  """docs/RESULTS.md for the whole full or --frontier run only. A part of one (--only, --seeds,
+  --steps_per_domain) reports into its workdir, so that a check of one run cannot replace the
+  published tables with its own."""
+  whole = mode in ("full", "frontier") and not (args.only or args.seeds or args.steps_per_domain)
+  return (os.path.join(REPO, "docs", "RESULTS.md") if whole
+          else os.path.join(args.workdir, "RESULTS.md"))
 
 
 if __name__ == "__main__":

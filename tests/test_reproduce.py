@@ -208,3 +208,19 @@ def test_frontier_report_is_written_between_its_markers(tmp_path):
   assert "| math | 0.03 / 0.03 |" in text     # overlap of uniform routing with one expert: 1/32
   assert "(50%)" in text and "not met" in text        # DES-MoE's increase is half FFT's
   assert (tmp_path / "frontier_D6.png").exists()
+
+
+def test_only_the_whole_run_reports_into_docs():
+  """A check of one run (--only, --seeds) must not replace docs/RESULTS.md's tables."""
+  import argparse
+  docs = os.path.join(rp.REPO, "docs", "RESULTS.md")
+
+  def args(**kw):
+    return argparse.Namespace(**{"only": None, "seeds": None, "steps_per_domain": None,
+                                 "workdir": "/w", **kw})
+
+  assert rp.default_report_file(args(), "frontier") == docs
+  assert rp.default_report_file(args(), "full") == docs
+  assert rp.default_report_file(args(only="fft-"), "frontier") == "/w/RESULTS.md"
+  assert rp.default_report_file(args(seeds="0"), "full") == "/w/RESULTS.md"
+  assert rp.default_report_file(args(), "frontier_quick") == "/w/RESULTS.md"
