@@ -331,6 +331,16 @@ def plot(records, base, path: str):
     for x, y, lr in zip(xs, ys, lrs):
       ax.annotate(f"{lr:g}", (x, y), fontsize=6, color=line[0].get_color(),
                   xytext=(3, 3), textcoords="offset points")
+  # The one ablation that leaves the frontiers' band: DES-MoE without its schedule (dashed).
+  no_schedule = [r for r in records if r["method"] == "desmoe_no_schedule"]
+  lrs = sorted({r["lr"] for r in no_schedule})
+  if lrs:
+    xs = [np.mean([mean_in_domain(r) for r in no_schedule if r["lr"] == lr]) for lr in lrs]
+    ys = [np.mean([general_delta(r, base) for r in no_schedule if r["lr"] == lr]) for lr in lrs]
+    ax.plot(xs, ys, marker="x", linestyle="--", color="black", linewidth=1.0,
+            label=ablation_label("desmoe_no_schedule", "") + " (ablation)")
+    for x, y, lr in zip(xs, ys, lrs):
+      ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
   for t in FRONTIER_TARGETS:
     ax.axvline(t, color="gray", linewidth=0.6, linestyle=":")
   ax.set_yscale("symlog", linthresh=0.01)   # linear below 0.01: an increase may be ~0 or < 0
