@@ -438,8 +438,8 @@ def _task_cell(row: dict, key: str) -> str:
 # whether another method would forget less for the same in-domain gain; docs/RESULTS.md measures
 # that on the tiny model, along each method's learning-rate frontier.
 GENERAL_VS_FFT = ("vs full fine-tuning: compare at the same in-domain loss, not the same "
-                  "learning rate; on the tiny model DES-MoE forgets no less than FFT there "
-                  "(docs/RESULTS.md)")
+                  "learning rate; on the tiny model DES-MoE forgets as much as FFT or more "
+                  "there, less only at the lightest adaptation (docs/RESULTS.md)")
 
 
 def format_results(results: dict[str, dict]) -> str:
