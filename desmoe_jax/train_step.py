@@ -327,10 +327,6 @@ def _update_streamed(tx, params, grads, opt_state, step, update_mask, key, train
   return new_params, new_state
 
 
-def _paths(state):
-  return {path for path, _ in nnx.to_flat_state(state)}
-
-
 token_losses = losses.token_losses  # the plain loss from logits (model.token_losses picks)
 
 
@@ -360,7 +356,9 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
   """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
   cfg = method_cfg
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
-  host_tx = phase_optimizer(method_cfg, optim_cfg, phase, norm_given=True)
+  # optim.host_offload's streamed update sees a layer at a time: the clip's norm is given.
+  streamed_tx = (phase_optimizer(method_cfg, optim_cfg, phase, norm_given=True)
+                 if optim_cfg.host_offload else None)
   lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   refresh = cfg.refresh_masks(phase)
@@ -489,7 +487,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
           copies.owner[...], copies.origin[...], mask, domain_tokens)
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     if optim_cfg.host_offload:
-      new_params, new_opt_state = _update_streamed(host_tx, params, grads, opt_state, step,
+      new_params, new_opt_state = _update_streamed(streamed_tx, params, grads, opt_state, step,
                                                    update_mask, key, cfg.trainable(phase),
                                                    None if probe is None else probe_grads)
     else:
