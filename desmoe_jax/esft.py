@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.distributed import to_host
+from desmoe_jax.schema import BOOL, Float, Int, knob
 from desmoe_jax.specialization import top_p_mask
 
 DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
@@ -27,11 +28,14 @@ DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
 @dataclasses.dataclass(frozen=True)
 class EsftConfig:
   """Every field is a config knob (`esft.*`)."""
-  top_p: float | None = None          # None: 0.1 for esft_gate, 0.2 for esft_token
-  sample_tokens: int = 8192           # tokens of each domain used to score experts (ESFT's value)
-  domain: int = -1                    # -1: union over all domains; d >= 0: single-domain ESFT
-  train_shared_experts: bool = False  # ESFT's --train_shared_experts
-  train_non_expert_modules: bool = False  # ESFT's --train_non_expert_modules
+  # None: 0.1 for esft_gate, 0.2 for esft_token (the config's -1)
+  top_p: float | None = knob(None, Float(0, 1, lo_open=True, special=((-1, "the paper's value"),)))
+  # tokens of each domain used to score experts (ESFT's value)
+  sample_tokens: int = knob(8192, Int(1))
+  # -1: union over all domains; d >= 0: single-domain ESFT
+  domain: int = knob(-1, Int(0, special=((-1, "all domains"),)))
+  train_shared_experts: bool = knob(False, BOOL)  # ESFT's --train_shared_experts
+  train_non_expert_modules: bool = knob(False, BOOL)  # ESFT's --train_non_expert_modules
 
   def threshold(self, score: str) -> float:
     return DEFAULT_TOP_P[score] if self.top_p is None else self.top_p

@@ -23,23 +23,29 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.distributed import to_host
+from desmoe_jax.schema import BOOL, Float, Int, OneOf, knob
+
+
+SCORES = ("relative", "cumulative")   # dges.score
 
 
 @dataclasses.dataclass(frozen=True)
 class DgesConfig:
   """docs/METHOD.md section 2; every field is a config knob (`dges.*`)."""
-  momentum: float = 0.9                  # weight of the OLD value in A <- m A + (1 - m) f
-  phi: float = 0.6                       # mask threshold
-  score: str = "relative"                # "relative": A / row max >= phi | "cumulative": top-p
-  update_every: int = 10                 # T_update: steps between mask refreshes
-  duplicate_shared_experts: bool = False  # expert duplication at the end of phase I
-  max_copies: int = 8                    # per layer, capacity of the duplicate-expert bank
+  # weight of the OLD value in A <- m A + (1 - m) f
+  momentum: float = knob(0.9, Float(0, 1, hi_open=True))
+  phi: float = knob(0.6, Float(0, 1, lo_open=True))      # mask threshold
+  # "relative": A / row max >= phi | "cumulative": top-p
+  score: str = knob("relative", OneOf(*SCORES))
+  update_every: int = knob(10, Int(1))   # T_update: steps between mask refreshes
+  duplicate_shared_experts: bool = knob(False, BOOL)  # expert duplication at the end of phase I
+  max_copies: int = knob(8, Int(1))      # per layer, capacity of the duplicate-expert bank
   # Oracle control of the premise: per layer, the N experts the base model routes general text
   # to most never join a mask (so never train); 0 = off. See `exclude_experts`.
-  exclude_general_top: int = 0
+  exclude_general_top: int = knob(0, Int(0))
 
   def __post_init__(self):
-    if self.score not in ("relative", "cumulative"):
+    if self.score not in SCORES:
       raise ValueError(f"dges.score={self.score!r}: expected 'relative' or 'cumulative'")
     if not 0.0 <= self.momentum < 1.0:
       raise ValueError(f"dges.momentum={self.momentum} must be in [0, 1)")

@@ -40,6 +40,7 @@ from desmoe_jax.moe.block import Adaptation
 from desmoe_jax.optim import check_host_offload, init_optimizer, optimizer_shardings  # noqa: F401
 from desmoe_jax.router import attach_kd_probe, kd_probe_zeros
 from desmoe_jax.schedule import WARMUP
+from desmoe_jax.schema import Int, OneOf, knob
 
 PRECISIONS = ("fp32_master", "bf16_sr", "bf16_master")
 
@@ -66,9 +67,9 @@ class StepConfig:
       which `optim.host_offload` moves to host memory with the moments.
     float32 leaves (routers, the ALR) are always updated exactly.
   """
-  microbatches: int = 1
-  precision: str = "fp32_master"
-  seed: int = 0
+  microbatches: int = knob(1, Int(1))
+  precision: str = knob("fp32_master", OneOf(*PRECISIONS))
+  seed: int = knob(0, Int(0), key="seed")
 
   def __post_init__(self):
     if self.microbatches < 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from desmoe_jax.schema import BOOL, Float, Int, OneOf, knob
+
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")  # optim.schedule
 MOMENT_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -21,26 +23,31 @@ ADAFACTOR_OFFLOAD = (
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Every field is a config knob (`optim.*`). Defaults: ESFT's AdamW settings."""
-  learning_rate: float = 1e-4
-  schedule: str = "linear"      # "linear" decay to 0 (HF Trainer's default) | "cosine" | "constant"
-  warmup_steps: int = 0
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  grad_clip: float = 1.0        # global-norm clip over trainable gradients; 0 disables
-  name: str = "adamw"           # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
-  moments_dtype: str = "auto"   # "auto" (the parameter's dtype) | "float32" | "bfloat16" | "int8"
-  host_offload: bool = False    # optimizer state in host memory (memory kind pinned_host)
+  """Every field is a config knob (`optim.*`), with its rule (desmoe_jax/schema.py). Defaults:
+  ESFT's AdamW settings (configs/six_domains.py's learning_rate -1 means the paper's rate)."""
+  learning_rate: float = knob(1e-4, Float(0, lo_open=True, special=((-1, "the paper's value"),)))
+  # "linear" decay to 0 (HF Trainer's default) | "cosine" | "constant"
+  schedule: str = knob("linear", OneOf(*SCHEDULES))
+  warmup_steps: int = knob(0, Int(0))
+  weight_decay: float = knob(0.1, Float(0))
+  b1: float = knob(0.9, Float(0, 1, hi_open=True))
+  b2: float = knob(0.95, Float(0, 1, hi_open=True))
+  eps: float = knob(1e-8, Float(0, lo_open=True))
+  grad_clip: float = knob(1.0, Float(0))  # global-norm clip over trainable gradients; 0 disables
+  # "adamw" (the paper's) | "adafactor" (factored 2nd moment, no 1st)
+  name: str = knob("adamw", OneOf(*OPTIMIZERS))
+  # "auto" (the parameter's dtype) | "float32" | "bfloat16" | "int8"
+  moments_dtype: str = knob("auto", OneOf(*MOMENT_DTYPES))
+  host_offload: bool = knob(False, BOOL)  # optimizer state in host memory (memory kind pinned_host)
   master_weights: bool = False  # a float32 master copy in the state (train.precision=bf16_master)
   # train.skip_nonfinite_updates: 0 off; N > 0 skips a step whose gradients hold NaN/inf (no
   # update, optimizer state kept; optax.apply_if_finite), up to N in a row (then it is applied,
   # and the trainer's finiteness checks stop the run).
-  skip_nonfinite_updates: int = 0
-  decay_exclude: str = "norms,biases"   # no weight decay for these kinds (DECAY_EXCLUDE); "none"
+  skip_nonfinite_updates: int = knob(0, Int(0), key="train.skip_nonfinite_updates")
+  # no weight decay for these kinds (DECAY_EXCLUDE); "none"
+  decay_exclude: str = knob("norms,biases", OneOf(*DECAY_EXCLUDE))
   # one Adam step count per routed expert, advanced only when the expert is updated
-  per_expert_bias_correction: bool = False
+  per_expert_bias_correction: bool = knob(False, BOOL)
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
