@@ -21,9 +21,9 @@ import statistics
 
 import numpy as np
 
-from paper_report import fmt, general_delta, mean_in_domain, splice, table
-from reproduce_paper import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
-                             VARIANT_FIELDS, read_jsonl)
+from paper_common import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_LRS, FRONTIER_TARGETS,
+                          LABELS, VARIANT_FIELDS, fmt, general_delta, mean_in_domain,
+                          read_jsonl, splice, table)
 
 BEGIN, END = "<!-- BEGIN FRONTIER -->", "<!-- END FRONTIER -->"
 FFT = ("fft", "")
@@ -83,7 +83,6 @@ def ablation_setting(records: list[dict], base: dict):
   targets each reaches if they share none), and its two rates on the learning branch whose
   in-domain losses are nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
   are complete."""
-  from reproduce_paper import FRONTIER_LRS
   fft = points(records, base, *FFT, 0)
   if len(fft) < len(FRONTIER_LRS[FFT]):
     return None
