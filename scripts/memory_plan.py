@@ -384,10 +384,13 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
 
 
 def dense_expert_dots(hlo_text: str, model_cfg: ModelConfig, tokens: int) -> int:
-  """Matmuls of the compiled step that run every token (of a device's microbatch) against every
-  routed expert (scripts/hlo_check.py's dense-fallback test): XLA:GPU's expansion of ragged_dot."""
+  """Matmuls of the compiled step that run every (token, k) slot of a device's microbatch
+  against every routed expert (scripts/hlo_check.py's dense-fallback test with T*K rows): XLA's
+  expansion of ragged_dot. T*K rather than T keeps attention's [heads, tokens, head_dim] out
+  where the head count equals the expert count (the tiny model's 8 and 8)."""
   return len(hlo_check.dense_fallback_shapes(
-      hlo_check.matmul_shapes(hlo_text), model_cfg.n_routed_experts, tokens,
+      hlo_check.matmul_shapes(hlo_text), model_cfg.n_routed_experts,
+      tokens * model_cfg.num_experts_per_tok,
       (model_cfg.hidden_size, model_cfg.moe_intermediate_size)))
 
 
