@@ -84,7 +84,10 @@ def usable_bytes(target: str, mem_fraction: float | None = None) -> int:
 
 
 def plugin_installed() -> bool:
-  return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
 
 
 def check_environment():

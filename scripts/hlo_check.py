@@ -544,8 +544,8 @@ def main(argv=None):
             i.endswith(SHARD_MAP) for i in impls) else ""))
   print(table(reports))
   print(f"grouped GEMM within 1.2x of ideal: {auto_choice(reports)}; moe_impl='auto' runs "
-        f"{moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu')} on this target (inside "
-        f"expert_parallel='shard_map': {moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu', True)})")
+        f"{moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu')} on one device of this target "
+        f"(sharded, e.g. expert_parallel='shard_map': {moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu', sharded=True)})")
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump([dict(dataclasses.asdict(r), flops_over_ideal=r.flops_over_ideal,

@@ -195,9 +195,10 @@ def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -
   num_hidden_layers."""
   runtime = build.runtime_fields(config)
   if target != "cpu" and runtime.get("moe_impl") == "auto":  # what "auto" picks on the target
-    runtime["moe_impl"] = resolve_impl(                      # (the host here is cpu)
-        "auto", "gpu" if gpu_target.is_gpu_target(target) else "tpu",
-        shard_map=runtime.get("expert_parallel") == "shard_map")
+    gpu = gpu_target.is_gpu_target(target)                    # (the host here is cpu)
+    runtime["moe_impl"] = resolve_impl("auto", "gpu" if gpu else "tpu", sharded=(
+        runtime.get("expert_parallel") == "shard_map"
+        or (gpu and gpu_target.device_count(target) > 1)))
   if not arch:
     if not config.model.path:
       raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")

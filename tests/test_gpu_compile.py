@@ -42,8 +42,9 @@ def test_auto_picks_the_grouped_gemm_on_gpu_and_keeps_cpu_and_tpu():
   assert block.resolve_impl("auto", "cpu") == "tiled"
   assert block.resolve_impl("auto", "tpu") == "ragged"
   assert block.resolve_impl("auto", "cuda") == "tokamax"
-  assert block.resolve_impl("auto", "gpu", shard_map=True) == "tiled"
-  assert block.resolve_impl("auto", "tpu", shard_map=True) == "ragged"
+  assert block.resolve_impl("auto", "gpu", sharded=True) == "tiled"
+  assert block.resolve_impl("auto", "tpu", sharded=True) == "ragged"
+  assert block.resolve_impl("auto", "cpu", sharded=True) == "tiled"
 
 
 def _plan_tiny(moe_impl: str) -> str:

@@ -124,7 +124,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
   # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
   c.model.param_dtype = "float32" if tiny else "bfloat16"
-  c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
+  # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged on TPU, tokamax on one
+  # GPU, tiled on a sharded GPU dispatch; desmoe_jax/moe/block.py says why)
+  c.model.moe_impl = "auto"
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
