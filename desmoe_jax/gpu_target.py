@@ -117,17 +117,6 @@ def topology_devices(target: str):
                                       topology=f"1x{hosts}x{per_host}").devices
 
 
-def cpu_twin(mesh, devices=None):
-  """A mesh of CPU devices shaped like `mesh` (memory kinds kept, see the module docstring)."""
-  cpus = devices if devices is not None else jax.devices("cpu")
-  if len(cpus) < mesh.devices.size:
-    raise ValueError(f"a {mesh.devices.size}-GPU mesh needs as many CPU devices to trace on; "
-                     f"this process has {len(cpus)}: set jax_num_cpu_devices first")
-  return jax.sharding.Mesh(
-      __import__("numpy").asarray(cpus[:mesh.devices.size]).reshape(mesh.devices.shape),
-      mesh.axis_names, axis_types=mesh.axis_types)
-
-
 def kernel_context():
   """tokamax on a compile-only GPU: its `cross_compile` option skips the device checks that
   otherwise send every ragged_dot to its XLA fallback (a compile-only device reports no compute
@@ -141,7 +130,8 @@ def kernel_context():
 def compile_for(jitted, args, gpu_devices):
   """`jitted` (traced and lowered for CUDA from CPU-device shardings in `args`) compiled by the
   GPU compiler for `gpu_devices` (the CPU mesh's devices in order map to these). Returns the
-  XLA executable: get_compiled_memory_stats(), hlo_modules(), cost_analysis()."""
+  XLA executable: get_compiled_memory_stats(), hlo_modules() (its cost_analysis() answers
+  UNIMPLEMENTED compile-only: scripts/hlo_check.module_cost counts from the HLO instead)."""
   from jax._src.interpreters import pxla  # pylint: disable=import-outside-toplevel
   from jax._src.lib import xla_client as xc  # pylint: disable=import-outside-toplevel
   with kernel_context():
@@ -152,7 +142,8 @@ def compile_for(jitted, args, gpu_devices):
   # compare the executable's shardings with the CPU mesh's, which name other devices).
   to_inputs, to_outputs = pxla.get_prop_to_input_output(
       a["in_shardings"], a["out_shardings"], len(a["ordered_effects"]))
-  return pxla._cached_compilation(  # pylint: disable=protected-access
-      comp.stablehlo(), comp._name, a["tuple_args"], to_inputs, to_outputs,  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  return pxla._cached_compilation(
+      comp.stablehlo(), comp._name, a["tuple_args"], to_inputs, to_outputs,
       tuple(a["host_callbacks"]), gpu_devices[0].client, xc.DeviceList(tuple(gpu_devices)),
-      comp._compiler_options_kvs, None)  # pylint: disable=protected-access
+      comp._compiler_options_kvs, None)

@@ -279,12 +279,14 @@ class ModuleCost:
   dot_flops: float = 0.0          # 2 x result elements x contracted size, every dot/convolution
   collective_bytes: float = 0.0   # result bytes of every collective
   unknown_loops: int = 0          # while loops without a known trip count (counted once)
+  unknown_loop_dot_flops: float = 0.0  # of dot_flops: one trip of those loops' bodies
   kernels: dict = dataclasses.field(default_factory=dict)  # kernel custom calls: executions
 
   def add(self, other: "ModuleCost", times: float = 1.0) -> None:
     self.dot_flops += times * other.dot_flops
     self.collective_bytes += times * other.collective_bytes
     self.unknown_loops += other.unknown_loops
+    self.unknown_loop_dot_flops += times * other.unknown_loop_dot_flops
     for k, n in other.kernels.items():
       self.kernels[k] = self.kernels.get(k, 0) + times * n
 
@@ -355,6 +357,8 @@ def module_cost(hlo_text: str) -> ModuleCost:
         total.unknown_loops += n is None
         if body:
           total.add(comp_cost(body.group(1)), n or 1)
+          if n is None:
+            total.unknown_loop_dot_flops += comp_cost(body.group(1)).dot_flops
         continue
       branches = []
       for key, names in _CALLEE.findall(ins.attrs):
@@ -543,9 +547,10 @@ def main(argv=None):
         + (f"; '{SHARD_MAP}' rows on {args.ep} devices, FLOPs of all of them" if any(
             i.endswith(SHARD_MAP) for i in impls) else ""))
   print(table(reports))
+  platform = "gpu" if gpu else "tpu"
   print(f"grouped GEMM within 1.2x of ideal: {auto_choice(reports)}; moe_impl='auto' runs "
-        f"{moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu')} on one device of this target "
-        f"(sharded, e.g. expert_parallel='shard_map': {moe_lib.resolve_impl('auto', 'gpu' if gpu else 'tpu', sharded=True)})")
+        f"{moe_lib.resolve_impl('auto', platform)} on one device of this target (sharded, "
+        f"e.g. expert_parallel='shard_map': {moe_lib.resolve_impl('auto', platform, True)})")
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump([dict(dataclasses.asdict(r), flops_over_ideal=r.flops_over_ideal,

@@ -301,6 +301,9 @@ class PhasePlan:
                             # from its message
   dot_flops: float = 0.0    # GPU targets: per device, counted from the compiled HLO's dots
   dense_expert_dots: int = 0  # GPU targets: matmuls over every expert x every token row
+  loop_dot_flops: float = 0.0  # of dot_flops: one trip of loops of data-dependent trip count
+                               # (the tiled dispatch's tile loops)
+  routed_flops: float = 0.0    # the routed experts' ideal matmul FLOPs per device and step
   collective_bytes: float = 0.0  # GPU targets: per device, result bytes of its collectives
 
   @property
@@ -365,6 +368,8 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
           text = executable.hlo_modules()[0].to_string()
           cost = hlo_check.module_cost(text)
           sizes_gpu = dict(dot_flops=cost.dot_flops, collective_bytes=cost.collective_bytes,
+                           loop_dot_flops=cost.unknown_loop_dot_flops,
+                           routed_flops=routed_step_flops(model_cfg, batch * seq / splits),
                            dense_expert_dots=dense_expert_dots(text, model_cfg, batch * seq //
                                                                (splits * step_cfg.microbatches)))
       sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
@@ -382,6 +387,16 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
         compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0,
         error=error))
   return out
+
+
+def routed_step_flops(model_cfg: ModelConfig, tokens: float) -> float:
+  """Ideal FLOPs of the routed experts' matmuls for `tokens` (a device's share of a step):
+  top_k x 3 matmuls of 2 d F per token and MoE layer, forward + backward (x3), + the forward
+  again under model.remat="full"."""
+  passes = 3 + (model_cfg.runtime.remat == "full")
+  layers = model_cfg.num_hidden_layers - model_cfg.first_k_dense_replace
+  return (tokens * model_cfg.num_experts_per_tok * 3 * 2 * model_cfg.hidden_size
+          * model_cfg.moe_intermediate_size * layers * passes)
 
 
 def dense_expert_dots(hlo_text: str, model_cfg: ModelConfig, tokens: int) -> int:
@@ -492,15 +507,23 @@ def markdown(plans, hbm_gib: float) -> str:
 def step_estimates(plans, target: str) -> str:
   """Step time per phase, an estimate: the compiled program's dot FLOPs per GPU (counted from
   its HLO, loops by their trip counts) against the datasheet bf16 peak, and its collectives'
-  bytes against NVLink (one direction), not overlapped; nothing else of the step is counted."""
+  bytes against NVLink (one direction), not overlapped; nothing else of the step is counted.
+  A loop of data-dependent trip count (the tiled dispatch's tiles) is counted once by the HLO:
+  its dots are replaced by the routed experts' ideal FLOPs (`routed_step_flops`)."""
   g = gpu_target.GPUS[gpu_target.parse_target(target)[0]]
-  lines = ["| method | phase | dot TFLOP per GPU | at peak s | at 50% of peak s | "
-           "collectives GB per GPU | at NVLink peak s |", "|" + "---|" * 7]
+  lines = ["| method | phase | HLO dot TFLOP per GPU | of which tile loops (once) | routed "
+           "experts, ideal | step TFLOP per GPU | at peak s | at 50% of peak s | collectives "
+           "GB per GPU | at NVLink peak s |", "|" + "---|" * 10]
   for p in plans:
-    peak_s = p.dot_flops / g.bf16_flops
+    loops = p.loop_dot_flops > 0
+    flops = p.dot_flops - p.loop_dot_flops + (p.routed_flops if loops else 0)
     comm_s = p.collective_bytes / g.nvlink_bytes_per_s
-    lines.append(f"| {p.method} | {p.phase} | {p.dot_flops / 1e12:.0f} | {peak_s:.2f} | "
-                 f"{2 * peak_s:.2f} | {p.collective_bytes / 1e9:.1f} | {comm_s:.2f} |")
+    lines.append(f"| {p.method} | {p.phase} | {p.dot_flops / 1e12:.0f} | "
+                 f"{p.loop_dot_flops / 1e12:.1f} | "
+                 f"{p.routed_flops / 1e12:.0f}{'' if loops else ' (in the HLO)'} | "
+                 f"{flops / 1e12:.0f} | {flops / g.bf16_flops:.2f} | "
+                 f"{2 * flops / g.bf16_flops:.2f} | {p.collective_bytes / 1e9:.1f} | "
+                 f"{comm_s:.2f} |")
   return "\n".join(lines)
 
 
@@ -512,10 +535,13 @@ def check(p: PhasePlan) -> str:
   if p.quick:
     return (f"--quick: device arguments {p.argument} B (shard sizes; {p.host} B on the host), "
             f"temp {p.temp} B from the memory-usage report at buffer assignment")
-  return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
-          f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
+  on_host = ""
+  if p.host and p.argument < exact:  # the host-offloaded optimizer state is not an argument
+    exact, on_host = exact - p.host, "device "
+  return (f"argument {p.argument} B = {on_host}shard sizes {exact} B + {p.argument - exact} "
+          f"(params {p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
           f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
-          f"host arguments {p.host} B"
+          f"host arguments {p.host} B" + (f" (= optimizer {p.opt_state} B)" if on_host else "")
           + (f"; dot FLOPs {p.dot_flops:.4g}, collective bytes {p.collective_bytes:.4g}, "
              f"dense all-expert dots {p.dense_expert_dots}" if p.dot_flops else ""))
 
