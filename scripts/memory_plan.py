@@ -172,7 +172,7 @@ def _topology(target: str):
 def target_devices(target: str, count: int):
   """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only).
   A GPU target's mesh is traced on CPU devices (gpu_target.py: memory kinds) and compiled for
-  `gpu_devices(target)`."""
+  `gpu_target.topology_devices(target)`."""
   if target == "cpu" or gpu_target.is_gpu_target(target):
     if jax.device_count() < count:
       raise ValueError(f"a {count}-device mesh on {jax.device_count()} CPU devices: run this "
