@@ -27,9 +27,10 @@ is (scripts/hlo_check.py, compile-only with the real compilers; docs/SCALING.md)
   GPU  XLA:GPU rewrites every ragged_dot into a dense dot over all experts (64x the routed
        FLOPs for V2-Lite, a [T*K, E, F] temporary per matmul); tokamax compiles to grouped-GEMM
        kernels (Pallas Triton compile-only, Mosaic GPU on a real sm90+) at the ideal FLOPs.
-       Where the dispatch is sharded (a multi-GPU mesh, or expert_parallel="shard_map" as every
-       GPU preset sets) "auto" runs "tiled" instead (AUTO_SHARDED): the compiler cannot
-       partition a Pallas kernel, and tokamax's Triton kernel fails shard_map's type check.
+       Where the dispatch is sharded (a multi-GPU mesh, or expert_parallel="shard_map" as the
+       :8xh100 preset sets; :h200 is one device) "auto" runs "tiled" instead (AUTO_SHARDED):
+       the compiler cannot partition a Pallas kernel, and tokamax's Triton kernel fails
+       shard_map's type check.
 bench/accel.py measures them on the accelerator (bench/RESULTS.md).
 
 `model.expert_parallel` picks how a mesh with an `expert` axis runs this dispatch: "compiler"
