@@ -271,7 +271,7 @@ def test_precision_must_match_the_weights_dtype():
 def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro,
                                                             levers):
   """optim.host_offload: the state is laid out in pinned_host memory and streamed through the
-  device a layer at a time (train_step._update_streamed), and two steps give the on-device
+  device a layer at a time (optim.update_streamed), and two steps give the on-device
   update's numbers: every optimizer option, frozen groups, the stochastic-rounding bits, and a
   non-finite batch skipped by every layer alike (the first step's, with skip_nonfinite_updates)."""
   from desmoe_jax import sharding
