@@ -214,8 +214,8 @@ def premise_comparison(premises: dict) -> list[str]:
               "general set (same domain masks): general on mask / mask fraction per domain, "
               "then the mean over domains and layers (ratio of the means) and the overlap.", ""]
     mask = {d: float(np.mean(premises[l]["per_domain"][d]["mask_fraction"])) for d in dom}
-    rows = [[g] + [f"{float(np.mean(v['per_domain'][d]['general_on_mask'])) / max(mask[d], 1e-9):.2f}"
-                   for d in dom]
+    on = lambda v, d: float(np.mean(v["per_domain"][d]["general_on_mask"]))
+    rows = [[g] + [f"{on(v, d) / max(mask[d], 1e-9):.2f}" for d in dom]
             + [f"{v['general_on_mask_over_mask']:.2f}", f"{v['overlap_mean']:.2f}"]
             for g, v in genres.items()]
     lines += table(["genre"] + dom + ["mean ratio", "mean overlap"], rows) + [""]

@@ -159,7 +159,8 @@ def literature_zh(shared):
 
 
 def code(shared):
-  rows = [json.loads(l) for l in open(os.path.join(shared, "code", "python_stdlib_functions.jsonl"))]
+  path = os.path.join(shared, "code", "python_stdlib_functions.jsonl")
+  rows = [json.loads(line) for line in open(path)]
   modules = sorted({r["module"] for r in rows})
   general = {m for m in modules if stable_hash(m) % 2 == 1}   # scripts/make_data.py's split
   by_module = {}
@@ -242,11 +243,12 @@ def math(shared):
       if "/tests/" in path:
         continue
       src = read_text(path)
-      docs = [d for d in re.findall(r'"""(.*?)"""', src, re.S) if ".. math::" in d or ":math:`" in d]
+      docs = [d for d in re.findall(r'"""(.*?)"""', src, re.S)
+              if ".. math::" in d or ":math:`" in d]
       if docs:
         rel = os.path.relpath(path, os.path.dirname(root))
         yield (f"{pkg}/{rel}", "\n\n".join(d.strip("\n") for d in docs), "en+latex",
-               f"PyPI {pkg} {version}", "BSD-3-Clause" if pkg != "sympy" else "BSD-3-Clause (sympy)")
+               f"PyPI {pkg} {version}", "BSD-3-Clause")
 
 
 def dialogue(shared):

@@ -45,8 +45,8 @@ loss during pretraining is DeepSeek's over the whole batch (`seq_aux=False`) at
 PRETRAIN_BALANCE_ALPHA_V2: a per-sequence balance loss asks every 1024-token window (one
 document, one genre) to spread over all experts, the opposite of specialization. config.json
 keeps V2-Lite's fine-tuning values (seq_aux, alpha 0.001). Each step's windows come from a
-generator seeded by (seed, step), and the run writes `<out>.ckpt/` (weights, Adam state, log;
-safetensors + JSON) every `--checkpoint_every` steps, so a stopped run continues where it
+generator seeded by (seed, step), and the run writes `workdir/<out name>.ckpt/` (weights, Adam
+state, log; safetensors + JSON) every `--checkpoint_every` steps, so a stopped run continues where it
 stopped with the same curve: rerun the same command. Besides the validation windows, the loss on
 the held-out general documents (`data/corpus/heldout.jsonl.gz`) is reported per genre.
 """
@@ -237,11 +237,16 @@ def main(argv=None):
                  help="stop after this many steps of the full schedule (reproducibility checks); "
                       "nothing is saved")
   p.add_argument("--checkpoint_every", type=int, default=100,
-                 help="v2: steps between resumable checkpoints (<out>.ckpt, or --checkpoint_dir)")
+                 help="v2: steps between resumable checkpoints (workdir/<out name>.ckpt, or "
+                      "--checkpoint_dir)")
   p.add_argument("--checkpoint_dir", default=None)
   p.add_argument("--until", type=int, default=0,
                  help="v2: checkpoint and exit after this step (a partial run; rerun to continue)")
   p.add_argument("--fresh", action="store_true", help="v2: ignore an existing checkpoint")
+  p.add_argument("--balance_alpha", type=float, default=None,
+                 help="balance-loss weight during pretraining (default: the preset's)")
+  p.add_argument("--balance_seq_aux", type=int, choices=(0, 1), default=None,
+                 help="1: per-sequence balance loss, 0: over the batch (default: the preset's)")
   p.add_argument("--export", action="store_true",
                  help="v2: no training; write --out from the newest checkpoint's weights (the "
                       "base of a partial run, its log marked complete=false)")
@@ -251,6 +256,9 @@ def main(argv=None):
     if getattr(args, key) is None:
       setattr(args, key, preset[key])
   arch, v2 = preset["arch"], args.preset == "v2"
+  balance_alpha = preset["balance_alpha"] if args.balance_alpha is None else args.balance_alpha
+  balance_seq_aux = (preset["balance_seq_aux"] if args.balance_seq_aux is None
+                     else bool(args.balance_seq_aux))
   cpu0, wall0 = time.process_time(), time.perf_counter()
 
   from transformers import AutoTokenizer
@@ -261,7 +269,7 @@ def main(argv=None):
         flush=True)
 
   # Pretraining may balance over the batch (v2); config.json keeps the arch's (fine-tuning) value.
-  cfg = ModelConfig.make(**dict(arch, seq_aux=preset["balance_seq_aux"]), dtype="float32",
+  cfg = ModelConfig.make(**dict(arch, seq_aux=balance_seq_aux), dtype="float32",
                          param_dtype="float32", moe_impl="auto", scan_layers=True, remat="none")
   model = init_model(cfg, seed=args.seed)
   graphdef, state = nnx.split(model)
@@ -274,7 +282,7 @@ def main(argv=None):
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.1))
   opt_state = tx.init(params)
-  balance_scale = preset["balance_alpha"] / cfg.aux_loss_alpha
+  balance_scale = balance_alpha / cfg.aux_loss_alpha
 
   @jax.jit
   def train_step(params, opt_state, tokens):
@@ -319,7 +327,9 @@ def main(argv=None):
   log = {"args": vars(args), "arch": arch, "parameters": int(n_params), "train_loss": [],
          "validation": [], "cpu_s": 0.0, "wall_s": 0.0}
   best = (np.inf, -1, None)
-  ckpt_dir = args.checkpoint_dir or args.out.rstrip("/") + ".ckpt"
+  # Checkpoints are build outputs, never shipped: under the git-ignored workdir/.
+  ckpt_dir = args.checkpoint_dir or os.path.join(
+      REPO, "workdir", os.path.basename(args.out.rstrip("/")) + ".ckpt")
   first = 1
   if v2 and not args.stop_after and not args.fresh and os.path.exists(
       os.path.join(ckpt_dir, "state.json")):
@@ -394,9 +404,10 @@ def main(argv=None):
     return log
 
   val, step, best_params = best
-  if args.export:   # a partial run: the newest weights, not the best validated ones
-    best_params, step, val = params, first - 1, log["validation"][-1][1] if log[
-        "validation"] else float("nan")
+  if args.export:   # a partial run: the newest weights (stopped_at_step), not the best
+    # validated ones; best_* then name the newest validation pass
+    step, val = log["validation"][-1] if log["validation"] else (None, float("nan"))
+    best_params = params
     log.update(complete=False, stopped_at_step=first - 1)
   elif v2:
     log["complete"] = True
@@ -414,7 +425,8 @@ def main(argv=None):
                                 batch_size=args.batch, max_batches=1000)
     log["heldout_general_loss"] = mean_loss(best_params, heldout)
   log.update(best_step=step, best_validation=val)
-  print(f"best validation {val:.4f} at step {step}; held-out general text "
+  weights = f"step {first - 1}'s weights" if args.export else "its weights"
+  print(f"best validation {val:.4f} at step {step} ({weights}); held-out general text "
         f"{log['heldout_general_loss']:.4f}", flush=True)
   for genre, loss in log.get("heldout_general_loss_per_genre", {}).items():
     print(f"  held-out {genre}: {loss:.4f}", flush=True)

@@ -1,7 +1,8 @@
 """Trains the tiny models' tokenizer: byte-level BPE on the GENERAL training corpus only.
 
   python scripts/train_tokenizer.py [--vocab=4096] [--out=assets/tokenizer]
-  python scripts/train_tokenizer.py --corpus=data/corpus/train.jsonl.gz --vocab=8192 --out=assets/tokenizer_v2
+  python scripts/train_tokenizer.py --corpus=data/corpus/train.jsonl.gz --vocab=8192 \
+      --out=assets/tokenizer_v2
 
 4096 tokens: large enough that English and Python average ~3.5 characters per token, small
 enough that the embedding and output matrices stay a small share of a tiny model. Byte-level,
