@@ -25,6 +25,13 @@ Stages (in order; --stages picks some):
                      datasheet peak
   moe_torch_compile  torch.compile of the grouped_mm layer, timed if it compiles within 60 s
                      (last: the least needed if the time runs out)
+Extra stage (only by name, --stages=train_py; its own command in bench/RESULTS.md):
+  train_py           train.py itself, the GPU path a user runs: a random checkpoint at V2-Lite
+                     widths with train_jax's 4 layers (written with save_pretrained, the bundled
+                     tokenizer), trained for a few steps with the :h200 preset's levers (bf16
+                     weights by stochastic rounding, moments in host memory, remat full,
+                     ce_chunk 1024, the paper's 32 x 4096 batch in 16 microbatches); emits
+                     train.py's own step records (tokens/s, loss) and its return code
 
 Layer results: median ms over the timed steps, tokens/s, TFLOP/s of the ideal layer FLOPs
 (scripts/hlo_check.layer_flops: 6 x tokens x (top_k x 3 x d x F + 3 x d x shared F + d x E)).
@@ -53,22 +60,27 @@ import numpy as np  # noqa: E402
 
 STAGES = ("preflight_jax", "preflight_torch", "ceiling_jax", "ceiling_torch", "moe_torch",
           "moe_jax", "train_jax", "moe_torch_compile")
+EXTRA_STAGES = ("train_py",)
 TIMEOUT_S = {"preflight_jax": 45, "preflight_torch": 45, "ceiling_jax": 45, "ceiling_torch": 45,
-             "moe_torch": 120, "moe_jax": 150, "train_jax": 150, "moe_torch_compile": 100}
+             "moe_torch": 120, "moe_jax": 150, "train_jax": 150, "moe_torch_compile": 100,
+             "train_py": 420}
 TORCH_COMPILE_BUDGET_S = 60
 
 FULL = dict(matmul=8192, copy_bytes=1 << 30, reps=10, warmup=2, torch_compile_backend="inductor",
             torch_needs_cuda=True,
             moe=dict(batch=2, seq=8192, hidden=2048, inter=1408, experts=64, top_k=6, shared=2),
             moe_dtype="bfloat16", check_tol=3e-2,
-            train=dict(layers=4, vocab=102400, batch=2, seq=4096, widths="v2_lite"))
+            train=dict(layers=4, vocab=102400, batch=2, seq=4096, widths="v2_lite"),
+            train_py=dict(preset="h200", steps=4, overrides=()))
 # --smoke: torch.compile with "aot_eager" (dynamo + autograd tracing, no code generation):
 # inductor's C++ build alone takes minutes on a CPU.
 SMOKE = dict(matmul=256, copy_bytes=1 << 22, reps=2, warmup=1, torch_compile_backend="aot_eager",
              torch_needs_cuda=False,
              moe=dict(batch=2, seq=64, hidden=64, inter=32, experts=8, top_k=2, shared=2),
              moe_dtype="float32", check_tol=1e-4,
-             train=dict(layers=4, vocab=256, batch=2, seq=32, widths="tiny"))
+             train=dict(layers=4, vocab=256, batch=2, seq=32, widths="tiny"),
+             # the tiny preset's data and sizes (the :h200 levers need 4096-token sequences)
+             train_py=dict(preset="tiny", steps=2, overrides=("--config.model.moe_impl=dense",)))
 
 # Dense bf16 peak FLOP/s from the vendors' datasheets, by JAX/torch device kind.
 DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12,
@@ -487,6 +499,45 @@ def stage_train_jax(out: Out, preset: dict, moe_impl: str, attention_impl: str):
       out.emit({"stage": "train_jax", "method": method, "error": f"{type(e).__name__}: {e}"[:500]})
 
 
+def stage_train_py(out: Out, preset: dict):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from desmoe_jax.convert import save_pretrained  # pylint: disable=import-outside-toplevel
+  from desmoe_jax.model import init_model  # pylint: disable=import-outside-toplevel
+
+  t, tp = preset["train"], preset["train_py"]
+  model_dir = os.path.join(out.dir, "train_py_model")
+  work = os.path.join(out.dir, "train_py_run")
+  # At least the bundled tokenizer's 4096 tokens (train.py checks), V2-Lite's 102400 in full.
+  cfg = train_model_config(dict(t, vocab=max(t["vocab"], 4096)), "auto", "einsum")
+  t0 = time.perf_counter()
+  with jax.default_device(jax.devices("cpu")[0]):  # written from host memory, not the GPU's
+    save_pretrained(init_model(cfg, seed=0), model_dir, dtype=jnp.bfloat16,
+                    tokenizer_dir=os.path.join(REPO, "assets", "tokenizer"))
+  out.emit({"stage": "train_py", "checkpoint": model_dir, "layers": cfg.num_hidden_layers,
+            "write_s": time.perf_counter() - t0})
+  cmd = [sys.executable, os.path.join(REPO, "train.py"),
+         f"--config={os.path.join(REPO, 'configs', 'six_domains.py')}:{tp['preset']}",
+         f"--config.model.path={model_dir}", f"--workdir={work}",
+         f"--config.train.steps={tp['steps']}", "--config.train.log_every=1",
+         "--config.train.eval_every=0", *tp["overrides"]]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  steps = []
+  metrics = os.path.join(work, "metrics.jsonl")
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      steps = [r for r in (json.loads(line) for line in f if line.strip())
+               if "tokens_per_s" in r]
+  out.emit({"stage": "train_py", "command": " ".join(cmd), "rc": proc.returncode,
+            "seconds": time.perf_counter() - t0, "steps": steps,
+            "loss": steps[-1].get("loss") if steps else None,
+            "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None,
+            **({"stderr_tail": proc.stderr[-1500:]} if proc.returncode else {})})
+  if proc.returncode:
+    raise SystemExit(proc.returncode)
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -502,7 +553,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out_dir", default=os.environ.get("OUT") or "accel_out")
   p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every stage")
-  p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
+  p.add_argument("--stages", default=",".join(STAGES),
+                 help=f"comma-separated, of {STAGES + EXTRA_STAGES} (default: all but "
+                      f"{EXTRA_STAGES})")
   p.add_argument("--budget_s", type=float, default=0.0,
                  help="wall-clock budget of the whole run (default 470 s; 900 s with --smoke, "
                       "whose stage timeouts are tripled for slow CI machines); a stage's timeout "
@@ -519,8 +572,8 @@ def main(argv=None):
   budget = args.budget_s or (900.0 if args.smoke else 470.0)
   stages = [s for s in args.stages.split(",") if s]
   for s in stages:
-    if s not in STAGES:
-      p.error(f"--stages: {s!r} not in {STAGES}")
+    if s not in STAGES + EXTRA_STAGES:
+      p.error(f"--stages: {s!r} not in {STAGES + EXTRA_STAGES}")
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false",
              HF_HUB_OFFLINE="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   if args.smoke:

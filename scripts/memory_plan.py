@@ -21,6 +21,18 @@ laptop.
 --target=<TPU topology> (v5e:2x4 = v5e-8, v4:2x2x4 = v4-32, v5e:4x8 = v5e-32) compiles with the
 real TPU compiler on this CPU machine (compile-only; needs `pip install libtpu`, the version
 `jax[tpu]` pins); a step that does not fit then fails to compile, and is reported as such.
+--target=<GPU>:<count> (h100:8 = 8 x H100 SXM 80 GB, h200:1 = one H200 141 GB; h100:2x8 = 2 hosts
+x 8) compiles with XLA's real GPU compiler, compile-only (`pip install -e .[gpu_plan]`, run with
+JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_deviceless_cub_mode=DEVICELESS_CUB_DISABLED; the GPU target
+specs are desmoe_jax/gpu_specs/, desmoe_jax/gpu_target.py says how host memory is planned). The
+GPU compiler does not refuse an oversized program: `fits` compares the peak with what JAX lets a
+program use, the HBM times XLA_PYTHON_CLIENT_MEM_FRACTION (--mem_fraction; JAX's default 0.75).
+Each GPU row also gives the compiled program's dot FLOPs (counted from its HLO, loops by their
+trip counts) and a step-time estimate against the datasheet peaks (scripts/hlo_check.py).
+
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_deviceless_cub_mode=DEVICELESS_CUB_DISABLED \
+  python scripts/memory_plan.py --config=configs/six_domains.py:8xh100 --arch=v2_lite \
+      --methods=desmoe,fft,esft_token --target=h100:8 --seq=4096
 
 Per row, bytes per device. Exact, from the shardings (sum of shard sizes):
   params    the model's parameters; opt: the optimizer state (groups never trained hold none)
@@ -53,7 +65,9 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 
+import hlo_check  # noqa: E402  (scripts/hlo_check.py: reading compiled HLO)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -61,10 +75,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from desmoe_jax import build  # noqa: E402
 from desmoe_jax import data as data_lib  # noqa: E402
+from desmoe_jax import gpu_target  # noqa: E402
 from desmoe_jax import sharding as sharding_lib  # noqa: E402
 from desmoe_jax import train_step as ts  # noqa: E402
 from desmoe_jax.config import ModelConfig  # noqa: E402
 from desmoe_jax.methods import prepare_model  # noqa: E402
+from desmoe_jax.moe.block import resolve_impl  # noqa: E402
 from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
@@ -92,8 +108,9 @@ _MESHES = flags.DEFINE_string(
 _BATCH = flags.DEFINE_list("batch", [], "global batch sizes in sequences (default "
                            "config.data.batch_size)")
 _SEQ = flags.DEFINE_integer("seq", 0, "sequence length (default config.data.seq_len)")
-_TARGET = flags.DEFINE_string("target", "cpu", "cpu (simulated devices) or a TPU topology, "
-                              "e.g. v5e:2x4, v4:2x2x4 (needs libtpu)")
+_TARGET = flags.DEFINE_string("target", "cpu", "cpu (simulated devices), a TPU topology, "
+                              "e.g. v5e:2x4, v4:2x2x4 (needs libtpu), or GPUs, e.g. h100:8, "
+                              "h200:1 (needs .[gpu_plan])")
 _PHASES = flags.DEFINE_list(
     "phases", [], "phases to compile, by name (warmup, stabilization, consolidation; FFT/ESFT's "
     "single phase is 'all'); default every phase. A TPU compile of V2-Lite takes minutes: "
@@ -109,7 +126,11 @@ _QUICK = flags.DEFINE_bool(
     "memory_analysis by up to 0.9 GiB on V2-Lite and 1.8 GiB (under) on Qwen3-30B-A3B: a "
     "row near the HBM needs the full compile (docs/SCALING.md, Compile time)")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "memory per device in GiB for the 'fits' column "
-                          "(default: the TPU chip's, 16 for cpu)")
+                          "(default: the TPU chip's; a GPU's usable memory, see --mem_fraction; "
+                          "16 for cpu)")
+_MEM_FRACTION = flags.DEFINE_float(
+    "mem_fraction", 0.0, "GPU targets: the fraction of HBM JAX lets the program use "
+    "(XLA_PYTHON_CLIENT_MEM_FRACTION of the run; default: that variable here, else JAX's 0.75)")
 
 
 # ------------------------------------------------------------------ inputs
@@ -133,7 +154,8 @@ def config_mesh(config, target: str) -> dict[str, int]:
   if list(shape.values()).count(-1) > 1:
     raise ValueError(f"config.mesh {shape}: at most one axis may be -1")
   if -1 in shape.values():
-    total = CPU_DEVICES if target == "cpu" else len(_topology(target))
+    total = (CPU_DEVICES if target == "cpu" else gpu_target.device_count(target)
+             if gpu_target.is_gpu_target(target) else len(_topology(target)))
     known = math.prod(v for v in shape.values() if v != -1)
     shape = {a: (total // known if v == -1 else v) for a, v in shape.items()}
   return {a: v for a, v in shape.items() if v != 1} or {"fsdp": 1}
@@ -148,12 +170,17 @@ def _topology(target: str):
 
 
 def target_devices(target: str, count: int):
-  """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only)."""
-  if target == "cpu":
+  """`count` devices of the target: simulated CPU devices, or a TPU topology's (compile-only).
+  A GPU target's mesh is traced on CPU devices (gpu_target.py: memory kinds) and compiled for
+  `gpu_target.topology_devices(target)`."""
+  if target == "cpu" or gpu_target.is_gpu_target(target):
     if jax.device_count() < count:
       raise ValueError(f"a {count}-device mesh on {jax.device_count()} CPU devices: run this "
                        "script directly (it sets the device count) or set "
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+    if gpu_target.is_gpu_target(target) and gpu_target.device_count(target) != count:
+      raise ValueError(f"--target={target} has {gpu_target.device_count(target)} GPUs; every "
+                       f"mesh must use all of them, this one uses {count}")
     return jax.devices()[:count]
   devices = _topology(target)
   if len(devices) != count:
@@ -167,8 +194,11 @@ def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -
   trainer config's runtime fields (config.model.* other than path); `layers` > 0 replaces
   num_hidden_layers."""
   runtime = build.runtime_fields(config)
-  if target != "cpu" and runtime.get("moe_impl") == "auto":
-    runtime["moe_impl"] = "ragged"  # what "auto" picks on an accelerator (the host here is cpu)
+  if target != "cpu" and runtime.get("moe_impl") == "auto":  # what "auto" picks on the target
+    gpu = gpu_target.is_gpu_target(target)                    # (the host here is cpu)
+    runtime["moe_impl"] = resolve_impl("auto", "gpu" if gpu else "tpu", sharded=(
+        runtime.get("expert_parallel") == "shard_map"
+        or (gpu and gpu_target.device_count(target) > 1)))
   if not arch:
     if not config.model.path:
       raise ValueError("--arch='' needs --config.model.path (an HF directory with config.json)")
@@ -269,6 +299,12 @@ class PhasePlan:
                             # device arguments are the exact shard sizes, output = alias = 0
   error: str = ""           # the TPU compiler refused (does not fit): argument = exact, temp
                             # from its message
+  dot_flops: float = 0.0    # GPU targets: per device, counted from the compiled HLO's dots
+  dense_expert_dots: int = 0  # GPU targets: matmuls over every expert x every token row
+  loop_dot_flops: float = 0.0  # of dot_flops: one trip of loops of data-dependent trip count
+                               # (the tiled dispatch's tile loops)
+  routed_flops: float = 0.0    # the routed experts' ideal matmul FLOPs per device and step
+  collective_bytes: float = 0.0  # GPU targets: per device, result bytes of its collectives
 
   @property
   def peak(self) -> int:
@@ -280,10 +316,11 @@ def phase_name(phase: int) -> str:
 
 
 def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None,
-         quick=None):
+         quick=None, gpu_devices=None):
   """Compiles `config.method`'s train step on `mesh` for each phase (or those in `phases`, by
   index or name); returns a PhasePlan per phase. `quick(phase_name)` -> temp bytes replaces
-  the compile by one stopped at buffer assignment (`--quick`)."""
+  the compile by one stopped at buffer assignment (`--quick`). `gpu_devices`: compile with the
+  GPU compiler for these (compile-only) devices, `mesh` being their CPU twin (gpu_target.py)."""
   ts_ = abstract_train_state(config, model_cfg, mesh)
   batch_sh = sharding_lib.batch_sharding(mesh, 2)
   splits = math.prod(mesh.shape[a] for a in _axes(batch_sh.spec[0]))
@@ -309,7 +346,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
     t0, c0 = time.perf_counter(), time.process_time()
     step = ts.jit_train_step(ts_.graphdef, ts_.method_cfg, ts_.optim_cfg, phase,
                              ts_.state_shardings, ts_.opt_shardings, batch_sh, step_cfg)
-    error, sizes = "", dict(argument=0, output=0, alias=0, temp=0)
+    error, sizes, sizes_gpu = "", dict(argument=0, output=0, alias=0, temp=0), {}
     device_args = exact_args - (exact["opt_state"] if ts_.optim_cfg.host_offload else 0)
     if quick is not None:
       temp, cpu = quick(phase_name(phase))
@@ -321,11 +358,23 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
           host=exact_args - device_args, quick=True))
       continue
     try:
+      args = (ts_.state, ts_.opt_state, abs_batch, abs_step)
       with jax.set_mesh(mesh):
-        mem = step.lower(ts_.state, ts_.opt_state, abs_batch, abs_step).compile().memory_analysis()
+        if gpu_devices is None:
+          mem = step.lower(*args).compile().memory_analysis()
+        else:  # the GPU compiler; the mesh is the CPU twin (gpu_target.py)
+          executable = gpu_target.compile_for(step, args, gpu_devices)
+          mem = executable.get_compiled_memory_stats()
+          text = executable.hlo_modules()[0].to_string()
+          cost = hlo_check.module_cost(text)
+          sizes_gpu = dict(dot_flops=cost.dot_flops, collective_bytes=cost.collective_bytes,
+                           loop_dot_flops=cost.unknown_loop_dot_flops,
+                           routed_flops=routed_step_flops(model_cfg, batch * seq / splits),
+                           dense_expert_dots=dense_expert_dots(text, model_cfg, batch * seq //
+                                                               (splits * step_cfg.microbatches)))
       sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
                    alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
-                   host=mem.host_argument_size_in_bytes)
+                   host=mem.host_argument_size_in_bytes, **sizes_gpu)
     except Exception as e:  # the TPU compiler refuses a program that does not fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -338,6 +387,27 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
         compile_s=time.perf_counter() - t0, compile_cpu_s=time.process_time() - c0,
         error=error))
   return out
+
+
+def routed_step_flops(model_cfg: ModelConfig, tokens: float) -> float:
+  """Ideal FLOPs of the routed experts' matmuls for `tokens` (a device's share of a step):
+  top_k x 3 matmuls of 2 d F per token and MoE layer, forward + backward (x3), + the forward
+  again under model.remat="full"."""
+  passes = 3 + (model_cfg.runtime.remat == "full")
+  layers = model_cfg.num_hidden_layers - model_cfg.first_k_dense_replace
+  return (tokens * model_cfg.num_experts_per_tok * 3 * 2 * model_cfg.hidden_size
+          * model_cfg.moe_intermediate_size * layers * passes)
+
+
+def dense_expert_dots(hlo_text: str, model_cfg: ModelConfig, tokens: int) -> int:
+  """Matmuls of the compiled step that run every (token, k) slot of a device's microbatch
+  against every routed expert (scripts/hlo_check.py's dense-fallback test with T*K rows): XLA's
+  expansion of ragged_dot. T*K rather than T keeps attention's [heads, tokens, head_dim] out
+  where the head count equals the expert count (the tiny model's 8 and 8)."""
+  return len(hlo_check.dense_fallback_shapes(
+      hlo_check.matmul_shapes(hlo_text), model_cfg.n_routed_experts,
+      tokens * model_cfg.num_experts_per_tok,
+      (model_cfg.hidden_size, model_cfg.moe_intermediate_size)))
 
 
 def quick_runner(argv, method: str, batch: int, mesh_text: str):
@@ -434,6 +504,29 @@ def markdown(plans, hbm_gib: float) -> str:
   return "\n".join(lines)
 
 
+def step_estimates(plans, target: str) -> str:
+  """Step time per phase, an estimate: the compiled program's dot FLOPs per GPU (counted from
+  its HLO, loops by their trip counts) against the datasheet bf16 peak, and its collectives'
+  bytes against NVLink (one direction), not overlapped; nothing else of the step is counted.
+  A loop of data-dependent trip count (the tiled dispatch's tiles) is counted once by the HLO:
+  its dots are replaced by the routed experts' ideal FLOPs (`routed_step_flops`)."""
+  g = gpu_target.GPUS[gpu_target.parse_target(target)[0]]
+  lines = ["| method | phase | HLO dot TFLOP per GPU | of which tile loops (once) | routed "
+           "experts, ideal | step TFLOP per GPU | at peak s | at 50% of peak s | collectives "
+           "GB per GPU | at NVLink peak s |", "|" + "---|" * 10]
+  for p in plans:
+    loops = p.loop_dot_flops > 0
+    flops = p.dot_flops - p.loop_dot_flops + (p.routed_flops if loops else 0)
+    comm_s = p.collective_bytes / g.nvlink_bytes_per_s
+    lines.append(f"| {p.method} | {p.phase} | {p.dot_flops / 1e12:.0f} | "
+                 f"{p.loop_dot_flops / 1e12:.1f} | "
+                 f"{p.routed_flops / 1e12:.0f}{'' if loops else ' (in the HLO)'} | "
+                 f"{flops / 1e12:.0f} | {flops / g.bf16_flops:.2f} | "
+                 f"{2 * flops / g.bf16_flops:.2f} | {p.collective_bytes / 1e9:.1f} | "
+                 f"{comm_s:.2f} |")
+  return "\n".join(lines)
+
+
 def check(p: PhasePlan) -> str:
   """XLA's sizes against the exact shard sizes."""
   exact = p.params + p.model_state + p.opt_state + p.batch_bytes
@@ -442,10 +535,15 @@ def check(p: PhasePlan) -> str:
   if p.quick:
     return (f"--quick: device arguments {p.argument} B (shard sizes; {p.host} B on the host), "
             f"temp {p.temp} B from the memory-usage report at buffer assignment")
-  return (f"argument {p.argument} B = shard sizes {exact} B + {p.argument - exact} (params "
-          f"{p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
+  on_host = ""
+  if p.host and p.argument < exact:  # the host-offloaded optimizer state is not an argument
+    exact, on_host = exact - p.host, "device "
+  return (f"argument {p.argument} B = {on_host}shard sizes {exact} B + {p.argument - exact} "
+          f"(params {p.params}, model state {p.model_state}, optimizer {p.opt_state}, batch+step "
           f"{p.batch_bytes}); output {p.output} B, alias {p.alias} B, temp {p.temp} B, "
-          f"host arguments {p.host} B")
+          f"host arguments {p.host} B" + (f" (= optimizer {p.opt_state} B)" if on_host else "")
+          + (f"; dot FLOPs {p.dot_flops:.4g}, collective bytes {p.collective_bytes:.4g}, "
+             f"dense all-expert dots {p.dense_expert_dots}" if p.dot_flops else ""))
 
 
 def main(argv):
@@ -457,7 +555,10 @@ def main(argv):
   batches = [int(b) for b in _BATCH.value] or [config.data.batch_size]
   seq = _SEQ.value or config.data.seq_len
   target = _TARGET.value
-  hbm = _HBM.value or HBM_GIB.get(target.split(":")[0], 16.0)
+  gpu = gpu_target.is_gpu_target(target)
+  gpu_devices = gpu_target.topology_devices(target) if gpu else None
+  hbm = _HBM.value or (gpu_target.usable_bytes(target, _MEM_FRACTION.value or None) / GIB if gpu
+                       else HBM_GIB.get(target.split(":")[0], 16.0))
   phases = set(_PHASES.value)
   if phases - {*PHASE_NAMES, "all"}:
     raise app.UsageError(f"--phases: {sorted(phases - {*PHASE_NAMES, 'all'})} are not phases "
@@ -466,7 +567,10 @@ def main(argv):
   rt = model_cfg.runtime
   print(f"# {_ARCH.value or config.model.path} on {target}: dtype {rt.dtype}, params "
         f"{rt.param_dtype}, remat {rt.remat}, scan {rt.scan_layers}, "
-        f"moe_impl {rt.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB", flush=True)
+        f"moe_impl {rt.moe_impl}; GiB per device, fits: peak <= {hbm:g} GiB"
+        + (f" ({hbm * GIB / gpu_target.GPUS[target.split(':')[0]].hbm_bytes:g} of "
+           f"{gpu_target.GPUS[target.split(':')[0]].hbm_bytes / GIB:.2f} GiB HBM)" if gpu else ""),
+        flush=True)
   plans = []
   for shape in meshes:
     mesh = sharding_lib.make_mesh(shape, target_devices(target, math.prod(shape.values())))
@@ -480,7 +584,7 @@ def main(argv):
             raise app.UsageError("--quick needs a TPU --target (the TPU compiler's report)")
           quick = quick_runner(sys.argv, method, batch,
                                ",".join(f"{k}={v}" for k, v in shape.items()))
-        method_plans = plan(config, model_cfg, mesh, batch, seq, phases, quick)
+        method_plans = plan(config, model_cfg, mesh, batch, seq, phases, quick, gpu_devices)
         if not method_plans:
           print(f"# {method}: none of its phases is in --phases={','.join(sorted(phases))}",
                 flush=True)
@@ -490,6 +594,9 @@ def main(argv):
           print("   ", check(p), flush=True)
   print()
   print(markdown(plans, hbm))
+  if gpu:
+    print()
+    print(step_estimates(plans, target))
 
 
 def _setup_devices(argv):
@@ -497,7 +604,10 @@ def _setup_devices(argv):
   value = lambda name, default: next(
       (a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), default)
   jax.config.update("jax_platforms", "cpu")
-  if value("target", _TARGET.default) == "cpu":
+  target = value("target", _TARGET.default)
+  if gpu_target.is_gpu_target(target):  # the CPU twin of the GPU mesh (gpu_target.py)
+    jax.config.update("jax_num_cpu_devices", gpu_target.device_count(target))
+  elif target == "cpu":
     meshes = value("meshes", _MESHES.default) or f"fsdp={CPU_DEVICES}"
     n = max(math.prod(parse_mesh(m).values()) for m in meshes.split(";") if m.strip())
     jax.config.update("jax_num_cpu_devices", n)

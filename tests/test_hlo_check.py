@@ -56,3 +56,54 @@ def test_tpu_v5e_compile_of_a_v2_lite_layer():
   assert tok.dense_fallback == [] and tok.mosaic_calls >= 6, tok
   assert 0.75 < tok.flops_over_ideal < 1.25, tok
   assert dense.dense_fallback and dense.mosaic_calls == 0, dense
+
+
+# A GPU-style module (operands printed by name only): a while loop of known trip count 26 over a
+# body with one dot and an all-gather, a loop of unknown trip count, and a Triton grouped-matmul
+# kernel (lhs [M, K] x rhs [G, K, N] -> [M, N]).
+GPU_HLO = """
+HloModule m
+
+%fused_dot (p0: bf16[128,64], p1: bf16[64,32]) -> bf16[128,32] {
+  %p0 = bf16[128,64]{1,0} parameter(0)
+  %p1 = bf16[64,32]{1,0} parameter(1)
+  ROOT %d = bf16[128,32]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (t: (s32[], bf16[128,64])) -> (s32[], bf16[128,64]) {
+  %t = (s32[], bf16[128,64]{1,0}) parameter(0)
+  %x = bf16[128,64]{1,0} get-tuple-element(%t), index=1
+  %w = bf16[64,32]{1,0} constant({...})
+  %f = bf16[128,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %g = bf16[1024,32]{1,0} all-gather(%f), dimensions={0}
+  ROOT %r = (s32[], bf16[128,64]{1,0}) tuple(%i, %x)
+}
+
+%cond (t: (s32[], bf16[128,64])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[128,64], xs: bf16[600,256], ws: bf16[8,256,512]) -> bf16[600,512] {
+  %a = bf16[128,64]{1,0} parameter(0)
+  %w0 = (s32[], bf16[128,64]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"26"}}
+  %w1 = (s32[], bf16[128,64]{1,0}) while(%t1), condition=%cond, body=%body
+  %xs = bf16[600,256]{1,0} parameter(1)
+  %ws = bf16[8,256,512]{2,1,0} parameter(2)
+  ROOT %k = bf16[600,512]{1,0} custom-call(%xs, %ws, %sz), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[600,256]{1,0}, bf16[8,256,512]{2,1,0}, s32[8]{0}}
+}
+"""
+
+
+def test_module_cost_counts_loops_by_trip_count_and_grouped_kernels():
+  cost = hlo_check.module_cost(GPU_HLO)
+  dot = 2 * 128 * 32 * 64
+  # 26 trips + 1 for the loop of unknown trip count (counted once, and reported).
+  assert cost.unknown_loops == 1
+  assert cost.dot_flops == 27 * dot + 2 * 600 * 256 * 512
+  assert cost.collective_bytes == 27 * 1024 * 32 * 2
+  assert cost.kernels == {"__gpu$xla.gpu.triton": 1}
+  # Operand shapes looked up by name (GPU text prints none inline).
+  assert hlo_check.matmul_shapes(GPU_HLO) == [((128, 32), (128, 64), (64, 32))]
+  assert hlo_check.kernel_kind([], {"__gpu$xla.gpu.triton": 9}, 0).startswith("Pallas Triton")
+  assert hlo_check.kernel_kind([], {}, 6).startswith("loop")
+  assert hlo_check.kernel_kind([(64, 49152, 1408)], {}, 0) == "dense dot over all experts"

@@ -90,12 +90,15 @@ MACHINES = {
     "v4_8": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 4, "train.microbatches": 8},
     # TPU v5p-8: 4 chips x 95 GiB: float32 weights (15.2 GiB per chip), float32 moments.
     "v5p8": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_HOST, "mesh.fsdp": 4, "train.microbatches": 2},
-    # 8 x H100 80 GB: float32 weights (7.6 GiB per GPU), float32 moments. Not planned here
-    # (no GPU compiler on the planning machine): set as the v5p-8 plan says.
+    # 8 x H100 80 GB: float32 weights (7.6 GiB per GPU), float32 moments. XLA's GPU compiler
+    # (compile-only): peaks 24-31 GiB of the 59 GiB JAX lets a program use (MoE dispatch "tiled").
     "8xh100": {**_LOCAL_DISPATCH, **_FP32_STATE_ON_HOST, "mesh.fsdp": 8,
                "train.microbatches": 2},
     # One H200 141 GB: bf16 weights (31 GB) and gradients on the GPU, the moments on the host.
-    "h200": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 1, "train.microbatches": 16},
+    # One device, so the dispatch is not sharded: "compiler" lets moe_impl="auto" run tokamax's
+    # grouped-GEMM kernel (peaks 89-93 of 106 GiB; shard_map's "tiled" loop: 43-66).
+    "h200": {**_LOCAL_DISPATCH, **_BF16_STATE_ON_HOST, "mesh.fsdp": 1, "train.microbatches": 16,
+             "model.expert_parallel": "compiler"},
 }
 
 
@@ -135,7 +138,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
   # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
   c.model.param_dtype = "float32" if tiny else "bfloat16"
-  c.model.moe_impl = "auto"         # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged else)
+  # auto | dense | ragged | tokamax | tiled (auto: tiled on CPU, ragged on TPU, tokamax on one
+  # GPU, tiled on a sharded GPU dispatch; desmoe_jax/moe/block.py says why)
+  c.model.moe_impl = "auto"
   # compiler | shard_map: with mesh.expert > 1, XLA partitions the routed-expert dispatch, or
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)

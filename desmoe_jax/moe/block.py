@@ -19,11 +19,19 @@ same numbers (tests hold them to 1e-5 in float32, outputs and gradients):
             JAX stops with "Mosaic kernels cannot be automatically partitioned".
   "tiled"   the expert-sorted, tile-padded loop of `gmm.py`: the fast choice on CPU, where
             ragged_dot lowers to a dense dot over all experts.
-"auto" picks "tiled" on CPU and "ragged" on TPU and GPU. Not "tokamax" (yet): its TPU kernels
-are verified compile-only (Mosaic kernels, compiler FLOPs at the ideal, no dense fallback) and
-in Pallas' interpreter on CPU (the numbers), but it fails to compile under the default
-compiler-partitioned layout on a multi-device mesh (above), and nothing has run on a GPU here;
-bench/accel.py measures both on the accelerator (bench/RESULTS.md).
+"auto" picks "tiled" on CPU, "ragged" on TPU and "tokamax" on GPU, by what the compiled program
+is (scripts/hlo_check.py, compile-only with the real compilers; docs/SCALING.md):
+  TPU  XLA lowers ragged_dot to its own grouped-matmul kernels (compiler FLOPs at the ideal).
+       tokamax's Mosaic TPU kernels are as good compile-only but fail under the default
+       compiler-partitioned layout on a multi-device mesh (above).
+  GPU  XLA:GPU rewrites every ragged_dot into a dense dot over all experts (64x the routed
+       FLOPs for V2-Lite, a [T*K, E, F] temporary per matmul); tokamax compiles to grouped-GEMM
+       kernels (Pallas Triton compile-only, Mosaic GPU on a real sm90+) at the ideal FLOPs.
+       Where the dispatch is sharded (a multi-GPU mesh, or expert_parallel="shard_map" as the
+       :8xh100 preset sets; :h200 is one device) "auto" runs "tiled" instead (AUTO_SHARDED):
+       the compiler cannot partition a Pallas kernel, and tokamax's Triton kernel fails
+       shard_map's type check.
+bench/accel.py measures them on the accelerator (bench/RESULTS.md).
 
 `model.expert_parallel` picks how a mesh with an `expert` axis runs this dispatch: "compiler"
 partitions it with XLA's SPMD partitioner; "shard_map" exchanges token rows between the devices
@@ -44,6 +52,7 @@ The block knows two interfaces and nothing of DES-MoE:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +68,25 @@ ROUTED_EXPERTS, SHARED_EXPERTS = "routed_experts", "shared_experts"   # paramete
 
 IMPLS = ("dense", "ragged", "tokamax", "tiled")
 # What "auto" runs on each platform (see the module docstring for why).
-AUTO = {"cpu": "tiled", "tpu": "ragged", "gpu": "ragged"}
+AUTO = {"cpu": "tiled", "tpu": "ragged", "gpu": "tokamax"}
+# ... and where the dispatch is sharded: on a multi-device mesh a Pallas kernel cannot be
+# partitioned by the compiler (expert_parallel="compiler"), and inside expert_parallel=
+# "shard_map" tokamax 0.0.12's Pallas Triton ragged_dot gives its pallas_call an output type
+# without the mesh axes it varies over, which shard_map's type check refuses
+# (scripts/hlo_check.py --target=h100, row tokamax+shard_map). On GPU the tiled loop is then the
+# grouped computation that compiles (no dense fallback; ragged_dot would be one).
+AUTO_SHARDED = {**AUTO, "gpu": "tiled"}
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
+def resolve_impl(impl: str, platform: str | None = None, sharded: bool = False) -> str:
   """The implementation `impl` runs; "auto" by `platform` (default: JAX's default backend; pass
-  it when compiling for another target, e.g. "tpu" for a compile-only TPU lowering)."""
+  it when compiling for another target, e.g. "tpu" for a compile-only TPU lowering) and by
+  whether the dispatch is sharded (a mesh of more than one device, or expert_parallel=
+  "shard_map")."""
   if impl == "auto":
     platform = platform or jax.default_backend()
-    return AUTO.get("gpu" if platform in ("cuda", "rocm") else platform, "ragged")
+    table = AUTO_SHARDED if sharded else AUTO
+    return table.get("gpu" if platform in ("cuda", "rocm", "gpu") else platform, "ragged")
   if impl not in IMPLS:
     raise ValueError(f"moe_impl={impl!r}: expected 'auto' or one of {IMPLS}")
   return impl
@@ -242,9 +261,13 @@ class MoEBlock(nnx.Module):
     dispatch_tk = ids_tk
     if self.des is not None:
       gate, up, down, dispatch_tk = self.des.dispatch(gate, up, down, ids_tk, adapt)
-    local = functools.partial(expert_outputs, impl=cfg.runtime.moe_impl,
+    shard_map = cfg.runtime.expert_parallel == "shard_map"
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = shard_map or (not mesh.empty and math.prod(mesh.axis_sizes) > 1)
+    local = functools.partial(expert_outputs,
+                              impl=resolve_impl(cfg.runtime.moe_impl, sharded=sharded),
                               tile_size=cfg.runtime.moe_tile_size)
-    if cfg.runtime.expert_parallel == "shard_map":
+    if shard_map:
       y_tkd = expert_parallel.expert_outputs(local, x_td, dispatch_tk, gate, up, down,
                                              num_experts=cfg.n_routed_experts)
     else:
