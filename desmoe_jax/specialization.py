@@ -176,7 +176,16 @@ def top_share_experts(share_le, n: int):
   return out
 
 
-def routing_premise(general_le, domain_shares: dict, phi: float) -> dict:
+def top_fraction_share(share_le, fraction: float = 0.1):
+  """[L]: per layer, the share on the top `fraction` of the experts (at least one): how
+  concentrated a text's routing is (uniform routing gives `fraction`)."""
+  share_le = np.asarray(share_le, np.float64)
+  n = max(1, int(round(fraction * share_le.shape[-1])))
+  return (share_le * top_share_experts(share_le, n)).sum(-1)
+
+
+def routing_premise(general_le, domain_shares: dict, phi: float,
+                    domain_gates: dict | None = None, esft_top_p: dict | None = None) -> dict:
   """The premise of DGES (docs/RESULTS.md): does general text use other experts than the
   domains? Inputs are per-layer expert-slot shares [L, E] (each row sums to 1: the fraction of
   top-k slots landing on each expert, esft.domain_scores' "token") of general text and of each
@@ -186,8 +195,13 @@ def routing_premise(general_le, domain_shares: dict, phi: float) -> dict:
                      share >= phi * the row's max, as mask_from_correlation)
     general_on_mask  fraction of general text's top-k slots on those experts
     domain_on_mask   the same for the domain's own slots
+    concentration    share of the domain's own slots on its top 10% of experts
   and, for the union of all domains' masks, mask_fraction and general_on_mask. If the premise
-  held, general_on_mask would be well below mask_fraction (general text elsewhere)."""
+  held, general_on_mask would be well below mask_fraction (general text elsewhere).
+  `domain_gates` (optional, each domain's gate-weight shares [L, E]) adds ESFT's statistics:
+    gate_top_share   share of the domain's gate weight on its top 10% of experts
+    esft_experts     {"token", "gate"}: experts ESFT selects per layer (top-p of the token or
+                     gate shares at `esft_top_p`, esft.select; ESFT reports 2-15 of 64)"""
   general = np.asarray(general_le, np.float64)
   per_domain, union = {}, np.zeros(general.shape, bool)
   for name, share in domain_shares.items():
@@ -198,8 +212,19 @@ def routing_premise(general_le, domain_shares: dict, phi: float) -> dict:
     per_domain[name] = {"overlap": routing_overlap(general, share).tolist(),
                         "mask_fraction": mask.mean(-1).tolist(),
                         "general_on_mask": (general * mask).sum(-1).tolist(),
-                        "domain_on_mask": (share * mask).sum(-1).tolist()}
+                        "domain_on_mask": (share * mask).sum(-1).tolist(),
+                        "concentration": top_fraction_share(share).tolist()}
+    if domain_gates is not None:
+      from desmoe_jax import esft   # esft imports this module
+      gate = np.asarray(domain_gates[name], np.float64)
+      p = esft_top_p or {"token": 0.2, "gate": 0.1}
+      per_domain[name]["gate_top_share"] = top_fraction_share(gate).tolist()
+      per_domain[name]["esft_experts"] = {
+          k: np.asarray(esft.select(v, p[k])).sum(-1).tolist()
+          for k, v in (("token", share), ("gate", gate))}
   mean = lambda key: float(np.mean([v[key] for v in per_domain.values()]))
+  ratios = [g / m for v in per_domain.values()
+            for g, m in zip(v["general_on_mask"], v["mask_fraction"]) if m > 0]
   return {"per_domain": per_domain,
           "union": {"mask_fraction": union.mean(-1).tolist(),
                     "general_on_mask": (general * union).sum(-1).tolist()},
@@ -207,7 +232,17 @@ def routing_premise(general_le, domain_shares: dict, phi: float) -> dict:
                                 for n in (4, 8, 16)},
           "overlap_mean": mean("overlap"), "mask_fraction_mean": mean("mask_fraction"),
           "general_on_mask_mean": mean("general_on_mask"),
-          "domain_on_mask_mean": mean("domain_on_mask")}
+          "domain_on_mask_mean": mean("domain_on_mask"),
+          # The premise target's ratio (docs/RESULTS.md, "Testbeds"): of the means, and the mean
+          # over domains and layers of each ratio.
+          "general_on_mask_over_mask": mean("general_on_mask") / mean("mask_fraction"),
+          "general_on_mask_over_mask_each": float(np.mean(ratios)),
+          "concentration_mean": mean("concentration"),
+          **({"gate_top_share_mean": mean("gate_top_share"),
+              "esft_experts_mean": {k: float(np.mean([v["esft_experts"][k]
+                                                      for v in per_domain.values()]))
+                                    for k in ("token", "gate")}}
+             if domain_gates is not None else {})}
 
 
 def attach(model, num_domains: int):

@@ -158,9 +158,76 @@ def premise_section(p: dict) -> list[str]:
   lines += table(["domain", "overlap", "mask fraction of experts", "general on mask",
                   "domain on mask"], rows)
   top = p["general_top_share"]
+  e = p.get("experts", 32)
   lines += ["", "General text's own concentration: share of its slots on its top N experts "
-            "(uniform routing over 32 experts would give N / 32): "
+            f"(uniform routing over {e} experts would give N / {e}): "
             + "; ".join(f"top {n}: {per(v)}" for n, v in top.items()) + ".", ""]
+  return lines
+
+
+def premise_comparison(premises: dict) -> list[str]:
+  """The premise of several base models side by side ({label: routing_premise result}), each
+  measured with its own preset's general text (`data.general`): per domain the means over
+  layers, then the means over domains and layers, and the target of docs/RESULTS.md
+  ("Testbeds": general on mask / mask fraction <= 0.6, overlap <= 0.5)."""
+  labels = list(premises)
+  m = lambda v: float(np.mean(v))
+  cols = [("overlap", lambda d, p: m(d["overlap"])),
+          ("mask fraction", lambda d, p: m(d["mask_fraction"])),
+          ("general on mask", lambda d, p: m(d["general_on_mask"])),
+          ("general on mask / mask fraction",
+           lambda d, p: m(d["general_on_mask"]) / max(m(d["mask_fraction"]), 1e-9)),
+          ("concentration (slots on top 10% of experts)", lambda d, p: m(d["concentration"])),
+          ("ESFT: gate weight on top 10%", lambda d, p: m(d["gate_top_share"])),
+          ("ESFT-Token experts (p=0.2)", lambda d, p: m(d["esft_experts"]["token"])),
+          ("ESFT-Gate experts (p=0.1)", lambda d, p: m(d["esft_experts"]["gate"]))]
+  header = ["domain"] + [f"{name}: {' / '.join(labels)}" for name, _ in cols]
+  domains = list(next(iter(premises.values()))["per_domain"])
+  rows = [[name] + [" / ".join(f"{f(premises[l]['per_domain'][name], premises[l]):.2f}"
+                                for l in labels) for _, f in cols] for name in domains]
+  means = {"overlap": "overlap_mean", "mask fraction": "mask_fraction_mean",
+           "general on mask": "general_on_mask_mean",
+           "general on mask / mask fraction": "general_on_mask_over_mask",
+           "concentration (slots on top 10% of experts)": "concentration_mean",
+           "ESFT: gate weight on top 10%": "gate_top_share_mean"}
+  mean_row = ["mean over domains and layers"]
+  for name, _ in cols:
+    if name in means:
+      mean_row.append(" / ".join(f"{premises[l][means[name]]:.3f}" for l in labels))
+    else:
+      kind = "token" if "Token" in name else "gate"
+      mean_row.append(" / ".join(f"{premises[l]['esft_experts_mean'][kind]:.1f}"
+                                 for l in labels))
+  rows.append(mean_row)
+  lines = [f"Premise of each base ({' / '.join(labels)}), means over its MoE layers; each base "
+           "measured with its own preset's general held-out text ("
+           + "; ".join(f"{l}: {premises[l]['experts']} routed experts, "
+                       f"{premises[l]['tokens']['general']} general tokens" for l in labels)
+           + "). Uniform routing gives general on mask / mask fraction = 1 and concentration = "
+           "0.1.", ""]
+  lines += table(header, rows)
+  lines += [""]
+  for l in labels:
+    genres = premises[l].get("general_per_genre")
+    if not genres:
+      continue
+    dom = list(premises[l]["per_domain"])
+    lines += [f"{l}, general text by genre: each genre's held-out text in place of the whole "
+              "general set (same domain masks): general on mask / mask fraction per domain, "
+              "then the mean over domains and layers (ratio of the means) and the overlap.", ""]
+    mask = {d: float(np.mean(premises[l]["per_domain"][d]["mask_fraction"])) for d in dom}
+    on = lambda v, d: float(np.mean(v["per_domain"][d]["general_on_mask"]))
+    rows = [[g] + [f"{on(v, d) / max(mask[d], 1e-9):.2f}" for d in dom]
+            + [f"{v['general_on_mask_over_mask']:.2f}", f"{v['overlap_mean']:.2f}"]
+            for g, v in genres.items()]
+    lines += table(["genre"] + dom + ["mean ratio", "mean overlap"], rows) + [""]
+  for l in labels:
+    p = premises[l]
+    ok = p["general_on_mask_over_mask"] <= 0.6 and p["overlap_mean"] <= 0.5
+    lines.append(f"{l}: general on mask / mask fraction {p['general_on_mask_over_mask']:.2f} "
+                 f"(mean of the per-layer ratios {p['general_on_mask_over_mask_each']:.2f}), "
+                 f"overlap {p['overlap_mean']:.2f}; target <= 0.6 and <= 0.5: "
+                 f"{'met' if ok else 'not met'}.")
   return lines
 
 

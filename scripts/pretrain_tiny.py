@@ -2,6 +2,8 @@ r"""Pretrains the embedded tiny DeepSeek-V2 (`assets/tiny_deepseek_v2`) on the g
 
   python scripts/pretrain_tiny.py                        # 1200 steps; 105 min measured on a busy 2-core machine
   python scripts/pretrain_tiny.py --out=/tmp/tiny --steps=200
+  python scripts/pretrain_tiny.py --preset=v2            # the :tiny_v2 base (below); resumable:
+                                                         # rerun the same command to continue
 
 Why this model exists: the paper's claims (forgetting, per-domain quality, convergence) can only
 be checked on a model that HAS general abilities to forget. DeepSeek-V2-Lite and a GPU cluster
@@ -33,6 +35,20 @@ only reported, never used for a decision.
 
 Deterministic: the same seed and flags give the same loss curve; `pretrain_log.json` beside the
 weights records it, and tests/test_pretrain.py re-runs the first steps and compares.
+
+`--preset=v2` (`assets/tiny_deepseek_v2_moe64`, the `:tiny_v2` preset): the base whose experts
+can specialize, because its corpus has something to specialize on (docs/RESULTS.md,
+"Testbeds"). ARCH_V2: 64 routed experts top-6 (V2-Lite's counts) of width d/4, 2 shared, an
+8192-token tokenizer (`assets/tokenizer_v2`) trained on the multilingual, multi-genre corpus of
+scripts/make_corpus.py (`data/corpus/train.jsonl.gz`: 9 genres, ~100 languages). The balance
+loss during pretraining is DeepSeek's over the whole batch (`seq_aux=False`) at
+PRETRAIN_BALANCE_ALPHA_V2: a per-sequence balance loss asks every 1024-token window (one
+document, one genre) to spread over all experts, the opposite of specialization. config.json
+keeps V2-Lite's fine-tuning values (seq_aux, alpha 0.001). Each step's windows come from a
+generator seeded by (seed, step), and the run writes `workdir/<out name>.ckpt/` (weights, Adam
+state, log; safetensors + JSON) every `--checkpoint_every` steps, so a stopped run continues where it
+stopped with the same curve: rerun the same command. Besides the validation windows, the loss on
+the held-out general documents (`data/corpus/heldout.jsonl.gz`) is reported per genre.
 """
 
 from __future__ import annotations
@@ -59,6 +75,9 @@ from desmoe_jax.convert import copy_tokenizer, save_pretrained  # noqa: E402
 from desmoe_jax.data import text_loss_batches  # noqa: E402
 from desmoe_jax.model import init_model  # noqa: E402
 
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import make_corpus  # noqa: E402
+
 # HF config.json fields of the shipped model.
 ARCH = dict(
     vocab_size=4096, hidden_size=128, intermediate_size=512, moe_intermediate_size=64,
@@ -72,6 +91,22 @@ ARCH = dict(
     tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 PRETRAIN_BALANCE_ALPHA = 0.01
 VALIDATION_EVERY = 32   # one window in 32 of the corpus is validation
+# The :tiny_v2 base: V2-Lite's expert counts (64 routed, top-6, 2 shared) at d_model 128.
+ARCH_V2 = dict(ARCH, vocab_size=8192, moe_intermediate_size=32, n_routed_experts=64,
+               num_experts_per_tok=6)
+PRETRAIN_BALANCE_ALPHA_V2 = 0.003   # batch-level (seq_aux=False) during pretraining
+PRESETS = {
+    "v1": dict(arch=ARCH, balance_alpha=PRETRAIN_BALANCE_ALPHA, balance_seq_aux=True,
+               out=os.path.join(REPO, "assets", "tiny_deepseek_v2"),
+               corpus=os.path.join(REPO, "data", "general", "train.txt"),
+               heldout=os.path.join(REPO, "data", "general", "heldout.txt"),
+               tokenizer=os.path.join(REPO, "assets", "tokenizer"), steps=1500),
+    "v2": dict(arch=ARCH_V2, balance_alpha=PRETRAIN_BALANCE_ALPHA_V2, balance_seq_aux=False,
+               out=os.path.join(REPO, "assets", "tiny_deepseek_v2_moe64"),
+               corpus=os.path.join(REPO, "data", "corpus", "train.jsonl.gz"),
+               heldout=os.path.join(REPO, "data", "corpus", "heldout.jsonl.gz"),
+               tokenizer=os.path.join(REPO, "assets", "tokenizer_v2"), steps=600),
+}
 
 
 def corpus_windows(ids: np.ndarray, seq_len: int, bos: int):
@@ -92,14 +127,107 @@ def corpus_windows(ids: np.ndarray, seq_len: int, bos: int):
   return train_starts, val_rows
 
 
+def encode_corpus(path: str, tokenizer) -> np.ndarray:
+  """The corpus as one token stream: a text file as is, or make_corpus's documents (.jsonl.gz)
+  each followed by <eos>."""
+  if not path.endswith(".jsonl.gz"):
+    with open(path, encoding="utf-8") as f:
+      return np.asarray(tokenizer(f.read(), add_special_tokens=False)["input_ids"], np.int32)
+  docs = make_corpus.read_docs(path)
+  ids = tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]
+  eos = [tokenizer.eos_token_id]
+  return np.asarray([t for doc in ids for t in doc + eos], np.int32)
+
+
+def genre_rows(path: str, tokenizer, seq_len: int) -> dict:
+  """genre -> (rows [N, seq_len] int32, loss mask [N, seq_len]): each genre's held-out
+  documents as one stream (<eos> between documents) cut into <bos> + (seq_len - 1)-token rows;
+  the last row is padded and masked."""
+  by_genre = {}
+  for d in make_corpus.read_docs(path):
+    by_genre.setdefault(d["genre"], []).append(d["text"])
+  out, n = {}, seq_len - 1
+  for genre in sorted(by_genre):
+    ids = tokenizer(by_genre[genre], add_special_tokens=False)["input_ids"]
+    stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
+    count = -(-len(stream) // n)
+    rows = np.full((count, seq_len), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((count, seq_len), np.float32)
+    rows[:, 0] = tokenizer.bos_token_id
+    for r in range(count):
+      chunk = stream[r * n:(r + 1) * n]
+      rows[r, 1:1 + len(chunk)] = chunk
+      mask[r, 1:1 + len(chunk)] = 1
+    out[genre] = (rows, mask)
+  return out
+
+
+def _flat(prefix: str, tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {prefix + jax.tree_util.keystr(k): np.ascontiguousarray(jax.device_get(v))
+          for k, v in leaves}
+
+
+def _unflat(prefix: str, template, tensors: dict, path: str):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  out = []
+  for k, v in leaves:
+    key = prefix + jax.tree_util.keystr(k)
+    if key not in tensors:
+      raise ValueError(f"{path}: checkpoint lacks {key} (written by another architecture?)")
+    # (np.ascontiguousarray stores a scalar, e.g. Adam's count, as shape [1])
+    value = tensors[key].reshape(np.shape(v)) if tensors[key].size == np.size(v) else tensors[key]
+    if value.shape != np.shape(v) or value.dtype != np.asarray(v).dtype:
+      raise ValueError(f"{path}: {key} is {tensors[key].dtype}{list(tensors[key].shape)}, this "
+                       f"run expects {np.asarray(v).dtype}{list(np.shape(v))}")
+    out.append(jnp.asarray(value))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def save_checkpoint(ckpt_dir: str, state: dict, params, opt_state, best_params):
+  """<ckpt_dir>/state.safetensors (float32 weights, Adam state, best weights so far) and
+  state.json (step, best, log), replaced atomically: a run killed while saving keeps the last
+  complete checkpoint."""
+  from safetensors.numpy import save_file
+  tmp = ckpt_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  tensors = {**_flat("params", params), **_flat("opt", opt_state)}
+  if best_params is not None:
+    tensors.update(_flat("best", best_params))
+  save_file(tensors, os.path.join(tmp, "state.safetensors"))
+  with open(os.path.join(tmp, "state.json"), "w") as f:
+    json.dump(state, f)
+  old = ckpt_dir + ".old"
+  if os.path.isdir(ckpt_dir):
+    os.replace(ckpt_dir, old)
+  os.replace(tmp, ckpt_dir)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: str, params, opt_state):
+  """(state, params, opt_state, best_params) of <ckpt_dir>, shaped like the templates."""
+  from safetensors.numpy import load_file
+  path = os.path.join(ckpt_dir, "state.safetensors")
+  tensors = load_file(path)
+  with open(os.path.join(ckpt_dir, "state.json")) as f:
+    state = json.load(f)
+  best = (_unflat("best", params, tensors, path)
+          if any(k.startswith("best") for k in tensors) else None)
+  return (state, _unflat("params", params, tensors, path),
+          _unflat("opt", opt_state, tensors, path), best)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=os.path.join(REPO, "assets", "tiny_deepseek_v2"))
-  p.add_argument("--corpus", default=os.path.join(REPO, "data", "general", "train.txt"))
-  p.add_argument("--heldout", default=os.path.join(REPO, "data", "general", "heldout.txt"))
-  p.add_argument("--tokenizer", default=os.path.join(REPO, "assets", "tokenizer"))
+  p.add_argument("--preset", choices=sorted(PRESETS), default="v1",
+                 help="v1: the :tiny base (Shakespeare + CPython); v2: the :tiny_v2 base")
+  p.add_argument("--out", default=None, help="HF directory written (default: the preset's)")
+  p.add_argument("--corpus", default=None)
+  p.add_argument("--heldout", default=None)
+  p.add_argument("--tokenizer", default=None)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--steps", type=int, default=None, help="schedule length (default: preset's)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq_len", type=int, default=1024)
   p.add_argument("--lr", type=float, default=3e-3)
@@ -108,18 +236,41 @@ def main(argv=None):
   p.add_argument("--stop_after", type=int, default=0,
                  help="stop after this many steps of the full schedule (reproducibility checks); "
                       "nothing is saved")
+  p.add_argument("--checkpoint_every", type=int, default=100,
+                 help="v2: steps between resumable checkpoints (workdir/<out name>.ckpt, or "
+                      "--checkpoint_dir)")
+  p.add_argument("--checkpoint_dir", default=None)
+  p.add_argument("--until", type=int, default=0,
+                 help="v2: checkpoint and exit after this step (a partial run; rerun to continue)")
+  p.add_argument("--fresh", action="store_true", help="v2: ignore an existing checkpoint")
+  p.add_argument("--balance_alpha", type=float, default=None,
+                 help="balance-loss weight during pretraining (default: the preset's)")
+  p.add_argument("--balance_seq_aux", type=int, choices=(0, 1), default=None,
+                 help="1: per-sequence balance loss, 0: over the batch (default: the preset's)")
+  p.add_argument("--export", action="store_true",
+                 help="v2: no training; write --out from the newest checkpoint's weights (the "
+                      "base of a partial run, its log marked complete=false)")
   args = p.parse_args(argv)
+  preset = PRESETS[args.preset]
+  for key in ("out", "corpus", "heldout", "tokenizer", "steps"):
+    if getattr(args, key) is None:
+      setattr(args, key, preset[key])
+  arch, v2 = preset["arch"], args.preset == "v2"
+  balance_alpha = preset["balance_alpha"] if args.balance_alpha is None else args.balance_alpha
+  balance_seq_aux = (preset["balance_seq_aux"] if args.balance_seq_aux is None
+                     else bool(args.balance_seq_aux))
+  cpu0, wall0 = time.process_time(), time.perf_counter()
 
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-  with open(args.corpus, encoding="utf-8") as f:
-    ids = np.asarray(tokenizer(f.read(), add_special_tokens=False)["input_ids"], np.int32)
+  ids = encode_corpus(args.corpus, tokenizer)
   train_starts, val_rows = corpus_windows(ids, args.seq_len, tokenizer.bos_token_id)
   print(f"corpus {len(ids)} tokens; {len(val_rows)} validation windows of {args.seq_len}",
         flush=True)
 
-  cfg = ModelConfig.make(**ARCH, dtype="float32", param_dtype="float32", moe_impl="auto",
-                         scan_layers=True, remat="none")
+  # Pretraining may balance over the batch (v2); config.json keeps the arch's (fine-tuning) value.
+  cfg = ModelConfig.make(**dict(arch, seq_aux=balance_seq_aux), dtype="float32",
+                         param_dtype="float32", moe_impl="auto", scan_layers=True, remat="none")
   model = init_model(cfg, seed=args.seed)
   graphdef, state = nnx.split(model)
   params, rest = nnx.split_state(state, nnx.Param, ...)
@@ -131,7 +282,7 @@ def main(argv=None):
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.1))
   opt_state = tx.init(params)
-  balance_scale = PRETRAIN_BALANCE_ALPHA / cfg.aux_loss_alpha
+  balance_scale = balance_alpha / cfg.aux_loss_alpha
 
   @jax.jit
   def train_step(params, opt_state, tokens):
@@ -156,27 +307,79 @@ def main(argv=None):
       s, n = s + float(a), n + float(c)
     return s / n
 
-  def as_batches(rows):
+  def as_batches(rows, masks=None):
     out = []
     for i in range(0, len(rows), args.batch):
       chunk = rows[i:i + args.batch]
       tokens = np.zeros((args.batch, args.seq_len), np.int32)
       mask = np.zeros((args.batch, args.seq_len), np.float32)
       tokens[:len(chunk)] = chunk
-      mask[:len(chunk), 1:] = 1
+      if masks is None:
+        mask[:len(chunk), 1:] = 1
+      else:
+        mask[:len(chunk)] = masks[i:i + args.batch]
       out.append({"tokens": tokens, "loss_mask": mask})
     return out
 
   val_batches = as_batches(val_rows)
   rng = np.random.default_rng(args.seed)
   n = args.seq_len - 1
-  log = {"args": vars(args), "arch": ARCH, "parameters": int(n_params), "train_loss": [],
-         "validation": []}
+  log = {"args": vars(args), "arch": arch, "parameters": int(n_params), "train_loss": [],
+         "validation": [], "cpu_s": 0.0, "wall_s": 0.0}
   best = (np.inf, -1, None)
+  # Checkpoints are build outputs, never shipped: under the git-ignored workdir/.
+  ckpt_dir = args.checkpoint_dir or os.path.join(
+      REPO, "workdir", os.path.basename(args.out.rstrip("/")) + ".ckpt")
+  first = 1
+  if v2 and not args.stop_after and not args.fresh and os.path.exists(
+      os.path.join(ckpt_dir, "state.json")):
+    saved, params, opt_state, best_params = load_checkpoint(ckpt_dir, params, opt_state)
+    same = {k: v for k, v in saved["log"]["args"].items() if k not in
+            ("until", "fresh", "checkpoint_dir", "checkpoint_every", "eval_every", "out",
+                 "export")}
+    now = {k: v for k, v in vars(args).items() if k in same}
+    if same != now:
+      raise ValueError(f"{ckpt_dir} was written by another run ({same}); this one is {now}: "
+                       f"pass --fresh or another --checkpoint_dir")
+    log = saved["log"]
+    log["args"] = vars(args)
+    best = (saved["best_validation"], saved["best_step"], best_params)
+    first = saved["step"] + 1
+    print(f"resumed {ckpt_dir} at step {saved['step']}", flush=True)
+
+  def export(weights, out_dir):
+    """`weights` as an HF directory in bfloat16 (like DeepSeek's own checkpoints: 10 MB instead
+    of 20), with the arch's own config.json (v2 pretrains with a batch-level balance loss)."""
+    export_model = init_model(ModelConfig.make(**arch, dtype="float32", param_dtype="float32",
+                                               moe_impl="auto", scan_layers=True,
+                                               remat="none"), seed=args.seed)
+    nnx.update(export_model, weights)
+    if os.path.isdir(out_dir):
+      shutil.rmtree(out_dir)
+    save_pretrained(export_model, out_dir, dtype=jnp.bfloat16)
+    copy_tokenizer(args.tokenizer, out_dir)
+
+  def checkpoint(step):
+    log["cpu_s"] += time.process_time() - cpu_t[0]
+    log["wall_s"] += time.perf_counter() - wall_t[0]
+    cpu_t[0], wall_t[0] = time.process_time(), time.perf_counter()
+    save_checkpoint(ckpt_dir, {"step": step, "best_validation": best[0], "best_step": best[1],
+                               "log": log}, params, opt_state, best[2])
+    # The current weights as an HF directory: the premise can be measured on it mid-run
+    # (scripts/reproduce_paper.py --premise --config=tiny_v2 --model=<ckpt>/hf).
+    export(params, os.path.join(ckpt_dir, "hf"))
+
+  cpu_t, wall_t = [cpu0], [wall0]
   t0 = time.perf_counter()
   last = args.stop_after or args.steps
-  for step in range(1, last + 1):
-    starts = rng.choice(train_starts, size=args.batch)
+  if args.export:
+    if first == 1:
+      raise FileNotFoundError(f"--export: no checkpoint in {ckpt_dir}")
+    last = first - 1   # no training: the loop below does not run
+  for step in range(first, last + 1):
+    # v2: the windows of step s depend on (seed, s) alone, so a resumed run draws the same.
+    step_rng = np.random.default_rng([args.seed, step]) if v2 else rng
+    starts = step_rng.choice(train_starts, size=args.batch)
     tokens = np.stack([np.concatenate([[tokenizer.bos_token_id], ids[s:s + n]]) for s in starts])
     params, opt_state, nll = train_step(params, opt_state, tokens)
     log["train_loss"].append(float(nll))
@@ -187,29 +390,52 @@ def main(argv=None):
       if val < best[0]:
         best = (val, step, jax.device_get(params))
       print(f"step {step:5d}  train {float(nll):.4f}  validation {val:.4f}  "
-            f"{(time.perf_counter() - t0) / step:.2f} s/step", flush=True)
-  log["wall_s"] = time.perf_counter() - t0
+            f"{(time.perf_counter() - t0) / (step - first + 1):.2f} s/step", flush=True)
+    if v2 and not args.stop_after and (step % args.checkpoint_every == 0 or step == args.until):
+      checkpoint(step)
+      if step == args.until:
+        print(f"stopped at step {step}; rerun the same command (without --until) to continue",
+              flush=True)
+        return log
+  log["cpu_s"] += time.process_time() - cpu_t[0]
+  log["wall_s"] += time.perf_counter() - wall_t[0]
   if args.stop_after:
     print(json.dumps({"train_loss": log["train_loss"]}))
     return log
 
   val, step, best_params = best
-  heldout = text_loss_batches(args.heldout, tokenizer, seq_len=args.seq_len,
-                              batch_size=args.batch, max_batches=1000)
-  log.update(best_step=step, best_validation=val,
-             heldout_general_loss=mean_loss(best_params, heldout))
-  print(f"best validation {val:.4f} at step {step}; held-out general text "
+  if args.export:   # a partial run: the newest weights (stopped_at_step), not the best
+    # validated ones; best_* then name the newest validation pass
+    step, val = log["validation"][-1] if log["validation"] else (None, float("nan"))
+    best_params = params
+    log.update(complete=False, stopped_at_step=first - 1)
+  elif v2:
+    log["complete"] = True
+  if v2:
+    per_genre = {}
+    for genre, (rows, masks) in genre_rows(args.heldout, tokenizer, args.seq_len).items():
+      batches = as_batches(rows, masks)
+      per_genre[genre] = [mean_loss(best_params, batches), float(masks.sum())]
+    total = sum(t for _, t in per_genre.values())
+    log.update(heldout_general_loss=sum(l * t for l, t in per_genre.values()) / total,
+               heldout_general_loss_per_genre={g: l for g, (l, _) in per_genre.items()},
+               heldout_general_tokens_per_genre={g: t for g, (_, t) in per_genre.items()})
+  else:
+    heldout = text_loss_batches(args.heldout, tokenizer, seq_len=args.seq_len,
+                                batch_size=args.batch, max_batches=1000)
+    log["heldout_general_loss"] = mean_loss(best_params, heldout)
+  log.update(best_step=step, best_validation=val)
+  weights = f"step {first - 1}'s weights" if args.export else "its weights"
+  print(f"best validation {val:.4f} at step {step} ({weights}); held-out general text "
         f"{log['heldout_general_loss']:.4f}", flush=True)
+  for genre, loss in log.get("heldout_general_loss_per_genre", {}).items():
+    print(f"  held-out {genre}: {loss:.4f}", flush=True)
 
-  nnx.update(model, best_params)
-  # Written in bfloat16, like DeepSeek's own checkpoints: 8 MB instead of 17.
-  if os.path.isdir(args.out):
-    shutil.rmtree(args.out)
-  save_pretrained(model, args.out, dtype=jnp.bfloat16)
-  copy_tokenizer(args.tokenizer, args.out)
+  export(best_params, args.out)
   with open(os.path.join(args.out, "pretrain_log.json"), "w") as f:
     json.dump(log, f)
-  print(f"saved {args.out}", flush=True)
+  print(f"saved {args.out}; {log['cpu_s']:.0f} CPU-s, {log['wall_s']:.0f} s wall in all",
+        flush=True)
   return log
 
 

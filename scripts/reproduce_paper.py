@@ -6,6 +6,7 @@ number of domains grows, on the embedded tiny model pretrained by scripts/pretra
   python scripts/reproduce_paper.py --sweep       # the learning-rate sweep behind LR below
   python scripts/reproduce_paper.py --report      # only rebuild the report from results.jsonl
   python scripts/reproduce_paper.py --premise     # general vs domain routing on the base model
+  python scripts/reproduce_paper.py --premise --config=tiny_v2   # on the :tiny_v2 base, beside :tiny's
   python scripts/reproduce_paper.py --frontier    # matched-quality frontier + ablations, 3 seeds
   python scripts/reproduce_paper.py --frontier --quick   # seed 0 of FFT and DES-MoE (< 30 min)
 
@@ -157,9 +158,11 @@ def plan_ablations(s: dict, seeds, records: list[dict], base: dict) -> list[Run]
 
 
 def run_config(run: Run, s: dict, model_path: str | None):
-  """The trainer config of one run: the `:tiny` preset with the experiment's settings."""
+  """The trainer config of one run: the `:tiny` preset (or `s["preset"]`, e.g. tiny_v2) with
+  the experiment's settings."""
   from desmoe_jax.run_config import load_config
-  config = load_config(os.path.join(REPO, "configs", f"six_domains.py:tiny,{run.method}"))
+  config = load_config(os.path.join(REPO, "configs",
+                                    f"six_domains.py:{s.get('preset', 'tiny')},{run.method}"))
   if model_path:
     config.model.path = model_path
   config.seed = run.seed
@@ -323,14 +326,15 @@ def frontier(args, s: dict, tokenizer, base: dict):
       reproduce(args, s, _only(args, runs), tokenizer)
 
 
-def premise(args, s: dict, out_path: str) -> dict:
+def premise(args, s: dict, out_path: str, model_path: str | None = "") -> dict:
   """Routing of general text against each domain's on the base model (--premise): per MoE
-  layer, the overlap of their expert-slot shares and the share of general text's top-k slots
-  on the experts each domain's DGES mask would select (specialization.routing_premise)."""
+  layer, the overlap of their expert-slot shares, the share of general text's top-k slots
+  on the experts each domain's DGES mask would select, and how concentrated each domain's
+  routing is (ESFT's statistics among them; specialization.routing_premise)."""
   from transformers import AutoTokenizer
   from desmoe_jax import data as data_lib
   from desmoe_jax import esft, evaluate, specialization, trainer
-  config = base_config(s, args.model)
+  config = base_config(s, args.model if model_path == "" else model_path)
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   model = evaluate.load_model(config.model.path, config)
   e = model.config.n_routed_experts
@@ -339,22 +343,72 @@ def premise(args, s: dict, out_path: str) -> dict:
       config.data.general, tokenizer, seq_len=config.data.seq_len,
       batch_size=config.data.batch_size, max_batches=PREMISE_BATCHES)
   general = esft.domain_scores(model, general_batches, PREMISE_TOKENS, e)
-  shares, tokens = {}, {"general": general["tokens"]}
+  shares, gates, tokens = {}, {}, {"general": general["tokens"]}
   for d in config.data.domains:
     batches = data_lib.MixtureIterator([trainer.domain_spec(d, "train")], tokenizer,
                                        seq_len=config.data.seq_len,
                                        batch_size=config.data.batch_size, seed=0)
     scores = esft.domain_scores(model, batches, PREMISE_TOKENS, e)
-    shares[d.name], tokens[d.name] = scores["token"], scores["tokens"]
-  result = specialization.routing_premise(general["token"], shares, phi=config.dges.phi)
+    shares[d.name], gates[d.name], tokens[d.name] = (scores["token"], scores["gate"],
+                                                     scores["tokens"])
+  # ESFT's own thresholds (ESFT-Token p = 0.2, ESFT-Gate p = 0.1), as the paper selects.
+  esft_p = {"token": esft.DEFAULT_TOP_P["token"], "gate": esft.DEFAULT_TOP_P["gate"]}
+  result = specialization.routing_premise(general["token"], shares, phi=config.dges.phi,
+                                          domain_gates=gates, esft_top_p=esft_p)
+  # A general set of several genres (the :tiny_v2 preset's data/corpus/heldout.txt, beside its
+  # documents): the same statistics with each genre's held-out text as "general".
+  docs_path = os.path.join(os.path.dirname(config.data.general), "heldout.jsonl.gz")
+  if os.path.exists(docs_path):
+    import tempfile
+    import make_corpus  # scripts/ is on sys.path when this script runs
+    by_genre: dict = {}
+    for doc in make_corpus.read_docs(docs_path):
+      by_genre.setdefault(doc["genre"], []).append(doc["text"])
+    result_genres = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for genre, texts in sorted(by_genre.items()):
+        path = os.path.join(tmp, f"{genre}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+          f.write("\n\n".join(texts))
+        batches = data_lib.text_loss_batches(path, tokenizer, seq_len=config.data.seq_len,
+                                             batch_size=config.data.batch_size,
+                                             max_batches=PREMISE_BATCHES)
+        g = esft.domain_scores(model, batches, PREMISE_TOKENS, e)
+        r = specialization.routing_premise(g["token"], shares, phi=config.dges.phi)
+        result_genres[genre] = {"tokens": g["tokens"], "overlap_mean": r["overlap_mean"],
+                                "general_on_mask_mean": r["general_on_mask_mean"],
+                                "general_on_mask_over_mask": r["general_on_mask_over_mask"],
+                                "per_domain": {d: {k: v[k] for k in ("overlap",
+                                                                      "general_on_mask")}
+                                               for d, v in r["per_domain"].items()}}
+  result = dict(result, general_per_genre=result_genres) if os.path.exists(docs_path) else result
   result.update(tokens=tokens, phi=config.dges.phi, wall_s=time.perf_counter() - t0,
+                model=config.model.path, general=config.data.general, experts=e,
                 general_share=[[float(x) for x in row] for row in general["token"]])
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(result, f, indent=2)
-  log.info("premise (%.0f s): overlap %.3f, general slots on domain masks %.3f", result["wall_s"],
-           result["overlap_mean"], result["general_on_mask_mean"])
+  log.info("premise (%.0f s): overlap %.3f, general slots on domain masks %.3f, over the mask "
+           "fraction %.2f", result["wall_s"], result["overlap_mean"],
+           result["general_on_mask_mean"], result["general_on_mask_over_mask"])
   return result
+
+
+def premise_beside_tiny(args, s: dict) -> str:
+  """--premise --config=<not tiny>: the premise of that base and of the :tiny base (measured
+  once into <workdir>/premise_tiny.json), side by side (frontier_report.premise_comparison)."""
+  import frontier_report  # scripts/ is on sys.path when this script runs
+  new = premise(args, s, os.path.join(args.workdir, "premise.json"))
+  old_path = os.path.join(args.workdir, "premise_tiny.json")
+  if os.path.exists(old_path):
+    with open(old_path) as f:
+      old = json.load(f)
+  else:
+    old = premise(args, dict(s, preset="tiny"), old_path, model_path=None)
+  text = "\n".join(frontier_report.premise_comparison({"tiny": old, s["preset"]: new}))
+  with open(os.path.join(args.workdir, "premise.md"), "w") as f:
+    f.write(text + "\n")
+  return text
 
 
 def _only(args, runs: list[Run]) -> list[Run]:
@@ -378,7 +432,11 @@ def main(argv=None):
                  help="markdown file to write the report into (default: docs/RESULTS.md for "
                       "the whole full or --frontier run, <workdir>/RESULTS.md otherwise)")
   p.add_argument("--model", default=None, help="HF DeepSeek-V2 directory (default: the "
-                 "embedded tiny model of the :tiny preset)")
+                 "embedded tiny model of the --config preset)")
+  p.add_argument("--config", default="tiny",
+                 help="size preset of configs/six_domains.py the runs start from: tiny (the "
+                      "default; docs/RESULTS.md's numbers) or tiny_v2 (docs/RESULTS.md, "
+                      "'Testbeds'); 'configs/six_domains.py:tiny_v2' is accepted too")
   p.add_argument("--allow_code_execution", action="store_true",
                  help="run the generated programs for code pass@1 (each isolated, see "
                       "desmoe_jax/sandbox.py); without it code pass@1 is reported as not run")
@@ -395,15 +453,23 @@ def main(argv=None):
           "frontier" if args.frontier else "quick" if args.quick else "full")
   s = dict(SETTINGS[mode])
   s["allow_code_execution"] = args.allow_code_execution
+  s["preset"] = args.config.rsplit(":", 1)[-1]
+  from desmoe_jax.configs.six_domains import TINY
+  if s["preset"] not in TINY:
+    raise SystemExit(f"--config={args.config}: expected one of {', '.join(TINY)}")
   if args.steps_per_domain:
     s["steps_per_domain"] = args.steps_per_domain
   if args.seeds:
     s["seeds"] = tuple(int(x) for x in args.seeds.split(","))
   if args.skip_ablations:
     s["ablations"] = False
-  args.workdir = args.workdir or f"/tmp/desmoe_repro_{mode}"
+  args.workdir = args.workdir or (f"/tmp/desmoe_repro_{mode}" if s["preset"] == "tiny" else
+                                  f"/tmp/desmoe_repro_{mode}_{s['preset']}")
   if args.premise:
-    premise(args, s, os.path.join(args.workdir, "premise.json"))
+    if s["preset"] == "tiny":
+      premise(args, s, os.path.join(args.workdir, "premise.json"))
+    else:
+      print(premise_beside_tiny(args, s))
     return
   report_file = args.report_file or default_report_file(args, mode)
   if not args.report:

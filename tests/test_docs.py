@@ -97,8 +97,15 @@ def test_licence_files_cover_every_shipped_data_set_and_asset():
   readme = open(os.path.join(REPO, "data", "README.md"), encoding="utf-8").read()
   rows = {line.split("|")[1].strip(" `"): line.split("|")[-2] for line in readme.splitlines()
           if line.startswith("| `")}
-  for domain in set(_data_sets()) - {"general"}:
+  for domain in set(_data_sets()) - {"general", "corpus"}:
     assert re.search(r"Apache|PSF|MIT|licen[cs]e", rows[domain]), domain
+  # The pretraining corpus: a licence per genre, and one per document in SOURCES.tsv.
+  genres = {line.split("|")[1].strip(" *"): line.split("|")[-2] for line in readme.splitlines()
+            if line.startswith("| **")}
+  assert len(genres) == 9
+  for genre, licence in genres.items():
+    assert re.search(r"Apache|PSF|MIT|BSD|GPL|licen[cs]e|public domain|copying", licence), genre
+  assert "SOURCES.tsv" in readme
   assert "public domain" in readme and "general/" in readme
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -53,3 +54,75 @@ def test_first_steps_reproduce_the_shipped_loss_curve():
           f"--eval_every={10**9}", "--stop_after=2"]
   log = pretrain_tiny.main(argv)
   np.testing.assert_allclose(log["train_loss"], shipped["train_loss"][:2], rtol=2e-4)
+
+
+# ------------------------------------------------------------------ the :tiny_v2 base (--preset=v2)
+
+SHIPPED_V2 = os.path.join(REPO, "assets", "tiny_deepseek_v2_moe64")
+
+
+def _v2_log():
+  with open(os.path.join(SHIPPED_V2, "pretrain_log.json")) as f:
+    return json.load(f)
+
+
+def test_shipped_v2_model_matches_its_config_and_log():
+  with open(os.path.join(SHIPPED_V2, "config.json")) as f:
+    config = json.load(f)
+  # transformers 5 writes RoPE as rope_parameters (rope_theta and the YaRN fields in one dict).
+  rope = dict(pretrain_tiny.ARCH_V2["rope_scaling"], rope_theta=pretrain_tiny.ARCH_V2["rope_theta"])
+  assert config["rope_parameters"] == rope
+  for key, value in pretrain_tiny.ARCH_V2.items():
+    if key not in ("rope_theta", "rope_scaling"):
+      assert config[key] == value, key
+  log = _v2_log()
+  assert log["arch"] == json.loads(json.dumps(pretrain_tiny.ARCH_V2))
+  assert log["best_validation"] == min(v for _, v in log["validation"])
+  # The schedule ran to its end, or the log says where a partial run (--export) stopped.
+  assert len(log["train_loss"]) == (log["args"]["steps"] if log["complete"]
+                                    else log["stopped_at_step"])
+  # Every genre of the held-out general set is reported.
+  genres = set(pretrain_tiny.make_corpus.GENRES)
+  assert set(log["heldout_general_loss_per_genre"]) == genres
+  assert os.path.getsize(os.path.join(SHIPPED_V2, "model.safetensors")) <= 25 * 2**20
+
+
+def _v2_argv(a: dict, **extra) -> list[str]:
+  flags = dict(seed=a["seed"], steps=a["steps"], batch=a["batch"], seq_len=a["seq_len"],
+               lr=a["lr"], warmup=a["warmup"], eval_every=10**9, **extra)
+  return ["--preset=v2"] + [f"--{k}={v}" for k, v in flags.items()]
+
+
+def test_first_steps_reproduce_the_shipped_v2_loss_curve():
+  """Same seed and flags -> the same losses as the run (and its resumptions) that made the
+  shipped :tiny_v2 weights."""
+  a = _v2_log()["args"]
+  log = pretrain_tiny.main(_v2_argv(a, stop_after=1))   # one step of 8 x 1024 tokens: ~7 CPU-s
+  np.testing.assert_allclose(log["train_loss"], _v2_log()["train_loss"][:1], rtol=2e-4)
+
+
+def test_v2_run_resumed_from_its_checkpoint_continues_the_same_curve(tmp_path):
+  """A run stopped at step 2 (--until) and started again with the same command ends with the
+  losses of an uninterrupted run: windows drawn from (seed, step), weights and Adam state
+  restored exactly. Small shapes over a few held-out documents."""
+  make_corpus = pretrain_tiny.make_corpus
+  docs = make_corpus.read_docs(os.path.join(REPO, "data", "corpus", "heldout.jsonl.gz"))
+  small = [d for g in ("literature_zh", "code", "ui_strings")
+           for d in [d for d in docs if d["genre"] == g][:2]]
+  corpus = str(tmp_path / "corpus.jsonl.gz")
+  make_corpus.write_docs(corpus, small)
+  common = ["--preset=v2", f"--corpus={corpus}", f"--heldout={corpus}", "--steps=4",
+            "--batch=2", "--seq_len=32", "--warmup=1", "--eval_every=2",
+            f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--out={tmp_path / 'out'}"]
+  first = pretrain_tiny.main(common + ["--until=2"])
+  assert len(first["train_loss"]) == 2
+  assert os.path.exists(tmp_path / "ckpt" / "hf" / "config.json")   # the premise can read it
+  resumed = pretrain_tiny.main(common)
+  straight = pretrain_tiny.main(common + ["--stop_after=4"])   # uninterrupted, saves nothing
+  assert len(resumed["train_loss"]) == 4 and resumed["complete"]
+  np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
+  assert resumed["validation"] == straight["validation"]
+  assert set(resumed["heldout_general_loss_per_genre"]) == {"literature_zh", "code", "ui_strings"}
+  # A checkpoint of another run is refused, not silently continued.
+  with pytest.raises(ValueError, match="another run"):
+    pretrain_tiny.main([a for a in common if not a.startswith("--steps")] + ["--steps=5"])

@@ -67,3 +67,17 @@ def test_bad_files(tmp_path):
     load_config(str(tmp_path / "dict.py"))
   with pytest.raises(ValueError, match="unknown preset"):  # the file's own check
     load_config(f"{SIX}:tiny,huge")
+
+
+def test_tiny_v2_preset_is_tiny_with_its_own_base_and_general_set():
+  """The two tiny testbeds (docs/RESULTS.md, "Testbeds") differ in the base model and its
+  held-out general text only."""
+  tiny, v2 = load_config(f"{SIX}:tiny,fft"), load_config(f"{SIX}:tiny_v2,fft")
+  assert v2.model.path.endswith(os.path.join("assets", "tiny_deepseek_v2_moe64"))
+  assert v2.data.general.endswith(os.path.join("data", "corpus", "heldout.txt"))
+  assert os.path.exists(v2.data.general)
+  for c in (tiny, v2):
+    c.model.path = c.data.general = ""
+  assert tiny.to_dict() == v2.to_dict()
+  with pytest.raises(ValueError, match="at most one size preset"):
+    load_config(f"{SIX}:tiny,tiny_v2")

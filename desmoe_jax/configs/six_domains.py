@@ -2,11 +2,12 @@ r"""DES-MoE on six domains (docs/METHOD.md): the paper's setting, and presets.
 
   python train.py --config=configs/six_domains.py --config.model.path=/path/to/DeepSeek-V2-Lite
   python train.py --config=configs/six_domains.py:tiny            # embedded tiny model, CPU
+  python train.py --config=configs/six_domains.py:tiny_v2         # its multilingual successor
   python train.py --config=configs/six_domains.py:tiny,fft        # any method as a preset
   python train.py --config=configs/six_domains.py:tiny --config.train.steps=50 --config.dges.phi=0.5
   desmoe-train --config=six_domains:tiny --workdir=DIR            # installed command, any folder
 
-Config string: comma-separated presets after ':', a size ("tiny"; none = the paper's
+Config string: comma-separated presets after ':', a size ("tiny", "tiny_v2"; none = the paper's
 DeepSeek-V2-Lite setting) and/or a method (desmoe, fft, esft_token, esft_gate, desmoe_no_alr,
 desmoe_no_dges, desmoe_no_schedule). Every field below can be overridden on the command line.
 """
@@ -21,6 +22,13 @@ from desmoe_jax.paths import bundled
 DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
 # Learning rates of the tiny presets per method (desmoe's for the DES-MoE family), see get_config.
 TINY_LR = {"desmoe": 3e-4, "fft": 1e-4, "esft_token": 1e-3, "esft_gate": 1e-3}
+
+
+# The tiny testbeds (docs/RESULTS.md, "Testbeds"): preset -> bundled base model. tiny: 32 experts
+# pretrained on Shakespeare + CPython; tiny_v2: 64 experts top-6 on a multilingual,
+# multi-genre corpus (scripts/make_corpus.py, scripts/pretrain_tiny.py --preset=v2).
+TINY = {"tiny": "tiny_deepseek_v2", "tiny_v2": "tiny_deepseek_v2_moe64"}
+GENERAL = {"tiny_v2": ("data", "corpus", "heldout.txt")}
 
 
 # Task metric of each domain (see desmoe_jax/metrics.py).
@@ -104,11 +112,14 @@ def _apply_machine(c, machine: str):
 
 def get_config(presets: str = "") -> ml_collections.ConfigDict:
   tokens = [t for t in presets.split(",") if t]
-  unknown = [t for t in tokens if t not in METHODS + ("tiny",) + tuple(MACHINES)]
+  unknown = [t for t in tokens if t not in METHODS + tuple(TINY) + tuple(MACHINES)]
   if unknown:
-    raise ValueError(f"unknown preset(s) {unknown}; known: tiny, {', '.join(METHODS)}, "
-                     f"machines {', '.join(MACHINES)}")
-  tiny = "tiny" in tokens
+    raise ValueError(f"unknown preset(s) {unknown}; known: {', '.join(TINY)}, "
+                     f"{', '.join(METHODS)}, machines {', '.join(MACHINES)}")
+  sizes = [t for t in tokens if t in TINY]
+  if len(sizes) > 1:
+    raise ValueError(f"give at most one size preset, got {sizes}")
+  tiny = bool(sizes)   # every tiny testbed shares the tiny settings; they differ in base model
   methods = [t for t in tokens if t in METHODS]
   if len(methods) > 1:
     raise ValueError(f"give at most one method preset, got {methods}")
@@ -122,7 +133,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # HF DeepSeek-V2 directory (config.json, safetensors, tokenizer). Required for the paper preset.
-  c.model.path = bundled("assets", "tiny_deepseek_v2") if tiny else ""
+  c.model.path = bundled("assets", TINY[sizes[0]]) if tiny else ""
   c.model.dtype = "float32" if tiny else "bfloat16"        # activations / compute
   # Storage dtype of the weights (routers and the ALR are always float32); must agree with
   # train.precision: float32 for fp32_master, bfloat16 for bf16_sr and bf16_master.
@@ -151,7 +162,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
                             "summary_esft" if n == "summary" else n) for n in DOMAINS]
   # Comma-separated domain names to train on, in this order (e.g. "math,code"); "" keeps all.
   c.data.select = ""
-  c.data.general = bundled("data", "general", "heldout.txt")  # forgetting: text loss
+  # forgetting: text loss. tiny_v2: the held-out documents of its pretraining mixture, every
+  # genre (data/corpus, scripts/make_corpus.py); tiny: four held-out Shakespeare plays.
+  c.data.general = bundled(*GENERAL.get(sizes[0] if tiny else "", ("data", "general",
+                                                                    "heldout.txt")))
   c.data.general_mc = bundled("data", "general", "mc.jsonl")  # forgetting: MC score
   c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
   c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
