@@ -20,7 +20,9 @@ from flax import nnx
 
 from desmoe_jax.distributed import to_host
 from desmoe_jax.schema import BOOL, Float, Int, knob
-from desmoe_jax.specialization import top_p_mask
+# ESFT's expert selection lives beside DGES's masks (specialization.py reports it too).
+from desmoe_jax.specialization import esft_select as select  # noqa: F401 (esft.select)
+from desmoe_jax.specialization import normalise_per_layer
 
 DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
 
@@ -49,15 +51,6 @@ def score_sums(topk_ids_ltk, topk_weights_ltk, token_mask_t, num_experts: int):
   gate = jnp.einsum("ltke,ltk->le", onehot, topk_weights_ltk.astype(jnp.float32))
   token = onehot.sum(axis=(1, 2)) / k
   return gate, token
-
-
-def normalise_per_layer(sums_le):
-  return sums_le / jnp.maximum(sums_le.sum(axis=-1, keepdims=True), 1e-30)
-
-
-def select(scores_le, top_p: float):
-  """[L, E] 0/1: per layer, ESFT's top-p set of experts."""
-  return top_p_mask(normalise_per_layer(jnp.asarray(scores_le)), top_p).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

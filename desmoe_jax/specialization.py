@@ -152,6 +152,15 @@ def top_p_mask(scores, p: float):
   return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
 
 
+def normalise_per_layer(sums_le):
+  return sums_le / jnp.maximum(sums_le.sum(axis=-1, keepdims=True), 1e-30)
+
+
+def esft_select(scores_le, top_p: float):
+  """[L, E] 0/1: per layer, ESFT's top-p set of experts (esft.select)."""
+  return top_p_mask(normalise_per_layer(jnp.asarray(scores_le)), top_p).astype(jnp.float32)
+
+
 def mask_overlap(mask_lde):
   """Jaccard overlap of every pair of domains' masks, averaged over layers: [D, D]."""
   m = mask_lde.astype(jnp.float32)
@@ -215,12 +224,11 @@ def routing_premise(general_le, domain_shares: dict, phi: float,
                         "domain_on_mask": (share * mask).sum(-1).tolist(),
                         "concentration": top_fraction_share(share).tolist()}
     if domain_gates is not None:
-      from desmoe_jax import esft   # esft imports this module
       gate = np.asarray(domain_gates[name], np.float64)
       p = esft_top_p or {"token": 0.2, "gate": 0.1}
       per_domain[name]["gate_top_share"] = top_fraction_share(gate).tolist()
       per_domain[name]["esft_experts"] = {
-          k: np.asarray(esft.select(v, p[k])).sum(-1).tolist()
+          k: np.asarray(esft_select(v, p[k])).sum(-1).tolist()
           for k, v in (("token", share), ("gate", gate))}
   mean = lambda key: float(np.mean([v[key] for v in per_domain.values()]))
   ratios = [g / m for v in per_domain.values()
