@@ -1,4 +1,4 @@
-r"""Evaluate a training run (its orbax checkpoint) or any HF DeepSeek-V2 directory.
+r"""Evaluate a training run (its orbax checkpoint) or any HF directory of a supported MoE family.
 
   python eval.py --workdir=/tmp/desmoe_tiny                 # the config the run saved there
   python eval.py --workdir=/tmp/desmoe_tiny --hf=/tmp/desmoe_tiny/hf

@@ -1,4 +1,5 @@
-r"""Train one DeepSeek-V2 MoE on several labelled domains with DES-MoE (or a baseline).
+r"""Train one pretrained MoE (any of the six families, desmoe_jax/families/) on several labelled
+domains with DES-MoE (or a baseline).
 
   python train.py --config=configs/six_domains.py:tiny --workdir=/tmp/desmoe_tiny
   python train.py --config=configs/six_domains.py --config.model.path=/path/to/DeepSeek-V2-Lite \

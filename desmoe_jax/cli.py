@@ -124,7 +124,8 @@ def _resolved_argv(argv):
 
 
 def train_main(argv: list[str] | None = None):
-  """Train one DeepSeek-V2 MoE on several labelled domains with DES-MoE (or a baseline).
+  """Train one pretrained MoE (any of the six families) on several labelled domains with
+  DES-MoE (or a baseline).
 
   All outputs go to --workdir (see desmoe_jax/trainer.py); rerunning the same command resumes
   from the newest checkpoint there. Multi-process: every process runs the same command (see
@@ -182,7 +183,8 @@ def _flatten(config, prefix=""):
 
 
 def eval_main(argv: list[str] | None = None):
-  """Evaluate a training run (its orbax checkpoint) or any HF DeepSeek-V2 directory.
+  """Evaluate a training run (its orbax checkpoint) or any HF directory of a supported MoE
+  family.
 
   Per domain: held-out loss / perplexity and the task metric; general abilities against the
   base model (config.model.path); with `--config.eval.lm_eval_tasks`, lm-evaluation-harness

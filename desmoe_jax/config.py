@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from desmoe_jax.schema import BOOL, Int, OneOf, knob
+
 ATTENTION_KINDS = ("mla", "gqa")
 QK_NORMS = ("none", "head", "full")
 SCORING = ("softmax", "sigmoid")
@@ -34,41 +36,48 @@ BALANCE_LOSSES = ("deepseek", "switch", "none")
 #   full_offload  as full, and each layer's saved input is offloaded to host memory as well (the
 #                 scan's stacked [layers, batch, seq, d_model] residuals leave the device)
 REMAT_POLICIES = ("none", "full", "dots", "dots_offload", "full_offload")
+DTYPES = ("float32", "bfloat16", "float16")                  # model.dtype, model.param_dtype
+MOE_IMPLS = ("auto", "dense", "ragged", "tokamax", "tiled")   # model.moe_impl (moe/block.py)
+EXPERT_PARALLEL = ("compiler", "shard_map")                  # model.expert_parallel
+ATTENTION_IMPLS = ("einsum", "jax", "tokamax")               # model.attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """How to compute (not what): set from `from_pretrained(..., **runtime)` or `config.model.*`."""
-  dtype: str = "float32"                  # activation / compute dtype
-  param_dtype: str = "float32"            # storage dtype of parameters (routers always float32)
+  dtype: str = knob("float32", OneOf(*DTYPES))  # activation / compute dtype
+  # storage dtype of parameters (routers always float32)
+  param_dtype: str = knob("float32", OneOf(*DTYPES))
   # "auto" | "dense" | "ragged" | "tokamax" | "tiled" (moe/block.py). "auto": "tiled" on CPU,
   # "ragged" on TPU/GPU. "tokamax" (Pallas kernels) is verified on TPU compile-only (Mosaic
   # kernels, no dense-fallback matmul) and numerically in Pallas' interpreter on CPU, not run on
   # an accelerator; on a multi-device mesh it needs expert_parallel="shard_map".
-  moe_impl: str = "auto"
+  moe_impl: str = knob("auto", OneOf(*MOE_IMPLS))
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
-  expert_parallel: str = "compiler"       # "compiler" | "shard_map": see moe/expert_parallel.py
+  # "compiler" | "shard_map": see moe/expert_parallel.py
+  expert_parallel: str = knob("compiler", OneOf(*EXPERT_PARALLEL))
   # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
   # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py). Not in
   # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
   # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.
   # Its kernels are not wrapped in shard_map: one device (the compiler cannot partition them).
-  attention_impl: str = "einsum"
-  scan_layers: bool = True                # lax.scan over the stacked MoE layers (fast compile)
-  remat: str = "none"                     # one of REMAT_POLICIES: what a MoE layer's backward recomputes
-  ce_chunk: int = 0                       # >0: cross-entropy over sequence chunks of this many
+  attention_impl: str = knob("einsum", OneOf(*ATTENTION_IMPLS))
+  scan_layers: bool = knob(True, BOOL)    # lax.scan over the stacked MoE layers (fast compile)
+  # one of REMAT_POLICIES: what a MoE layer's backward recomputes
+  remat: str = knob("none", OneOf(*REMAT_POLICIES))
+  ce_chunk: int = knob(0, Int(0))         # >0: cross-entropy over sequence chunks of this many
                                           # positions, never the batch's [B, S, vocab] logits (losses.py)
 
   def __post_init__(self):
     problems = []
-    if self.moe_impl not in ("auto", "dense", "ragged", "tokamax", "tiled"):
-      problems.append(f"moe_impl={self.moe_impl!r} (one of 'auto', 'dense', 'ragged', 'tokamax', "
-                      "'tiled')")
-    if self.expert_parallel not in ("compiler", "shard_map"):
-      problems.append(f"expert_parallel={self.expert_parallel!r} (one of 'compiler', 'shard_map')")
-    if self.attention_impl not in ("einsum", "jax", "tokamax"):
-      problems.append(f"attention_impl={self.attention_impl!r} (one of 'einsum', 'jax', "
-                      "'tokamax')")
+    if self.moe_impl not in MOE_IMPLS:
+      problems.append(f"moe_impl={self.moe_impl!r} (one of {', '.join(map(repr, MOE_IMPLS))})")
+    if self.expert_parallel not in EXPERT_PARALLEL:
+      problems.append(f"expert_parallel={self.expert_parallel!r} (one of "
+                      f"{', '.join(map(repr, EXPERT_PARALLEL))})")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl={self.attention_impl!r} (one of "
+                      f"{', '.join(map(repr, ATTENTION_IMPLS))})")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} (one of {', '.join(map(repr, REMAT_POLICIES))})")
     if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
@@ -254,20 +263,33 @@ class ModelConfig:
   def from_hf_dict(cls, d: dict, *, strict: bool = True, source: str = "config.json",
                    **runtime) -> "ModelConfig":
     """The family of `d["model_type"]` reads it (families/); `runtime` sets RuntimeConfig."""
-    from desmoe_jax.families import family_of
-    return family_of(d, source).from_hf(d, strict=strict, source=source,
-                                        runtime=RuntimeConfig(**runtime))
+    return family_io("family_of")(d, source).from_hf(d, strict=strict, source=source,
+                                                    runtime=RuntimeConfig(**runtime))
 
   @classmethod
   def from_pretrained(cls, path: str, **kwargs) -> "ModelConfig":
-    from desmoe_jax.families import read_config_json
-    return cls.from_hf_dict(read_config_json(path), source=f"{path}/config.json", **kwargs)
+    return cls.from_hf_dict(family_io("read_config_json")(path), source=f"{path}/config.json",
+                            **kwargs)
 
   def to_hf_dict(self, torch_dtype: str | None = None) -> dict:
     """The config.json to export, written by this config's family."""
-    from desmoe_jax.families import get_family
-    out = get_family(self.model_type).to_hf(self)
+    out = family_io("get_family")(self.model_type).to_hf(self)
     if torch_dtype is not None:
       out["torch_dtype"] = torch_dtype
       out.pop("dtype", None)
     return out
+
+
+# Reading and writing config.json is each family's (desmoe_jax/families/). The families import
+# this module (they build ModelConfigs), so it does not import them: desmoe_jax/families/
+# registers its dispatch functions here when it is imported, which desmoe_jax/__init__.py does
+# before any of the package's modules runs.
+FAMILY_IO: dict = {}
+
+
+def family_io(name: str):
+  """The families' `family_of`, `read_config_json` or `get_family` (see FAMILY_IO)."""
+  if name not in FAMILY_IO:
+    raise RuntimeError("desmoe_jax.families has not registered its config.json readers: import "
+                       "desmoe_jax (the package) rather than a module of it in isolation")
+  return FAMILY_IO[name]

@@ -64,8 +64,3 @@ class Preempted(UserError):
     super().__init__(message)
     self.step = step
 
-
-def one_line(error: BaseException) -> str:
-  """The message of `error` on one line (continuation lines joined with ' | ')."""
-  text = str(error).strip() or type(error).__name__
-  return " | ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -19,7 +19,10 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.distributed import to_host
-from desmoe_jax.specialization import top_p_mask
+from desmoe_jax.schema import BOOL, Float, Int, knob
+# ESFT's expert selection lives beside DGES's masks (specialization.py reports it too).
+from desmoe_jax.specialization import esft_select as select  # noqa: F401 (esft.select)
+from desmoe_jax.specialization import normalise_per_layer
 
 DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
 
@@ -27,11 +30,14 @@ DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}   # the paper's (and ESFT's) values
 @dataclasses.dataclass(frozen=True)
 class EsftConfig:
   """Every field is a config knob (`esft.*`)."""
-  top_p: float | None = None          # None: 0.1 for esft_gate, 0.2 for esft_token
-  sample_tokens: int = 8192           # tokens of each domain used to score experts (ESFT's value)
-  domain: int = -1                    # -1: union over all domains; d >= 0: single-domain ESFT
-  train_shared_experts: bool = False  # ESFT's --train_shared_experts
-  train_non_expert_modules: bool = False  # ESFT's --train_non_expert_modules
+  # None: 0.1 for esft_gate, 0.2 for esft_token (the config's -1)
+  top_p: float | None = knob(None, Float(0, 1, lo_open=True, special=((-1, "the paper's value"),)))
+  # tokens of each domain used to score experts (ESFT's value)
+  sample_tokens: int = knob(8192, Int(1))
+  # -1: union over all domains; d >= 0: single-domain ESFT
+  domain: int = knob(-1, Int(0, special=((-1, "all domains"),)))
+  train_shared_experts: bool = knob(False, BOOL)  # ESFT's --train_shared_experts
+  train_non_expert_modules: bool = knob(False, BOOL)  # ESFT's --train_non_expert_modules
 
   def threshold(self, score: str) -> float:
     return DEFAULT_TOP_P[score] if self.top_p is None else self.top_p
@@ -45,15 +51,6 @@ def score_sums(topk_ids_ltk, topk_weights_ltk, token_mask_t, num_experts: int):
   gate = jnp.einsum("ltke,ltk->le", onehot, topk_weights_ltk.astype(jnp.float32))
   token = onehot.sum(axis=(1, 2)) / k
   return gate, token
-
-
-def normalise_per_layer(sums_le):
-  return sums_le / jnp.maximum(sums_le.sum(axis=-1, keepdims=True), 1e-30)
-
-
-def select(scores_le, top_p: float):
-  """[L, E] 0/1: per layer, ESFT's top-p set of experts."""
-  return top_p_mask(normalise_per_layer(jnp.asarray(scores_le)), top_p).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -13,7 +13,7 @@ What is scored:
 
 The adapted model comes from an orbax checkpoint of a run (exactly what was trained: adaptive
 router included; duplicated experts merged, since evaluation has no domain ids) or from any HF
-DeepSeek-V2 directory (e.g. a run's `hf/` export).
+directory of a supported family (desmoe_jax/families/; e.g. a run's `hf/` export).
 """
 
 from __future__ import annotations
@@ -23,25 +23,25 @@ import logging
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
+from desmoe_jax import heldout
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import sandbox
 from desmoe_jax import resume as resume_lib
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax import sources
-from desmoe_jax import trainer
+from desmoe_jax import train_config
 from desmoe_jax import validate as validate_lib
 from desmoe_jax.errors import ConfigError
-from desmoe_jax.generate import bucket, greedy_generate
-from desmoe_jax.methods import prepare_model
+from desmoe_jax.generate import greedy_generate
+from desmoe_jax.scoring import ContinuationScorer
 from desmoe_jax.specialization import merge_copies
+from desmoe_jax.train_state import build_train_state
 
 log = logging.getLogger("desmoe_jax")
 
@@ -75,12 +75,10 @@ def load_run_model(config, workdir: str, step: int | None = None, mesh=None, tok
                           f"{checkpoints.path(meta['step'])} was trained with (fingerprint "
                           f"{current[:19]} vs {stored[:19]}); evaluate with the run's "
                           "model.path")
-    mc = trainer.method_config(config)
-    model = load_model(config.model.path, config, mesh)
-    prepare_model(model, mc, seed=config.seed)
-    if mesh is not None:
-      sharding_lib.shard_model(model, mesh)  # the parts prepare_model added
-    graphdef, state = nnx.split(model)
+    # Sharded over `mesh` as in training, the parts methods.prepare_model added included.
+    built = build_train_state(config, lambda: load_model(config.model.path, config, mesh), mesh,
+                              optimizer=False)
+    graphdef, state = built.graphdef, built.state
     restored, _, meta = checkpoints.restore(ckpt_lib.abstract_like(state), None,
                                             step=meta["step"])  # onto each array's sharding
   finally:
@@ -95,41 +93,11 @@ def load_model(path: str, config, mesh=None):
   return build.load_model(config, path, mesh)
 
 
-def _score_fn(model, tokenizer, seq_len: int, batch_size: int = 8):
-  """(context, continuation) pairs -> (sum log p(continuation | context), n tokens)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def logprobs(state, tokens, segment_ids, positions):
-    logits = nnx.merge(graphdef, state)(tokens, segment_ids_bs=segment_ids,
-                                        positions_bs=positions).logits
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-  def score(pairs):
-    out = []
-    for start in range(0, len(pairs), batch_size):
-      chunk = pairs[start:start + batch_size]
-      rows = []
-      for context, continuation in chunk:
-        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        ids = (ctx + cont)[-seq_len:]
-        rows.append((ids, min(len(cont), len(ids) - 1)))
-      # Pad to a power of two (>= 32), not to seq_len: a few programs, little wasted work.
-      width = min(seq_len, bucket(max(len(ids) for ids, _ in rows), 32))
-      tokens = np.zeros((batch_size, width), np.int32)
-      seg = np.zeros((batch_size, width), np.int32)
-      for r, (ids, _) in enumerate(rows):
-        tokens[r, :len(ids)] = ids
-        seg[r, :len(ids)] = 1
-      pos = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-      lp = np.asarray(logprobs(state, tokens, seg, pos))
-      for r, (ids, n) in enumerate(rows):
-        out.append((float(lp[r, len(ids) - 1 - n:len(ids) - 1].sum()), n))
-    return out
-
-  return score
+def mc_scorer(model, tokenizer, seq_len: int, batch_size: int = 8) -> ContinuationScorer:
+  """The multiple-choice metric's score_fn: (context, continuation) pairs -> (sum log
+  p(continuation | context), tokens scored), by the scorer lm-eval's adapter uses
+  (desmoe_jax/scoring.py: lm-eval's encoding of a pair)."""
+  return ContinuationScorer(model, tokenizer, max_length=seq_len, batch_size=batch_size)
 
 
 CODE_NOT_RUN = ("not run: eval.allow_code_execution=False (set it to True to execute the "
@@ -181,9 +149,9 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
       raise ConfigError(str(e)) from None
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
-  loss_sets = trainer._eval_loss_batches(config, tokenizer)
+  loss_sets = heldout.eval_loss_batches(config, tokenizer)
   graphdef, state = nnx.split(model)
-  losses = trainer.heldout_losses(graphdef, state, loss_sets)
+  losses = heldout.heldout_losses(graphdef, state, loss_sets)
   eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [-1]
   for d in config.data.domains:
     row = results.setdefault(d.name, {})
@@ -196,7 +164,7 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
     if d.metric == "pass_at_1" and not allow_code:
       row.update({"pass@1": None, "pass@1_not_run": CODE_NOT_RUN})
       continue  # no generations either: nothing would score them
-    spec = trainer.domain_spec(d, "eval")
+    spec = train_config.domain_spec(d, "eval")
     examples = data_lib.load_eval_examples(
         spec, tokenizer, max_examples=config.eval.max_examples,
         required=data_lib.EVAL_FIELDS.get(d.metric, ()))
@@ -221,16 +189,16 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
   mc_items = data_lib.load_multiple_choice(config.data.general_mc) if config.data.general_mc else []
   if mc_items:
     general.update({f"mc_{k}": v for k, v in metrics_lib.multiple_choice_accuracy(
-        _score_fn(model, tokenizer, config.data.seq_len), mc_items).items()})
+        mc_scorer(model, tokenizer, config.data.seq_len), mc_items).items()})
   if base_model is not None:
     bg, bs = nnx.split(base_model)
-    base_losses = trainer.heldout_losses(bg, bs, {"general": loss_sets["general"]}) \
+    base_losses = heldout.heldout_losses(bg, bs, {"general": loss_sets["general"]}) \
         if "general" in loss_sets else {}
     if base_losses:
       general["base_loss"] = base_losses["general"]
     if mc_items:
       base_mc = metrics_lib.multiple_choice_accuracy(
-          _score_fn(base_model, tokenizer, config.data.seq_len), mc_items)
+          mc_scorer(base_model, tokenizer, config.data.seq_len), mc_items)
       general.update({f"base_mc_{k}": v for k, v in base_mc.items()})
   if out_dir:
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -3,10 +3,9 @@ base and the adapted model, the forgetting measure the paper uses at scale.
 
 `DesmoeLM(model, tokenizer)` is an `lm_eval.api.model.LM`:
 * `loglikelihood`: sum of log p(continuation | context) and whether greedy decoding would produce
-  the continuation. Pairs are encoded as lm-eval's HF model does (trailing spaces of the context
-  move to the continuation; context and context+continuation encoded, the continuation is the
-  difference), sorted by length and scored in fixed-size batches padded to power-of-two widths,
-  so the jitted scorer compiles once per width bucket, not once per request.
+  the continuation, from the one continuation scorer (desmoe_jax/scoring.py: lm-eval's HF
+  encoding, length-sorted batches padded to power-of-two widths), which evaluate.py's
+  multiple-choice metric uses too.
 * `loglikelihood_rolling`: the text's log-likelihood in disjoint windows of `max_length` tokens
   (lm-eval's own windowing), scored by the same function.
 * `generate_until`: greedy generation with the KV cache (`generate.greedy_generate`, bucketed
@@ -21,14 +20,9 @@ Needs `pip install 'desmoe-jax[lm_eval]'`.
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from desmoe_jax.generate import bucket, greedy_generate
+from desmoe_jax import scoring
+from desmoe_jax.generate import greedy_generate
+from desmoe_jax.scoring import ContinuationScorer
 
 try:
   import lm_eval
@@ -40,20 +34,9 @@ except ImportError as e:  # the optional extra
                     "'desmoe-jax[lm_eval]' (or lm_eval)") from e
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, tokens, targets, segment_ids):
-  """Per position: log p(target) and whether it is the argmax, [B, W] each. Jitted once per
-  (model structure, batch, width): instances over the same model share the compilations."""
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  logits = nnx.merge(graphdef, state)(tokens, segment_ids_bs=segment_ids,
-                                      positions_bs=positions).logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return target_logp, jnp.argmax(logits, axis=-1) == targets
-
-
 class DesmoeLM(LM):
-  """An lm-eval model over a `MoECausalLM` (any family) and its tokenizer (see module docstring)."""
+  """An lm-eval model over a `MoECausalLM` (any family) and its tokenizer (see module docstring).
+  Log-likelihoods come from scoring.ContinuationScorer, the scorer evaluate.py uses too."""
 
   def __init__(self, model, tokenizer, *, max_length: int = 1024, batch_size: int = 8,
                max_gen_toks: int = 256):
@@ -61,60 +44,30 @@ class DesmoeLM(LM):
     self.tokenizer = tokenizer
     self.max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
     self._model = model
-    graphdef, self._state = nnx.split(model)
-
-    self._graphdef = graphdef
-    self.compiled_widths: set[int] = set()   # the shapes the scorer ran with (for tests)
+    self.scorer = ContinuationScorer(model, tokenizer, max_length=max_length,
+                                     batch_size=batch_size)
+    self.compiled_widths = self.scorer.compiled_widths   # the shapes it ran with (for tests)
 
   # ---------------------------------------------------------------- tokens
 
   @property
   def prefix_token_id(self) -> int:
     """What an empty context conditions on: BOS if the tokenizer has one, else EOS."""
-    tok = self.tokenizer
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return scoring.prefix_token_id(self.tokenizer)
 
   def tok_encode(self, text: str) -> list[int]:
-    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return scoring.encode(self.tokenizer, text)
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids with the prefix token, continuation ids), as lm-eval's HF model encodes."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-      continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-    whole = self.tok_encode(context + continuation)
-    ctx = self.tok_encode(context)
-    return [self.prefix_token_id] + ctx, whole[len(ctx):]
+    return scoring.encode_pair(self.tokenizer, context, continuation)
 
   # ---------------------------------------------------------------- scoring
 
   def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """(sum log p(cont | ctx), cont is the greedy continuation) per (ctx ids, cont ids) pair;
     the sequence is cut to its last `max_length` + 1 tokens."""
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      rows = []
-      for i in idx:
-        ctx, cont = pairs[i]
-        if not cont:
-          raise ValueError("loglikelihood: empty continuation")
-        seq = (ctx + cont)[-(self.max_length + 1):]
-        rows.append((seq[:-1], seq[1:], min(len(cont), len(seq) - 1)))
-      width = min(self.max_length, bucket(max(len(r[0]) for r in rows), 32))
-      tokens = np.zeros((self.batch_size, width), np.int32)
-      targets = np.zeros_like(tokens)
-      segments = np.zeros_like(tokens)
-      for r, (inp, tgt, _) in enumerate(rows):
-        tokens[r, :len(inp)], targets[r, :len(tgt)], segments[r, :len(inp)] = inp, tgt, 1
-      self.compiled_widths.add(width)
-      logp, greedy = (np.asarray(a) for a in _score(self._graphdef, self._state, tokens, targets,
-                                                     segments))
-      for r, (inp, _, n) in enumerate(rows):
-        sl = slice(len(inp) - n, len(inp))
-        out[idx[r]] = (float(logp[r, sl].sum()), bool(greedy[r, sl].all()))
-    return out
+    return [(logp, greedy) for logp, greedy, _ in self.scorer.score_ids(pairs)]
 
   def loglikelihood(self, requests, disable_tqdm: bool = False):
     return self.score_pairs([self.encode_pair(*req.args) for req in requests])

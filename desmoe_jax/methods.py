@@ -147,7 +147,7 @@ def prepare_model(model, cfg: MethodConfig, seed: int = 0):
     attach_alr(model, cfg.alr, seed=seed)
   attach(model, cfg.num_domains)
   if cfg.dges.exclude_general_top:
-    attach_exclusion(model)          # filled by trainer.exclude_general_experts or a checkpoint
+    attach_exclusion(model)          # filled by train_state.exclude_general_experts or a checkpoint
   if cfg.duplicate_experts:
     attach_copies(model, cfg.num_domains, cfg.dges.max_copies)
   return model

@@ -422,6 +422,8 @@ def format_table(rows: dict, index_name: str = "domain") -> str:
 
 
 TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
+# The task metric a domain names (data.domains[i].metric; evaluate.task_metric computes each).
+METRIC_NAMES = ("number_match", "pass_at_1", "law_label", "json_match", "rouge_l", "bleu")
 
 
 def _task_cell(row: dict, key: str) -> str:

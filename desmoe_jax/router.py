@@ -24,34 +24,39 @@ from flax import nnx
 from desmoe_jax.distributed import to_host
 from desmoe_jax.moe.routing import ROUTER
 from desmoe_jax.nn.layers import stack_modules
+from desmoe_jax.schema import BOOL, Float, Int, OneOf, knob
 
 
 # ------------------------------------------------------------------ DES-MoE: Adaptive Lightweight Router
 
 
-MIXES = ("gradient", "update")
-ALPHAS = ("run", "router")
+FORMS = ("residual", "mlp")          # alr.form
+LOSSES = ("convex", "additive")     # alr.loss
+MIXES = ("gradient", "update")      # alr.mix
+ALPHAS = ("run", "router")          # alr.alpha
 
 
 @dataclasses.dataclass(frozen=True)
 class AlrConfig:
   """docs/METHOD.md section 1; every field is a config knob (`alr.*`)."""
-  form: str = "residual"      # "residual": R_orig + MLP (W2=0 at init) | "mlp": the paper's plain MLP
-  hidden_mult: int = 4        # hidden width in units of d_model
-  tau: float = 0.7            # distillation temperature
-  loss: str = "convex"        # "convex": router grad = (1-lam) dL_task + lam dL_KD | "additive"
-  beta: float = 1.0           # KD weight for loss="additive"
-  tau_squared: bool = False   # multiply L_KD by tau^2 (Hinton); the paper does not
+  # "residual": R_orig + MLP (W2=0 at init) | "mlp": the paper's plain MLP
+  form: str = knob("residual", OneOf(*FORMS))
+  hidden_mult: int = knob(4, Int(1))  # hidden width in units of d_model
+  tau: float = knob(0.7, Float(0, lo_open=True))  # distillation temperature
+  # "convex": router grad = (1-lam) dL_task + lam dL_KD | "additive"
+  loss: str = knob("convex", OneOf(*LOSSES))
+  beta: float = knob(1.0, Float(0))  # KD weight for loss="additive"
+  tau_squared: bool = knob(False, BOOL)  # multiply L_KD by tau^2 (Hinton); the paper does not
   # "gradient": one Adam state, router gradient (1-lam) dL_task + lam dL_KD | "update": two Adam
   # states (task, KD), router update lam u_KD + (1-lam) u_task after Adam's normalisation
-  mix: str = "gradient"
+  mix: str = knob("gradient", OneOf(*MIXES))
   # lambda's clock: "run" alpha = step / T | "router" alpha = step / (steps the router trains)
-  alpha: str = "run"
+  alpha: str = knob("run", OneOf(*ALPHAS))
 
   def __post_init__(self):
-    if self.form not in ("residual", "mlp"):
+    if self.form not in FORMS:
       raise ValueError(f"alr.form={self.form!r}: expected 'residual' or 'mlp'")
-    if self.loss not in ("convex", "additive"):
+    if self.loss not in LOSSES:
       raise ValueError(f"alr.loss={self.loss!r}: expected 'convex' or 'additive'")
     if self.mix not in MIXES:
       raise ValueError(f"alr.mix={self.mix!r}: expected one of {MIXES}")

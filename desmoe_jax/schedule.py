@@ -7,7 +7,7 @@ masks keep refreshing, the backbone is frozen.
 Phase III (consolidation, step >= t2 * T): masks and router frozen; only the experts that
 domains own keep training.
 
-Parameter groups ("labels") are what the phases switch on and off; `optim.py` turns a phase's
+Parameter groups ("labels") are what the phases switch on and off; `optim/` turns a phase's
 trainable set into an optax transform, and the train step is compiled once per phase.
 """
 
@@ -16,20 +16,29 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from desmoe_jax.schema import Float, OneOf, knob
+
 WARMUP, STABILIZATION, CONSOLIDATION = 0, 1, 2
 PHASE_NAMES = ("warmup", "stabilization", "consolidation")
 
 # Parameter groups. "backbone": embeddings, attention, norms, dense layers, lm head.
 LABELS = ("backbone", "shared_experts", "router", "routed_experts")
 ALL = frozenset(LABELS)
+# schedule.warmup_trains: the groups phase I trains
+WARMUP_GROUPS = {
+    "router+backbone": frozenset({"router", "backbone", "shared_experts"}),
+    "router+experts": frozenset({"router", "routed_experts"}),
+    "all": ALL,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
   """Every field is a config knob (`schedule.*`)."""
-  t1: float = 0.2                          # end of phase I, as a fraction of total steps
-  t2: float = 0.7                          # end of phase II
-  warmup_trains: str = "router+backbone"   # "router+backbone" (Eq. 11) | "router+experts" | "all"
+  t1: float = knob(0.2, Float(0, 1))      # end of phase I, as a fraction of total steps
+  t2: float = knob(0.7, Float(0, 1))      # end of phase II
+  # "router+backbone" (Eq. 11) | "router+experts" | "all"
+  warmup_trains: str = knob("router+backbone", OneOf(*WARMUP_GROUPS))
 
   def __post_init__(self):
     if not 0.0 <= self.t1 <= self.t2 <= 1.0:
@@ -37,13 +46,6 @@ class ScheduleConfig:
     if self.warmup_trains not in WARMUP_GROUPS:
       raise ValueError(f"schedule.warmup_trains={self.warmup_trains!r}: expected one of "
                        f"{sorted(WARMUP_GROUPS)}")
-
-
-WARMUP_GROUPS = {
-    "router+backbone": frozenset({"router", "backbone", "shared_experts"}),
-    "router+experts": frozenset({"router", "routed_experts"}),
-    "all": ALL,
-}
 
 
 def phase_at(step: int, total_steps: int, cfg: ScheduleConfig) -> int:

@@ -12,8 +12,6 @@ parameters and inputs.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from collections.abc import Sequence
 
@@ -38,9 +36,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("domains", None),
 )
-
-_RULES: contextvars.ContextVar = contextvars.ContextVar("desmoe_axis_rules", default=None)
-
 
 def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
   """A mesh over `devices` (default all) with axes data/fsdp/expert/tensor.
@@ -72,7 +67,7 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules=None) -> P:
   """PartitionSpec for one array; a mesh axis is used at most once, and only where it divides."""
-  rules = dict(rules if rules is not None else (_RULES.get() or DEFAULT_RULES))
+  rules = dict(rules if rules is not None else DEFAULT_RULES)
   used, spec = set(), []
   for name, dim in zip(axes, shape):
     target = rules.get(name) if name is not None else None
@@ -131,7 +126,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
   """Sharding of a [batch, ...] input: batch over the data-parallel axes, rest replicated."""
-  rules = dict(rules if rules is not None else (_RULES.get() or DEFAULT_RULES))
+  rules = dict(rules if rules is not None else DEFAULT_RULES)
   target = rules["batch"]
   axes = tuple(a for a in ((target,) if isinstance(target, str) else target or ())
                if mesh.shape[a] > 1)
@@ -148,16 +143,6 @@ def constrain(x, axes: Sequence[str | None]):
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
-
-
-@contextlib.contextmanager
-def axis_rules(rules):
-  """Use `rules` instead of DEFAULT_RULES inside the block."""
-  token = _RULES.set(tuple(rules))
-  try:
-    yield
-  finally:
-    _RULES.reset(token)
 
 
 def describe(model: nnx.Module, mesh: Mesh, rules=None) -> str:

@@ -23,23 +23,29 @@ import numpy as np
 from flax import nnx
 
 from desmoe_jax.distributed import to_host
+from desmoe_jax.schema import BOOL, Float, Int, OneOf, knob
+
+
+SCORES = ("relative", "cumulative")   # dges.score
 
 
 @dataclasses.dataclass(frozen=True)
 class DgesConfig:
   """docs/METHOD.md section 2; every field is a config knob (`dges.*`)."""
-  momentum: float = 0.9                  # weight of the OLD value in A <- m A + (1 - m) f
-  phi: float = 0.6                       # mask threshold
-  score: str = "relative"                # "relative": A / row max >= phi | "cumulative": top-p
-  update_every: int = 10                 # T_update: steps between mask refreshes
-  duplicate_shared_experts: bool = False  # expert duplication at the end of phase I
-  max_copies: int = 8                    # per layer, capacity of the duplicate-expert bank
+  # weight of the OLD value in A <- m A + (1 - m) f
+  momentum: float = knob(0.9, Float(0, 1, hi_open=True))
+  phi: float = knob(0.6, Float(0, 1, lo_open=True))      # mask threshold
+  # "relative": A / row max >= phi | "cumulative": top-p
+  score: str = knob("relative", OneOf(*SCORES))
+  update_every: int = knob(10, Int(1))   # T_update: steps between mask refreshes
+  duplicate_shared_experts: bool = knob(False, BOOL)  # expert duplication at the end of phase I
+  max_copies: int = knob(8, Int(1))      # per layer, capacity of the duplicate-expert bank
   # Oracle control of the premise: per layer, the N experts the base model routes general text
   # to most never join a mask (so never train); 0 = off. See `exclude_experts`.
-  exclude_general_top: int = 0
+  exclude_general_top: int = knob(0, Int(0))
 
   def __post_init__(self):
-    if self.score not in ("relative", "cumulative"):
+    if self.score not in SCORES:
       raise ValueError(f"dges.score={self.score!r}: expected 'relative' or 'cumulative'")
     if not 0.0 <= self.momentum < 1.0:
       raise ValueError(f"dges.momentum={self.momentum} must be in [0, 1)")
@@ -146,6 +152,15 @@ def top_p_mask(scores, p: float):
   return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
 
 
+def normalise_per_layer(sums_le):
+  return sums_le / jnp.maximum(sums_le.sum(axis=-1, keepdims=True), 1e-30)
+
+
+def esft_select(scores_le, top_p: float):
+  """[L, E] 0/1: per layer, ESFT's top-p set of experts (esft.select)."""
+  return top_p_mask(normalise_per_layer(jnp.asarray(scores_le)), top_p).astype(jnp.float32)
+
+
 def mask_overlap(mask_lde):
   """Jaccard overlap of every pair of domains' masks, averaged over layers: [D, D]."""
   m = mask_lde.astype(jnp.float32)
@@ -209,12 +224,11 @@ def routing_premise(general_le, domain_shares: dict, phi: float,
                         "domain_on_mask": (share * mask).sum(-1).tolist(),
                         "concentration": top_fraction_share(share).tolist()}
     if domain_gates is not None:
-      from desmoe_jax import esft   # esft imports this module
       gate = np.asarray(domain_gates[name], np.float64)
       p = esft_top_p or {"token": 0.2, "gate": 0.1}
       per_domain[name]["gate_top_share"] = top_fraction_share(gate).tolist()
       per_domain[name]["esft_experts"] = {
-          k: np.asarray(esft.select(v, p[k])).sum(-1).tolist()
+          k: np.asarray(esft_select(v, p[k])).sum(-1).tolist()
           for k, v in (("token", share), ("gate", gate))}
   mean = lambda key: float(np.mean([v[key] for v in per_domain.values()]))
   ratios = [g / m for v in per_domain.values()

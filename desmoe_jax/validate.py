@@ -5,125 +5,61 @@ deep in the step loop (`train.log_every=0` used to end in ZeroDivisionError afte
 Every problem is one line naming the field, its value and what it may be:
 
     train.keep_checkpoints=0: must be >= 1
-    model.moe_impl='fast': must be one of 'auto', 'dense', 'ragged', 'tiled'
+    model.moe_impl='fast': must be one of 'auto', 'dense', 'ragged', 'tokamax', 'tiled'
 
 `validate(config)` raises one `ConfigError` listing every problem, one per line of its message
 (so that a user fixes them in one go); `train.py` / `eval.py` print each as an `error:` line and
 exit 2.
 
 The allowed values live in one table, `FIELDS` ("group.field" -> rule), plus `DOMAIN_FIELDS`
-for each entry of `data.domains`, and a few checks that relate two fields (`_CROSS_CHECKS`).
+for each entry of `data.domains`, and a few checks that relate two fields (`_cross_checks`).
+A field that a library dataclass consumes (optim.*, alr.*, dges.*, schedule.*, esft.*, model.*
+runtime fields, train.microbatches / precision) takes the rule that dataclass declares
+(desmoe_jax/schema.py), so its choices and range are written once.
 A field the config does not have is skipped, so the table may list fields that only some
 configs define; `unchecked_fields(config)` names the fields the table does not cover (a test
 keeps the shipped config fully covered). To allow a new value (say a new `model.moe_impl`),
-extend its rule here.
+extend its rule where it is declared (config.MOE_IMPLS).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import numbers
 import os
-from typing import Any
 
-from desmoe_jax.config import REMAT_POLICIES
+from desmoe_jax.config import RuntimeConfig
+from desmoe_jax.data import FORMATS
 from desmoe_jax.errors import ConfigError
-from desmoe_jax.optim import ADAFACTOR_OFFLOAD, DECAY_EXCLUDE, MOMENT_DTYPES, OPTIMIZERS
-from desmoe_jax.router import ALPHAS, MIXES
-from desmoe_jax.train_step import PRECISIONS
+from desmoe_jax.esft import EsftConfig
+from desmoe_jax.methods import METHODS
+from desmoe_jax.metrics import METRIC_NAMES
+from desmoe_jax.optim import ADAFACTOR_OFFLOAD, OptimConfig
+from desmoe_jax.router import AlrConfig
+from desmoe_jax.schedule import ScheduleConfig
+from desmoe_jax.schema import BOOL, MESH_AXIS, PATH, STR, Float, Int, OneOf, Rule, rules_of
+from desmoe_jax.specialization import DgesConfig
+from desmoe_jax.train_step import StepConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """What one field may hold. `kind`: "int", "float", "bool", "str". `choices`: the allowed
-  values (str fields). `lo`/`hi`: inclusive bounds unless `lo_open`/`hi_open`. `special`:
-  values allowed outside the bounds, with their meaning (e.g. {-1: "the paper's value"})."""
-  kind: str
-  choices: tuple = ()
-  lo: float | None = None
-  hi: float | None = None
-  lo_open: bool = False
-  hi_open: bool = False
-  special: tuple = ()          # ((value, meaning), ...)
-  nonempty: bool = False
-
-  def problem(self, value: Any) -> str | None:
-    """None if `value` is allowed, else what is wrong with it (without the field name)."""
-    if self.kind == "bool":
-      if not isinstance(value, bool):
-        return f"must be True or False, not a {type(value).__name__}"
-      return None
-    if self.kind == "str":
-      if not isinstance(value, str):
-        return f"must be a string, not a {type(value).__name__}"
-      if self.choices and value not in self.choices:
-        return "must be one of " + ", ".join(repr(c) for c in self.choices)
-      if self.nonempty and not value:
-        return "must not be empty"
-      return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      return f"must be a number, not a {type(value).__name__}"
-    if self.kind == "int" and not float(value).is_integer():
-      return "must be a whole number"
-    if any(value == v for v, _ in self.special):
-      return None
-    if isinstance(value, float) and not math.isfinite(value):
-      return "must be finite"
-    bad = ((self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)))
-           or (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))))
-    if bad:
-      return "must be " + self._range() + "".join(f", or {v!r} ({m})" for v, m in self.special)
-    return None
-
-  def _range(self) -> str:
-    if self.lo is not None and self.hi is not None:
-      return (f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
-              f"{')' if self.hi_open else ']'}")
-    if self.lo is not None:
-      return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
-    return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+# "group.field" -> Rule. The fields a library dataclass consumes take the rule it declares
+# (desmoe_jax/schema.py: `knob`); the rest are listed here. The dataclasses' __post_init__
+# re-check what they consume; this table is what runs first, on the whole config.
+DECLARED: dict[str, Rule] = {
+    **rules_of(StepConfig, "train"), **rules_of(RuntimeConfig, "model"),
+    **rules_of(OptimConfig, "optim"), **rules_of(AlrConfig, "alr"),
+    **rules_of(DgesConfig, "dges"), **rules_of(ScheduleConfig, "schedule"),
+    **rules_of(EsftConfig, "esft")}
 
 
-def _num(x):
-  return int(x) if float(x).is_integer() else x
+def _declared(section: str) -> dict[str, Rule]:
+  return {k: r for k, r in DECLARED.items() if k.split(".")[0] == section}
 
 
-def Int(lo=None, hi=None, **kw) -> Rule:  # noqa: N802 (reads as a type in the table)
-  return Rule("int", lo=lo, hi=hi, **kw)
-
-
-def Float(lo=None, hi=None, **kw) -> Rule:  # noqa: N802
-  return Rule("float", lo=lo, hi=hi, **kw)
-
-
-def OneOf(*choices) -> Rule:  # noqa: N802
-  return Rule("str", choices=tuple(choices))
-
-
-BOOL = Rule("bool")
-STR = Rule("str")
-PATH = Rule("str")            # may be empty where the field says so (e.g. no eval file)
-MESH_AXIS = Int(1, special=((-1, "all remaining devices"),))
-
-# "group.field" -> Rule. Keep in step with configs/*.py and the library's own checks (the
-# dataclasses' __post_init__ re-check what they consume; this table is what runs first).
 FIELDS: dict[str, Rule] = {
-    "method": OneOf("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr",
-                    "desmoe_no_dges", "desmoe_no_schedule"),
-    "seed": Int(0),
+    "method": OneOf(*METHODS),
+    **_declared("seed"),
 
     "model.path": PATH,
-    "model.dtype": OneOf(*DTYPES),
-    "model.param_dtype": OneOf(*DTYPES),
-    "model.moe_impl": OneOf("auto", "dense", "ragged", "tokamax", "tiled"),
-    "model.expert_parallel": OneOf("compiler", "shard_map"),
-    "model.attention_impl": OneOf("einsum", "jax", "tokamax"),
-    "model.remat": OneOf(*REMAT_POLICIES),
-    "model.scan_layers": BOOL,
-    "model.ce_chunk": Int(0),                        # 0: the plain cross-entropy
+    **_declared("model"),
 
     "data.general": PATH,
     "data.general_mc": PATH,
@@ -141,50 +77,13 @@ FIELDS: dict[str, Rule] = {
     "train.heatmap_layers": Int(1),
     "train.nan_check": BOOL,
     "train.init_from": PATH,                         # "" or another run's work directory
-    "train.skip_nonfinite_updates": Int(0),          # 0: off; N: skip up to N in a row
-    "train.microbatches": Int(1),
-    "train.precision": OneOf(*PRECISIONS),
+    **_declared("train"),        # microbatches, precision, skip_nonfinite_updates
 
-    "optim.learning_rate": Float(0, lo_open=True, special=((-1, "the paper's value"),)),
-    "optim.schedule": OneOf("linear", "cosine", "constant"),
-    "optim.warmup_steps": Int(0),
-    "optim.weight_decay": Float(0),
-    "optim.b1": Float(0, 1, hi_open=True),
-    "optim.b2": Float(0, 1, hi_open=True),
-    "optim.eps": Float(0, lo_open=True),
-    "optim.grad_clip": Float(0),
-    "optim.name": OneOf(*OPTIMIZERS),
-    "optim.moments_dtype": OneOf(*MOMENT_DTYPES),
-    "optim.host_offload": BOOL,
-    "optim.decay_exclude": OneOf(*DECAY_EXCLUDE),
-    "optim.per_expert_bias_correction": BOOL,
-
-    "alr.form": OneOf("residual", "mlp"),
-    "alr.hidden_mult": Int(1),
-    "alr.tau": Float(0, lo_open=True),
-    "alr.loss": OneOf("convex", "additive"),
-    "alr.beta": Float(0),
-    "alr.tau_squared": BOOL,
-    "alr.mix": OneOf(*MIXES),
-    "alr.alpha": OneOf(*ALPHAS),
-
-    "dges.momentum": Float(0, 1, hi_open=True),
-    "dges.phi": Float(0, 1, lo_open=True),
-    "dges.score": OneOf("relative", "cumulative"),
-    "dges.update_every": Int(1),
-    "dges.duplicate_shared_experts": BOOL,
-    "dges.max_copies": Int(1),
-    "dges.exclude_general_top": Int(0),              # 0: off
-
-    "schedule.t1": Float(0, 1),
-    "schedule.t2": Float(0, 1),
-    "schedule.warmup_trains": OneOf("router+backbone", "router+experts", "all"),
-
-    "esft.top_p": Float(0, 1, lo_open=True, special=((-1, "the paper's value"),)),
-    "esft.sample_tokens": Int(1),
-    "esft.domain": Int(0, special=((-1, "all domains"),)),
-    "esft.train_shared_experts": BOOL,
-    "esft.train_non_expert_modules": BOOL,
+    **_declared("optim"),
+    **_declared("alr"),
+    **_declared("dges"),
+    **_declared("schedule"),
+    **_declared("esft"),
 
     "ablation.linear_router_trainable": BOOL,
     "ablation.balance_loss": BOOL,
@@ -223,14 +122,14 @@ DOMAIN_FIELDS: dict[str, Rule] = {
     "name": Rule("str", nonempty=True),
     "train": Rule("str", nonempty=True),
     "eval": PATH,
-    "format": OneOf("auto", "messages", "prompt_response"),
+    "format": OneOf(*FORMATS),
     "prompt_field": Rule("str", nonempty=True),
     "response_field": Rule("str", nonempty=True),
     "messages_field": Rule("str", nonempty=True),
     "split": Rule("str", nonempty=True),
     "eval_split": Rule("str", nonempty=True),
     "weight": Float(0, lo_open=True),
-    "metric": OneOf("number_match", "pass_at_1", "law_label", "json_match", "rouge_l", "bleu"),
+    "metric": OneOf(*METRIC_NAMES),
 }
 
 

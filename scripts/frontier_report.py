@@ -21,9 +21,9 @@ import statistics
 
 import numpy as np
 
-from paper_report import fmt, general_delta, mean_in_domain, splice, table
-from reproduce_paper import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
-                             VARIANT_FIELDS, read_jsonl)
+from paper_common import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
+                          VARIANT_FIELDS, fmt, general_delta, mean_in_domain, read_jsonl,
+                          splice, table)
 
 BEGIN, END = "<!-- BEGIN FRONTIER -->", "<!-- END FRONTIER -->"
 FFT = ("fft", "")
@@ -83,6 +83,8 @@ def ablation_setting(records: list[dict], base: dict):
   targets each reaches if they share none), and its two rates on the learning branch whose
   in-domain losses are nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
   are complete."""
+  # The driver's grid, read when called (the driver may be running with an edited grid): the
+  # one import of reproduce_paper left in the reports (tests/test_imports.py names it).
   from reproduce_paper import FRONTIER_LRS
   fft = points(records, base, *FFT, 0)
   if len(fft) < len(FRONTIER_LRS[FFT]):

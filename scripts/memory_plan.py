@@ -79,14 +79,13 @@ from desmoe_jax import gpu_target  # noqa: E402
 from desmoe_jax import sharding as sharding_lib  # noqa: E402
 from desmoe_jax import train_step as ts  # noqa: E402
 from desmoe_jax.config import ModelConfig  # noqa: E402
-from desmoe_jax.methods import prepare_model  # noqa: E402
 from desmoe_jax.moe.block import resolve_impl  # noqa: E402
 from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
 from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
-from desmoe_jax.trainer import (check_microbatch_split, method_config,  # noqa: E402
-                                optim_config, step_config)
+from desmoe_jax.train_config import check_microbatch_split, step_config  # noqa: E402
+from desmoe_jax.train_state import TrainState, build_train_state  # noqa: E402
 
 GIB = 2**30
 CPU_DEVICES = 8  # simulated devices for a config mesh with a -1 axis on --target=cpu
@@ -214,33 +213,10 @@ def model_config(config, arch: str = "", target: str = "cpu", layers: int = 0) -
 # ------------------------------------------------------------------ abstract state, exact bytes
 
 
-@dataclasses.dataclass
-class TrainState:
-  """The abstract (ShapeDtypeStruct, sharded) arguments of one method's train step."""
-  method_cfg: object
-  optim_cfg: object
-  graphdef: object
-  state: object             # nnx.State: parameters + DES-MoE state
-  opt_state: object
-  state_shardings: object
-  opt_shardings: object
-
-
 def abstract_train_state(config, model_cfg: ModelConfig, mesh) -> TrainState:
-  mc, oc = method_config(config), optim_config(config)
-  model = nnx.eval_shape(lambda: prepare_model(init_model(model_cfg, config.seed), mc,
-                                               config.seed))
-  graphdef, state = nnx.split(model)
-  state_sh = sharding_lib.state_shardings(state, mesh)
-  opt_sh = ts.optimizer_shardings(mc, oc, state, mesh)
-  opt = jax.eval_shape(lambda ms: ts.init_optimizer(mc, oc, ms), state)
-  return TrainState(mc, oc, graphdef, with_shardings(state, state_sh), with_shardings(opt, opt_sh),
-                    state_sh, opt_sh)
-
-
-def with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  """The abstract (ShapeDtypeStruct, sharded) arguments of one method's train step."""
+  return build_train_state(config, lambda: init_model(model_cfg, config.seed), mesh,
+                           abstract=True)
 
 
 def _shard_bytes(x) -> int:

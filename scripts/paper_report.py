@@ -8,35 +8,22 @@ the PNGs go beside the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 
 import numpy as np
 
-from reproduce_paper import DOMAINS, LABELS, MULTI, SINGLE, SWEEP_LRS, SWEEP_METHODS, read_jsonl
-
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+from paper_common import (BEGIN, DOMAINS, END, LABELS, MULTI, SINGLE,  # noqa: F401 (paper_report.*)
+                          SWEEP_LRS, SWEEP_METHODS, domain_losses, fmt, general_delta,
+                          mean_in_domain, read_jsonl, splice, table)
 TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
 
 
 # ------------------------------------------------------------------ per-run quantities
 
 
-def general_delta(rec: dict, base: dict) -> float:
-  return rec["eval"]["general"]["loss"] - base["general"]["loss"]
-
-
 def mc_delta(rec: dict, base: dict) -> float:
   return rec["eval"]["general"]["mc_accuracy"] - base["general"]["mc_accuracy"]
-
-
-def domain_losses(rec: dict) -> dict:
-  return {d: rec["eval"][d]["loss"] for d in rec["domains"] if "loss" in rec["eval"].get(d, {})}
-
-
-def mean_in_domain(rec: dict) -> float:
-  return float(np.mean(list(domain_losses(rec).values())))
 
 
 def task_value(row: dict):
@@ -95,22 +82,6 @@ def final_smoothed(rec: dict) -> float:
 # ------------------------------------------------------------------ formatting
 
 
-def fmt(values, digits: int = 3, signed: bool = False) -> str:
-  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-  if not values:
-    return "-"
-  f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
-  if len(values) == 1:
-    return f.format(values[0])
-  return f"{f.format(statistics.mean(values))} ± {statistics.stdev(values):.{digits}f}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  out += ["| " + " | ".join(r) + " |" for r in rows]
-  return out
-
-
 # ------------------------------------------------------------------ the report
 
 
@@ -155,19 +126,6 @@ def write(workdir: str, report_file: str, sweep: bool = False, frontier: bool = 
     lines += ablation_section(groups, base)
     lines += goals_section(groups, base)
   splice(report_file, "\n".join(lines))
-
-
-def splice(path: str, generated: str, begin: str = BEGIN, end: str = END):
-  """Writes `generated` between the `begin` and `end` markers of `path` (appended when missing),
-  keeping the hand-written text around them."""
-  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
-  if begin not in text or end not in text:
-    text = text.rstrip() + f"\n\n{begin}\n{end}\n"
-  head, rest = text.split(begin, 1)
-  _, tail = rest.split(end, 1)
-  with open(path, "w") as f:
-    f.write(f"{head}{begin}\n{generated}\n{end}{tail}")
-
 
 
 def _largest_d(groups: dict) -> int:

@@ -55,76 +55,13 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The experiment grid (DOMAINS, MULTI, FRONTIER, LABELS, LR, ...) lives in scripts/paper_common.py,
+# shared with the two reports; scripts/ is on sys.path when this script runs.
+from paper_common import (ABLATIONS, DOMAINS, FRONTIER, FRONTIER_D, FRONTIER_LRS,  # noqa: E402,F401
+                          FRONTIER_TARGETS, LABELS, LR, MULTI, SINGLE, SWEEP_LRS, SWEEP_METHODS,
+                          VARIANT_FIELDS, read_jsonl)
+
 log = logging.getLogger("reproduce")
-
-DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
-# (method, variant) of the multi-domain runs at each D, in report order.
-MULTI = (("fft", ""), ("esft_token", "union"), ("esft_gate", "union"), ("desmoe", ""),
-         ("desmoe", "router+experts"), ("desmoe", "mix=update"), ("desmoe", "alpha=router"),
-         ("desmoe", "per_expert"), ("desmoe_no_alr", ""), ("desmoe_no_dges", ""),
-         ("desmoe_no_schedule", ""))
-# The config fields each variant of a DES-MoE run sets (docs/METHOD.md sections 3 and 7).
-# A variant may join several keys with "," (e.g. "router+experts,oracle"); each sets its fields.
-VARIANT_FIELDS = {
-    "router+experts": {"schedule.warmup_trains": "router+experts"},
-    "router+backbone": {"schedule.warmup_trains": "router+backbone"},
-    # Pinned to the reading it was measured under, whatever the preset's default becomes.
-    "mix=update": {"alr.mix": "update", "schedule.warmup_trains": "router+backbone"},
-    # desmoe_no_alr with the pretrained linear router frozen: masks and schedule only.
-    "router_frozen": {"ablation.linear_router_trainable": False},
-    # The oracle DGES control: the experts general text routes to most never join a mask. 16 of
-    # the tiny model's 32: they carry 58% of general text's top-k slots (--premise), since the
-    # base model routes general text almost uniformly.
-    "oracle": {"dges.exclude_general_top": 16},
-    "alpha=router": {"alr.alpha": "router"},
-    "per_expert": {"optim.per_expert_bias_correction": True},
-}
-SINGLE = ("esft_token", "esft_gate")
-
-# The matched-quality frontier: at D = 6, each method at several learning rates, so that its
-# general-loss increase can be read at the in-domain losses FFT reaches (frontier_report.py).
-# The rates bracket docs/RESULTS.md's D = 2 sweep on both sides of the losses the methods
-# share: FFT reaches low in-domain loss fast, so its grid starts lower (3e-5, the paper's FFT
-# rate); the masked methods learn slower, so theirs reach higher. The two router+backbone
-# curves also run 1e-4: from 3e-4 up they ended at in-domain loss 6.45 (three seeds), short of
-# the targets 6.5 and 7.0 that FFT and ESFT-Token reach.
-FRONTIER = (("fft", ""), ("esft_token", "union"), ("desmoe", "router+backbone"),
-            ("desmoe", "router+experts"), ("desmoe", "mix=update"))
-FRONTIER_LRS = {
-    ("fft", ""): (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
-    ("esft_token", "union"): (3e-4, 1e-3, 3e-3, 1e-2),
-    ("desmoe", "router+backbone"): (1e-4, 3e-4, 1e-3, 3e-3, 6e-3),
-    ("desmoe", "router+experts"): (3e-4, 1e-3, 3e-3, 1e-2),
-    ("desmoe", "mix=update"): (1e-4, 3e-4, 1e-3, 3e-3, 6e-3),
-}
-FRONTIER_D = 6
-# The mean in-domain held-out losses at which methods are compared (frontier_report): spaced
-# over the range the seed-0 frontiers span (FFT 4.2-7.9, DES-MoE 5.4-7.1, ESFT-Token 5.7-7.9);
-# every method's reaches 6.0.
-FRONTIER_TARGETS = (5.5, 6.0, 6.5, 7.0)
-# Ablations and controls of the DES-MoE reading with the least forgetting at matched quality,
-# each at the two frontier rates whose in-domain losses bracket the middle target:
-# (method, variant suffix after the reading). "w/o schedule" has no reading.
-ABLATIONS = (("desmoe_no_alr", ""), ("desmoe_no_dges", ""), ("desmoe_no_schedule", ""),
-             ("desmoe_no_alr", "router_frozen"), ("desmoe", "oracle"))
-LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
-          ("esft_gate", "union"): "ESFT-Gate (union)", ("desmoe", ""): "DES-MoE",
-          ("desmoe", "router+experts"): "DES-MoE (warm-up: router+experts)",
-          ("desmoe", "mix=update"): "DES-MoE (ALR: mixed updates)",
-          ("desmoe", "alpha=router"): "DES-MoE (ALR: lambda on the router's clock)",
-          ("desmoe", "per_expert"): "DES-MoE (per-expert Adam bias correction)",
-          ("desmoe_no_alr", ""): "DES-MoE w/o ALR", ("desmoe_no_dges", ""): "DES-MoE w/o DGES",
-          ("desmoe_no_schedule", ""): "DES-MoE w/o schedule",
-          ("desmoe", "router+backbone"): "DES-MoE (warm-up: router+backbone)",
-          ("desmoe_no_alr", "router_frozen"): "DES-MoE, router frozen",
-          ("desmoe", "oracle"): "DES-MoE + oracle DGES",
-          ("esft_token", "single"): "ESFT-Token (one model per domain)",
-          ("esft_gate", "single"): "ESFT-Gate (one model per domain)"}
-# Learning rate per method family, from `--sweep` (docs/RESULTS.md): the one of SWEEP_LRS with
-# the lowest final mean in-domain held-out loss at D = 2, seed 0.
-LR = {"fft": 3e-3, "esft": 3e-3, "desmoe": 3e-3}
-SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-SWEEP_METHODS = ("fft", "esft_token", "desmoe")
 
 # Sized for 2 CPU cores (about 0.7 s per step of 2 x 1024 tokens on the tiny model, and ~20 s
 # per run of loading, compiling and evaluating). `--quick` is the full run's seed 0 at D = 2 and
@@ -271,13 +208,6 @@ def machine() -> dict:
                   if line.startswith("model name")), cpu)
   return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "python": platform.python_version()}
-
-
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def curves(workdir: str, tokens_per_step: int) -> dict:

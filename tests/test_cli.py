@@ -16,6 +16,8 @@ from conftest import ONE_DEVICE_XLA_FLAGS
 from desmoe_jax import cli, run_config
 from desmoe_jax.run_config import load_config
 
+pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2e" skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_AT_RUN = None  # the checkout's commit when the tiny run trained
 FAST = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from conftest import E2E_MOE_IMPL, FAST_COMPILE_XLA_FLAGS
 
+pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2e" skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny preset, shrunk to what CI's 2 cores compile quickly: one schedule phase (t1=0,

@@ -120,3 +120,65 @@ def test_gpl_data_is_labelled_row_by_row():
       with open(os.path.join(REPO, "data", folder, f"{split}.jsonl"), encoding="utf-8") as f:
         sources |= {json.loads(line)[key] for line in f if line.strip()}
     assert sources and [s for s in sorted(sources) if f"| `{s}` |" not in listed] == []
+
+
+
+def _rows():
+  """{field: (its default in the table, the row's meaning)} of section 8: a row naming several
+  fields gives each its default in order when it shows one per field, else the first."""
+  text = open(METHOD, encoding="utf-8").read()
+  table = text[text.index("## 8. Every config field"):]
+  rows = {}
+  for line in table.splitlines():
+    if not line.startswith("| `"):
+      continue
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    names, first = [], None
+    for name in re.findall(r"`([^`]+)`", cells[0]):
+      if name.startswith("."):
+        name = first.rsplit(".", 1)[0] + name
+      first = first or name
+      names.append(name)
+    shown = re.findall(r"`([^`]*)`", cells[1].split("(tiny")[0])
+    for i, name in enumerate(names):
+      default = shown[i] if len(shown) == len(names) else (shown[0] if shown else None)
+      rows[name] = (default, cells[1] + " " + cells[2])
+  return rows
+
+
+def _same(shown: str, value) -> bool:
+  if shown == '""':
+    return value == ""
+  if isinstance(value, str) and os.path.isabs(value):   # a bundled file, cited from the repo
+    return os.path.relpath(value, REPO) == shown
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    try:
+      return float(shown) == float(value)
+    except ValueError:
+      return False
+  return shown == str(value)
+
+
+def test_section_8_agrees_with_the_presets_and_the_schema():
+  """One source for each field: the paper preset's default (configs/six_domains.py) is the
+  table's, and a row that lists a field's choices lists every choice its rule (validate.FIELDS,
+  from the dataclasses' declared rules) allows."""
+  from desmoe_jax import validate
+  paper = load_config(os.path.join(REPO, "configs", "six_domains.py"))
+  rows = _rows()
+  wrong_default, missing_choices = [], []
+  for field, rule in validate.FIELDS.items():
+    if field not in rows:
+      continue
+    default, text = rows[field]
+    value = paper
+    for part in field.split("."):
+      value = value[part]
+    if default is not None and not _same(default, value):
+      wrong_default.append(f"{field}: table {default!r}, preset {value!r}")
+    named = set(re.findall(r"`([^`]+)`", text))
+    choices = {c for c in rule.choices if c}
+    if len(named & choices) >= 2 and choices - named:
+      missing_choices.append(f"{field}: {sorted(choices - named)}")
+  assert wrong_default == []
+  assert missing_choices == []

@@ -76,7 +76,7 @@ def test_code_pass_at_1_is_opt_in_and_never_a_zero(tmp_path, monkeypatch, sandbo
 
   monkeypatch.setattr(sandbox, "_backends", lambda: [])
   sandbox.isolation_status.cache_clear()
-  monkeypatch.setattr(evaluate.trainer, "heldout_losses", None)  # must not get that far
+  monkeypatch.setattr(evaluate.heldout, "heldout_losses", None)  # must not get that far
   try:
     # A ConfigError (train.py / eval.py: one line, exit 2), since a setting overrides it.
     with pytest.raises(ConfigError, match="allow_unisolated_code_execution"):

@@ -28,6 +28,8 @@ from conftest import E2E_MOE_IMPL, make_family_model, one_device_env
 from desmoe_jax.convert import copy_tokenizer
 from desmoe_jax.families import FAMILIES
 
+pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2e" skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "assets", "tiny_deepseek_v2")   # the tiny preset's tokenizer
 COMMON = {"train.log_every": 1, "train.eval_every": 0, "data.batch_size": 1,

@@ -15,7 +15,7 @@ from flax import nnx
 
 pytest.importorskip("lm_eval")
 
-from desmoe_jax import build  # noqa: E402
+from desmoe_jax import build, evaluate  # noqa: E402
 from desmoe_jax.generate import greedy_generate  # noqa: E402
 from desmoe_jax.lm_eval_adapter import DesmoeLM, run_tasks  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
@@ -109,6 +109,24 @@ def test_loglikelihood_matches_a_direct_forward_pass(tiny):
   seq = (ctx + cont)[-17:]
   assert short.loglikelihood([Req(item["context"], " " + item["choices"][0])])[0][0] == \
       pytest.approx(_direct(model, seq, len(cont))[0], abs=1e-4, rel=1e-5)
+
+
+def test_builtin_multiple_choice_and_lm_eval_give_the_same_log_likelihoods(tiny):
+  """evaluate.py's multiple-choice metric (data.general_mc) and lm-eval's loglikelihood score
+  the same pairs alike: lm-eval's encoding (BOS, the context's trailing newline moved into the
+  continuation), the same sums, and each one a direct forward pass's."""
+  model, tokenizer = tiny
+  items = [json.loads(line) for line in open(os.path.join(REPO, "data", "general", "mc.jsonl"))]
+  pairs = [(item["context"], c) for item in items[:3] for c in item["choices"]]
+  builtin = evaluate.mc_scorer(model, tokenizer, seq_len=256)(pairs)
+  lm = DesmoeLM(model, tokenizer, max_length=256, batch_size=8)
+  via_lm_eval = lm.loglikelihood([Req(context, c) for context, c in pairs])
+  assert [logp for logp, _ in builtin] == [logp for logp, _ in via_lm_eval]
+  for (context, c), (logp, n) in zip(pairs, builtin):
+    ctx, cont = lm.encode_pair(context, c)
+    assert context.endswith("\n") and ctx[0] == tokenizer.bos_token_id and n == len(cont)
+    assert tokenizer.decode(cont).startswith("\n")
+    assert logp == pytest.approx(_direct(model, ctx + cont, len(cont))[0], abs=1e-4, rel=1e-5)
 
 
 def test_rolling_loglikelihood_is_the_sum_over_windows(tiny):

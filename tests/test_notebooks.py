@@ -24,6 +24,8 @@ from transformers import AutoTokenizer
 from desmoe_jax import evaluate, sharding, trainer
 from desmoe_jax.run_config import load_config
 
+pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2e" skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
 NOTEBOOKS = ("quickstart.ipynb", "deepseek_v2_lite_tpu.ipynb")
@@ -115,7 +117,7 @@ def test_notebooks_execute(tmp_path):
   model, meta = evaluate.load_run_model(config, str(work), mesh=mesh)
   assert meta["step"] == 8
   assert not model.moe_blocks().experts.down_proj[...].sharding.is_fully_replicated
-  sets = trainer._eval_loss_batches(config, AutoTokenizer.from_pretrained(config.model.path))
+  sets = trainer.eval_loss_batches(config, AutoTokenizer.from_pretrained(config.model.path))
   losses = trainer.heldout_losses(*nnx.split(model), sets)
   np.testing.assert_allclose([losses[n] for n in names], [results[n]["loss"] for n in names],
                              rtol=1e-5)

@@ -230,7 +230,7 @@ def test_kinds_come_from_the_modules_and_bare_paths_agree():
   params = nnx.state(model, nnx.Param)
   by_meta = {p: optim.kind_of(v) for p, v in nnx.to_flat_state(params)}
   bare = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda v: v[...], params,
-                                                           is_leaf=optim._is_variable))[0]
+                                                           is_leaf=optim.is_variable))[0]
   by_path = {tuple(str(_key(k)) for k in path): optim.kind_of(x, path) for path, x in bare}
   assert {tuple(map(str, p)): k for p, k in by_meta.items()} == by_path
   assert by_meta[("moe_layers", "mlp", "gate", "b1")] == "bias"            # the ALR's biases

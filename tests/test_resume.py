@@ -153,27 +153,27 @@ def _run_dir_with_checkpoint(tmp_path, config, **meta):
 def test_resume_and_eval_refuse_another_tokenizer_before_loading_the_model(tmp_path):
   from transformers import AutoTokenizer
 
-  from desmoe_jax import evaluate, trainer
+  from desmoe_jax import evaluate, run_dir
   from desmoe_jax.errors import ConfigError
   config = load_config(f"{CONFIG}:tiny")
   workdir = _run_dir_with_checkpoint(tmp_path, config, tokenizer="sha256:" + "0" * 64)
   with pytest.raises(ConfigError, match=r"the tokenizer in model.path=.* is not the one "
                                         r".*/checkpoints/2 was trained with"):
-    trainer._open_run(config, workdir, allow_config_change=False)
+    run_dir.open_run(config, workdir, allow_config_change=False)
   with pytest.raises(ConfigError, match=r"the tokenizer used for evaluation is not the one "
                                         r".*/checkpoints/2 was trained with"):
     evaluate.load_run_model(config, workdir, tokenizer=AutoTokenizer.from_pretrained(TINY_MODEL))
 
 
 def test_resume_refuses_run_altering_changes_unless_allowed(tmp_path):
-  from desmoe_jax import trainer
+  from desmoe_jax import run_dir
   from desmoe_jax.errors import ConfigError
   saved = load_config(f"{CONFIG}:tiny")
   workdir = _run_dir_with_checkpoint(tmp_path, saved)
   changed = load_config(f"{CONFIG}:tiny", {"data.batch_size": 8, "train.log_every": 1})
   with pytest.raises(ConfigError) as e:
-    trainer._open_run(changed, workdir, allow_config_change=False)
+    run_dir.open_run(changed, workdir, allow_config_change=False)
   assert str(e.value).splitlines()[1:] == ["data.batch_size: 4 -> 8"]   # log_every is free
-  checkpoints, _, _, meta = trainer._open_run(changed, workdir, allow_config_change=True)
+  checkpoints, _, _, meta = run_dir.open_run(changed, workdir, allow_config_change=True)
   checkpoints.close()
   assert meta["step"] == 2

@@ -271,7 +271,7 @@ def test_precision_must_match_the_weights_dtype():
 def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro,
                                                             levers):
   """optim.host_offload: the state is laid out in pinned_host memory and streamed through the
-  device a layer at a time (train_step._update_streamed), and two steps give the on-device
+  device a layer at a time (optim.update_streamed), and two steps give the on-device
   update's numbers: every optimizer option, frozen groups, the stochastic-rounding bits, and a
   non-finite batch skipped by every layer alike (the first step's, with skip_nonfinite_updates)."""
   from desmoe_jax import sharding
@@ -514,7 +514,7 @@ def test_int8_moments_in_the_sharded_train_step():
   assert np.isfinite(float(m["loss"]))
   codes = 0
   for (path, old, old_sharding), new in zip(before, jax.tree.leaves(new_opt)):
-    keys = [str(optim._key(k)) for k in path]
+    keys = [str(optim.path_key(k)) for k in path]
     assert new.dtype == old.dtype and new.sharding == old_sharding, keys
     if "mu_code" in keys and "experts" in keys and "up_proj" in keys:   # [L, E, D, F]
       codes += 1
@@ -529,7 +529,7 @@ def _master_leaves(opt_state):
   """{param path: master array} of the MasterState in an optimizer state."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    keys = [optim._key(k) for k in path]
+    keys = [optim.path_key(k) for k in path]
     if "master" in keys:
       keys = keys[keys.index("master") + 1:]
       out[tuple(keys[:-1] if keys[-1] == "value" else keys)] = np.asarray(leaf)
@@ -618,7 +618,7 @@ def test_frozen_zero_gradients_are_laid_out_like_their_parameters():
   params = nnx.eval_shape(lambda: nnx.state(tiny_model(), nnx.Param))
   want = sharding_lib.state_shardings(params, mesh)
   with jax.set_mesh(mesh):
-    out = jax.jit(ts._zeros_like_params).lower(params).compile().output_shardings
+    out = jax.jit(optim.zeros_like_params).lower(params).compile().output_shardings
   for (path, got), (_, sh) in zip(jax.tree_util.tree_leaves_with_path(out),
                                   jax.tree_util.tree_leaves_with_path(want)):
     assert got.is_equivalent_to(sh, 4), path

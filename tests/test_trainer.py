@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import E2E_MOE_IMPL, one_device_env
 
+pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2e" skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
 

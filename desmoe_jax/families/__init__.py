@@ -17,6 +17,7 @@ import json
 import os
 from types import ModuleType
 
+from desmoe_jax.config import FAMILY_IO
 from desmoe_jax.families import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (
@@ -48,3 +49,7 @@ def read_config_json(path: str) -> dict:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+# ModelConfig's HF interop (from_hf_dict, from_pretrained, to_hf_dict) dispatches through these.
+FAMILY_IO.update(family_of=family_of, read_config_json=read_config_json, get_family=get_family)

@@ -59,14 +59,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from desmoe_jax.moe import expert_parallel, gmm
-from desmoe_jax.config import ModelConfig
+from desmoe_jax.config import MOE_IMPLS, ModelConfig
 from desmoe_jax.moe.routing import (LinearRouter, Routing, SelectionBias, balance_loss,
                                     select_experts)
 from desmoe_jax.nn.layers import MLP, Linear, normal_init, param
 
 ROUTED_EXPERTS, SHARED_EXPERTS = "routed_experts", "shared_experts"   # parameter groups
 
-IMPLS = ("dense", "ragged", "tokamax", "tiled")
+IMPLS = tuple(i for i in MOE_IMPLS if i != "auto")   # the kernels model.moe_impl may name
 # What "auto" runs on each platform (see the module docstring for why).
 AUTO = {"cpu": "tiled", "tpu": "ragged", "gpu": "tokamax"}
 # ... and where the dispatch is sharded: on a multi-device mesh a Pallas kernel cannot be

@@ -106,7 +106,7 @@ def expert_outputs(local, x_td, ids_tk, gate_edf, up_edf, down_efd, *, num_exper
   # gathers its own experts here, not the partitioner propagating the shard_map's replicated
   # in_specs back through the layer scan to a gather of every layer's weights before it. (The
   # whole-stack [26, 64, 2048, 1408] buffers the TPU plan of V2-Lite's warm-up once showed were
-  # the frozen experts' zero gradients, train_step._zeros_like_params; this constraint alone did
+  # the frozen experts' zero gradients, optim.zeros_like_params; this constraint alone did
   # not change that plan.)
   gate_edf, up_edf = (sharding.constrain(w, ("experts", "embed", "expert_mlp"))
                       for w in (gate_edf, up_edf))
