@@ -21,6 +21,7 @@ import statistics
 
 import numpy as np
 
+import paper_common
 from paper_common import (ABLATIONS, FRONTIER, FRONTIER_D, FRONTIER_TARGETS, LABELS,
                           VARIANT_FIELDS, fmt, general_delta, mean_in_domain, read_jsonl,
                           splice, table)
@@ -83,16 +84,14 @@ def ablation_setting(records: list[dict], base: dict):
   targets each reaches if they share none), and its two rates on the learning branch whose
   in-domain losses are nearest the middle of those targets. None until both readings' and FFT's seed-0 frontiers
   are complete."""
-  # The driver's grid, read when called (the driver may be running with an edited grid): the
-  # one import of reproduce_paper left in the reports (tests/test_imports.py names it).
-  from reproduce_paper import FRONTIER_LRS
+  grid = paper_common.FRONTIER_LRS  # read when called: a caller may run with an edited grid
   fft = points(records, base, *FFT, 0)
-  if len(fft) < len(FRONTIER_LRS[FFT]):
+  if len(fft) < len(grid[FFT]):
     return None
   curves, reached = {}, {}
   for reading in READINGS:
     curves[reading] = points(records, base, "desmoe", reading, 0)
-    if len(curves[reading]) < len(FRONTIER_LRS[("desmoe", reading)]):
+    if len(curves[reading]) < len(grid[("desmoe", reading)]):
       return None
     reached[reading] = {t: r for t in FRONTIER_TARGETS
                         if (r := ratio(interpolate(curves[reading], t), interpolate(fft, t)))

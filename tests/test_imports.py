@@ -91,18 +91,8 @@ def _cycles(graph: dict) -> list[list[str]]:
   return out
 
 
-# The one edge kept: frontier_report.ablation_setting reads the driver's FRONTIER_LRS when called
-# (a lazy import), as tests/test_reproduce.py pins by editing reproduce_paper.FRONTIER_LRS;
-# every other name the reports share with the driver comes from scripts/paper_common.py.
-KEPT = {("frontier_report", "reproduce_paper")}
-
-
 def test_no_import_circles():
-  graph = _graph()[0]
-  for a, b in KEPT:
-    assert b in graph[a], f"{a} no longer imports {b}: drop it from KEPT"
-    graph[a] = graph[a] - {b}
-  assert _cycles(graph) == []
+  assert _cycles(_graph()[0]) == []
 
 
 def test_no_module_reads_another_modules_private_names():

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
+import paper_common  # noqa: E402
 import paper_report  # noqa: E402
 import reproduce_paper as rp  # noqa: E402
 from desmoe_jax import trainer  # noqa: E402
@@ -161,9 +162,10 @@ def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
   """The reading with the smaller fraction of FFT's forgetting is chosen, at its two rates
   nearest the middle of the targets it reaches; nothing until the frontiers are complete."""
   import frontier_report as fr
-  monkeypatch.setattr(rp, "FRONTIER_LRS", {("fft", ""): (1e-4, 1e-3, 3e-3),
-                                           ("desmoe", "router+backbone"): (1e-4, 1e-3, 3e-3),
-                                           ("desmoe", "router+experts"): (1e-4, 1e-3, 3e-3)})
+  monkeypatch.setattr(paper_common, "FRONTIER_LRS",
+                      {("fft", ""): (1e-4, 1e-3, 3e-3),
+                       ("desmoe", "router+backbone"): (1e-4, 1e-3, 3e-3),
+                       ("desmoe", "router+experts"): (1e-4, 1e-3, 3e-3)})
   monkeypatch.setattr(fr, "FRONTIER_TARGETS", (5.5, 6.0, 6.5))
   base = {"general": {"loss": 4.0}}
   curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
@@ -174,7 +176,8 @@ def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
               for lr, x, y in curve]
   assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
   # A rate past the best in-domain loss lands near the middle (6.0) but is never chosen.
-  monkeypatch.setitem(rp.FRONTIER_LRS, ("desmoe", "router+experts"), (1e-4, 1e-3, 3e-3, 1e-2))
+  monkeypatch.setitem(paper_common.FRONTIER_LRS, ("desmoe", "router+experts"),
+                      (1e-4, 1e-3, 3e-3, 1e-2))
   records.append(_frontier_record("desmoe", "router+experts", 1e-2, 6.0, 3.0))
   assert fr.ablation_setting(records, base) == ("router+experts", (1e-3, 3e-3))
   monkeypatch.setattr(rp, "ABLATIONS", (("desmoe_no_alr", ""), ("desmoe_no_schedule", ""),
