@@ -83,7 +83,12 @@ def test_smoke_runs_every_stage(tmp_path):
   assert set(jax_layers) == {"ragged", "tokamax"}
   for r in jax_layers.values():
     assert r["check_vs_torch_eager"]["ok"] and r["median_ms"] > 0
-    assert r["hlo"]["dense_fallback"] == [] and r["hlo"]["compiler_flops"] > 0
+    assert r["hlo"]["compiler_flops"] > 0
+    # On CPU both are ragged_dot (tokamax has no CPU kernel and falls back to it), which XLA:CPU
+    # lowers to a dot over all experts (moe/block.py); the check reads operand shapes by name,
+    # as XLA:CPU prints them, and finds it. On a GPU tokamax must show none (bench/RESULTS.md;
+    # tests/test_gpu_compile.py holds the compile-only GPU program to that).
+    assert r["hlo"]["dense_fallback"]
   assert jax_layers["tokamax"]["check_vs_ragged"]["ok"]
   train = {r["method"]: r for r in by("train_jax")}
   assert set(train) == {"fft", "desmoe"}
