@@ -101,7 +101,8 @@ def test_signatures_equal_a_per_example_loop():
   segments = (np.arange(16)[None] < np.array([len(x) for x in examples])[:, None])
   topk_ids = nnx.jit(lambda m, t, seg: m(t, segment_ids_bs=seg, return_routing=True,
                                          logits=False).routing.topk_ids)
-  topk = np.asarray(topk_ids(model, jnp.asarray(tokens), jnp.asarray(segments, jnp.int32))).reshape(2, len(examples), 16, k)   # [L, N, S, K]
+  topk = np.asarray(topk_ids(model, jnp.asarray(tokens), jnp.asarray(segments, jnp.int32)))
+  topk = topk.reshape(2, len(examples), 16, k)                               # [L, N, S, K]
   for i, ids in enumerate(examples):
     want = np.stack([np.bincount(layer[i, :len(ids)].reshape(-1), minlength=e)
                      for layer in topk]) / (len(ids) * k)
@@ -180,3 +181,78 @@ def test_iterator_carries_each_examples_cluster_and_the_same_tokens(tmp_path):
         assert set(b["domain_id"][row][where].tolist()) == {int(ids[d][i])}
   with pytest.raises(ValueError, match=r"for \[5, 3\] examples, the sources have \[5, 4\]"):
     found.set_example_domains([ids[0], ids[1][:3]])
+
+
+def _small_six_domains(tmp_path, train=12, held=3) -> list[str]:
+  """Flags pointing the six domains of the :tiny preset at their shortest rows (seconds to
+  route and cluster, where the bundled files take minutes), at 512-token sequences."""
+  from desmoe_jax.configs.six_domains import DOMAINS
+  from desmoe_jax.paths import bundled
+  flags = ["--config.data.select=", "--config.data.seq_len=512"]
+  for i, name in enumerate(DOMAINS):
+    for split, n in (("train", train), ("eval", held)):
+      rows = sorted(open(bundled("data", name, f"{split}.jsonl")).read().splitlines(),
+                    key=len)[:n]
+      path = tmp_path / "data" / name / f"{split}.jsonl"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text("\n".join(rows) + "\n")
+      flags.append(f"--config.data.domains[{i}].{split}={path}")
+  return flags + ["--config.data.discover_domains=6"]
+
+
+@pytest.mark.e2e
+def test_train_py_discovers_resumes_after_sigterm_bit_identically_and_eval_reports_clusters(
+    tmp_path):
+  """train.py on the six tiny domains with data.discover_domains=6: the assignment is written
+  once; a SIGTERM mid-run and the rerun give the uninterrupted run's losses bit for bit, the
+  rerun reading the assignment instead of clustering again; eval.py reports every labelled
+  domain and every cluster."""
+  import re
+  import signal
+  import subprocess
+  import sys
+  import time
+  from conftest import one_device_env
+  from test_trainer import REPO, _losses, _train_py
+  flags = _small_six_domains(tmp_path)
+  ref = _train_py(tmp_path / "ref", *flags, checkpoint_every=100)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert re.search(r"discovered domains: K=6; cluster sizes \[(\d+, ){5}\d+\]", ref.stdout)
+  saved = json.loads((tmp_path / "ref" / "domains.json").read_text())
+  assert saved["k"] == 6 and saved["info"]["sizes"] and all(saved["info"]["sizes"])
+  assert [t["examples"] for t in saved["train"].values()] == [12] * 6
+
+  work = tmp_path / "work"
+  proc = _train_py(work, *flags, wait=False, checkpoint_every=100)
+  metrics, deadline = work / "metrics.jsonl", time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any('"loss"' in l for l in metrics.read_text().splitlines()[1:]):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be preempted"
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 75, stderr[-3000:]
+  assignment = (work / "domains.json").read_bytes()
+  resumed = _train_py(work, *flags, checkpoint_every=100)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr and "the 6 clusters saved in" in resumed.stderr
+  assert "discovered domains" not in resumed.stdout            # never re-clustered
+  assert (work / "domains.json").read_bytes() == assignment
+  assert json.loads(assignment)["train"] == saved["train"]      # same seed, same clusters
+  ref_losses, got = _losses(tmp_path / "ref"), _losses(work)
+  assert sorted(got) == sorted(ref_losses) == list(range(1, 9))
+  np.testing.assert_array_equal([got[s] for s in range(1, 9)],
+                                [ref_losses[s] for s in range(1, 9)])
+
+  ev = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={work}",
+                       "--no_generation", "--no_base"], capture_output=True, text=True,
+                      env=one_device_env(), timeout=900)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  results = json.loads((work / "eval" / "step8" / "results.json").read_text())
+  from desmoe_jax.configs.six_domains import DOMAINS
+  clusters = [f"cluster{c}" for c in range(6)
+              if any(c in h["cluster"] for h in saved["heldout"].values())]
+  assert clusters and set(DOMAINS) | set(clusters) <= set(results)
+  for name in list(DOMAINS) + clusters:
+    assert np.isfinite(results[name]["loss"]) and re.search(rf"^{name}\s+\d", ev.stdout, re.M)
