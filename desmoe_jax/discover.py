@@ -296,11 +296,12 @@ def signature_setup(config, model) -> dict:
 
 def discover(config, model, train_examples: dict, heldout_examples: dict, workdir: str,
              *, saved_model_path: str | None = None, resuming: bool = False,
-             place=jnp.asarray) -> Assignment:
+             place=jnp.asarray, signatures: np.ndarray | None = None) -> Assignment:
   """The run's assignment: read from <workdir>/domains.json when it is there (checked against
   the run), else computed from `model`'s routing and written there. `train_examples` /
   `heldout_examples`: {source name: [token id arrays]}; `resuming`: the workdir holds a
-  checkpoint, so the assignment must already exist."""
+  checkpoint, so the assignment must already exist. `signatures`: those of the pooled training
+  examples, when already computed (scripts/discover_report.py clusters them twice)."""
   path = os.path.join(workdir, FILE)
   setup = signature_setup(config, model)
   if saved_model_path is not None:
@@ -319,7 +320,8 @@ def discover(config, model, train_examples: dict, heldout_examples: dict, workdi
                       "another --workdir")
   pooled = [x for ex in train_examples.values() for x in ex]
   kw = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size, place=place)
-  signatures = routing_signatures(model, pooled, **kw)
+  if signatures is None:
+    signatures = routing_signatures(model, pooled, **kw)
   want, info = requested(config), {}
   if want == "auto":
     k, info["silhouette"] = choose_k(signatures, config.seed)
