@@ -70,6 +70,7 @@ class Check:
   """A rule given by a function (value -> what is wrong, or None): for a field that takes more
   than one type (e.g. data.discover_domains: a number or "auto")."""
   check: Callable[[Any], str | None]
+  choices: tuple = ()          # none listed: the function decides
 
   def problem(self, value: Any) -> str | None:
     return self.check(value)
