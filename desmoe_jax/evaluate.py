@@ -209,12 +209,12 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
           f.write(json.dumps({"prompt": ex.get("prompt_text", ""), "answers": ex["answers"],
                               "generation": g}, ensure_ascii=False) + "\n")
 
-  for name in (discover.cluster_names(assignment.k) if assignment is not None else ()):
-    if name in losses:
-      results[name] = {"loss": losses[name], "perplexity": metrics_lib.perplexity(
-          losses[name], 1.0) if np.isfinite(losses[name]) else float("nan"),
-          "heldout_examples": sum(cl == int(name[len("cluster"):]) for h in assignment.heldout.values()
-                          for cl in h["cluster"])}
+  for c, name in enumerate(discover.cluster_names(assignment.k) if assignment else ()):
+    if name in losses:   # held-out examples in the cluster: at most eval.loss_batches scored
+      assigned = sum(cl == c for h in assignment.heldout.values() for cl in h["cluster"])
+      results[name] = {"loss": losses[name], "heldout_examples": assigned,
+                       "perplexity": metrics_lib.perplexity(losses[name], 1.0)
+                       if np.isfinite(losses[name]) else float("nan")}
 
   general = results.setdefault("general", {})
   if "general" in losses:

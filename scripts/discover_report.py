@@ -200,9 +200,9 @@ def base_eval(args) -> dict:
 
 def report(args, found: dict, runs: list[dict], base: dict | None) -> str:
   lines = [f"Base model `{os.path.relpath(found['model'], REPO)}`: {found['examples']} training "
-           f"examples of the six domains pooled, labels hidden; signature {found['signature_dims']}"
-           f" numbers per example (MoE layers x routed experts), routed in {found['route_s']:.0f} s.",
-           ""]
+           "examples of the six domains pooled, labels hidden; signature "
+           f"{found['signature_dims']} numbers per example (MoE layers x routed experts), routed "
+           f"in {found['route_s']:.0f} s.", ""]
   lines += ["| request | K | cluster sizes | ARI (training) | ARI (held-out, nearest centroid) |",
             "|---|---|---|---|---|"]
   for want, r in found["requests"].items():
