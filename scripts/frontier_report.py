@@ -193,6 +193,11 @@ def write(workdir: str, report_file: str):
     lines += singles_section(records, base)
     lines += convergence_section(records)
   splice(report_file, "\n".join(lines), *marker(preset))
+  with open(os.path.join(plot_dir, f"frontier_points_{preset}.json"), "w") as f:
+    json.dump({"preset": preset, "source": f"scripts/reproduce_paper.py --frontier, {len(records)} "
+               "runs", "targets": list(targets or ()), "points": point_summary(records, base)},
+              f, indent=1)
+  plot_testbeds(plot_dir)
 
 
 def base_in_domain(base: dict) -> float:
@@ -652,3 +657,58 @@ def convergence_section(records) -> list[str]:
            "at most 32% of FFT's steps.", ""]
   return lines + table(["lr", "seeds", "FFT steps", "DES-MoE steps", "DES-MoE / FFT"],
                        rows) + [""]
+
+
+# ------------------------------------------------------------------ both testbeds in one figure
+
+
+def point_summary(records, base) -> list[dict]:
+  """Every frontier point as the plot and the points table use it: per FRONTIER method and
+  rate, mean and std over seeds of the in-domain loss (x) and the general-loss increase (y)."""
+  out = []
+  for key in FRONTIER:
+    for lr in sorted({r["lr"] for r in records if (r["method"], r["variant"]) == key
+                      and r["D"] == FRONTIER_D}):
+      rs = [r for r in records if (r["method"], r["variant"]) == key and r["lr"] == lr
+            and r["D"] == FRONTIER_D]
+      x, y = [mean_in_domain(r) for r in rs], [general_delta(r, base) for r in rs]
+      out.append({"method": key[0], "variant": key[1], "lr": lr, "seeds": len(rs),
+                  "x": float(np.mean(x)), "x_std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0,
+                  "y": float(np.mean(y)), "y_std": float(np.std(y, ddof=1)) if len(y) > 1 else 0.0})
+  return out
+
+
+def plot_testbeds(plot_dir: str):
+  """frontier_testbeds.png: one panel per testbed whose frontier_points_<preset>.json is in
+  `plot_dir`, FFT's and DES-MoE's frontiers (mean over seeds) with the testbed's targets."""
+  found = [p for p in TESTBEDS if os.path.exists(os.path.join(plot_dir,
+                                                              f"frontier_points_{p}.json"))]
+  if not found:
+    return
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(found), figsize=(6.0 * len(found), 4.4), squeeze=False)
+  for ax, preset in zip(axes[0], found):
+    with open(os.path.join(plot_dir, f"frontier_points_{preset}.json")) as f:
+      data = json.load(f)
+    for key in FRONTIER:
+      pts = [p for p in data["points"] if (p["method"], p["variant"]) == key]
+      if not pts:
+        continue
+      ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts],
+                  xerr=[p["x_std"] for p in pts], yerr=[p["y_std"] for p in pts], marker="o",
+                  capsize=2, label=LABELS[key],
+                  linewidth=2.2 if key in (FFT, ("desmoe", "router+backbone")) else 1.2)
+    for t in data.get("targets", []):
+      ax.axvline(t, color="gray", linewidth=0.6, linestyle=":")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_ylim(bottom=min([0.0] + [p["y"] for p in data["points"]]))
+    seeds = max((p["seeds"] for p in data["points"]), default=0)
+    ax.set_title(f":{preset} ({seeds} seed{'s' if seeds != 1 else ''} per point)", fontsize=9)
+    ax.set_xlabel(f"mean in-domain held-out loss, D = {FRONTIER_D}")
+    ax.set_ylabel("general held-out loss − base")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(os.path.join(plot_dir, "frontier_testbeds.png"), dpi=110)
+  plt.close(fig)

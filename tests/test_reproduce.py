@@ -286,6 +286,12 @@ def test_tiny_v2_protocol_places_targets_and_extra_runs_and_reports_them(monkeyp
   assert "| ESFT-Token (one model per domain) | 0.001 | 5.000 | 6.000 | - |" in text
   assert "### Steps to the same training loss" in text
   assert (tmp_path / "frontier_D6_tiny_v2.png").exists()
+  # The points behind both testbeds' figure: FFT's 3e-3 point is (5.0, +1.3), one seed.
+  points = json.loads((tmp_path / "frontier_points_tiny_v2.json").read_text())
+  assert {"method": "fft", "variant": "", "lr": 3e-3, "seeds": 1, "x": 5.0, "x_std": 0.0,
+          "y": pytest.approx(1.3), "y_std": 0.0} in points["points"]
+  assert points["targets"] == [5.425, 5.875, 6.325, 6.775]
+  assert (tmp_path / "frontier_testbeds.png").exists()
 
 
 def test_only_the_whole_run_reports_into_docs():
