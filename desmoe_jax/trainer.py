@@ -3,6 +3,7 @@ checkpoints, evaluations, and the final Hugging Face export. Notebooks call `tra
 
 Work directory layout:
   config.json            the config as given (data.select applied, hub ids kept): eval.py reads it
+  domains.json           data.discover_domains: the discovered domains (discover.py), written once
   checkpoints/<step>/    orbax: model state, optimizer state, meta (data position, RNG, phase)
   metrics.jsonl          one JSON record per logged step / evaluation
   tb/                    TensorBoard event files
