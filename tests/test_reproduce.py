@@ -238,7 +238,14 @@ def test_tiny_v2_protocol_places_targets_and_extra_runs_and_reports_them(monkeyp
   records = [rec("fft", "", lr, x, y) for lr, x, y in curve]
   records += [rec("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
   records += [rec("desmoe", "router+experts", lr, x + 0.2, y / 5) for lr, x, y in curve]
-  assert fr.shared_targets(records, base) is None               # mix=update missing
+  # Only the readings a run has count (--quick: FFT and router+backbone), but a started one
+  # must be complete.
+  assert fr.shared_targets(records[:6], base) == (5.25, 5.75, 6.25, 6.75)   # both span 5-7
+  assert fr.shared_targets(records[:3], base) is None           # no DES-MoE reading at all
+  assert fr.shared_targets(records[:-1], base) is None          # router+experts incomplete
+  records += [rec("desmoe", "mix=update", lr, x, y / 2) for lr, x, y in curve[:1]]
+  assert fr.shared_targets(records, base) is None               # mix=update incomplete
+  records = records[:-1]
   records += [rec("desmoe", "mix=update", lr, x, y / 2) for lr, x, y in curve]
   # lo = 5.2 (router+experts' lowest), hi = 7.0: the middles of four parts of [5.2, 7.0].
   assert fr.targets_of(records, base, "tiny_v2") == (5.425, 5.875, 6.325, 6.775)
