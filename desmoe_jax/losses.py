@@ -28,9 +28,15 @@ KERNEL_AXES = ("embed", "vocab")  # the output projection's logical axes (layers
 
 def token_losses(logits_bsv, tokens_bs):
   """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
-  logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(nll, ((0, 0), (1, 0)))
+  # Every position's log-softmax, the target's picked by a one-hot select and a sum: no slice of
+  # the [B, S, V] logits and no gather, whose gradients XLA:CPU builds as a zeroed [B, S-1, V]
+  # buffer, a scatter into it and a padded copy (bench/RESULTS.md). The same numbers: the sum
+  # adds exact zeros to the target's log-probability.
+  logp = jax.nn.log_softmax(logits_bsv.astype(jnp.float32), axis=-1)
+  targets_bs = jnp.pad(tokens_bs[:, 1:], ((0, 0), (0, 1)))  # the last position predicts nothing
+  hit = targets_bs[..., None] == jnp.arange(logp.shape[-1], dtype=targets_bs.dtype)
+  nll = -jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
+  return jnp.pad(nll[:, :-1], ((0, 0), (1, 0)))
 
 
 def chunked_token_losses(hidden_bsd, kernel_dv, tokens_bs, chunk: int):

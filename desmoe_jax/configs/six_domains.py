@@ -145,7 +145,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
-  c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
+  # blocked (the einsum reference a block of causal queries at a time, scores recomputed in the
+  # backward: desmoe_jax/nn/blocked_attention.py) | einsum | jax (jax.nn.dot_product_attention,
+  # cuDNN on GPU)
+  c.model.attention_impl = "blocked"
   # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
   # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
   c.model.remat = "none" if tiny else "full"
