@@ -172,4 +172,5 @@ def profile(run, hlo_text: str, steps: int = 3, per_instruction=None) -> dict:
 
 def format_split(split: dict) -> list[str]:
   total = sum(split.values()) or 1.0
-  return [f"    {p:<22}{100 * split[p] / total:6.1f}%" for p in ORDER if p in split]
+  return [f"    {p:<22}{100 * split[p] / total:6.1f}%  {1e3 * split[p]:8.1f} ms" for p in ORDER
+          if p in split] + [f"    {'(sum over threads)':<22}{100.0:6.1f}%  {1e3 * total:8.1f} ms"]

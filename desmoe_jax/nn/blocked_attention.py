@@ -37,19 +37,26 @@ def causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, block: int
   return _attention(q_bshd, k_bshd, v_bshv, mask_b1qk, float(scale), block)
 
 
-def _block_probs(q_bchd, k_bshd, mask_b1ck, scale):
-  """(probs [B, H, c, k] float32, row max, row sum) of one query block, the reference's ops."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q_bchd, k_bshd) * jnp.asarray(scale, q_bchd.dtype)
+def _block_probs(q_bhcd, k_bhkd, mask_b1ck, scale):
+  """probs [B, H, c, k] float32 of one query block, by the reference's operations."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhcd, k_bhkd) * jnp.asarray(scale, q_bhcd.dtype)
   logits = jnp.where(mask_b1ck, logits, jnp.finfo(logits.dtype).min).astype(jnp.float32)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
-  l = jnp.sum(e, axis=-1, keepdims=True)
-  return e / l
+  return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
 def _blocks(s, block):
   """(first query row, end of its key range) of every block."""
   return [(r, r + block) for r in range(0, s, block)]
+
+
+def _heads_first(x_bshd):
+  return jnp.swapaxes(x_bshd, 1, 2)                                   # [B, H, S, D]
+
+
+def _cat(blocks, axis):
+  return jnp.concatenate(blocks, axis=axis) if len(blocks) > 1 else blocks[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -58,16 +65,17 @@ def _attention(q, k, v, mask, scale, block):
 
 
 def _forward(q, k, v, mask, scale, block):
+  """Blocks run on [B, H, S, D] copies of q, k, v (one transpose each, not one per block)."""
   s = q.shape[1]
+  qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
   valid_b1q1 = jnp.any(mask, axis=-1, keepdims=True)                 # a row with a key
-  mean_v = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(v.dtype)  # [B,1,H,Dv]
+  mean_v = jnp.mean(vh.astype(jnp.float32), axis=2, keepdims=True).astype(v.dtype)  # [B,H,1,Dv]
   outs = []
   for r, end in _blocks(s, block):
-    probs = _block_probs(q[:, r:end], k[:, :end], mask[:, :, r:end, :end], scale)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(q.dtype), v[:, :end])
-    valid = jnp.swapaxes(valid_b1q1[:, :, r:end], 1, 2)            # [B, c, 1, 1]
-    outs.append(jnp.where(valid, out, mean_v))
-  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    probs = _block_probs(qh[:, :, r:end], kh[:, :, :end], mask[:, :, r:end, :end], scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(q.dtype), vh[:, :, :end])
+    outs.append(jnp.where(valid_b1q1[:, :, r:end], out, mean_v))
+  return jnp.swapaxes(_cat(outs, 2), 1, 2)
 
 
 def _fwd(q, k, v, mask, scale, block):
@@ -78,30 +86,31 @@ def _bwd(scale, block, res, g_bshv):
   q, k, v, mask = res
   s = q.shape[1]
   dt = q.dtype
+  qh, kh, vh, gh = (_heads_first(a) for a in (q, k, v, g_bshv))
   valid_b1q1 = jnp.any(mask, axis=-1, keepdims=True)
   dq_blocks = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
+  dk = jnp.zeros(kh.shape, jnp.float32)
+  dv = jnp.zeros(vh.shape, jnp.float32)
   for r, end in _blocks(s, block):
     valid = valid_b1q1[:, :, r:end]                                    # [B, 1, c, 1]
-    probs = _block_probs(q[:, r:end], k[:, :end], mask[:, :, r:end, :end], scale)
+    probs = _block_probs(qh[:, :, r:end], kh[:, :, :end], mask[:, :, r:end, :end], scale)
     probs = jnp.where(valid, probs, 0.0)
-    g = g_bshv[:, r:end]                                               # [B, c, H, Dv]
-    dv = dv.at[:, :end].add(jnp.einsum("bhqk,bqhd->bkhd", probs.astype(dt), g,
-                                       preferred_element_type=jnp.float32))
-    dprobs = jnp.einsum("bqhd,bkhd->bhqk", g, v[:, :end]).astype(jnp.float32)
+    g = gh[:, :, r:end]                                                # [B, H, c, Dv]
+    dv = dv.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", probs.astype(dt), g,
+                                          preferred_element_type=jnp.float32))
+    dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, vh[:, :, :end]).astype(jnp.float32)
     dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
     dlogits = (jnp.where(mask[:, :, r:end, :end], dlogits, 0.0).astype(dt)
                * jnp.asarray(scale, dt))
-    dq_blocks.append(jnp.einsum("bhqk,bkhd->bqhd", dlogits, k[:, :end]))
-    dk = dk.at[:, :end].add(jnp.einsum("bhqk,bqhd->bkhd", dlogits, q[:, r:end],
-                                       preferred_element_type=jnp.float32))
+    dq_blocks.append(jnp.einsum("bhqk,bhkd->bhqd", dlogits, kh[:, :, :end]))
+    dk = dk.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", dlogits, qh[:, :, r:end],
+                                          preferred_element_type=jnp.float32))
   # Rows without a key got mean(V): their gradient reaches every key's V by 1/S.
-  invalid = ~jnp.swapaxes(valid_b1q1, 1, 2)                            # [B, S, 1, 1]
-  dv = dv + (jnp.sum(jnp.where(invalid, g_bshv, 0).astype(jnp.float32), axis=1, keepdims=True)
-             / s)
-  dq = jnp.concatenate(dq_blocks, axis=1) if len(dq_blocks) > 1 else dq_blocks[0]
-  return dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None
+  dv = dv + jnp.sum(jnp.where(valid_b1q1, 0, gh).astype(jnp.float32), axis=2,
+                    keepdims=True) / s
+  dq = _cat(dq_blocks, 2)
+  return (jnp.swapaxes(dq, 1, 2).astype(dt), jnp.swapaxes(dk, 1, 2).astype(k.dtype),
+          jnp.swapaxes(dv, 1, 2).astype(v.dtype), None)
 
 
 _attention.defvjp(_fwd, _bwd)
