@@ -66,8 +66,9 @@ class RuntimeConfig:
   scan_layers: bool = knob(True, BOOL)    # lax.scan over the stacked MoE layers (fast compile)
   # one of REMAT_POLICIES: what a MoE layer's backward recomputes
   remat: str = knob("none", OneOf(*REMAT_POLICIES))
-  ce_chunk: int = knob(0, Int(0))         # >0: cross-entropy over sequence chunks of this many
-                                          # positions, never the batch's [B, S, vocab] logits (losses.py)
+  ce_chunk: int = knob(0, Int(0))         # >0: the train step's cross-entropy over sequence chunks
+                                          # of this many positions, never the batch's [B, S, vocab]
+                                          # logits; 0: the whole sequence as one chunk (losses.py)
 
   def __post_init__(self):
     problems = []

@@ -154,7 +154,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.model.remat = "none" if tiny else "full"
   # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
   # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
-  # vocabulary); 0: the plain loss over the whole logits
+  # vocabulary); 0: the whole sequence as one chunk
   c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
