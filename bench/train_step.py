@@ -3,7 +3,8 @@
 Both sides load `assets/tiny_deepseek_v2` in float32 and train on the same random batch:
   * desmoe_jax: the trainer's `train_step.jit_train_step` (one device, fp32_master, moe_impl=auto,
     i.e. the tiled grouped matmul on CPU), its model and optimizer state donated step to step;
-  * transformers: `DeepseekV2ForCausalLM` (eager, its default experts implementation) and the
+  * transformers: `DeepseekV2ForCausalLM` (eager, its default attention and experts
+    implementations; the line names the experts one) and the
     plainest PyTorch loop a user writes: zero_grad, forward with labels, backward,
     clip_grad_norm_(1.0), `torch.optim.AdamW` step, `torch.set_num_threads(2)`.
 
@@ -22,10 +23,14 @@ Timing alternates the two frameworks within the run, step by step (`--block` ste
 of the other, the last one timed), after `--warmup` steps of each. Lines report medians only,
 as tokens per second and the ratio ours / torch; the last line is
 `speedup_vs_torch: <min over cases>`. `--compile` also prints the compile seconds of each jitted
-step (lowering + XLA) and `--profile` the step-time split of our step, measured by timing
-ablated variants of it (see `ablations`).
+step (lowering + XLA) and `--profile` the split of our step's time per part of the model, from
+XLA:CPU's per-instruction profiler events (bench/step_profile.py).
 
-  python bench/train_step.py                                   # all cases, ~4 min on 2 cores
+The lines also say how many cores other processes kept busy while the case was timed: torch's
+OpenMP threads spin-wait, so on a shared machine torch loses far more to other processes than
+XLA does, and the ratio is the idle-machine ratio only where that number stays near 0.
+
+  python bench/train_step.py                                   # all cases, ~5 min on 2 idle cores
   python bench/train_step.py --cases=fft --shapes=2x1024 --reps=5     # quick look
   python bench/train_step.py --cases=fft --profile --torch=0          # where our step's time goes
 """
@@ -69,7 +74,7 @@ def parse_args(argv=None):
   p.add_argument("--torch", type=int, default=1, help="0: our step only (no ratio)")
   p.add_argument("--compile", action="store_true", help="print compile seconds per step")
   p.add_argument("--profile", action="store_true",
-                 help="split our step's time by ablation (see `ablations`)")
+                 help="split our step's time per part (bench/step_profile.py)")
   p.add_argument("--moe_impl", default="auto")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -198,6 +203,9 @@ def build_torch(case, batch, seed):
 
 
 # ------------------------------------------------------------------------------------ timing
+def _own_cpu_seconds():
+  t = os.times()
+  return t.user + t.system
 def alternate(cands: dict, reps: int, warmup: int, block: int) -> dict:
   """{name: [seconds]}: every round runs each candidate `block` times, timing the last."""
   for fn in cands.values():
@@ -236,11 +244,12 @@ def main(argv=None):
       if args.torch:
         run_t, impl = build_torch(case, batch, args.seed)
         cands["torch"] = run_t
-      busy0, t0 = _busy_cpu_seconds(), time.perf_counter()
+      busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
       times = alternate(cands, args.reps, args.warmup, args.block)
       wall = time.perf_counter() - t0
-      # cores kept busy by everything, minus what the timed steps themselves could use (2)
-      busy = (_busy_cpu_seconds() - busy0) / wall if busy0 is not None else float("nan")
+      # cores kept busy by all other processes while this case was timed
+      busy = ((_busy_cpu_seconds() - busy0 - (_own_cpu_seconds() - own0)) / wall
+              if busy0 is not None else float("nan"))
       med = {n: statistics.median(t) for n, t in times.items()}
       tok = b * s
       line = f"{name}  jax {tok / med['jax']:8.0f} tok/s"
@@ -248,7 +257,7 @@ def main(argv=None):
         ratios[name] = med["torch"] / med["jax"]
         line += (f"  torch[{impl}] {tok / med['torch']:8.0f} tok/s  "
                  f"ratio {ratios[name]:.2f}x")
-      line += f"  (median of {args.reps}; all processes kept {busy:.2f} cores busy)"
+      line += f"  (median of {args.reps}; other processes kept {busy:.2f} cores busy)"
       if args.compile:
         line += f"  compile {compile_s:.1f} s"
       print(line, flush=True)
