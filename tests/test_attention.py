@@ -9,8 +9,8 @@ from flax import nnx
 from helpers import batch, tiny_model
 
 from desmoe_jax.nn import attention_mla as attention
-from desmoe_jax.nn.blocked_attention import causal_attention
 from desmoe_jax.nn.attention_mla import attention_mask, dot_product_attention
+from desmoe_jax.nn.blocked_attention import causal_attention
 
 
 def test_tokamax_attention_matches_einsum_outputs_and_grads():

@@ -147,9 +147,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   # blocked (the einsum reference a block of causal queries at a time, scores recomputed in the
-  # backward: desmoe_jax/nn/blocked_attention.py) | einsum | jax (jax.nn.dot_product_attention,
-  # cuDNN on GPU)
-  c.model.attention_impl = "blocked"
+  # backward: desmoe_jax/nn/blocked_attention.py; measured on CPU, bench/RESULTS.md) | einsum |
+  # jax (jax.nn.dot_product_attention, cuDNN on GPU). The accelerator presets keep einsum: their
+  # compiled memory plans (docs/SCALING.md) were made with it.
+  c.model.attention_impl = "blocked" if tiny else "einsum"
   # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
   # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
   c.model.remat = "none" if tiny else "full"

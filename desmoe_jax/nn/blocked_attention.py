@@ -8,9 +8,9 @@ them: [L, B, H, S, S], zero-initialised, written and read once per step). On the
 2 x 1024 tokens that was half of the train step's time on XLA:CPU (bench/RESULTS.md).
 Here the queries are cut into blocks of `block` rows; block i attends to keys [0, (i+1)*block)
 only, which a causal mask makes exact: the keys after a block's last query are masked for all of
-its rows and add exact zeros in the reference. The forward keeps per row only the max and the sum
-of the softmax (float32, [B, H, S]); the backward recomputes each block's probabilities with the
-very same operations, so they equal the forward's bit for bit.
+its rows and add exact zeros in the reference. The forward keeps only its inputs for the
+backward, which recomputes each block's probabilities with the very same operations (so they
+equal the forward's bit for bit): no [S, S] array outlives its block.
 
 Same semantics as the reference, padding included: a query with no key to attend (a padding row,
 segment 0) gets the mean of V over all S keys, as the reference's uniform softmax over
