@@ -13,13 +13,16 @@ from desmoe_jax.nn.attention_mla import attention_mask, dot_product_attention
 from desmoe_jax.nn.blocked_attention import causal_attention
 
 
+def _inputs(seed, b=2, s=12, h=3, dqk=6, dv=4):
+  """q, k [b, s, h, dqk], v and an output cotangent [b, s, h, dv]: MLA's q/k wider than v."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(keys[0], (b, s, h, dqk)), jax.random.normal(keys[1], (b, s, h, dqk)),
+          jax.random.normal(keys[2], (b, s, h, dv)), jax.random.normal(keys[3], (b, s, h, dv)))
+
+
 def test_tokamax_attention_matches_einsum_outputs_and_grads():
-  b, s, h, dqk, dv = 2, 12, 3, 6, 4
-  keys = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(keys[0], (b, s, h, dqk))
-  k = jax.random.normal(keys[1], (b, s, h, dqk))
-  v = jax.random.normal(keys[2], (b, s, h, dv))
-  cot = jax.random.normal(keys[3], (b, s, h, dv))
+  b, s, h, dv = 2, 12, 3, 4
+  q, k, v, cot = _inputs(0)
   # Row 0: two packed documents and two padding tokens; row 1: one document.
   mask = attention_mask(jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12]))
 
@@ -39,12 +42,7 @@ def test_tokamax_attention_matches_einsum_outputs_and_grads():
 def test_blocked_attention_matches_einsum_outputs_and_grads():
   """Several query blocks (4 rows each), packed documents that cross a block boundary, padding
   rows (no key: the reference's mean of V, and its gradient to V alone) at the start and end."""
-  b, s, h, dqk, dv = 2, 12, 3, 6, 4
-  keys = jax.random.split(jax.random.key(1), 4)
-  q = jax.random.normal(keys[0], (b, s, h, dqk))
-  k = jax.random.normal(keys[1], (b, s, h, dqk))
-  v = jax.random.normal(keys[2], (b, s, h, dv))
-  cot = jax.random.normal(keys[3], (b, s, h, dv))
+  q, k, v, cot = _inputs(1)
   mask = attention_mask(jnp.asarray([[0] + [1] * 5 + [2] * 4 + [0] * 2, [1] * 12]))
 
   def run(fn):
