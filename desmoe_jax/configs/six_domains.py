@@ -146,13 +146,17 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
-  c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
+  # blocked (the einsum reference a block of causal queries at a time, scores recomputed in the
+  # backward: desmoe_jax/nn/blocked_attention.py; measured on CPU, bench/RESULTS.md) | einsum |
+  # jax (jax.nn.dot_product_attention, cuDNN on GPU). The accelerator presets keep einsum: their
+  # compiled memory plans (docs/SCALING.md) were made with it.
+  c.model.attention_impl = "blocked" if tiny else "einsum"
   # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
   # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
   c.model.remat = "none" if tiny else "full"
   # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
   # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
-  # vocabulary); 0: the plain loss over the whole logits
+  # vocabulary); 0: the whole sequence as one chunk
   c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
