@@ -127,10 +127,9 @@ class MethodConfig:
     if self.is_lora:
       # The factors of the weights the phase would train; under with_desmoe the ALR (DES-MoE's
       # router, not a LoRA target) trains where DES-MoE trains the router.
-      lora_groups = {lora_lib.LORA + g for g in groups}
-      if self.lora_with_desmoe and "router" in groups:
-        lora_groups.add("router")
-      return frozenset(lora_groups)
+      if not self.lora_with_desmoe:
+        return frozenset(lora_lib.LORA + g for g in groups)
+      return frozenset(lora_lib.LORA + g if g != "router" else g for g in groups)
     if not self.use_alr and not self.linear_router_trainable:
       groups.discard("router")
     return frozenset(groups)

@@ -22,10 +22,18 @@ from desmoe_jax.moe.block import IMPLS
 D = 3
 
 
+SMALL = dict(num_hidden_layers=2)   # one dense and one MoE layer: compiles fastest
+
+
 def lora_model(targets=",".join(TARGETS), seed=1, with_desmoe=False, **kw):
   mc = MethodConfig(method="lora", num_domains=D, total_steps=10,
                     lora=LoraConfig(rank=4, alpha=8.0, targets=targets, with_desmoe=with_desmoe))
-  return mc, prepare_model(tiny_model(seed=seed, **kw), mc)
+  return mc, prepare_model(tiny_model(seed=seed, **SMALL, **kw), mc)
+
+
+def logits(model, ids):
+  graphdef, state = nnx.split(model)
+  return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).logits)(state, ids))
 
 
 def factors(model):
@@ -41,10 +49,10 @@ def perturb(model, seed=0, scale=0.3):
 
 def test_init_is_the_base_model_bit_for_bit():
   ids = batch(0, [0, 1, 2])["tokens"]
-  base = tiny_model(seed=1)(ids).logits
+  base = logits(tiny_model(seed=1, **SMALL), ids)
   _, model = lora_model()
   assert factors(model)
-  np.testing.assert_array_equal(np.asarray(model(ids).logits), np.asarray(base))
+  np.testing.assert_array_equal(logits(model, ids), base)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -62,8 +70,8 @@ def test_each_target_switches_on_alone(target):
   assert {optim.label_of(v) for v in got.values()} == {want_group}
   if target == "routed_experts":  # a pair per expert, stacked over layers: [L, E, d, r]
     a = model.moe_blocks().experts.lora.gate_proj.a
-    assert a.shape == (2, 8, 32, 4) and model.moe_blocks().experts.lora.up_proj.b.shape == (
-        2, 8, 4, 16)
+    assert a.shape == (1, 8, 32, 4) and model.moe_blocks().experts.lora.up_proj.b.shape == (
+        1, 8, 4, 16)
 
 
 def test_bad_lora_fields_are_named():
@@ -155,15 +163,47 @@ def test_merged_export_is_the_adapted_model_in_transformers(tmp_path):
   perturb(model, scale=0.1)
   batches = [{"tokens": batch(i, [0, 1, 2, 1])["tokens"]} for i in range(3)]
   ids = np.asarray(batches[0]["tokens"])
-  adapted = np.asarray(model(ids).logits)
-  assert np.abs(adapted - np.asarray(tiny_model(seed=1)(ids).logits)).max() > 1e-2
+  adapted = logits(model, ids)
+  assert np.abs(adapted - logits(tiny_model(seed=1, **SMALL), ids)).max() > 1e-2
   report = export_hf(model, str(tmp_path), tokenizer_dir=None, fit_batches=batches)
   assert report["merged_lora"] and not lora.attached(model)
-  np.testing.assert_allclose(np.asarray(model(ids).logits), adapted, atol=1e-5)
+  np.testing.assert_allclose(logits(model, ids), adapted, atol=1e-5)
   reloaded = from_pretrained(str(tmp_path), dtype=jnp.float32)
-  np.testing.assert_allclose(np.asarray(reloaded(ids).logits), adapted, atol=1e-5)
+  np.testing.assert_allclose(logits(reloaded, ids), adapted, atol=1e-5)
   from transformers import DeepseekV2ForCausalLM
   hf = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
   with torch.no_grad():
     ref = hf(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(ref, adapted, atol=1e-4)
+
+
+def test_with_desmoe_masks_and_phases_act_on_the_expert_factors():
+  """lora.with_desmoe: in phase II the ALR and the routed experts' factors train, and only the
+  factors of experts that a domain in the batch owns move (gradient isolation and the
+  per-expert update mask on [L, E, ...] factors); the other factors and every weight stay."""
+  from desmoe_jax.router import AdaptiveRouter
+  from desmoe_jax.schedule import STABILIZATION
+  mc, model = lora_model("attention,routed_experts", with_desmoe=True)
+  assert mc.use_alr and mc.apply_masks and mc.use_schedule
+  assert isinstance(model.moe_blocks().gate, AdaptiveRouter)
+  assert mc.trainable(STABILIZATION) == {"router", "lora_routed_experts"}
+  des = model.moe_blocks().des
+  mask = np.zeros(des.expert_mask.shape, np.float32)   # [L, D, E]
+  mask[:, 0, :4] = 1                                    # domain 0 owns experts 0-3
+  des.expert_mask[...] = jnp.asarray(mask)
+  oc = optim.OptimConfig(learning_rate=1e-2)
+  graphdef, state = nnx.split(model)
+  opt = ts.init_optimizer(mc, oc, state)
+  step = jax.jit(ts.make_train_step(graphdef, mc, oc, STABILIZATION))
+  new, _, _ = step(state, opt, batch(0, [0, 0, 0, 0]), jnp.asarray(5))
+  before, after = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(new))
+  for path, v in before.items():
+    if not isinstance(v, nnx.Param) or path[-2:] == ("gate", "w1"):
+      continue
+    old, got = np.asarray(v[...]), np.asarray(after[path][...])
+    if "experts" in path and "lora" in path:
+      np.testing.assert_array_equal(got[:, 4:], old[:, 4:], err_msg=str(path))
+      if path[-1] == "b":
+        assert not np.array_equal(got[:, :4], old[:, :4]), path
+    elif "gate" not in path:   # the ALR trains; everything else is frozen in phase II
+      np.testing.assert_array_equal(got, old, err_msg=str(path))
