@@ -27,8 +27,8 @@ groups, and the expert masks (gradient isolation, per-expert update masks) apply
 routed experts' factors, which are stacked [L, E, ...] like the experts.
 
 Export (`merge`): W <- W + s A B in float32, then the pair is dropped, so `workdir/hf` is the
-family's plain HF layout. `adapter_tensors` gives the factors of the 2-D targets in PEFT's
-safetensors names (the routed experts' fused weights have no PEFT layout).
+family's plain HF layout. (No adapter-only export yet: PEFT's layout would hold the 2-D
+targets' factors only, its LoRA has no form for the fused [E, d, F] expert weights.)
 """
 
 from __future__ import annotations
@@ -228,27 +228,3 @@ def _fold(w, pair: LoraPair):
   sharding = getattr(w, "sharding", None)
   fold = jax.jit(_merge, static_argnums=(3,), out_shardings=sharding)
   return fold(w, pair.a[...], pair.b[...], pair.scale)
-
-
-def adapter_tensors(model, hf_name) -> dict[str, jax.Array]:
-  """{PEFT name: array} of the 2-D targets' factors: `base_model.model.<HF module>.lora_A.weight`
-  [r, d_in] and `.lora_B.weight` [d_out, r] (PEFT stores them as torch Linear weights, i.e.
-  transposed), one entry per stacked layer. `hf_name(module path)`: the HF module name of a
-  model path (convert.hf_module_name). The routed experts' pairs are left out: PEFT has no
-  layout for fused [E, d, F] expert weights."""
-  out = {}
-  for path, module, _ in hosts(model):
-    pair = getattr(module, "lora", None)
-    if pair is None or isinstance(module, RoutedExperts):
-      continue
-    a, b = pair.a[...], pair.b[...]
-    if a.ndim == 3:   # stacked MoE layers: one module per layer
-      for i in range(a.shape[0]):
-        name = hf_name(path, i)
-        out[f"base_model.model.{name}.lora_A.weight"] = a[i].T
-        out[f"base_model.model.{name}.lora_B.weight"] = b[i].T
-    else:
-      name = hf_name(path, None)
-      out[f"base_model.model.{name}.lora_A.weight"] = a.T
-      out[f"base_model.model.{name}.lora_B.weight"] = b.T
-  return out

@@ -119,7 +119,7 @@ def test_only_the_factors_train_and_only_they_hold_optimizer_state():
   assert moved == set(TARGETS)
 
 
-def _loss_and_factor_grads(model, ids, domains):
+def _loss_and_factor_grads(model, ids):
   graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, lambda p, _: "lora" in p), ...)
 
   def loss(params):
@@ -137,7 +137,7 @@ def test_routed_expert_pairs_agree_under_every_dispatch_and_expert_parallel():
   results = {}
   for impl in IMPLS:
     _, model = lora_model("routed_experts,shared_experts", moe_impl=impl)
-    results[impl] = _loss_and_factor_grads(perturb(model), ids, None)
+    results[impl] = _loss_and_factor_grads(perturb(model), ids)
   _, model = lora_model("routed_experts,shared_experts", expert_parallel="shard_map",
                         moe_impl="tiled")
   perturb(model)
@@ -145,7 +145,7 @@ def test_routed_expert_pairs_agree_under_every_dispatch_and_expert_parallel():
   sharding.shard_model(model, mesh)
   with jax.set_mesh(mesh):
     results["shard_map"] = jax.device_get(_loss_and_factor_grads(
-        model, jax.device_put(ids, sharding.batch_sharding(mesh)), None))
+        model, jax.device_put(ids, sharding.batch_sharding(mesh))))
   want_loss, want = results.pop("dense")
   flat_want = dict(nnx.to_flat_state(want))
   assert any(np.abs(v[...]).max() > 1e-4 for p, v in flat_want.items() if "experts" in p)
