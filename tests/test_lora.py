@@ -207,3 +207,16 @@ def test_with_desmoe_masks_and_phases_act_on_the_expert_factors():
         assert not np.array_equal(got[:, :4], old[:, :4]), path
     elif "gate" not in path:   # the ALR trains; everything else is frozen in phase II
       np.testing.assert_array_equal(got, old, err_msg=str(path))
+
+
+def test_cached_decode_reads_the_pairs():
+  """Greedy generation with the KV cache (MLA's absorbed decode reads kv_b_proj's W + s A B)
+  gives the merged model's tokens."""
+  from desmoe_jax.generate import greedy_generate
+  _, model = lora_model("attention,routed_experts")
+  perturb(model, scale=0.2)
+  prompts = [[5, 9, 3, 7], [11, 2]]
+  got = greedy_generate(model, prompts, max_new_tokens=4, eos_ids=[-1], batch_size=2)
+  want = greedy_generate(lora.merge(model), prompts, max_new_tokens=4, eos_ids=[-1],
+                         batch_size=2)
+  assert got == want
