@@ -506,6 +506,12 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
     text = decode_text(f.read(), path)
   if not text.strip():
     raise DataError(f"general text file {path} is empty")
+  return _text_batches(text, path, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                       max_batches=max_batches)
+
+
+def _text_batches(text: str, where: str, tokenizer, *, seq_len: int, batch_size: int,
+                  max_batches: int) -> list[dict]:
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   n = seq_len - len(bos)
@@ -513,7 +519,7 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
   if max_batches:
     rows = rows[:max_batches * batch_size]
   if not rows:
-    raise DataError(f"{path} has fewer than {seq_len} tokens")
+    raise DataError(f"{where} has fewer than {seq_len} tokens")
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
@@ -529,6 +535,45 @@ def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
                     "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                                  tokens.shape).copy()})
   return batches
+
+
+def read_genre_documents(path: str) -> dict[str, list[str]]:
+  """genre -> its documents' texts, in file order, from a JSONL file (optionally .gz) of
+  {"genre": ..., "text": ...} rows (scripts/make_corpus.py writes data/corpus/heldout.jsonl.gz
+  so). Every row must be good: these documents define the per-genre scores."""
+  import gzip
+  if not os.path.exists(path):
+    raise DataFileMissing(f"genre document file {path} (data.general_genres) does not exist")
+  opener = gzip.open if path.endswith(".gz") else open
+  out: dict[str, list[str]] = {}
+  with opener(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{line_no}: byte {e.start + 1} of the line is not UTF-8 "
+                        f"({e.reason})") from None
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line_no}: not JSON ({e})") from None
+      if (not isinstance(row, dict) or not isinstance(row.get("genre"), str)
+          or not isinstance(row.get("text"), str) or not row["genre"] or not row["text"].strip()):
+        raise DataError(f"{path}:{line_no}: a row needs a non-empty string 'genre' and 'text'")
+      out.setdefault(row["genre"], []).append(row["text"])
+  if not out:
+    raise DataError(f"genre document file {path} (data.general_genres) has no rows")
+  return out
+
+
+def genre_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,
+                       max_batches: int) -> dict[str, list[dict]]:
+  """genre -> held-out batches of that genre's documents (joined by blank lines, cut as
+  `text_loss_batches` cuts), at most `max_batches` each (0: all): the general-ability loss per
+  genre, so a reader sees what each method forgets."""
+  return {genre: _text_batches("\n\n".join(texts), f"{path} (genre {genre!r})", tokenizer,
+                               seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+          for genre, texts in sorted(read_genre_documents(path).items())}
 
 
 def load_multiple_choice(path: str) -> list[dict]:

@@ -186,6 +186,9 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
   general = results.setdefault("general", {})
   if "general" in losses:
     general["loss"] = losses["general"]
+  genre_sets = heldout.genre_loss_batches(config, tokenizer)
+  if genre_sets:
+    general["loss_per_genre"] = heldout.heldout_losses(graphdef, state, genre_sets)
   mc_items = data_lib.load_multiple_choice(config.data.general_mc) if config.data.general_mc else []
   if mc_items:
     general.update({f"mc_{k}": v for k, v in metrics_lib.multiple_choice_accuracy(
@@ -196,6 +199,8 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
         if "general" in loss_sets else {}
     if base_losses:
       general["base_loss"] = base_losses["general"]
+    if genre_sets:
+      general["base_loss_per_genre"] = heldout.heldout_losses(bg, bs, genre_sets)
     if mc_items:
       base_mc = metrics_lib.multiple_choice_accuracy(
           mc_scorer(base_model, tokenizer, config.data.seq_len), mc_items)

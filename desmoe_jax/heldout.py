@@ -115,6 +115,17 @@ def eval_loss_batches(config, tokenizer) -> dict:
   return out
 
 
+def genre_loss_batches(config, tokenizer) -> dict:
+  """Held-out batches of general text per genre (`data.general_genres`; {} when off), scored
+  once after training and by eval.py, not at every in-training evaluation."""
+  if not config.data.get("general_genres"):
+    return {}
+  return data_lib.genre_loss_batches(config.data.general_genres, tokenizer,
+                                     seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size,
+                                     max_batches=config.eval.get("genre_batches", 4))
+
+
 def evaluate_heldout(graphdef, model_state, eval_sets, names, workdir, step, config, metrics_log,
               batch_sharding):
   losses = heldout_losses(graphdef, model_state, eval_sets, batch_sharding)

@@ -35,6 +35,7 @@ METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_
 PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}
 DEFAULT_PAPER_LR = 1e-4
 UNSCHEDULED = -1  # the single "phase" of methods without the three-phase schedule
+FREEZABLE = frozenset(ALL) - {"routed_experts"}   # ablation.freeze
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class MethodConfig:
   linear_router_trainable: bool = True  # desmoe_no_alr / fft: train the pretrained linear router
   balance_loss: bool = True             # add DeepSeek's balance loss (aux_loss_alpha), as its
                                         # and ESFT's training code do
+  # Groups (schedule.LABELS) never trained, whatever the phase: a diagnosis of where forgetting
+  # comes from (the shared experts, the backbone trained in warm-up, the router).
+  freeze: frozenset = frozenset()
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -59,6 +63,14 @@ class MethodConfig:
                        "must be >= 1")
     if self.esft.domain >= self.num_domains:
       raise ValueError(f"esft.domain={self.esft.domain} but num_domains={self.num_domains}")
+    if not set(self.freeze) <= FREEZABLE:
+      raise ValueError(f"ablation.freeze={','.join(sorted(self.freeze))!r}: expected groups "
+                       f"among {', '.join(sorted(FREEZABLE))} (comma-separated; routed experts "
+                       "are what every method adapts)")
+    empty = [p for p, _, _ in self.phases() if not self.trainable(p)]
+    if empty:
+      raise ValueError(f"ablation.freeze={','.join(sorted(self.freeze))!r} leaves nothing to "
+                       f"train in phase {empty[0]} of method={self.method!r}")
     if self.dges.exclude_general_top and (not self.apply_masks or self.is_esft):
       raise ValueError(f"dges.exclude_general_top={self.dges.exclude_general_top} removes "
                        f"experts from DGES masks, which method={self.method!r} does not apply; "
@@ -132,7 +144,7 @@ class MethodConfig:
       return frozenset(lora_lib.LORA + g if g != "router" else g for g in groups)
     if not self.use_alr and not self.linear_router_trainable:
       groups.discard("router")
-    return frozenset(groups)
+    return frozenset(groups) - self.freeze
 
   def trainable_ever(self) -> frozenset:
     return frozenset().union(*(self.trainable(p) for p, _, _ in self.phases()))

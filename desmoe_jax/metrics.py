@@ -466,6 +466,13 @@ def format_results(results: dict[str, dict]) -> str:
         change = "" if base is None else f"{g[key] - base:+8.4f}"
         base_s = "" if base is None else f"{base:8.4f}"
         lines.append(f"{label:<25} {g[key]:8.4f} {base_s:>8} {change:>8}")
+      if key == "loss":   # then per genre of data.general_genres, where it is set
+        base_genres = g.get("base_loss_per_genre", {})
+        for genre, loss in g.get("loss_per_genre", {}).items():
+          base = base_genres.get(genre)
+          change = "" if base is None else f"{loss - base:+8.4f}"
+          base_s = "" if base is None else f"{base:8.4f}"
+          lines.append(f"{'  ' + genre:<25} {loss:8.4f} {base_s:>8} {change:>8}")
     if "base_loss" in g:
       lines.append(GENERAL_VS_FFT)
   lm = results.get("lm_eval", {})

@@ -30,7 +30,9 @@ def method_config(config) -> MethodConfig:
                              top_p=None if config.esft.top_p < 0 else config.esft.top_p)),
       lora=LoraConfig(**config.lora.to_dict()) if "lora" in config else LoraConfig(),
       linear_router_trainable=config.ablation.linear_router_trainable,
-      balance_loss=config.ablation.balance_loss)
+      balance_loss=config.ablation.balance_loss,
+      freeze=frozenset(g.strip() for g in config.ablation.get("freeze", "").split(",")
+                       if g.strip()))
 
 
 def optim_config(config) -> OptimConfig:

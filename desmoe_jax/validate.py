@@ -64,6 +64,7 @@ FIELDS: dict[str, Rule] = {
 
     "data.general": PATH,
     "data.general_mc": PATH,
+    "data.general_genres": PATH,
     "data.seq_len": Int(2),
     "data.batch_size": Int(1),
     "data.max_bad_fraction": Float(0, 1),
@@ -89,6 +90,7 @@ FIELDS: dict[str, Rule] = {
 
     "ablation.linear_router_trainable": BOOL,
     "ablation.balance_loss": BOOL,
+    "ablation.freeze": STR,                          # groups: checked by methods.MethodConfig
 
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
@@ -100,6 +102,7 @@ FIELDS: dict[str, Rule] = {
     "eval.batch_size": Int(1),
     "eval.loss_batches": Int(1),
     "eval.general_batches": Int(0, special=((-1, "as many as eval.loss_batches"),)),
+    "eval.genre_batches": Int(0),                     # 0: every row of each genre
     "eval.code_timeout": Float(0, lo_open=True),
     "eval.allow_code_execution": BOOL,
     "eval.allow_unisolated_code_execution": BOOL,

@@ -71,6 +71,37 @@ FRONTIER_D = 6
 # over the range the seed-0 frontiers span (FFT 4.2-7.9, DES-MoE 5.4-7.1, ESFT-Token 5.7-7.9);
 # every method's reaches 6.0.
 FRONTIER_TARGETS = (5.5, 6.0, 6.5, 7.0)
+# The frontier's protocol per testbed (the --config preset), fixed before that testbed's runs
+# and stated in docs/RESULTS.md. Both run FRONTIER at FRONTIER_LRS: the rule for a new base is
+# the same rates, the same number per method (the learning branch and the targets decide which
+# runs a comparison reads).
+#   targets     the mean in-domain losses methods are compared at: a tuple, or "shared": four,
+#               at the middles of four equal parts of the in-domain range that the seed-0
+#               learning branches of FFT and of every DES-MoE reading of FRONTIER all span
+#               (in-domain losses only, never forgetting, decide them: shared_targets).
+#   oracle_top  the oracle control's dges.exclude_general_top: half the routed experts.
+#   extras      the per-genre retention, one-ESFT-model-per-domain, convergence and per-part
+#               freezing sections, and their runs (reproduce_paper.plan_extras).
+TESTBEDS = {
+    "tiny": dict(targets=FRONTIER_TARGETS, oracle_top=16, marker="FRONTIER",
+                 plot="frontier_D6.png", extras=False),
+    "tiny_v2": dict(targets="shared", oracle_top=32, marker="FRONTIER tiny_v2",
+                    plot="frontier_D6_tiny_v2.png", extras=True),
+}
+# The per-part freezing runs (extras): DES-MoE at its best setting with one group never trained.
+FREEZES = ("shared_experts", "backbone", "router")
+for _group in FREEZES:
+  VARIANT_FIELDS[f"freeze={_group}"] = {"ablation.freeze": _group}
+
+
+def variant_fields(key: str, preset: str = "tiny") -> dict:
+  """The config fields one key of a run's variant sets, on testbed `preset`."""
+  fields = dict(VARIANT_FIELDS.get(key, {}))
+  if key == "oracle":
+    fields["dges.exclude_general_top"] = TESTBEDS[preset]["oracle_top"]
+  return fields
+
+
 # Ablations and controls of the DES-MoE reading with the least forgetting at matched quality,
 # each at the two frontier rates whose in-domain losses bracket the middle target:
 # (method, variant suffix after the reading). "w/o schedule" has no reading.
@@ -143,3 +174,40 @@ def splice(path: str, generated: str, begin: str = BEGIN, end: str = END):
   _, tail = rest.split(end, 1)
   with open(path, "w") as f:
     f.write(f"{head}{begin}\n{generated}\n{end}{tail}")
+
+
+# ------------------------------------------------------------------ training curves
+
+
+def smooth(values, window: int) -> np.ndarray:
+  v = np.asarray(values, float)
+  out = np.empty_like(v)
+  for i in range(len(v)):
+    out[i] = v[max(0, i - window + 1):i + 1].mean()
+  return out
+
+
+def clean_step_times(rec: dict) -> np.ndarray:
+  """Per-step wall time with each phase's first step (which compiles) replaced by the median
+  of its phase."""
+  t = np.asarray(rec["curves"]["step_s"], float)
+  phases = rec["curves"]["phase"]
+  out = t.copy()
+  for i, ph in enumerate(phases):
+    if i == 0 or phases[i - 1] != ph:
+      same = [t[j] for j in range(len(t)) if phases[j] == ph and j != i]
+      out[i] = statistics.median(same) if same else t[i]
+  return out
+
+
+def steps_to(rec: dict, target: float) -> int | None:
+  """First step (1-based) whose smoothed training loss is <= target."""
+  losses = rec["curves"]["loss"]
+  s = smooth(losses, max(5, len(losses) // 10))
+  hit = np.nonzero(s <= target + 1e-9)[0]
+  return int(hit[0]) + 1 if len(hit) else None
+
+
+def final_smoothed(rec: dict) -> float:
+  losses = rec["curves"]["loss"]
+  return float(smooth(losses, max(5, len(losses) // 10))[-1])

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 import numpy as np
 
 from paper_common import (BEGIN, DOMAINS, END, LABELS, MULTI, SINGLE,  # noqa: F401 (paper_report.*)
-                          SWEEP_LRS, SWEEP_METHODS, domain_losses, fmt, general_delta,
-                          mean_in_domain, read_jsonl, splice, table)
+                          SWEEP_LRS, SWEEP_METHODS, clean_step_times, domain_losses,
+                          final_smoothed, fmt, general_delta, mean_in_domain, read_jsonl,
+                          smooth, splice, steps_to, table)
 TASK_KEYS = ("exact_match", "pass@1", "label_accuracy", "json_exact_match", "rouge_l", "bleu")
 
 
@@ -43,40 +43,6 @@ def pair_overlap(rec: dict, a: str, b: str) -> float | None:
     return None
   i, j = rec["domains"].index(a), rec["domains"].index(b)
   return float(np.asarray(rec["curves"]["overlap"])[i, j])
-
-
-def smooth(values, window: int) -> np.ndarray:
-  v = np.asarray(values, float)
-  out = np.empty_like(v)
-  for i in range(len(v)):
-    out[i] = v[max(0, i - window + 1):i + 1].mean()
-  return out
-
-
-def clean_step_times(rec: dict) -> np.ndarray:
-  """Per-step wall time with each phase's first step (which compiles) replaced by the median
-  of its phase."""
-  t = np.asarray(rec["curves"]["step_s"], float)
-  phases = rec["curves"]["phase"]
-  out = t.copy()
-  for i, ph in enumerate(phases):
-    if i == 0 or phases[i - 1] != ph:
-      same = [t[j] for j in range(len(t)) if phases[j] == ph and j != i]
-      out[i] = statistics.median(same) if same else t[i]
-  return out
-
-
-def steps_to(rec: dict, target: float) -> int | None:
-  """First step (1-based) whose smoothed training loss is <= target."""
-  losses = rec["curves"]["loss"]
-  s = smooth(losses, max(5, len(losses) // 10))
-  hit = np.nonzero(s <= target + 1e-9)[0]
-  return int(hit[0]) + 1 if len(hit) else None
-
-
-def final_smoothed(rec: dict) -> float:
-  losses = rec["curves"]["loss"]
-  return float(smooth(losses, max(5, len(losses) // 10))[-1])
 
 
 # ------------------------------------------------------------------ formatting

@@ -57,9 +57,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The experiment grid (DOMAINS, MULTI, FRONTIER, LABELS, LR, ...) lives in scripts/paper_common.py,
 # shared with the two reports; scripts/ is on sys.path when this script runs.
-from paper_common import (ABLATIONS, DOMAINS, FRONTIER, FRONTIER_D, FRONTIER_LRS,  # noqa: E402,F401
-                          FRONTIER_TARGETS, LABELS, LR, MULTI, SINGLE, SWEEP_LRS, SWEEP_METHODS,
-                          VARIANT_FIELDS, read_jsonl)
+from paper_common import (ABLATIONS, DOMAINS, FREEZES, FRONTIER, FRONTIER_D,  # noqa: E402,F401
+                          FRONTIER_LRS, FRONTIER_TARGETS, LABELS, LR, MULTI, SINGLE, SWEEP_LRS,
+                          SWEEP_METHODS, TESTBEDS, VARIANT_FIELDS, read_jsonl, variant_fields)
 
 log = logging.getLogger("reproduce")
 
@@ -143,7 +143,7 @@ def plan_ablations(s: dict, seeds, records: list[dict], base: dict) -> list[Run]
   target, at the two of its rates that bracket that target. [] until the seed-0 frontier of
   FFT and the DES-MoE readings is complete."""
   import frontier_report  # scripts/ is on sys.path when this script runs
-  choice = frontier_report.ablation_setting(records, base)
+  choice = frontier_report.ablation_setting(records, base, s.get("preset", "tiny"))
   if choice is None:
     return []
   reading, lrs = choice
@@ -154,6 +154,29 @@ def plan_ablations(s: dict, seeds, records: list[dict], base: dict) -> list[Run]
       variant = ",".join(v for v in ("" if m == "desmoe_no_schedule" else reading, suffix) if v)
       runs += [Run(m, variant, DOMAINS[:FRONTIER_D], seed, steps, lr, frontier=True)
                for lr in lrs]
+  return runs
+
+
+def plan_extras(s: dict, seeds, records: list[dict], base: dict) -> list[Run]:
+  """A testbed's extra runs (TESTBEDS[...]["extras"]), placed by its seed-0 frontier in
+  `records` ([] until that is complete):
+  * one ESFT-Token and one ESFT-Gate model per domain, each `steps_per_domain` steps on its
+    domain alone (the multi-domain runs' per-domain token budget), at the rate of the ESFT-Token
+    frontier with the lowest seed-0 mean in-domain loss;
+  * DES-MoE at its best setting (the reading and rate with the least seed-0 forgetting as a
+    fraction of FFT's at the same in-domain loss) with each of FREEZES never trained."""
+  import frontier_report  # scripts/ is on sys.path when this script runs
+  runs = []
+  lr = frontier_report.best_in_domain_rate(records, ("esft_token", "union"))
+  if lr is not None:
+    runs += [Run(m, "single", (d,), seed, s["steps_per_domain"], lr, frontier=True)
+             for seed in seeds for m in SINGLE for d in DOMAINS[:FRONTIER_D]]
+  best = frontier_report.best_desmoe_setting(records, base, s.get("preset", "tiny"))
+  if best is not None:
+    reading, lr = best
+    steps = s["steps_per_domain"] * FRONTIER_D
+    runs += [Run("desmoe", f"{reading},freeze={g}", DOMAINS[:FRONTIER_D], seed, steps, lr,
+                 frontier=True) for seed in seeds for g in FREEZES]
   return runs
 
 
@@ -185,7 +208,7 @@ def run_config(run: Run, s: dict, model_path: str | None):
   config.eval.allow_code_execution = bool(s.get("allow_code_execution", False))
   config.export.enabled = False
   for key in run.variant.split(","):
-    for field, value in VARIANT_FIELDS.get(key, {}).items():
+    for field, value in variant_fields(key, s.get("preset", "tiny")).items():
       group, name = field.split(".")
       config[group][name] = value
   return config
@@ -323,6 +346,11 @@ def frontier(args, s: dict, tokenizer, base: dict):
       if not runs:
         log.warning("ablations not placed: the seed-0 frontier of FFT and DES-MoE is "
                     "incomplete in %s", results)
+      reproduce(args, s, _only(args, runs), tokenizer)
+    if s.get("ablations", True) and TESTBEDS[s.get("preset", "tiny")]["extras"]:
+      runs = plan_extras(s, seeds, read_jsonl(results), base)
+      if not runs:
+        log.warning("extra runs not placed: the seed-0 frontier is incomplete in %s", results)
       reproduce(args, s, _only(args, runs), tokenizer)
 
 

@@ -172,6 +172,37 @@ def test_eval_examples_and_text_batches(tokenizer):
   assert len(mc) == 200 and all(0 <= m["label"] < len(m["choices"]) for m in mc)
 
 
+def test_genre_batches_cut_each_genre_as_its_own_text(tmp_path, tokenizer):
+  """Per-genre general batches: each genre's documents joined by blank lines and cut exactly as
+  text_loss_batches cuts a text file; a bad row is an error naming file and line."""
+  import gzip
+  plays = open(os.path.join(REPO, "data", "general", "heldout.txt")).read()
+  docs = [{"genre": "drama", "text": plays[:20000]}, {"genre": "prose", "text": plays[20000:40000]},
+          {"genre": "drama", "text": plays[40000:60000]}]
+  path = tmp_path / "genres.jsonl.gz"
+  with gzip.open(path, "wt") as f:
+    f.write("".join(json.dumps(d) + "\n" for d in docs))
+  got = data.genre_loss_batches(str(path), tokenizer, seq_len=128, batch_size=2, max_batches=3)
+  assert list(got) == ["drama", "prose"]
+  joined = tmp_path / "drama.txt"
+  joined.write_text(plays[:20000] + "\n\n" + plays[40000:60000])
+  want = data.text_loss_batches(str(joined), tokenizer, seq_len=128, batch_size=2, max_batches=3)
+  assert len(got["drama"]) == 3
+  for g, w in zip(got["drama"], want):
+    assert all(np.array_equal(g[k], w[k]) for k in w)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps(docs[0]) + "\n" + json.dumps({"genre": "x"}) + "\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: a row needs a non-empty string 'genre'"):
+    data.genre_loss_batches(str(bad), tokenizer, seq_len=128, batch_size=2, max_batches=1)
+  short = tmp_path / "short.jsonl"
+  short.write_text(json.dumps({"genre": "tiny", "text": "a few words"}) + "\n")
+  with pytest.raises(ValueError, match=r"short.jsonl \(genre 'tiny'\) has fewer than 128"):
+    data.genre_loss_batches(str(short), tokenizer, seq_len=128, batch_size=2, max_batches=1)
+  with pytest.raises(FileNotFoundError, match=r"data.general_genres"):
+    data.genre_loss_batches(str(tmp_path / "absent.jsonl"), tokenizer, seq_len=128,
+                            batch_size=2, max_batches=1)
+
+
 def test_non_utf8_lines_are_counted_by_line(tmp_path, tokenizer):
   """One bad byte costs its line, named file:line, not a bare UnicodeDecodeError for the file."""
   path = tmp_path / "latin1.jsonl"

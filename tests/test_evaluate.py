@@ -26,6 +26,11 @@ def test_evaluate_model_hand_loss_and_outputs_in_a_new_directory(tmp_path):
       "eval.loss_batches": 1, "eval.general_batches": 2, "eval.max_examples": 2,
       "eval.max_new_tokens": 4})
   config.data.domains = [d for d in config.data.domains if d.name == "intent"]
+  # Per genre: one genre whose one document is the general text itself, so its loss is the
+  # general loss.
+  genres = tmp_path / "genres.jsonl"
+  genres.write_text(json.dumps({"genre": "plays", "text": open(config.data.general).read()}))
+  config.data.general_genres, config.eval.genre_batches = str(genres), 2
   tokenizer = AutoTokenizer.from_pretrained(config.model.path)
   model = evaluate.load_model(config.model.path, config)
   out_dir = tmp_path / "run" / "eval"                    # neither directory exists
@@ -42,6 +47,7 @@ def test_evaluate_model_hand_loss_and_outputs_in_a_new_directory(tmp_path):
     total += float((nll * b["loss_mask"][:, 1:]).sum())
     count += float(b["loss_mask"][:, 1:].sum())
   np.testing.assert_allclose(results["general"]["loss"], total / count, rtol=1e-5)
+  assert results["general"]["loss_per_genre"] == {"plays": results["general"]["loss"]}
 
   intent = results["intent"]
   assert np.isfinite(intent["loss"]) and intent["generated"] == 2

@@ -83,3 +83,35 @@ def test_method_trains_and_loss_goes_down(method):
     merged = merge_copies(model)
     assert merged.moe_blocks().des.expert_copies is None
     assert np.isfinite(np.asarray(merged(held_out[0]["tokens"]).logits)).all()
+
+
+def test_ablation_freeze_keeps_its_groups_bit_identical():
+  """ablation.freeze: the named groups never change (here the backbone, which DES-MoE's warm-up
+  would train), the others still train; names outside the freezable groups, or a freeze that
+  leaves a phase with nothing to train, are refused naming the field."""
+  from desmoe_jax.optim.labels import label_of
+  mc = MethodConfig(method="desmoe", num_domains=DOMAINS, total_steps=3,   # warm-up, phase II
+                    dges=DgesConfig(update_every=2), freeze=frozenset({"backbone"}))
+  assert mc.trainable(0) == {"router", "shared_experts"}
+  model = prepare_model(tiny_model(seed=0), mc)
+  g, model_state = nnx.split(model)
+  def params(state):   # path -> (group, value) of every Param
+    return {p: (label_of(v), np.asarray(v[...])) for p, v in nnx.to_flat_state(state)
+            if isinstance(v, nnx.Param)}
+  before = params(model_state)
+  oc = optim.OptimConfig(learning_rate=1e-2, schedule="constant")
+  opt = ts.init_optimizer(mc, oc, model_state)
+  for step, b in enumerate(_batches(3, seed=1)):
+    if step and mc.phase(step) != mc.phase(step - 1):
+      model_state, _ = ts.between_phases(g, model_state, mc, mc.phase(step - 1))
+    model_state, opt, _ = jax.jit(ts.make_train_step(g, mc, oc, mc.phase(step)))(
+        model_state, opt, b, jnp.asarray(step))
+  changed = {}
+  for path, (label, value) in params(model_state).items():
+    changed.setdefault(label, []).append(not np.array_equal(before[path][1], value))
+  assert not any(changed["backbone"])
+  assert any(changed["router"]) and any(changed["shared_experts"]) and any(changed["routed_experts"])
+  with pytest.raises(ValueError, match="ablation.freeze='routed_experts'"):
+    MethodConfig(method="desmoe", freeze=frozenset({"routed_experts"}))
+  with pytest.raises(ValueError, match="leaves nothing to train in phase 0"):
+    MethodConfig(method="desmoe", freeze=frozenset({"backbone", "router", "shared_experts"}))

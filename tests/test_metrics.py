@@ -252,6 +252,16 @@ def test_format_results_general_block_is_aligned():
   assert block[4] == metrics.GENERAL_VS_FFT and "docs/RESULTS.md" in block[4]
 
 
+def test_format_results_lists_the_general_loss_per_genre_under_the_loss():
+  text = metrics.format_results({"general": {
+      "loss": 5.0, "base_loss": 4.5, "loss_per_genre": {"code": 4.0, "math": 6.25},
+      "base_loss_per_genre": {"code": 3.5, "math": 6.0}}})
+  block = text[text.index("general abilities"):].splitlines()
+  assert block[2].split() == ["code", "4.0000", "3.5000", "+0.5000"]
+  assert block[3].split() == ["math", "6.2500", "6.0000", "+0.2500"]
+  assert len({len(line) for line in block[:4]}) == 1
+
+
 def test_format_results_names_a_metric_that_was_not_run():
   text = metrics.format_results({"code": {"loss": 1.5, "pass@1": None,
                                           "pass@1_not_run": "not run: eval.allow_code_execution="

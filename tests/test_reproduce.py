@@ -178,7 +178,7 @@ def test_ablations_are_placed_by_the_seed_0_frontier(monkeypatch):
                       {("fft", ""): (1e-4, 1e-3, 3e-3),
                        ("desmoe", "router+backbone"): (1e-4, 1e-3, 3e-3),
                        ("desmoe", "router+experts"): (1e-4, 1e-3, 3e-3)})
-  monkeypatch.setattr(fr, "FRONTIER_TARGETS", (5.5, 6.0, 6.5))
+  monkeypatch.setitem(paper_common.TESTBEDS["tiny"], "targets", (5.5, 6.0, 6.5))
   base = {"general": {"loss": 4.0}}
   curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
   records = [_frontier_record("fft", "", lr, x, y) for lr, x, y in curve]
@@ -225,6 +225,79 @@ def test_frontier_report_is_written_between_its_markers(tmp_path):
   assert "| math | 0.03 / 0.03 |" in text     # overlap of uniform routing with one expert: 1/32
   assert "(50%)" in text and "not met" in text        # DES-MoE's increase is half FFT's
   assert (tmp_path / "frontier_D6.png").exists()
+
+
+def test_tiny_v2_protocol_places_targets_and_extra_runs_and_reports_them(monkeypatch, tmp_path):
+  """The :tiny_v2 testbed's protocol: targets at the middles of four equal parts of the range
+  every seed-0 learning branch of FFT and DES-MoE spans; singles at ESFT-Token's best
+  in-domain rate; the freezing runs at DES-MoE's least-forgetting point; its own markers, and
+  the per-genre, freezing, singles and convergence sections, all by hand."""
+  import json
+
+  import frontier_report as fr
+  grid = (1e-4, 1e-3, 3e-3)
+  monkeypatch.setattr(paper_common, "FRONTIER_LRS", {k: grid for k in rp.FRONTIER})
+  base = {"general": {"loss": 4.0, "loss_per_genre": {"code": 4.0, "prose": 4.0}},
+          "math": {"loss": 9.0}, "code": {"loss": 9.0}}
+  curve = [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.3), (3e-3, 5.0, 1.3)]
+
+  def rec(method, variant, lr, x, y, **kw):
+    r = _frontier_record(method, variant, lr, x, y, **kw)
+    r["eval"]["general"]["loss_per_genre"] = {"code": 4.0 + y, "prose": 4.0 + 2 * y}
+    r["curves"] = {"loss": list(np.linspace(8.0, x, 20))}
+    return r
+
+  records = [rec("fft", "", lr, x, y) for lr, x, y in curve]
+  records += [rec("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
+  records += [rec("desmoe", "router+experts", lr, x + 0.2, y / 5) for lr, x, y in curve]
+  assert fr.shared_targets(records, base) is None               # mix=update missing
+  records += [rec("desmoe", "mix=update", lr, x, y / 2) for lr, x, y in curve]
+  # lo = 5.2 (router+experts' lowest), hi = 7.0: the middles of four parts of [5.2, 7.0].
+  assert fr.targets_of(records, base, "tiny_v2") == (5.425, 5.875, 6.325, 6.775)
+  assert fr.targets_of(records, base, "tiny") == rp.FRONTIER_TARGETS
+  records += [rec("esft_token", "union", lr, x + 0.5, y) for lr, x, y in
+              [(1e-4, 7.0, 0.1), (1e-3, 6.0, 0.2), (3e-3, 6.2, 0.9)]]
+  s = dict(rp.SETTINGS["frontier"], preset="tiny_v2")
+  runs = rp.plan_extras(s, (0,), records, base)
+  singles = [r for r in runs if r.variant == "single"]
+  assert len(singles) == 12 and {r.lr for r in singles} == {1e-3}   # ESFT-Token's best: 6.5
+  assert {r.steps for r in singles} == {s["steps_per_domain"]}
+  # Least forgetting per FFT's at the run's own in-domain loss: router+experts at 1e-3
+  # (0.06 / 0.26), not 3e-3 (0.26 / 1.1); its 1e-4 point (7.2) is outside FFT's frontier.
+  assert fr.best_desmoe_setting(records, base, "tiny_v2") == ("router+experts", 1e-3)
+  freezes = [r for r in runs if r.variant != "single"]
+  assert sorted(r.variant for r in freezes) == [
+      "router+experts,freeze=backbone", "router+experts,freeze=router",
+      "router+experts,freeze=shared_experts"] and {r.lr for r in freezes} == {1e-3}
+  config = rp.run_config(freezes[0], s, None)
+  trainer.check_config(config)
+  assert config.ablation.freeze in rp.FREEZES and config.model.path.endswith("moe64")
+  oracle = rp.run_config(rp.Run("desmoe", "router+backbone,oracle", rp.DOMAINS, 0, 60, 1e-3,
+                                frontier=True), s, None)
+  assert oracle.dges.exclude_general_top == 32                   # half of 64 experts
+  # The report, with the extra runs done.
+  records += [rec("desmoe", v, 1e-3, 6.2, 0.03) for v in
+              ("router+experts,freeze=backbone", "router+experts,freeze=router")]
+  for d, loss in (("math", 5.0), ("code", 6.0)):
+    r = rec("esft_token", "single", 1e-3, loss, 0.05)
+    r.update(D=1, domains=[d], eval={d: {"loss": loss}, "general": r["eval"]["general"]})
+    records.append(r)
+  (tmp_path / "base.json").write_text(json.dumps({"eval": base}))
+  (tmp_path / "setup.json").write_text(json.dumps({"settings": s}))
+  (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  report = tmp_path / "R.md"
+  begin, end = fr.marker("tiny_v2")
+  report.write_text(f"{fr.BEGIN}\nkeep\n{fr.END}\n{begin}\nold\n{end}\n")
+  fr.write(str(tmp_path), str(report))
+  text = report.read_text()
+  assert "keep" in text and "old" not in text and "--config=tiny_v2" in text
+  assert "Targets (placed by the seed-0 learning branches" in text
+  # FFT at 5.425: 1.3 - 0.425 * (1.3 - 0.3) = 0.875 on code, twice that on prose.
+  assert "| FFT | 5.425 | +0.875 | +1.750 | +1.312 |" in text
+  assert "| backbone | 1 | 6.200 | +0.030 |" in text and "| shared_experts |" not in text
+  assert "| ESFT-Token (one model per domain) | 0.001 | 5.000 | 6.000 | - |" in text
+  assert "### Steps to the same training loss" in text
+  assert (tmp_path / "frontier_D6_tiny_v2.png").exists()
 
 
 def test_only_the_whole_run_reports_into_docs():

@@ -71,13 +71,15 @@ def test_bad_files(tmp_path):
 
 def test_tiny_v2_preset_is_tiny_with_its_own_base_and_general_set():
   """The two tiny testbeds (docs/RESULTS.md, "Testbeds") differ in the base model and its
-  held-out general text only."""
+  held-out general text (and that text's genres) only."""
   tiny, v2 = load_config(f"{SIX}:tiny,fft"), load_config(f"{SIX}:tiny_v2,fft")
   assert v2.model.path.endswith(os.path.join("assets", "tiny_deepseek_v2_moe64"))
   assert v2.data.general.endswith(os.path.join("data", "corpus", "heldout.txt"))
   assert os.path.exists(v2.data.general)
+  assert v2.data.general_genres.endswith(os.path.join("data", "corpus", "heldout.jsonl.gz"))
+  assert os.path.exists(v2.data.general_genres) and tiny.data.general_genres == ""
   for c in (tiny, v2):
-    c.model.path = c.data.general = ""
+    c.model.path = c.data.general = c.data.general_genres = ""
   assert tiny.to_dict() == v2.to_dict()
   with pytest.raises(ValueError, match="at most one size preset"):
     load_config(f"{SIX}:tiny,tiny_v2")

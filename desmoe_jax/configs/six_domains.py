@@ -31,6 +31,7 @@ TINY_LR = {"desmoe": 3e-4, "fft": 1e-4, "esft_token": 1e-3, "esft_gate": 1e-3, "
 # multi-genre corpus (scripts/make_corpus.py, scripts/pretrain_tiny.py --preset=v2).
 TINY = {"tiny": "tiny_deepseek_v2", "tiny_v2": "tiny_deepseek_v2_moe64"}
 GENERAL = {"tiny_v2": ("data", "corpus", "heldout.txt")}
+GENRES = {"tiny_v2": ("data", "corpus", "heldout.jsonl.gz")}
 
 
 # Task metric of each domain (see desmoe_jax/metrics.py).
@@ -169,6 +170,10 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.data.general = bundled(*GENERAL.get(sizes[0] if tiny else "", ("data", "general",
                                                                     "heldout.txt")))
   c.data.general_mc = bundled("data", "general", "mc.jsonl")  # forgetting: MC score
+  # forgetting per genre: JSONL(.gz) of {"genre", "text"} documents, scored genre by genre at
+  # the end of a run and by eval.py ("" = off). tiny_v2: the same held-out documents as
+  # data.general, with their genres.
+  c.data.general_genres = bundled(*GENRES[sizes[0]]) if tiny and sizes[0] in GENRES else ""
   c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
   c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
   c.data.max_bad_fraction = 0.1  # a domain with more bad rows than this (of those read) is an error
@@ -293,6 +298,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.ablation = ml_collections.ConfigDict()
   c.ablation.linear_router_trainable = True  # desmoe_no_alr: train the linear router (else frozen)
   c.ablation.balance_loss = True             # add DeepSeek's balance loss (aux_loss_alpha)
+  # Comma-separated groups never trained in any phase (backbone, shared_experts, router; "" =
+  # none): where does forgetting come from? (docs/RESULTS.md, the per-part freezing runs)
+  c.ablation.freeze = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1               # data-parallel axis size
@@ -306,6 +314,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.eval.batch_size = 16        # generation batch
   c.eval.loss_batches = 4 if tiny else 20  # packed batches per domain for held-out loss
   c.eval.general_batches = -1   # batches of general text for forgetting (-1: loss_batches; 0: all)
+  c.eval.genre_batches = 4      # batches per genre of data.general_genres (0: all of each genre)
   c.eval.code_timeout = 5.0     # seconds per HumanEval program (sandboxed subprocess)
   # pass@1 runs model-written code: off unless asked for (then reported as not run, never as 0).
   # When on, each program runs isolated (desmoe_jax/sandbox.py: own pid/mount/network
