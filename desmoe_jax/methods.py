@@ -138,7 +138,9 @@ class MethodConfig:
     groups = set(ALL if phase == UNSCHEDULED else desmoe_trainable(phase, self.schedule))
     if self.is_lora:
       # The factors of the weights the phase would train; under with_desmoe the ALR (DES-MoE's
-      # router, not a LoRA target) trains where DES-MoE trains the router.
+      # router, not a LoRA target) trains where DES-MoE trains the router. ablation.freeze
+      # names the weights' groups: their factors never train.
+      groups -= self.freeze
       if not self.lora_with_desmoe:
         return frozenset(lora_lib.LORA + g for g in groups)
       return frozenset(lora_lib.LORA + g if g != "router" else g for g in groups)
