@@ -170,15 +170,15 @@ EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 def attach(model, cfg: LoraConfig, seed: int = 0):
   """Adds B = 0 pairs to every module of `cfg.targets` (in place); the model computes as
-  before. Fails when a target has nothing to adapt in this model (e.g. `dense_mlp` in a
-  model without dense layers), naming the field."""
+  before. A target this family lacks (`dense_mlp` or `shared_experts` in Mixtral) adapts
+  nothing, so the default targets serve every family; naming only absent targets fails,
+  naming the field."""
   found = hosts(model)
   rngs = nnx.Rngs(seed)
   wanted = cfg.target_set
-  for target in sorted(wanted):
-    if not any(t == target for _, _, t in found):
-      raise ValueError(f"lora.targets names {target!r}, which this model "
-                       f"({model.config.model_type}) does not have")
+  if not wanted & {t for _, _, t in found}:
+    raise ValueError(f"lora.targets={cfg.targets!r}: this model ({model.config.model_type}) "
+                     f"has none of them; it has {', '.join(sorted({t for _, _, t in found}))}")
   for _, module, target in found:
     if target not in wanted:
       continue

@@ -74,6 +74,19 @@ def test_each_target_switches_on_alone(target):
         1, 8, 4, 16)
 
 
+def test_targets_a_family_lacks_adapt_nothing():
+  """No dense layer: the default targets still apply (dense_mlp adapts nothing), naming only
+  absent targets is an error naming the field."""
+  mc = MethodConfig(method="lora", num_domains=D, total_steps=10)
+  model = prepare_model(tiny_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0), mc)
+  assert {lora.target_of(p[:p.index("lora")]) for p in factors(model)} == set(TARGETS) - {
+      "dense_mlp"}
+  mc = MethodConfig(method="lora", num_domains=D, total_steps=10,
+                    lora=LoraConfig(targets="dense_mlp"))
+  with pytest.raises(ValueError, match="lora.targets='dense_mlp': this model"):
+    prepare_model(tiny_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0), mc)
+
+
 def test_bad_lora_fields_are_named():
   with pytest.raises(ValueError, match="lora.targets='attention,mlp'"):
     LoraConfig(targets="attention,mlp")
