@@ -119,6 +119,18 @@ def test_frontier_plan_and_configs():
   assert config.schedule.warmup_trains == "router+experts"
   quick = rp.plan_frontier(rp.SETTINGS["frontier_quick"], (0,))
   assert set(quick) <= set(rp.plan_frontier(s, (0, 1, 2))) and len(quick) == 10
+  # LoRA with every target, and without the routed experts; FFT's grid times 10
+  lora_runs = [r for r in runs if r.method == "lora" and r.seed == 0]
+  assert sorted(r.lr for r in lora_runs) == sorted(
+      2 * [round(10 * lr, 12) for lr in rp.FRONTIER_LRS[("fft", "")]])
+  for run in lora_runs:
+    config = rp.run_config(run, s, None)
+    mc = trainer.method_config(config)
+    want = {"attention", "shared_experts", "router", "dense_mlp"} | (
+        set() if run.variant == "no_routed" else {"routed_experts"})
+    assert mc.lora.target_set == want and config.optim.learning_rate == run.lr
+    assert mc.trainable_ever() <= {"lora_backbone", "lora_shared_experts", "lora_router",
+                                   "lora_routed_experts"}
   frozen = rp.run_config(rp.Run("desmoe_no_alr", "router+backbone,router_frozen", rp.DOMAINS,
                                 0, 60, 1e-3, frontier=True), s, None)
   assert frozen.ablation.linear_router_trainable is False

@@ -168,7 +168,7 @@ class MLAttention(nnx.Module):
             cache.latent.dtype), index, axis=1),
         k_pe=jax.lax.dynamic_update_slice_in_dim(cache.k_pe, k_pe.astype(cache.k_pe.dtype),
                                                  index, axis=1))
-    w_kv = self.kv_b_proj.kernel[...].astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, nope + dv)
+    w_kv = self.kv_b_proj.weight().astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, nope + dv)
     q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_kv[..., :nope])    # [B,1,H,C]
     latent, kpe = cache.latent.astype(q_nope.dtype), cache.k_pe.astype(q_nope.dtype)
     scores = (jnp.einsum("bqhc,btc->bhqt", q_latent, latent)
