@@ -333,6 +333,10 @@ class MixtureIterator:
       raise ValueError("MixtureIterator needs at least one domain")
     self.specs, self.seq_len, self.batch_size, self.seed = list(specs), seq_len, batch_size, seed
     self.domain_ids = list(range(len(specs))) if domain_ids is None else list(domain_ids)
+    # Per source, the domain id of each example (discovered domains, desmoe_jax/discover.py);
+    # None: every example of source d is domain domain_ids[d]. Sources are still drawn by
+    # their weights, so the batches are the same either way; only the ids differ.
+    self.example_domains: list[np.ndarray] | None = None
     loaded = [load_domain(s, tokenizer, seq_len) for s in specs]
     self.examples = [ex for ex, _ in loaded]
     self.report = [rep for _, rep in loaded]
@@ -375,9 +379,20 @@ class MixtureIterator:
           self._carry = (d, i)  # every example fits an empty row (over-long ones were dropped)
           break
         segment += 1
-        _place(out, row, used, segment, ids, targets, self.domain_ids[d])
+        domain = (self.domain_ids[d] if self.example_domains is None
+                  else int(self.example_domains[d][i]))
+        _place(out, row, used, segment, ids, targets, domain)
         used += len(ids)
     return out
+
+  def set_example_domains(self, example_domains: list):
+    """Gives every example its own domain id: `example_domains[d][i]` for example i of source
+    d (in the order `examples` holds them)."""
+    sizes = [len(e) for e in self.examples]
+    got = [len(x) for x in example_domains]
+    if got != sizes:
+      raise DataError(f"per-example domain ids for {got} examples, the sources have {sizes}")
+    self.example_domains = [np.asarray(x, np.int32) for x in example_domains]
 
   def state(self) -> dict:
     """JSON-serialisable position (see `restore`)."""
@@ -480,6 +495,13 @@ def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: 
                       max_batches: int) -> list[dict]:
   """Packed held-out batches of (prompt, reference answer) pairs: the loss on answers given
   prompts. The response is the row's "reference" if it has one, else its first answer."""
+  return pack_once(eval_loss_examples(spec, tokenizer, seq_len=seq_len), seq_len, batch_size,
+                   max_batches)
+
+
+def eval_loss_examples(spec: DomainSpec, tokenizer, *, seq_len: int) -> list[tuple]:
+  """The tokenised (ids, targets) held-out examples `eval_loss_batches` packs, in file order
+  (those longer than seq_len left out)."""
   examples = load_eval_examples(spec, tokenizer)
   rows = [{"prompt": ex["prompt_text"], "response": ex.get("reference", ex["answers"][0])}
           for ex in examples]
@@ -493,7 +515,7 @@ def eval_loss_batches(spec: DomainSpec, tokenizer, *, seq_len: int, batch_size: 
   if not tokenized:
     raise DataError(f"domain {spec.name!r}: no held-out example of {spec.path} fits "
                     f"seq_len={seq_len}")
-  return pack_once(tokenized, seq_len, batch_size, max_batches)
+  return tokenized
 
 
 def text_loss_batches(path: str, tokenizer, *, seq_len: int, batch_size: int,

@@ -29,6 +29,7 @@ from flax import nnx
 from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
+from desmoe_jax import discover
 from desmoe_jax import heldout
 from desmoe_jax import metrics as metrics_lib
 from desmoe_jax import sandbox
@@ -76,8 +77,10 @@ def load_run_model(config, workdir: str, step: int | None = None, mesh=None, tok
                           f"{current[:19]} vs {stored[:19]}); evaluate with the run's "
                           "model.path")
     # Sharded over `mesh` as in training, the parts methods.prepare_model added included.
+    assignment = run_assignment(config, workdir)
     built = build_train_state(config, lambda: load_model(config.model.path, config, mesh), mesh,
-                              optimizer=False)
+                              optimizer=False,
+                              domains=assignment.k if assignment is not None else None)
     graphdef, state = built.graphdef, built.state
     restored, _, meta = checkpoints.restore(ckpt_lib.abstract_like(state), None,
                                             step=meta["step"])  # onto each array's sharding
@@ -86,6 +89,18 @@ def load_run_model(config, workdir: str, step: int | None = None, mesh=None, tok
   model = nnx.merge(graphdef, restored)
   merge_copies(model)
   return model, meta
+
+
+def run_assignment(config, workdir: str) -> discover.Assignment | None:
+  """The discovered domains a data.discover_domains run saved in `workdir` (None for a run on
+  labelled domains); such a run without its domains.json is a ConfigError."""
+  if not discover.enabled(config):
+    return None
+  path = os.path.join(workdir, discover.FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"data.discover_domains={discover.requested(config)!r}: {path} does not "
+                      "exist (the run's domain assignment, written when it started)")
+  return discover.Assignment.load(path)
 
 
 def load_model(path: str, config, mesh=None):
@@ -137,8 +152,11 @@ def task_metric(name: str, metric: str, examples: list[dict], generations: list[
 
 
 def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation: bool = True,
-                   out_dir: str | None = None) -> dict:
-  """All scores of `model` (and general-ability scores of `base_model`); writes JSON + table."""
+                   out_dir: str | None = None,
+                   assignment: discover.Assignment | None = None) -> dict:
+  """All scores of `model` (and general-ability scores of `base_model`); writes JSON + table.
+  With `assignment` (a data.discover_domains run), also the held-out loss of each discovered
+  cluster (rows "cluster<c>"), beside the labelled domains."""
   results: dict[str, dict] = {}
   allow_code, allow_unisolated = code_execution(config)
   if allow_code and with_generation and any(d.metric == "pass_at_1" and d.eval
@@ -150,6 +168,14 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   loss_sets = heldout.eval_loss_batches(config, tokenizer)
+  if assignment is not None:
+    examples = heldout.heldout_examples_of(config, tokenizer)
+    for name, ex in examples.items():
+      if name not in assignment.heldout or \
+          assignment.heldout[name]["sha256"] != discover.digest([ids for ids, _ in ex]):
+        raise ConfigError(f"the held-out examples of {name!r} are not those the run's "
+                          f"{discover.FILE} assigned to clusters (the eval file changed)")
+    loss_sets.update(heldout.cluster_loss_batches(config, assignment, examples))
   graphdef, state = nnx.split(model)
   losses = heldout.heldout_losses(graphdef, state, loss_sets)
   eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [-1]
@@ -182,6 +208,13 @@ def evaluate_model(model, tokenizer, config, *, base_model=None, with_generation
         for ex, g in zip(examples, generations):
           f.write(json.dumps({"prompt": ex.get("prompt_text", ""), "answers": ex["answers"],
                               "generation": g}, ensure_ascii=False) + "\n")
+
+  for c, name in enumerate(discover.cluster_names(assignment.k) if assignment else ()):
+    if name in losses:   # held-out examples in the cluster: at most eval.loss_batches scored
+      assigned = sum(cl == c for h in assignment.heldout.values() for cl in h["cluster"])
+      results[name] = {"loss": losses[name], "heldout_examples": assigned,
+                       "perplexity": metrics_lib.perplexity(losses[name], 1.0)
+                       if np.isfinite(losses[name]) else float("nan")}
 
   general = results.setdefault("general", {})
   if "general" in losses:
@@ -241,7 +274,8 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
   base = load_model(config.model.path, config, mesh) if with_base else None
   out_dir = os.path.join(workdir, "eval", name)
   results = evaluate_model(model, tokenizer, config, base_model=base,
-                           with_generation=with_generation, out_dir=out_dir)
+                           with_generation=with_generation, out_dir=out_dir,
+                           assignment=run_assignment(config, workdir))
   if config.eval.get("lm_eval_tasks"):
     results["lm_eval"] = lm_eval_scores(model, tokenizer, config, base_model=base)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from desmoe_jax import data as data_lib
+from desmoe_jax import discover
 from desmoe_jax import distributed
 from desmoe_jax import losses
 from desmoe_jax import specialization
@@ -112,6 +113,32 @@ def eval_loss_batches(config, tokenizer) -> dict:
         config.data.general, tokenizer, seq_len=config.data.seq_len,
         batch_size=config.data.batch_size,
         max_batches=config.eval.loss_batches if general < 0 else general)
+  return out
+
+
+def heldout_examples_of(config, tokenizer) -> dict:
+  """{domain name: its tokenised held-out examples} (`data.eval_loss_examples`), for the
+  domains with an eval file: what the discovered clusters' held-out sets are drawn from."""
+  return {d.name: data_lib.eval_loss_examples(domain_spec(d, "eval"), tokenizer,
+                                              seq_len=config.data.seq_len)
+          for d in config.data.domains if d.eval}
+
+
+def cluster_loss_batches(config, assignment: discover.Assignment, heldout_examples: dict
+                         ) -> dict:
+  """Held-out packed batches per discovered cluster ("cluster<c>"): the held-out examples of
+  every labelled domain that the assignment puts in cluster c (nearest centroid of their base
+  routing), taken from the domains in turn (the first of each domain's, then the second, ...),
+  at most eval.loss_batches batches. A cluster no held-out example falls in has no set."""
+  out = {}
+  for c, name in enumerate(discover.cluster_names(assignment.k)):
+    queues = [[ex for ex, cl in zip(examples, assignment.heldout[domain]["cluster"]) if cl == c]
+              for domain, examples in heldout_examples.items()]
+    ordered = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues
+               if i < len(q)]
+    if ordered:
+      out[name] = data_lib.pack_once(ordered, config.data.seq_len, config.data.batch_size,
+                                     config.eval.loss_batches)
   return out
 
 

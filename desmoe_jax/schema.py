@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,17 @@ class Rule:
     if self.lo is not None:
       return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
     return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """A rule given by a function (value -> what is wrong, or None): for a field that takes more
+  than one type (e.g. data.discover_domains: a number or "auto")."""
+  check: Callable[[Any], str | None]
+  choices: tuple = ()          # none listed: the function decides
+
+  def problem(self, value: Any) -> str | None:
+    return self.check(value)
 
 
 def _num(x):

@@ -21,9 +21,21 @@ from desmoe_jax.schedule import ScheduleConfig
 from desmoe_jax.specialization import DgesConfig
 
 
-def method_config(config) -> MethodConfig:
+def num_domains(config) -> int:
+  """D: the data.domains entries, or data.discover_domains=K clusters (an "auto" run's K is
+  known once it has clustered: desmoe_jax/discover.py, passed explicitly)."""
+  k = config.data.get("discover_domains", 0)
+  if k == "auto":
+    raise ConfigError("data.discover_domains='auto': the number of domains is known once the "
+                      "run has clustered (read it from the run's domains.json)")
+  return int(k) if k else len(config.data.domains)
+
+
+def method_config(config, domains: int | None = None) -> MethodConfig:
+  """`domains`: D when it is not `num_domains(config)` (discovered by an "auto" run)."""
   return MethodConfig(
-      method=config.method, num_domains=len(config.data.domains), total_steps=config.train.steps,
+      method=config.method, num_domains=num_domains(config) if domains is None else domains,
+      total_steps=config.train.steps,
       alr=AlrConfig(**config.alr.to_dict()), dges=DgesConfig(**config.dges.to_dict()),
       schedule=ScheduleConfig(**config.schedule.to_dict()),
       esft=EsftConfig(**dict(config.esft.to_dict(),
@@ -94,6 +106,10 @@ def check_config(config):
   if config.dges.get("exclude_general_top") and init:
     raise ConfigError("config.dges.exclude_general_top ranks experts on the pretrained model; "
                       f"config.train.init_from={init!r} starts from a trained one")
+  if config.data.get("discover_domains", 0) and config.method.startswith("esft"):
+    raise ConfigError(f"config.data.discover_domains={config.data.discover_domains!r} with "
+                      f"method={config.method!r}: ESFT scores experts per labelled domain file; "
+                      "discovered domains are for the DES-MoE family and FFT")
   if config.export.get("hub_repo") and not config.export.enabled:
     raise ConfigError(f"config.export.hub_repo={config.export.hub_repo!r} pushes the export, "
                       "but config.export.enabled=False")

@@ -54,15 +54,16 @@ def with_shardings(tree, shardings):
 
 def build_train_state(config, make_model: Callable[[], nnx.Module], mesh=None, *,
                       optimizer: bool = True, abstract: bool = False,
-                      select: Callable[[nnx.Module, MethodConfig], None] | None = None
-                      ) -> TrainState:
+                      select: Callable[[nnx.Module, MethodConfig], None] | None = None,
+                      domains: int | None = None) -> TrainState:
   """The train state of `config` for the model `make_model()` builds (loaded weights, or an
   initialised model), prepared for the method (`methods.prepare_model`). `select(model,
   method_cfg)`: expert selection on the prepared model (`select_experts`). With `mesh`, the
   model is sharded over it and the state's shardings are given; `optimizer`: the optimizer
   state is initialised, laid out like the parameters; `abstract`: nothing is computed, the
-  arrays are sharded ShapeDtypeStructs (a memory plan)."""
-  mc, oc = method_config(config), optim_config(config)
+  arrays are sharded ShapeDtypeStructs (a memory plan). `domains`: the number of domains D
+  when the config does not say it (data.discover_domains="auto": the run's clusters)."""
+  mc, oc = method_config(config, domains), optim_config(config)
 
   def prepared():
     model = make_model()

@@ -3,6 +3,7 @@ checkpoints, evaluations, and the final Hugging Face export. Notebooks call `tra
 
 Work directory layout:
   config.json            the config as given (data.select applied, hub ids kept): eval.py reads it
+  domains.json           data.discover_domains: the discovered domains (discover.py), written once
   checkpoints/<step>/    orbax: model state, optimizer state, meta (data position, RNG, phase)
   metrics.jsonl          one JSON record per logged step / evaluation
   tb/                    TensorBoard event files
@@ -54,6 +55,7 @@ from flax import nnx
 from desmoe_jax import build
 from desmoe_jax import checkpoint as ckpt_lib
 from desmoe_jax import data as data_lib
+from desmoe_jax import discover
 from desmoe_jax import distributed
 from desmoe_jax import run_dir
 from desmoe_jax import sharding as sharding_lib
@@ -61,8 +63,9 @@ from desmoe_jax import sources
 from desmoe_jax import train_step as ts
 from desmoe_jax.errors import ConfigError, Preempted, TrainingDiverged
 from desmoe_jax.heatmaps import heatmap_paths, save_heatmaps  # noqa: F401 (trainer.* API)
-from desmoe_jax.heldout import (alr_teacher_agreement, eval_loss_batches,  # noqa: F401
-                                evaluate_heldout, heldout_losses)
+from desmoe_jax.heldout import (alr_teacher_agreement, cluster_loss_batches,  # noqa: F401
+                                eval_loss_batches, evaluate_heldout, heldout_examples_of,
+                                heldout_losses)
 from desmoe_jax.methods import UNSCHEDULED, MethodConfig
 from desmoe_jax.metrics_log import MetricsLog, progress_bar, truncate_records  # noqa: F401
 from desmoe_jax.preemption import PreemptionGuard
@@ -125,6 +128,7 @@ class RunContext:
   state_finite: Callable
   progress: Any
   compiled: dict = dataclasses.field(default_factory=dict)   # phase -> jitted step
+  assignment: discover.Assignment | None = None   # data.discover_domains: the clusters
 
   @property
   def total_steps(self) -> int:
@@ -132,6 +136,9 @@ class RunContext:
 
   @property
   def names(self) -> list:
+    """The run's domains, in domain-id order: data.domains' names, or the clusters'."""
+    if self.assignment is not None:
+      return discover.cluster_names(self.assignment.k)
     return [d.name for d in self.config.data.domains]
 
 
@@ -391,8 +398,21 @@ def start_run(config, saved_config, workdir, mesh, guard, checkpoints, tokenizer
   batch_sharding = sharding_lib.batch_sharding(mesh)
   check_microbatch_split(step_cfg, config.data.batch_size, batch_sharding)
   place = functools.partial(distributed.global_array, sharding=batch_sharding)
+  eval_sets = eval_loss_batches(config, tokenizer)
+  assignment = None
+  if discover.enabled(config):   # the base model's routing, before the method changes it
+    heldout_examples = heldout_examples_of(config, tokenizer)
+    assignment = discover.discover(
+        config, model, {s.name: [ids for ids, _ in ex] for s, ex in
+                        zip(train_specs, train_iter.examples)},
+        {name: [ids for ids, _ in ex] for name, ex in heldout_examples.items()}, workdir,
+        saved_model_path=saved_config.model.path, resuming=resume_meta is not None,
+        place=place)
+    train_iter.set_example_domains([assignment.train_labels(s.name) for s in train_specs])
+    eval_sets.update(cluster_loss_batches(config, assignment, heldout_examples))
   state = build_train_state(config, lambda: model, mesh,
-                            select=select_experts(config, tokenizer, train_specs, place))
+                            select=select_experts(config, tokenizer, train_specs, place),
+                            domains=assignment.k if assignment is not None else None)
   # One jitted reduction over parameters, optimizer state and gradient norm; replicated, so
   # every process reads the same answer.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -412,9 +432,10 @@ def start_run(config, saved_config, workdir, mesh, guard, checkpoints, tokenizer
   ctx = RunContext(config, saved_config, workdir, is_main, state.graphdef, state.method_cfg,
                    state.optim_cfg, step_cfg, state.state_shardings, state.opt_shardings,
                    batch_sharding, checkpoints, guard, metrics_log,
-                   eval_sets=eval_loss_batches(config, tokenizer), fingerprint=fingerprint,
+                   eval_sets=eval_sets, fingerprint=fingerprint,
                    provenance=provenance(), state_finite=state_finite,
-                   progress=progress_bar(run.step, config.train.steps, is_main))
+                   progress=progress_bar(run.step, config.train.steps, is_main),
+                   assignment=assignment)
   return ctx, run
 
 

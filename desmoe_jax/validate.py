@@ -29,6 +29,7 @@ import os
 
 from desmoe_jax.config import RuntimeConfig
 from desmoe_jax.data import FORMATS
+from desmoe_jax.discover import check_request
 from desmoe_jax.errors import ConfigError
 from desmoe_jax.esft import EsftConfig
 from desmoe_jax.lora import LoraConfig
@@ -37,7 +38,8 @@ from desmoe_jax.metrics import METRIC_NAMES
 from desmoe_jax.optim import ADAFACTOR_OFFLOAD, OptimConfig
 from desmoe_jax.router import AlrConfig
 from desmoe_jax.schedule import ScheduleConfig
-from desmoe_jax.schema import BOOL, MESH_AXIS, PATH, STR, Float, Int, OneOf, Rule, rules_of
+from desmoe_jax.schema import (BOOL, MESH_AXIS, PATH, STR, Check, Float, Int, OneOf, Rule,
+                               rules_of)
 from desmoe_jax.specialization import DgesConfig
 from desmoe_jax.train_step import StepConfig
 
@@ -69,6 +71,7 @@ FIELDS: dict[str, Rule] = {
     "data.batch_size": Int(1),
     "data.max_bad_fraction": Float(0, 1),
     "data.select": STR,                              # "math,code": names checked by sources.py
+    "data.discover_domains": Check(check_request),   # 0, K >= 2 or "auto" (discover.py)
 
     "train.steps": Int(1),
     "train.log_every": Int(1),

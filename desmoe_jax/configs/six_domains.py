@@ -15,6 +15,7 @@ desmoe_no_dges, desmoe_no_schedule, lora). Every field below can be overridden o
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from desmoe_jax.methods import METHODS
 from desmoe_jax.paths import bundled
@@ -181,6 +182,12 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.data.seq_len = 1024 if tiny else 4096  # packed sequence length (tokens)
   c.data.batch_size = 4 if tiny else 32    # global batch, sequences per step
   c.data.max_bad_fraction = 0.1  # a domain with more bad rows than this (of those read) is an error
+  # Domains discovered from the base model's routing instead of taken from the labels
+  # (docs/METHOD.md section 2a): 0 = off (each data.domains entry is one domain); K >= 2: the
+  # training examples of every entry, pooled, are clustered by k-means on their routing
+  # signatures into K domains, each example's cluster its domain id (<workdir>/domains.json);
+  # "auto": K chosen by the silhouette rule. An int or "auto", so a field of either type.
+  c.data.discover_domains = config_dict.FieldReference(0, field_type=object)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 120 if tiny else 500     # total optimizer steps T (phases are fractions of T)
