@@ -39,7 +39,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_offload", "full_offload")
 DTYPES = ("float32", "bfloat16", "float16")                  # model.dtype, model.param_dtype
 MOE_IMPLS = ("auto", "dense", "ragged", "tokamax", "tiled")   # model.moe_impl (moe/block.py)
 EXPERT_PARALLEL = ("compiler", "shard_map")                  # model.expert_parallel
-ATTENTION_IMPLS = ("einsum", "jax", "tokamax")               # model.attention_impl
+ATTENTION_IMPLS = ("blocked", "einsum", "jax", "tokamax")    # model.attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +56,20 @@ class RuntimeConfig:
   moe_tile_size: int = 128                # rows per tile of the "tiled" grouped matmul
   # "compiler" | "shard_map": see moe/expert_parallel.py
   expert_parallel: str = knob("compiler", OneOf(*EXPERT_PARALLEL))
-  # "einsum" (reference) | "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
+  # "blocked" (the einsum's numbers a block of causal queries at a time, scores recomputed in the
+  # backward: nn/blocked_attention.py) | "einsum" (reference) | "jax" (jax.nn.dot_product_attention:
+  # XLA's, V padded to 192) |
   # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py). Not in
   # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
   # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.
   # Its kernels are not wrapped in shard_map: one device (the compiler cannot partition them).
-  attention_impl: str = knob("einsum", OneOf(*ATTENTION_IMPLS))
+  attention_impl: str = knob("blocked", OneOf(*ATTENTION_IMPLS))
   scan_layers: bool = knob(True, BOOL)    # lax.scan over the stacked MoE layers (fast compile)
   # one of REMAT_POLICIES: what a MoE layer's backward recomputes
   remat: str = knob("none", OneOf(*REMAT_POLICIES))
-  ce_chunk: int = knob(0, Int(0))         # >0: cross-entropy over sequence chunks of this many
-                                          # positions, never the batch's [B, S, vocab] logits (losses.py)
+  ce_chunk: int = knob(0, Int(0))         # >0: the train step's cross-entropy over sequence chunks
+                                          # of this many positions, never the batch's [B, S, vocab]
+                                          # logits; 0: the whole sequence as one chunk (losses.py)
 
   def __post_init__(self):
     problems = []

@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from desmoe_jax import lora
 from desmoe_jax.config import ModelConfig
 from desmoe_jax.families import get_family
 from desmoe_jax.model import MoECausalLM
@@ -483,6 +484,9 @@ def save_pretrained(model: MoECausalLM, path: str, *, dtype=None,
                      "cannot hold (an adaptive router, domain statistics or duplicated "
                      "experts): export it with desmoe_jax.export.export_hf, which folds, "
                      "merges or drops them")
+  if lora.attached(model):
+    raise ValueError("this model has LoRA pairs, which the HF layout cannot hold: merge them "
+                     "first (desmoe_jax.lora.merge; desmoe_jax.export.export_hf does)")
   writer = jax.process_index() == 0
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   limit = _parse_size(max_shard_size)

@@ -1,7 +1,8 @@
 """Export an adapted model to the plain Hugging Face layout of its family (transformers loads it;
 tests/test_export.py and tests/test_families_train.py check it).
 
-Two DES-MoE additions are not part of that architecture:
+LoRA's pairs are merged into their weights (W + (alpha / r) A B, `lora.merge`), the routed
+experts' per-expert pairs included. Two DES-MoE additions are not part of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the
   average of its versions), so the served model needs no domain id;
 * the adaptive router (an MLP) is FOLDED into a linear router: per MoE layer, a least-squares
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from desmoe_jax import distributed
+from desmoe_jax import distributed, lora
 from desmoe_jax.convert import save_pretrained
 from desmoe_jax.moe.routing import LinearRouter
 from desmoe_jax.nn.layers import stack_modules
@@ -232,7 +233,9 @@ def export_hf(model, path: str, *, tokenizer_dir: str | None, fit_batches: list[
   a `desmoe_export.json` report next to it. `model` is modified in place. Every process of a
   multi-process run calls it; process 0 writes. See `fold_router` for the other arguments."""
   des = model.moe_blocks().des
-  report = {"merged_expert_copies": des is not None and des.expert_copies is not None}
+  report = {"merged_expert_copies": des is not None and des.expert_copies is not None,
+            "merged_lora": lora.attached(model)}
+  lora.merge(model)   # W + (alpha / r) A B: the routed experts' pairs too
   merge_copies(model)
   report.update(fold_router(model, fit_batches, fold_tokens=fold_tokens,
                             check_tokens=check_tokens, batch_sharding=batch_sharding))

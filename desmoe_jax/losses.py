@@ -28,9 +28,41 @@ KERNEL_AXES = ("embed", "vocab")  # the output projection's logical axes (layers
 
 def token_losses(logits_bsv, tokens_bs):
   """Cross-entropy of predicting tokens[:, t] from position t-1, [B, S] (position 0 gets 0)."""
-  logp = jax.nn.log_softmax(logits_bsv[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens_bs[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(nll, ((0, 0), (1, 0)))
+  targets_bs = jnp.pad(tokens_bs[:, 1:], ((0, 0), (0, 1)))  # the last position predicts nothing
+  nll = _target_nll(logits_bsv.astype(jnp.float32), targets_bs)
+  return jnp.pad(nll[:, :-1], ((0, 0), (1, 0)))
+
+
+@jax.custom_vjp
+def _target_nll(logits_bsv, targets_bs):
+  """-log_softmax(logits)[b, s, targets[b, s]], [B, S], of every position (float32 logits).
+
+  Why not the obvious slice + `take_along_axis`: XLA:CPU builds their gradients as a zeroed
+  [B, S-1, V] buffer, a scatter into it and a padded copy, and autodiff's log-softmax backward
+  is then fused twice over the [B, S, V] logits, once per layout its two consumers (the lm
+  head's two gradient matmuls) read. Here the forward is the same numbers (a one-hot select
+  and a sum, adding exact zeros to the target's log-probability) and the backward is written
+  out once: softmax - one-hot, times the cotangent (bench/RESULTS.md, "Whole train step")."""
+  return _target_nll_fwd(logits_bsv, targets_bs)[0]
+
+
+def _hit(targets_bs, v):
+  return targets_bs[..., None] == jnp.arange(v, dtype=targets_bs.dtype)
+
+
+def _target_nll_fwd(logits_bsv, targets_bs):
+  logp = jax.nn.log_softmax(logits_bsv, axis=-1)
+  nll = -jnp.sum(jnp.where(_hit(targets_bs, logp.shape[-1]), logp, 0.0), axis=-1)
+  return nll, (logp, targets_bs)
+
+
+def _target_nll_bwd(res, g_bs):
+  logp, targets_bs = res
+  hit = _hit(targets_bs, logp.shape[-1])
+  return (jnp.exp(logp) - hit.astype(jnp.float32)) * g_bs[..., None], None
+
+
+_target_nll.defvjp(_target_nll_fwd, _target_nll_bwd)
 
 
 def chunked_token_losses(hidden_bsd, kernel_dv, tokens_bs, chunk: int):

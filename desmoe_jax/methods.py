@@ -8,6 +8,8 @@
 | desmoe_no_schedule   | ALR + KD                | applied, refreshed      | none     | everything, all run     |
 | fft                  | pretrained linear       | tracked only            | none     | everything              |
 | esft_gate/esft_token | pretrained linear, frozen | ESFT selection, fixed | none     | selected routed experts |
+| lora                 | pretrained linear       | tracked only            | none     | LoRA factors of lora.targets |
+| lora, with_desmoe    | ALR + KD                | applied, refreshed      | 3 phases | LoRA factors per phase, ALR |
 
 Masks are always computed from the routing statistics ("tracked only" = refreshed but never
 applied), so expert overlap between domains can be compared across methods.
@@ -17,16 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from desmoe_jax import lora as lora_lib
 from desmoe_jax.esft import EsftConfig
+from desmoe_jax.lora import LoraConfig
 from desmoe_jax.router import AlrConfig, attach_alr, kd_lambda
 from desmoe_jax.schedule import (ALL, CONSOLIDATION, WARMUP, ScheduleConfig, desmoe_trainable,
                                  phase_at, phase_boundaries)
 from desmoe_jax.specialization import DgesConfig, attach, attach_copies, attach_exclusion
 
 METHODS = ("desmoe", "fft", "esft_token", "esft_gate", "desmoe_no_alr", "desmoe_no_dges",
-           "desmoe_no_schedule")
+           "desmoe_no_schedule", "lora")
 # The paper's learning rates (docs/METHOD.md section 4): 1e-4 for the DES-MoE family, 3e-5 for
-# FFT, 1e-5 for ESFT. `optim.learning_rate = -1` selects them.
+# FFT, 1e-5 for ESFT. `optim.learning_rate = -1` selects them. The paper gives none for LoRA,
+# which gets DES-MoE's.
 PAPER_LR = {"fft": 3e-5, "esft_token": 1e-5, "esft_gate": 1e-5}
 DEFAULT_PAPER_LR = 1e-4
 UNSCHEDULED = -1  # the single "phase" of methods without the three-phase schedule
@@ -42,6 +47,7 @@ class MethodConfig:
   dges: DgesConfig = DgesConfig()
   schedule: ScheduleConfig = ScheduleConfig()
   esft: EsftConfig = EsftConfig()
+  lora: LoraConfig = LoraConfig()
   linear_router_trainable: bool = True  # desmoe_no_alr / fft: train the pretrained linear router
   balance_loss: bool = True             # add DeepSeek's balance loss (aux_loss_alpha), as its
                                         # and ESFT's training code do
@@ -69,17 +75,31 @@ class MethodConfig:
       raise ValueError(f"dges.exclude_general_top={self.dges.exclude_general_top} removes "
                        f"experts from DGES masks, which method={self.method!r} does not apply; "
                        "use desmoe, desmoe_no_alr or desmoe_no_schedule, or set it to 0")
+    if self.lora_with_desmoe and self.dges.duplicate_shared_experts:
+      raise ValueError("lora.with_desmoe=True with dges.duplicate_shared_experts=True: the copy "
+                       "bank holds full expert weights, which LoRA does not train; set "
+                       "dges.duplicate_shared_experts=False")
+
+  @property
+  def is_lora(self) -> bool:
+    return self.method == "lora"
+
+  @property
+  def lora_with_desmoe(self) -> bool:
+    """LoRA's factors trained under DES-MoE's ALR, masks and schedule (lora.with_desmoe)."""
+    return self.is_lora and self.lora.with_desmoe
 
   # ---------------------------------------------------------------- what the method does
   @property
   def use_alr(self) -> bool:
-    return self.method in ("desmoe", "desmoe_no_dges", "desmoe_no_schedule")
+    return self.method in ("desmoe", "desmoe_no_dges", "desmoe_no_schedule") or \
+        self.lora_with_desmoe
 
   @property
   def apply_masks(self) -> bool:
     """Gradient isolation and per-expert update masks from ExpertMask."""
     return self.method in ("desmoe", "desmoe_no_alr", "desmoe_no_schedule", "esft_gate",
-                           "esft_token")
+                           "esft_token") or self.lora_with_desmoe
 
   @property
   def is_esft(self) -> bool:
@@ -91,7 +111,7 @@ class MethodConfig:
 
   @property
   def use_schedule(self) -> bool:
-    return self.method in ("desmoe", "desmoe_no_alr", "desmoe_no_dges")
+    return self.method in ("desmoe", "desmoe_no_alr", "desmoe_no_dges") or self.lora_with_desmoe
 
   @property
   def duplicate_experts(self) -> bool:
@@ -116,6 +136,14 @@ class MethodConfig:
         groups |= {"backbone", "router"}
       return frozenset(groups)
     groups = set(ALL if phase == UNSCHEDULED else desmoe_trainable(phase, self.schedule))
+    if self.is_lora:
+      # The factors of the weights the phase would train; under with_desmoe the ALR (DES-MoE's
+      # router, not a LoRA target) trains where DES-MoE trains the router. ablation.freeze
+      # names the weights' groups: their factors never train.
+      groups -= self.freeze
+      if not self.lora_with_desmoe:
+        return frozenset(lora_lib.LORA + g for g in groups)
+      return frozenset(lora_lib.LORA + g if g != "router" else g for g in groups)
     if not self.use_alr and not self.linear_router_trainable:
       groups.discard("router")
     return frozenset(groups) - self.freeze
@@ -152,7 +180,8 @@ class MethodConfig:
 
 def prepare_model(model, cfg: MethodConfig, seed: int = 0):
   """Turns a pretrained model (any family) into the trainable model of `cfg.method` (in place):
-  adaptive routers for the ALR methods, DGES state for all, a copy bank if duplication is on."""
+  adaptive routers for the ALR methods, DGES state for all, a copy bank if duplication is on,
+  LoRA's pairs (B = 0) for `lora`."""
   if model.moe_blocks() is None:
     raise ValueError("the model has no MoE layer (first_k_dense_replace >= num_hidden_layers)")
   if cfg.use_alr:
@@ -162,4 +191,6 @@ def prepare_model(model, cfg: MethodConfig, seed: int = 0):
     attach_exclusion(model)          # filled by train_state.exclude_general_experts or a checkpoint
   if cfg.duplicate_experts:
     attach_copies(model, cfg.num_domains, cfg.dges.max_copies)
+  if cfg.is_lora:
+    lora_lib.attach(model, cfg.lora, seed=seed)
   return model

@@ -208,12 +208,15 @@ class MoECausalLM(nnx.Module):
     return self.embed_tokens.embedding[...].T
 
   def token_losses(self, out: ModelOutput, tokens_bs):
-    """Next-token cross-entropy [B, S] (position 0 gets 0) of a forward pass made with
-    `logits=not self.config.runtime.ce_chunk`: plain from the logits, or chunked from the hidden
-    states (`losses.chunked_token_losses`: never the whole batch's float32 logits)."""
-    if self.config.runtime.ce_chunk:
+    """Next-token cross-entropy [B, S] (position 0 gets 0): plain from the logits of a forward
+    pass made with them, else from its hidden states (`logits=False`, what the train step does)
+    through `losses.chunked_token_losses`, `model.ce_chunk` positions at a time (0: the whole
+    sequence as one chunk). Even as one chunk its custom backward (softmax - one-hot, then the
+    two matmuls) is ~2x faster on XLA:CPU than autodiff through the logits (bench/RESULTS.md,
+    "Whole train step"); with ce_chunk > 0 the batch's float32 logits never exist at once."""
+    if out.hidden is not None:
       return losses.chunked_token_losses(out.hidden, self.output_kernel(), tokens_bs,
-                                         self.config.runtime.ce_chunk)
+                                         self.config.runtime.ce_chunk or tokens_bs.shape[1])
     return losses.token_losses(out.logits, tokens_bs)
 
   def _remat_dense(self, layer, x, positions_bs, mask, token_mask):

@@ -22,8 +22,11 @@ WARMUP, STABILIZATION, CONSOLIDATION = 0, 1, 2
 PHASE_NAMES = ("warmup", "stabilization", "consolidation")
 
 # Parameter groups. "backbone": embeddings, attention, norms, dense layers, lm head.
-LABELS = ("backbone", "shared_experts", "router", "routed_experts")
-ALL = frozenset(LABELS)
+BASE_LABELS = ("backbone", "shared_experts", "router", "routed_experts")
+# LoRA's factors (desmoe_jax/lora.py): "lora_" + the group of the weight they adapt.
+LORA_LABELS = tuple("lora_" + g for g in BASE_LABELS)
+LABELS = BASE_LABELS + LORA_LABELS
+ALL = frozenset(BASE_LABELS)   # every weight of the model (full fine-tuning)
 # schedule.warmup_trains: the groups phase I trains
 WARMUP_GROUPS = {
     "router+backbone": frozenset({"router", "backbone", "shared_experts"}),

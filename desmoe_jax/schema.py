@@ -27,6 +27,7 @@ class Rule:
   hi_open: bool = False
   special: tuple = ()          # ((value, meaning), ...)
   nonempty: bool = False
+  listed: bool = False         # str: a comma-separated, non-empty list of `choices`
 
   def problem(self, value: Any) -> str | None:
     """None if `value` is allowed, else what is wrong with it (without the field name)."""
@@ -37,6 +38,14 @@ class Rule:
     if self.kind == "str":
       if not isinstance(value, str):
         return f"must be a string, not a {type(value).__name__}"
+      if self.listed:
+        items = value.split(",")
+        bad = [i for i in items if i not in self.choices]
+        if bad or len(set(items)) != len(items):
+          return ("must be a comma-separated list of distinct names from "
+                  + ", ".join(repr(c) for c in self.choices)
+                  + (f" (not {', '.join(repr(b) for b in bad)})" if bad else ""))
+        return None
       if self.choices and value not in self.choices:
         return "must be one of " + ", ".join(repr(c) for c in self.choices)
       if self.nonempty and not value:
@@ -90,6 +99,11 @@ def Float(lo=None, hi=None, **kw) -> Rule:  # noqa: N802
 
 def OneOf(*choices) -> Rule:  # noqa: N802
   return Rule("str", choices=tuple(choices))
+
+
+def SubsetOf(*choices) -> Rule:  # noqa: N802
+  """A comma-separated list of distinct `choices`, at least one ("a,b")."""
+  return Rule("str", choices=tuple(choices), listed=True)
 
 
 BOOL = Rule("bool")

@@ -13,6 +13,7 @@ from desmoe_jax import train_step as ts
 from desmoe_jax import validate as validate_lib
 from desmoe_jax.errors import ConfigError
 from desmoe_jax.esft import EsftConfig
+from desmoe_jax.lora import LoraConfig
 from desmoe_jax.methods import DEFAULT_PAPER_LR, PAPER_LR, MethodConfig
 from desmoe_jax.optim import OptimConfig
 from desmoe_jax.router import AlrConfig
@@ -39,6 +40,7 @@ def method_config(config, domains: int | None = None) -> MethodConfig:
       schedule=ScheduleConfig(**config.schedule.to_dict()),
       esft=EsftConfig(**dict(config.esft.to_dict(),
                              top_p=None if config.esft.top_p < 0 else config.esft.top_p)),
+      lora=LoraConfig(**config.lora.to_dict()) if "lora" in config else LoraConfig(),
       linear_router_trainable=config.ablation.linear_router_trainable,
       balance_loss=config.ablation.balance_loss,
       freeze=frozenset(g.strip() for g in config.ablation.get("freeze", "").split(",")

@@ -198,8 +198,8 @@ def microbatch_loss(ctx: LossContext, diff_and_probe, mb, acc=None, held=()):
   adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
                      router_grad_scale=(1.0 - ctx.lam) if ctx.convex and probe is None else None)
   out = model(mb["tokens"], segment_ids_bs=mb["segment_ids"], positions_bs=mb["positions"],
-              adapt=adapt, logits=not model.config.runtime.ce_chunk, grad_acc=acc)
-  nll = model.token_losses(out, mb["tokens"])  # model.ce_chunk: no [b, S, V] logits
+              adapt=adapt, logits=False, grad_acc=acc)
+  nll = model.token_losses(out, mb["tokens"])  # from the hidden states (model.ce_chunk)
   # The balance loss is a mean over sequences (seq_aux), the KD loss a mean over real tokens:
   # weighted by this microbatch's share of each, they sum to the whole batch's.
   balance = out.aux_loss * (mb["tokens"].shape[0] / ctx.rows)

@@ -32,6 +32,7 @@ from desmoe_jax.data import FORMATS
 from desmoe_jax.discover import check_request
 from desmoe_jax.errors import ConfigError
 from desmoe_jax.esft import EsftConfig
+from desmoe_jax.lora import LoraConfig
 from desmoe_jax.methods import METHODS
 from desmoe_jax.metrics import METRIC_NAMES
 from desmoe_jax.optim import ADAFACTOR_OFFLOAD, OptimConfig
@@ -49,7 +50,7 @@ DECLARED: dict[str, Rule] = {
     **rules_of(StepConfig, "train"), **rules_of(RuntimeConfig, "model"),
     **rules_of(OptimConfig, "optim"), **rules_of(AlrConfig, "alr"),
     **rules_of(DgesConfig, "dges"), **rules_of(ScheduleConfig, "schedule"),
-    **rules_of(EsftConfig, "esft")}
+    **rules_of(EsftConfig, "esft"), **rules_of(LoraConfig, "lora")}
 
 
 def _declared(section: str) -> dict[str, Rule]:
@@ -88,6 +89,7 @@ FIELDS: dict[str, Rule] = {
     **_declared("dges"),
     **_declared("schedule"),
     **_declared("esft"),
+    **_declared("lora"),
 
     "ablation.linear_router_trainable": BOOL,
     "ablation.balance_loss": BOOL,
@@ -179,6 +181,21 @@ def _cross_checks(config, has) -> list[str]:
     out.append(f"optim.per_expert_bias_correction=True: counts AdamW's steps per expert; "
                f"optim.name={name!r} with optim.moments_dtype={moments!r} has no such count "
                "(needs adamw with float moments)")
+  ok_ld, dropout = has("lora.dropout")
+  if ok_ld and _is_num(dropout) and dropout != 0:
+    out.append(f"lora.dropout={dropout}: only 0 is implemented (the train step gives the "
+               "layers no dropout randomness)")
+  ok_lw, with_desmoe = has("lora.with_desmoe")
+  ok_lt, targets = has("lora.targets")
+  if ok_lw and with_desmoe is True and ok_lt and isinstance(targets, str) and \
+      "router" in targets.split(","):
+    out.append("lora.with_desmoe=True routes with DES-MoE's adaptive router, which trains as "
+               f"in DES-MoE: remove 'router' from lora.targets={targets!r}")
+  ok_dup, dup = has("dges.duplicate_shared_experts")
+  ok_meth, method = has("method")
+  if ok_lw and with_desmoe is True and ok_meth and method == "lora" and ok_dup and dup is True:
+    out.append("lora.with_desmoe=True with dges.duplicate_shared_experts=True: the copy bank "
+               "holds full expert weights, which LoRA does not train")
   ok_m, mesh = has("mesh")
   if ok_m:
     minus = [k for k in ("data", "fsdp", "expert", "tensor") if mesh.get(k) == -1]

@@ -62,18 +62,22 @@ def preset_of(workdir: str) -> str:
 def shared_targets(records: list[dict], base: dict) -> tuple[float, ...] | None:
   """TESTBEDS' "shared" targets: four in-domain losses at the middles of four equal parts of
   the range that the seed-0 learning branches of FFT and of every DES-MoE reading of FRONTIER
-  all span. None until those frontiers are complete, or when they share no range."""
+  all span (the readings a run has: --quick runs one). None until those frontiers are
+  complete, or when they share no range."""
   grid = paper_common.FRONTIER_LRS  # read when called: a caller may run with an edited grid
-  lo, hi = -np.inf, np.inf
+  lo, hi, desmoe = -np.inf, np.inf, 0
   for key in FRONTIER:
     if key != FFT and key[0] != "desmoe":
       continue
     pts = points(records, base, *key, 0)
+    if not pts and key != FFT:
+      continue      # a variant this run does not have (--frontier --quick: FFT and one reading)
     if len(pts) < len(grid[key]):
       return None
+    desmoe += key[0] == "desmoe"
     x, _ = branch(pts)
     lo, hi = max(lo, float(x[0])), min(hi, float(x[-1]))
-  if not lo < hi:
+  if not desmoe or not lo < hi:
     return None
   return tuple(round(lo + (hi - lo) * (k + 0.5) / 4, 3) for k in range(4))
 

@@ -36,6 +36,8 @@ VARIANT_FIELDS = {
     "oracle": {"dges.exclude_general_top": 16},
     "alpha=router": {"alr.alpha": "router"},
     "per_expert": {"optim.per_expert_bias_correction": True},
+    # LoRA without the routed experts: what tools that adapt 2-D linears only end up training.
+    "no_routed": {"lora.targets": "attention,shared_experts,router,dense_mlp"},
 }
 SINGLE = ("esft_token", "esft_gate")
 
@@ -46,14 +48,23 @@ SINGLE = ("esft_token", "esft_gate")
 # rate); the masked methods learn slower, so theirs reach higher. The two router+backbone
 # curves also run 1e-4: from 3e-4 up they ended at in-domain loss 6.45 (three seeds), short of
 # the targets 6.5 and 7.0 that FFT and ESFT-Token reach.
+# LoRA (every target, and without the routed experts) runs FFT's five rates times 10, a rule
+# fixed before any LoRA run: LoRA's usual rate is about 10x full fine-tuning's (the tiny
+# preset's TINY_LR says the same), and the same number of rates spans the same range of
+# adaptation strength as FFT's grid. Not tuned on any outcome.
 FRONTIER = (("fft", ""), ("esft_token", "union"), ("desmoe", "router+backbone"),
-            ("desmoe", "router+experts"), ("desmoe", "mix=update"))
+            ("desmoe", "router+experts"), ("desmoe", "mix=update"), ("lora", ""),
+            ("lora", "no_routed"))
+FFT_FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+LORA_FRONTIER_LRS = tuple(float(f"{10 * lr:.0e}") for lr in FFT_FRONTIER_LRS)
 FRONTIER_LRS = {
-    ("fft", ""): (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+    ("fft", ""): FFT_FRONTIER_LRS,
     ("esft_token", "union"): (3e-4, 1e-3, 3e-3, 1e-2),
     ("desmoe", "router+backbone"): (1e-4, 3e-4, 1e-3, 3e-3, 6e-3),
     ("desmoe", "router+experts"): (3e-4, 1e-3, 3e-3, 1e-2),
     ("desmoe", "mix=update"): (1e-4, 3e-4, 1e-3, 3e-3, 6e-3),
+    ("lora", ""): LORA_FRONTIER_LRS,
+    ("lora", "no_routed"): LORA_FRONTIER_LRS,
 }
 FRONTIER_D = 6
 # The mean in-domain held-out losses at which methods are compared (frontier_report): spaced
@@ -107,6 +118,8 @@ LABELS = {("fft", ""): "FFT", ("esft_token", "union"): "ESFT-Token (union)",
           ("desmoe", "router+backbone"): "DES-MoE (warm-up: router+backbone)",
           ("desmoe_no_alr", "router_frozen"): "DES-MoE, router frozen",
           ("desmoe", "oracle"): "DES-MoE + oracle DGES",
+          ("lora", ""): "LoRA (all targets)",
+          ("lora", "no_routed"): "LoRA w/o routed experts",
           ("esft_token", "single"): "ESFT-Token (one model per domain)",
           ("esft_gate", "single"): "ESFT-Gate (one model per domain)"}
 # Learning rate per method family, from `--sweep` (docs/RESULTS.md): the one of SWEEP_LRS with

@@ -1,5 +1,6 @@
-"""attention_impl="tokamax" computes what the einsum reference does (on CPU through tokamax's XLA
-path), with MLA's unequal head dims (q/k wider than v) and packed, padded sequences."""
+"""attention_impl="tokamax" and "blocked" compute what the einsum reference does (tokamax on CPU
+through its XLA path), with MLA's unequal head dims (q/k wider than v) and packed, padded
+sequences."""
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +10,19 @@ from helpers import batch, tiny_model
 
 from desmoe_jax.nn import attention_mla as attention
 from desmoe_jax.nn.attention_mla import attention_mask, dot_product_attention
+from desmoe_jax.nn.blocked_attention import causal_attention
+
+
+def _inputs(seed, b=2, s=12, h=3, dqk=6, dv=4):
+  """q, k [b, s, h, dqk], v and an output cotangent [b, s, h, dv]: MLA's q/k wider than v."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(keys[0], (b, s, h, dqk)), jax.random.normal(keys[1], (b, s, h, dqk)),
+          jax.random.normal(keys[2], (b, s, h, dv)), jax.random.normal(keys[3], (b, s, h, dv)))
 
 
 def test_tokamax_attention_matches_einsum_outputs_and_grads():
-  b, s, h, dqk, dv = 2, 12, 3, 6, 4
-  keys = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(keys[0], (b, s, h, dqk))
-  k = jax.random.normal(keys[1], (b, s, h, dqk))
-  v = jax.random.normal(keys[2], (b, s, h, dv))
-  cot = jax.random.normal(keys[3], (b, s, h, dv))
+  b, s, h, dv = 2, 12, 3, 4
+  q, k, v, cot = _inputs(0)
   # Row 0: two packed documents and two padding tokens; row 1: one document.
   mask = attention_mask(jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12]))
 
@@ -32,6 +37,24 @@ def test_tokamax_attention_matches_einsum_outputs_and_grads():
   np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
   for a, r, name in zip(g, ref_g, "qkv"):
     np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_blocked_attention_matches_einsum_outputs_and_grads():
+  """Several query blocks (4 rows each), packed documents that cross a block boundary, padding
+  rows (no key: the reference's mean of V, and its gradient to V alone) at the start and end."""
+  q, k, v, cot = _inputs(1)
+  mask = attention_mask(jnp.asarray([[0] + [1] * 5 + [2] * 4 + [0] * 2, [1] * 12]))
+
+  def run(fn):
+    f = lambda q, k, v: (fn(q, k, v) * cot).sum()
+    return fn(q, k, v), jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  ref_y, ref_g = run(lambda q, k, v: dot_product_attention(q, k, v, mask, 0.3, "einsum"))
+  for block in (4, 12):
+    y, g = run(lambda q, k, v: causal_attention(q, k, v, mask, 0.3, block=block))
+    np.testing.assert_allclose(y, ref_y, atol=1e-6, rtol=1e-5)
+    for a, r, name in zip(g, ref_g, "qkv"):
+      np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-5, err_msg=f"d{name} block={block}")
 
 
 def test_tokamax_attention_never_pads_v():

@@ -119,6 +119,18 @@ def test_frontier_plan_and_configs():
   assert config.schedule.warmup_trains == "router+experts"
   quick = rp.plan_frontier(rp.SETTINGS["frontier_quick"], (0,))
   assert set(quick) <= set(rp.plan_frontier(s, (0, 1, 2))) and len(quick) == 10
+  # LoRA with every target, and without the routed experts; FFT's grid times 10
+  lora_runs = [r for r in runs if r.method == "lora" and r.seed == 0]
+  assert sorted(r.lr for r in lora_runs) == sorted(
+      2 * [round(10 * lr, 12) for lr in rp.FRONTIER_LRS[("fft", "")]])
+  for run in lora_runs:
+    config = rp.run_config(run, s, None)
+    mc = trainer.method_config(config)
+    want = {"attention", "shared_experts", "router", "dense_mlp"} | (
+        set() if run.variant == "no_routed" else {"routed_experts"})
+    assert mc.lora.target_set == want and config.optim.learning_rate == run.lr
+    assert mc.trainable_ever() <= {"lora_backbone", "lora_shared_experts", "lora_router",
+                                   "lora_routed_experts"}
   frozen = rp.run_config(rp.Run("desmoe_no_alr", "router+backbone,router_frozen", rp.DOMAINS,
                                 0, 60, 1e-3, frontier=True), s, None)
   assert frozen.ablation.linear_router_trainable is False
@@ -238,7 +250,14 @@ def test_tiny_v2_protocol_places_targets_and_extra_runs_and_reports_them(monkeyp
   records = [rec("fft", "", lr, x, y) for lr, x, y in curve]
   records += [rec("desmoe", "router+backbone", lr, x, y / 2) for lr, x, y in curve]
   records += [rec("desmoe", "router+experts", lr, x + 0.2, y / 5) for lr, x, y in curve]
-  assert fr.shared_targets(records, base) is None               # mix=update missing
+  # Only the readings a run has count (--quick: FFT and router+backbone), but a started one
+  # must be complete.
+  assert fr.shared_targets(records[:6], base) == (5.25, 5.75, 6.25, 6.75)   # both span 5-7
+  assert fr.shared_targets(records[:3], base) is None           # no DES-MoE reading at all
+  assert fr.shared_targets(records[:-1], base) is None          # router+experts incomplete
+  records += [rec("desmoe", "mix=update", lr, x, y / 2) for lr, x, y in curve[:1]]
+  assert fr.shared_targets(records, base) is None               # mix=update incomplete
+  records = records[:-1]
   records += [rec("desmoe", "mix=update", lr, x, y / 2) for lr, x, y in curve]
   # lo = 5.2 (router+experts' lowest), hi = 7.0: the middles of four parts of [5.2, 7.0].
   assert fr.targets_of(records, base, "tiny_v2") == (5.425, 5.875, 6.325, 6.775)

@@ -267,6 +267,8 @@ def test_precision_must_match_the_weights_dtype():
      {"per_expert_bias_correction": True, "skip_nonfinite_updates": 2}),
     # the routed experts frozen (never streamed); the router's KD gradients kept apart
     ("desmoe", WARMUP, "bf16_sr", 2, {"alr.mix": "update"}),
+    # LoRA: only the factors stream (stacked [L, E, ...] for the routed experts), master copy
+    ("lora", UNSCHEDULED, "bf16_master", 2, {}),
 ])
 def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, precision, micro,
                                                             levers):

@@ -9,7 +9,7 @@ r"""DES-MoE on six domains (docs/METHOD.md): the paper's setting, and presets.
 
 Config string: comma-separated presets after ':', a size ("tiny", "tiny_v2"; none = the paper's
 DeepSeek-V2-Lite setting) and/or a method (desmoe, fft, esft_token, esft_gate, desmoe_no_alr,
-desmoe_no_dges, desmoe_no_schedule). Every field below can be overridden on the command line.
+desmoe_no_dges, desmoe_no_schedule, lora). Every field below can be overridden on the command line.
 """
 
 import os
@@ -22,7 +22,9 @@ from desmoe_jax.paths import bundled
 
 DOMAINS = ("math", "code", "law", "intent", "summary", "translation")
 # Learning rates of the tiny presets per method (desmoe's for the DES-MoE family), see get_config.
-TINY_LR = {"desmoe": 3e-4, "fft": 1e-4, "esft_token": 1e-3, "esft_gate": 1e-3}
+# LoRA's is 10x FFT's, the rule of thumb for LoRA against full fine-tuning at the same
+# schedule, fixed before any LoRA run (not tuned on an outcome).
+TINY_LR = {"desmoe": 3e-4, "fft": 1e-4, "esft_token": 1e-3, "esft_gate": 1e-3, "lora": 1e-3}
 
 
 # The tiny testbeds (docs/RESULTS.md, "Testbeds"): preset -> bundled base model. tiny: 32 experts
@@ -147,13 +149,17 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # shard_map exchanges token rows between expert devices explicitly (all-to-all, no token
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
-  c.model.attention_impl = "einsum"  # einsum | jax (jax.nn.dot_product_attention, cuDNN on GPU)
+  # blocked (the einsum reference a block of causal queries at a time, scores recomputed in the
+  # backward: desmoe_jax/nn/blocked_attention.py; measured on CPU, bench/RESULTS.md) | einsum |
+  # jax (jax.nn.dot_product_attention, cuDNN on GPU). The accelerator presets keep einsum: their
+  # compiled memory plans (docs/SCALING.md) were made with it.
+  c.model.attention_impl = "blocked" if tiny else "einsum"
   # What each MoE layer's backward recomputes: none | full | dots | dots_offload | full_offload
   # (the *_offload ones keep their residuals in host memory; desmoe_jax/config.py REMAT_POLICIES)
   c.model.remat = "none" if tiny else "full"
   # Cross-entropy over sequence chunks of this many positions (a divisor of data.seq_len), never
   # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
-  # vocabulary); 0: the plain loss over the whole logits
+  # vocabulary); 0: the whole sequence as one chunk
   c.model.ce_chunk = 0
   c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
 
@@ -288,6 +294,17 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.esft.domain = -1            # -1: all domains, union of masks; d: single-domain ESFT on d
   c.esft.train_shared_experts = False      # ESFT's --train_shared_experts
   c.esft.train_non_expert_modules = False  # ESFT's --train_non_expert_modules
+
+  c.lora = ml_collections.ConfigDict()   # method=lora (desmoe_jax/lora.py)
+  c.lora.rank = 8               # r: inner width of each low-rank pair A [d_in, r], B [r, d_out]
+  c.lora.alpha = 16.0           # the update is (alpha / rank) A B (PEFT's lora_alpha)
+  c.lora.dropout = 0.0          # dropout on the low-rank path's input; only 0 is implemented
+  # Comma-separated weights that get pairs: attention, shared_experts, routed_experts (a pair
+  # per expert, batched [E, d, r] x [E, r, F]), router (the linear gate), dense_mlp
+  c.lora.targets = "attention,shared_experts,routed_experts,router,dense_mlp"
+  # DES-MoE on the factors: its ALR routes, its masks isolate the experts' factors, its three
+  # phases switch the factor groups (lora.targets must not name router then)
+  c.lora.with_desmoe = False
 
   c.ablation = ml_collections.ConfigDict()
   c.ablation.linear_router_trainable = True  # desmoe_no_alr: train the linear router (else frozen)

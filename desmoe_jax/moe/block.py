@@ -191,6 +191,16 @@ class RoutedExperts(nnx.Module):
     self.gate_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
     self.up_proj = param(rngs, normal_init, (e, d, f), pd, ("experts", "embed", "expert_mlp"), g)
     self.down_proj = param(rngs, normal_init, (e, f, d), pd, ("experts", "expert_mlp", "embed"), g)
+    self.lora = nnx.data(None)   # a lora.ExpertLora (a pair per expert) once lora.attach ran
+
+  def weights(self, dtype):
+    """(gate, up, down) the dispatch computes with: the stored weights, or with LoRA each
+    expert's W_e + s A_e B_e (one batched matmul over the experts, float32 sum) in `dtype`."""
+    ws = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    if self.lora is None:
+      return ws
+    pairs = (self.lora.gate_proj, self.lora.up_proj, self.lora.down_proj)
+    return tuple(p.merge_into(w, dtype) for w, p in zip(ws, pairs))
 
 
 @struct.dataclass
@@ -256,8 +266,7 @@ class MoEBlock(nnx.Module):
     logits_te, router_loss = self.gate.route(x_td, mask_t, adapt)
     weights_tk, ids_tk, scores_te = select_experts(logits_te, cfg, self.selection_bias())
 
-    gate, up, down = (self.experts.gate_proj[...], self.experts.up_proj[...],
-                      self.experts.down_proj[...])
+    gate, up, down = self.experts.weights(x_bsd.dtype)
     dispatch_tk = ids_tk
     if self.des is not None:
       gate, up, down, dispatch_tk = self.des.dispatch(gate, up, down, ids_tk, adapt)

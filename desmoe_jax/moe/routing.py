@@ -68,9 +68,12 @@ class LinearRouter(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.weight = param(rngs, normal_init, (cfg.hidden_size, cfg.n_routed_experts),
                         jnp.float32, ("embed", None), group=ROUTER)
+    self.lora = nnx.data(None)   # a lora.LoraPair once lora.attach adapts the router
 
   def logits(self, x_td):
-    return jnp.dot(x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+    x_td = x_td.astype(jnp.float32)
+    logits = jnp.dot(x_td, self.weight[...].astype(jnp.float32))
+    return logits if self.lora is None else logits + self.lora(x_td)
 
   def route(self, x_td, token_mask_t=None, adapt=None):
     return self.logits(x_td), jnp.zeros((), jnp.float32)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
+from desmoe_jax.nn.blocked_attention import causal_attention
 from desmoe_jax.nn.layers import Linear, RMSNorm
 from desmoe_jax.nn.rope import apply_rope, rope_inv_freq
 
@@ -57,11 +58,15 @@ def _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float):
 def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl: str):
   """Softmax(q k^T * scale + mask) v, softmax in float32 (HF eager semantics).
 
-  impl: "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
+  impl: "blocked" (the default: the reference's numbers a block of queries at a time, keys after
+  the block skipped, scores recomputed in the backward; nn/blocked_attention.py; needs a causal
+  mask), "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
   padded to q's head dim), "tokamax" (fused kernels per platform, V unpadded; see
   TOKAMAX_ATTENTION). A query with no key to attend (padding) gets the mean of V from "einsum",
   "jax" and tokamax's XLA path; a fused kernel may give it another value (never a real token's).
   """
+  if impl == "blocked":
+    return causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
   if impl == "tokamax":
     return _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
   if impl == "jax":
@@ -163,7 +168,7 @@ class MLAttention(nnx.Module):
             cache.latent.dtype), index, axis=1),
         k_pe=jax.lax.dynamic_update_slice_in_dim(cache.k_pe, k_pe.astype(cache.k_pe.dtype),
                                                  index, axis=1))
-    w_kv = self.kv_b_proj.kernel[...].astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, nope + dv)
+    w_kv = self.kv_b_proj.weight().astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, nope + dv)
     q_latent = jnp.einsum("bqhn,chn->bqhc", q_nope, w_kv[..., :nope])    # [B,1,H,C]
     latent, kpe = cache.latent.astype(q_nope.dtype), cache.k_pe.astype(q_nope.dtype)
     scores = (jnp.einsum("bqhc,btc->bhqt", q_latent, latent)

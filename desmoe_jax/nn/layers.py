@@ -42,12 +42,24 @@ class Linear(nnx.Module):
     self.bias = nnx.data(param(rngs, jax.nn.initializers.zeros, (d_out,), param_dtype, axes[1:],
                                group, kind="bias") if use_bias else None)
     self.dtype = dtype
+    self.lora = nnx.data(None)   # a lora.LoraPair once lora.attach adapts this layer
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.lora is not None:   # + s (x A) B: B = 0 at init adds exact zeros
+      y = y + self.lora(x)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+  def weight(self):
+    """The kernel the layer computes with ([in, out]; with LoRA, kernel + s A B in float32),
+    for code that reads the matrix rather than calling the layer (MLA's absorbed decode)."""
+    if self.lora is None:
+      return self.kernel[...]
+    return self.kernel[...].astype(jnp.float32) + self.lora.delta()
 
 
 class Embed(nnx.Module):

@@ -33,6 +33,8 @@ def bare_label(path) -> str:
   """The group of a bare array (a plain pytree of arrays has no metadata to read), from the
   module names on its path as nn/ and moe/ name them."""
   names = [str(path_key(p)) for p in path]
+  if "lora" in names:   # a LoRA factor: "lora_" + the group of the weight it adapts
+    return "lora_" + bare_label(tuple(path[:names.index("lora")]))
   if "experts" in names or "expert_copies" in names:
     return "routed_experts"
   if "shared_experts" in names or "shared_expert" in names or "shared_expert_gate" in names:

@@ -14,7 +14,7 @@ from desmoe_jax.optim.config import DECAY_EXCLUDE, OptimConfig
 from desmoe_jax.optim.int8 import scale_by_adam_int8
 from desmoe_jax.optim.labels import bare_label, decay_mask, is_variable, param_labels, path_key
 from desmoe_jax.optim.rounding import master_weights
-from desmoe_jax.schedule import LABELS
+from desmoe_jax.schedule import BASE_LABELS, LABELS, LORA_LABELS
 
 
 def decayed_weights(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -97,6 +97,11 @@ def hold(inner: optax.GradientTransformation) -> optax.GradientTransformationExt
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
+# Groups stacked [L, E, ...] by routed expert, which the per-expert masks apply to: the experts
+# (and their copies), and their LoRA factors (lora.with_desmoe).
+EXPERT_GROUPS = ("routed_experts", "lora_routed_experts")
+
+
 def _expert_mask_for(leaf, masks, path=()):
   """Per-expert mask broadcastable to a routed-expert leaf ([L, E, ...] experts, or [L, C, ...]
   duplicated copies: `expert_bank` metadata, or the path of a bare array), else None."""
@@ -108,7 +113,7 @@ def _expert_mask_for(leaf, masks, path=()):
     group = bare_label(path)
     bank = "expert_copies" if "expert_copies" in [str(path_key(p)) for p in path] else "experts"
     value = leaf
-  if group != "routed_experts" or not hasattr(value, "ndim"):
+  if group not in EXPERT_GROUPS or not hasattr(value, "ndim"):
     return None
   m = masks.get(bank)
   if m is None or value.ndim < 2 or value.shape[:2] != m.shape:
@@ -303,11 +308,13 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
   if not trainable_now <= trainable_ever:
     raise ValueError(f"groups {sorted(trainable_now - trainable_ever)} train now but not ever")
   transforms = {}
-  for label in LABELS:
+  # LoRA's groups only where LoRA trains: every other method keeps the state structure (and
+  # the checkpoints) it had before LoRA's groups existed.
+  for label in (LABELS if trainable_ever & frozenset(LORA_LABELS) else BASE_LABELS):
     if label not in trainable_ever:
       transforms[label] = optax.set_to_zero()
       continue
-    core = direction(cfg, per_expert=cfg.per_expert_bias_correction and label == "routed_experts")
+    core = direction(cfg, per_expert=cfg.per_expert_bias_correction and label in EXPERT_GROUPS)
     if label == "router" and router_kd_lambda is not None:
       # The task gradient is clipped with every other gradient (below); the KD gradient, given
       # apart, is clipped by itself at the same norm.
@@ -315,7 +322,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
           if cfg.grad_clip else direction(cfg)
       core = mix_updates(core, kd, router_kd_lambda)
     core = optax.chain(core, decayed_weights(cfg))
-    if label == "routed_experts":
+    if label in EXPERT_GROUPS:
       core = mask_experts(core)
     transforms[label] = core if label in trainable_now else hold(core)
   # mask_compatible_extra_args: `router_kd_grads` (a tree like the parameters) reaches each
