@@ -83,7 +83,7 @@ from desmoe_jax.moe.block import resolve_impl  # noqa: E402
 from desmoe_jax.model import init_model  # noqa: E402
 from desmoe_jax.optim import label_of  # noqa: E402
 from desmoe_jax.run_config import load_config  # noqa: E402
-from desmoe_jax.schedule import LABELS, PHASE_NAMES  # noqa: E402
+from desmoe_jax.schedule import BASE_LABELS, LABELS, PHASE_NAMES  # noqa: E402
 from desmoe_jax.train_config import check_microbatch_split, step_config  # noqa: E402
 from desmoe_jax.train_state import TrainState, build_train_state  # noqa: E402
 
@@ -229,20 +229,21 @@ def shard_bytes(tree) -> int:
 
 
 def param_bytes_by_group(state) -> dict[str, int]:
-  out = dict.fromkeys(LABELS, 0)
+  out = dict.fromkeys(BASE_LABELS, 0)   # LoRA's groups where the model has them
   for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
-    out[label_of(var)] += _shard_bytes(var.get_value())
+    out[label_of(var)] = out.get(label_of(var), 0) + _shard_bytes(var.get_value())
   return out
 
 
 def opt_bytes_by_group(opt_state) -> dict[str, int]:
   """Optimizer-state bytes per device of each parameter group (optax.multi_transform's inner
   state of that label); 0 for a group never trained in the run (set_to_zero holds nothing)."""
-  out = dict.fromkeys(LABELS, 0)
+  out = dict.fromkeys(BASE_LABELS, 0)   # LoRA's groups where the state has them
   for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
     names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
     if "inner_states" in names:
-      out[names[names.index("inner_states") + 1]] += _shard_bytes(x)
+      label = names[names.index("inner_states") + 1]
+      out[label] = out.get(label, 0) + _shard_bytes(x)
   return out
 
 
@@ -462,8 +463,8 @@ def _gib(n: int) -> str:
 def row(p: PhasePlan, hbm_gib: float) -> list[str]:
   # A group the architecture lacks (Qwen3-MoE, OLMoE, Mixtral: no shared experts) holds only
   # its step count: not listed.
-  groups = "+".join(SHORT[g] for g in LABELS
-                    if p.opt_by_group[g] and p.params_by_group[g]) or "none"
+  groups = "+".join(SHORT.get(g, g) for g in LABELS
+                    if p.opt_by_group.get(g) and p.params_by_group.get(g)) or "none"
   head = [",".join(f"{k}={v}" for k, v in p.mesh.items()), p.method, p.phase,
           f"{p.batch}x{p.seq}", f"{p.seqs_per_device:g}", _gib(p.params), _gib(p.opt_state),
           groups]

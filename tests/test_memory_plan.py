@@ -13,7 +13,8 @@ from flax import nnx
 
 from desmoe_jax import sharding
 from desmoe_jax.optim import label_of
-from desmoe_jax.schedule import CONSOLIDATION, LABELS
+from desmoe_jax.schedule import BASE_LABELS as LABELS  # the groups of a model without LoRA
+from desmoe_jax.schedule import CONSOLIDATION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

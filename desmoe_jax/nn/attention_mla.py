@@ -65,7 +65,9 @@ def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl:
   TOKAMAX_ATTENTION). A query with no key to attend (padding) gets the mean of V from "einsum",
   "jax" and tokamax's XLA path; a fused kernel may give it another value (never a real token's).
   """
-  if impl == "blocked":
+  if impl == "blocked" and q_bshd.shape[1] == k_bshd.shape[1]:
+    # Blocks skip the keys after each query block, which holds for a sequence attending to
+    # itself only; a decode step (a few queries against a longer cache) takes the reference.
     return causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
   if impl == "tokamax":
     return _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
