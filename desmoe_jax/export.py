@@ -3,7 +3,8 @@ tests/test_export.py and tests/test_families_train.py check it).
 
 LoRA's pairs are merged into their weights (W + (alpha / r) A B, `lora.merge`), the routed
 experts' per-expert pairs included; the pairs themselves go to an adapter-only export beside it
-in PEFT's layout (`peft_adapter.py`, `workdir/hf_adapter`). Two DES-MoE additions are not part of that architecture:
+in PEFT's layout (`peft_adapter.py`, `workdir/hf_adapter`). Two DES-MoE additions are not part
+of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the
   average of its versions), so the served model needs no domain id;
 * the adaptive router (an MLP) is FOLDED into a linear router: per MoE layer, a least-squares

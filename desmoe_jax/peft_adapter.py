@@ -45,7 +45,7 @@ import os
 import jax
 import numpy as np
 
-from desmoe_jax import distributed, lora
+from desmoe_jax import distributed, lora, sources
 from desmoe_jax.convert import _write_safetensors, leaf_specs
 from desmoe_jax.moe.block import RoutedExperts
 from desmoe_jax.moe.routing import LinearRouter
@@ -131,10 +131,20 @@ def adapter_tensors(model):
   return tensors, modules, params, rank, alpha
 
 
+def base_model_name(model_path: str | None) -> tuple[str | None, str | None]:
+  """(base_model_name_or_path, revision) for adapter_config.json from config.model.path: a hub
+  id `hf://owner/name@rev` is PEFT's `owner/name` at revision `rev`; a local path stays."""
+  if model_path and model_path.startswith(sources.PREFIX):
+    repo, revision, _ = sources.parse_hub_id(model_path, "model.path")
+    return repo, revision
+  return model_path or None, None
+
+
 def save_adapter(model, path: str, *, base_model: str | None = None,
                  trained_dropout: float = 0.0) -> dict:
   """Writes `path` (adapter_config.json, adapter_model.safetensors, desmoe_adapter.json) for a
-  model with LoRA pairs, before they are merged; returns the report, with `written` False and
+  model with LoRA pairs, before they are merged (`base_model`: config.model.path); returns the
+  report, with `written` False and
   the reason where the model has no PEFT layout (`unsupported`). Every process calls it (the
   factors' gathers are collectives); process 0 writes."""
   why = unsupported(model)
@@ -143,7 +153,9 @@ def save_adapter(model, path: str, *, base_model: str | None = None,
   tensors, modules, params, rank, alpha = adapter_tensors(model)
   expert_params = [p for p in params if p.endswith(("gate_up_proj", "down_proj"))]
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name(base_model)[0],
+      "revision": base_model_name(base_model)[1],
       "r": int(rank), "lora_alpha": float(alpha),
       "lora_dropout": 0.0 if params else float(trained_dropout),
       "target_modules": sorted(modules), "target_parameters": sorted(params) or None,

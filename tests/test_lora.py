@@ -396,6 +396,15 @@ def test_dropout_train_step_is_a_function_of_seed_and_step():
 # Adapter-only export (desmoe_jax/peft_adapter.py) ------------------------------------------
 
 
+def test_adapter_names_its_base_model_as_peft_does():
+  from desmoe_jax import peft_adapter
+  assert peft_adapter.base_model_name("hf://deepseek-ai/DeepSeek-V2-Lite@main") == (
+      "deepseek-ai/DeepSeek-V2-Lite", "main")
+  assert peft_adapter.base_model_name("/models/v2_lite") == ("/models/v2_lite", None)
+  _, model = lora_model("attention", with_desmoe=True)
+  assert "adaptive router" in peft_adapter.save_adapter(model, "unused")["reason"]
+
+
 def test_adapter_export_loads_in_peft_and_gives_the_adapted_logits(tmp_path):
   """workdir/hf_adapter in PEFT's layout, every target (the routed experts as ParamWrapper
   pairs on transformers 5's fused 3-D parameters): its tensor names and shapes are PEFT's own
