@@ -20,6 +20,10 @@ pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
+# One schedule phase (stabilization from step 0): for the fault tests whose check does not
+# depend on crossing phases (a NaN, a failed save), one train-step compilation per run instead
+# of two. The runs that resume across phases keep OVERRIDES' three.
+ONE_PHASE = {"schedule.t1": 0.0, "schedule.t2": 1.0}
 
 # Runs trainer.train in a fresh process, optionally dying at a chosen moment (os._exit: no
 # cleanup, like SIGKILL) or poisoning the loss, to exercise what a real crash does.
@@ -32,8 +36,9 @@ DRIVER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("c", sys.argv[1])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     config = mod.get_config("tiny")
-    for k, v in json.loads(sys.argv[3]).items():
-      setattr(config.train, k, v)
+    for k, v in json.loads(sys.argv[3]).items():   # train fields, or "group.field"
+      group, _, name = k.rpartition(".")
+      setattr(config[group] if group else config.train, name, v)
     config.data.batch_size, config.eval.loss_batches = 1, 1
     config.data.seq_len, config.data.select = 256, "math,code"   # TRAIN_FLAGS' data
     config.export.enabled = False
@@ -192,7 +197,7 @@ def _check_outputs(reference_run):
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
-  result = _run(tmp_path, tmp_path / "work", "nan_at", 5)
+  result = _run(tmp_path, tmp_path / "work", "nan_at", 5, **ONE_PHASE)
   assert result.returncode == 3, result.stderr[-3000:]               # TrainingDiverged
   ckpts = tmp_path / "work" / "checkpoints"
   assert _error_lines(result.stderr) == [
@@ -208,7 +213,7 @@ def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
   """The step that makes every parameter NaN reports the loss of the parameters before it,
   which is finite; the save right after it must be refused, and the newest checkpoint on disk
   must be finite."""
-  result = _run(tmp_path, tmp_path / "work", "nan_params_at", 4, steps=6)
+  result = _run(tmp_path, tmp_path / "work", "nan_params_at", 4, steps=6, **ONE_PHASE)
   assert result.returncode == 3, result.stderr[-3000:]
   ckpts = tmp_path / "work" / "checkpoints"
   (line,) = _error_lines(result.stderr)
@@ -284,7 +289,7 @@ def test_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
       checkpoint.Checkpointer._finish_pending = finish_then_fill_disk
   """)
   work = tmp_path / "work"
-  result = _train_py(work, patch=patch)
+  result = _train_py(work, *[f"--config.{k}={v}" for k, v in ONE_PHASE.items()], patch=patch)
   assert result.returncode == 4, result.stderr[-3000:]
   (line,) = _error_lines(result.stderr)
   assert line.startswith(f"error: saving checkpoint {work}/checkpoints/4 failed ("), line
