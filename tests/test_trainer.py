@@ -155,6 +155,9 @@ def _error_lines(stderr):
   return out
 
 
+# Its two users are the first two tests, side by side: pytest-xdist (CI: -n 2 --dist worksteal)
+# hands each worker a contiguous run of tests and steals from the end of it, so neighbours
+# share a worker, and one reference run, where tests far apart in the file often did not.
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("ref")
@@ -178,6 +181,47 @@ def test_resume_after_kills_gives_the_same_losses_and_outputs(reference_run, tmp
   assert sorted(got) == sorted(ref) == list(range(1, 9))
   np.testing.assert_array_equal([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)])
   assert sorted(os.listdir(work / "checkpoints")) == ["4", "6", "8"]  # keep 3, no tmp left
+
+
+def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_path):
+  """A real SIGTERM to train.py mid-run: it saves the current step, exits 75, and the rerun
+  resumes there to the reference run's losses, bit for bit, each step logged once. No periodic
+  checkpoint is due (checkpoint_every=100, a free-to-change field): the preemption's own save is
+  the only one to resume from. A third run with a changed config is then refused before any
+  model load."""
+  work = tmp_path / "work"
+  proc = _train_py(work, wait=False, checkpoint_every=100)
+  metrics = work / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any('"loss"' in l for l in metrics.read_text().splitlines()[1:]):
+      break                                   # step 2 is logged: preempt from step 3 on
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be preempted"
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 75, stderr[-3000:]
+  step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", stderr).group(1))
+  assert 2 <= step < 8, stderr[-3000:]
+  assert os.listdir(work / "checkpoints") == [str(step)]
+  assert stderr.rstrip().splitlines()[-1] == (
+      f"preempted at step {step} by SIGTERM; {work}/checkpoints/{step} is committed: rerun the "
+      "same command to resume")
+
+  resumed = _train_py(work, checkpoint_every=100)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {step}" in resumed.stderr
+  ref, got = _losses(reference_run), _losses(work)
+  assert sorted(got) == sorted(ref) == list(range(1, 9))
+  np.testing.assert_array_equal([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)])
+
+  changed = _train_py(work, "--config.optim.learning_rate=0.001", steps=10)
+  assert changed.returncode == 2, changed.stderr[-3000:]
+  assert _error_lines(changed.stderr) == [
+      f"error: resuming {work}/checkpoints/8 with a config that changes the run (2 fields); "
+      "rerun with --allow_config_change to accept, or use another --workdir:",
+      "  optim.learning_rate: 0.0003 -> 0.001", "  train.steps: 8 -> 10"]
+  assert _losses(work) == got                    # nothing was run
 
 
 def _check_outputs(reference_run):
@@ -229,47 +273,6 @@ def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
     tree = ocp.StandardCheckpointer().restore(ckpts / "2" / item)
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(tree)]
     assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
-
-
-def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_path):
-  """A real SIGTERM to train.py mid-run: it saves the current step, exits 75, and the rerun
-  resumes there to the reference run's losses, bit for bit, each step logged once. No periodic
-  checkpoint is due (checkpoint_every=100, a free-to-change field): the preemption's own save is
-  the only one to resume from. A third run with a changed config is then refused before any
-  model load."""
-  work = tmp_path / "work"
-  proc = _train_py(work, wait=False, checkpoint_every=100)
-  metrics = work / "metrics.jsonl"
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and any('"loss"' in l for l in metrics.read_text().splitlines()[1:]):
-      break                                   # step 2 is logged: preempt from step 3 on
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be preempted"
-  proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=600)
-  assert proc.returncode == 75, stderr[-3000:]
-  step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", stderr).group(1))
-  assert 2 <= step < 8, stderr[-3000:]
-  assert os.listdir(work / "checkpoints") == [str(step)]
-  assert stderr.rstrip().splitlines()[-1] == (
-      f"preempted at step {step} by SIGTERM; {work}/checkpoints/{step} is committed: rerun the "
-      "same command to resume")
-
-  resumed = _train_py(work, checkpoint_every=100)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from step {step}" in resumed.stderr
-  ref, got = _losses(reference_run), _losses(work)
-  assert sorted(got) == sorted(ref) == list(range(1, 9))
-  np.testing.assert_array_equal([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)])
-
-  changed = _train_py(work, "--config.optim.learning_rate=0.001", steps=10)
-  assert changed.returncode == 2, changed.stderr[-3000:]
-  assert _error_lines(changed.stderr) == [
-      f"error: resuming {work}/checkpoints/8 with a config that changes the run (2 fields); "
-      "rerun with --allow_config_change to accept, or use another --workdir:",
-      "  optim.learning_rate: 0.0003 -> 0.001", "  train.steps: 8 -> 10"]
-  assert _losses(work) == got                    # nothing was run
 
 
 def test_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
