@@ -2,7 +2,9 @@
 tests/test_export.py and tests/test_families_train.py check it).
 
 LoRA's pairs are merged into their weights (W + (alpha / r) A B, `lora.merge`), the routed
-experts' per-expert pairs included. Two DES-MoE additions are not part of that architecture:
+experts' per-expert pairs included; the pairs themselves go to an adapter-only export beside it
+in PEFT's layout (`peft_adapter.py`, `workdir/hf_adapter`). Two DES-MoE additions are not part
+of that architecture:
 * duplicated experts are merged back (`specialization.merge_copies`: each expert becomes the
   average of its versions), so the served model needs no domain id;
 * the adaptive router (an MLP) is FOLDED into a linear router: per MoE layer, a least-squares
@@ -43,6 +45,7 @@ from desmoe_jax import distributed, lora
 from desmoe_jax.convert import save_pretrained
 from desmoe_jax.moe.routing import LinearRouter
 from desmoe_jax.nn.layers import stack_modules
+from desmoe_jax.peft_adapter import save_adapter
 from desmoe_jax.router import AdaptiveRouter
 from desmoe_jax.sharding import constrain
 from desmoe_jax.specialization import merge_copies
@@ -228,13 +231,20 @@ def fold_router(model, batches: list[dict], fit_fraction: float = 0.75, *,
 
 def export_hf(model, path: str, *, tokenizer_dir: str | None, fit_batches: list[dict],
               dtype=None, fold_tokens: int = FOLD_TOKENS, check_tokens: int = CHECK_TOKENS,
-              batch_sharding=None) -> dict:
+              batch_sharding=None, adapter_path: str | None = None,
+              base_model: str | None = None, trained_dropout: float = 0.0) -> dict:
   """Writes `path` in the HF layout of the model's family (merging copies, folding the ALR) and
   a `desmoe_export.json` report next to it. `model` is modified in place. Every process of a
-  multi-process run calls it; process 0 writes. See `fold_router` for the other arguments."""
+  multi-process run calls it; process 0 writes. See `fold_router` for the other arguments.
+  `adapter_path`: a model with LoRA pairs also gets its adapter-only export there, before they
+  are merged (peft_adapter.py: PEFT's layout over `base_model`; trained with lora.dropout
+  `trained_dropout`); the report's "adapter" says whether it was written, or why not."""
   des = model.moe_blocks().des
   report = {"merged_expert_copies": des is not None and des.expert_copies is not None,
             "merged_lora": lora.attached(model)}
+  if adapter_path is not None and lora.attached(model):
+    report["adapter"] = save_adapter(model, adapter_path, base_model=base_model,
+                                     trained_dropout=trained_dropout)
   lora.merge(model)   # W + (alpha / r) A B: the routed experts' pairs too
   merge_copies(model)
   report.update(fold_router(model, fit_batches, fold_tokens=fold_tokens,

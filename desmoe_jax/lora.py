@@ -26,9 +26,13 @@ method's router), the three phases switch the factor groups where DES-MoE switch
 groups, and the expert masks (gradient isolation, per-expert update masks) apply to the
 routed experts' factors, which are stacked [L, E, ...] like the experts.
 
+`lora.dropout` (PEFT's lora_dropout): s B(A(drop(x))) on the branch only, in the train step
+only (`set_dropout`, keys from (seed, step)); on the routed experts one mask per (token, slot)
+and weight (`ExpertLora.branch`), the branch then explicit in the dispatch (moe/block.py).
+
 Export (`merge`): W <- W + s A B in float32, then the pair is dropped, so `workdir/hf` is the
-family's plain HF layout. (No adapter-only export yet: PEFT's layout would hold the 2-D
-targets' factors only, its LoRA has no form for the fused [E, d, F] expert weights.)
+family's plain HF layout; `workdir/hf_adapter` holds the pairs alone in PEFT's layout
+(peft_adapter.py).
 """
 
 from __future__ import annotations
@@ -54,9 +58,8 @@ class LoraConfig:
   """Every field is a config knob (`lora.*`)."""
   rank: int = knob(8, Int(1))                       # r: the factors' inner width
   alpha: float = knob(16.0, Float(0, lo_open=True))  # the update is (alpha / r) A B
-  # Dropout on the low-rank path's input (PEFT's lora_dropout). Only 0 is implemented: the
-  # train step has no dropout randomness to give the layers (a field so that configs can say
-  # it; any other value is refused, naming it).
+  # Dropout on the low-rank branch's input (PEFT's lora_dropout): s B(A(drop(x))), the base
+  # path sees x; in training only, masks from (seed, step) (`set_dropout`).
   dropout: float = knob(0.0, Float(0, 1, hi_open=True))
   targets: str = knob(",".join(TARGETS), SubsetOf(*TARGETS))  # comma-separated, see TARGETS
   with_desmoe: bool = knob(False, BOOL)  # DES-MoE's ALR, masks and phases on the factors
@@ -66,9 +69,9 @@ class LoraConfig:
       raise ValueError(f"lora.rank={self.rank} must be >= 1")
     if not self.alpha > 0:
       raise ValueError(f"lora.alpha={self.alpha} must be > 0")
-    if self.dropout != 0:
-      raise ValueError(f"lora.dropout={self.dropout}: only 0 is implemented (the train step "
-                       "gives the layers no dropout randomness)")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1) (the probability that "
+                       "an input element of the low-rank branch is zeroed)")
     bad = [t for t in self.target_set_raw() if t not in TARGETS]
     if bad or not self.targets:
       raise ValueError(f"lora.targets={self.targets!r}: expected a comma-separated list of "
@@ -89,18 +92,30 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
+def dropout(x, key, rate: float):
+  """torch's (so PEFT's) inverted dropout: every element of x kept with probability 1 - rate and
+  scaled by 1 / (1 - rate), else 0. `key`: raw key data (`jax.random.key_data`)."""
+  keep = jax.random.bernoulli(jax.random.wrap_key_data(key), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class LoraPair(nnx.Module):
   """A [.., d_in, r] and B [.., r, d_out] (leading dims: stacked layers, experts); the update of
-  the weight is scale * A @ B, batched over the leading dims."""
+  the weight is scale * A @ B, batched over the leading dims. `rate`: lora.dropout, applied
+  while `dropout_key` is set (the train step's `set_dropout`; None everywhere else)."""
 
-  def __init__(self, a, b, axes_a, axes_b, group: str, scale: float):
+  def __init__(self, a, b, axes_a, axes_b, group: str, scale: float, rate: float = 0.0):
     self.a = nnx.Param(a, logical_axes=tuple(axes_a), group=group)
     self.b = nnx.Param(b, logical_axes=tuple(axes_b), group=group)
     self.scale = scale
+    self.rate = rate
+    self.dropout_key = nnx.data(None)
 
   def __call__(self, x):
-    """s (x A) B for activations x [..., d_in] (a 2-D target), in x's dtype."""
+    """s (drop(x) A) B for activations x [..., d_in] (a 2-D target), in x's dtype."""
     dt = x.dtype
+    if self.dropout_key is not None:
+      x = dropout(x, self.dropout_key, self.rate)
     return jnp.dot(jnp.dot(x, self.a[...].astype(dt)), self.b[...].astype(dt)) * \
         jnp.asarray(self.scale, dt)
 
@@ -121,7 +136,8 @@ def _merge(w, a, b, scale, dtype=None):
   return (w.astype(jnp.float32) + _delta(a, b, scale)).astype(dtype or w.dtype)
 
 
-def _pair_for(var: nnx.Variable, rank: int, scale: float, key, group: str) -> LoraPair:
+def _pair_for(var: nnx.Variable, rank: int, scale: float, key, group: str,
+              rate: float = 0.0) -> LoraPair:
   """A new pair for the weight `var` [.., d_in, d_out]: A Kaiming-uniform (PEFT's bound
   1/sqrt(d_in)), B = 0, in the weight's dtype, laid out along the weight's logical axes."""
   shape, dtype = var.shape, var.dtype
@@ -130,7 +146,8 @@ def _pair_for(var: nnx.Variable, rank: int, scale: float, key, group: str) -> Lo
   bound = 1.0 / math.sqrt(d_in)
   a = jax.random.uniform(key, (*lead, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
   b = jnp.zeros((*lead, rank, d_out), dtype)
-  return LoraPair(a, b, (*axes[:-1], None), (*axes[:-2], None, axes[-1]), LORA + group, scale)
+  return LoraPair(a, b, (*axes[:-1], None), (*axes[:-2], None, axes[-1]), LORA + group, scale,
+                  rate)
 
 
 def _group(var) -> str:
@@ -185,21 +202,71 @@ def attach(model, cfg: LoraConfig, seed: int = 0):
     if isinstance(module, RoutedExperts):
       module.lora = ExpertLora({n: _pair_for(getattr(module, n), cfg.rank, cfg.scale,
                                              rngs.params(), _group(getattr(module, n)))
-                                for n in EXPERT_WEIGHTS})
+                                for n in EXPERT_WEIGHTS}, cfg.dropout)
     else:
       var = module.weight if isinstance(module, LinearRouter) else module.kernel
-      module.lora = _pair_for(var, cfg.rank, cfg.scale, rngs.params(), _group(var))
+      module.lora = _pair_for(var, cfg.rank, cfg.scale, rngs.params(), _group(var), cfg.dropout)
   return model
 
 
 class ExpertLora(nnx.Module):
   """The routed experts' pairs, one per weight: gate/up A [E, d, r], B [E, r, F]; down
-  A [E, F, r], B [E, r, d]."""
+  A [E, F, r], B [E, r, d]. `rate` and `dropout_key` as in LoraPair: one key per layer, from
+  which `branch` draws the three weights' masks."""
 
-  def __init__(self, pairs: dict):
+  def __init__(self, pairs: dict, rate: float = 0.0):
     self.gate_proj = pairs["gate_proj"]
     self.up_proj = pairs["up_proj"]
     self.down_proj = pairs["down_proj"]
+    self.rate = rate
+    self.dropout_key = nnx.data(None)
+
+  def branch(self, n_slots: int, dtype):
+    """The low-rank branch with dropout for `moe.block.expert_outputs` (training with
+    lora.dropout > 0; None otherwise: the pairs are merged into the weights).
+
+    PEFT's semantics: PEFT's LoRA on an MoE whose experts are nn.Linear modules (the per-expert
+    layout of transformers 4's DeepSeek-V2, Mixtral, Qwen2-MoE) applies each expert Linear's
+    own nn.Dropout to the rows that expert receives, so a token's input to an expert gets one
+    mask per (token, slot) and per linear: gate_proj and up_proj draw independent masks of the
+    same x, down_proj a mask of that slot's hidden h. (PEFT's ParamWrapper for fused [E, ...]
+    expert parameters refuses lora_dropout != 0; this is the semantics it would have.) So the
+    masks are [T*K, d] (gate, up) and [T*K, F] (down), slot t*K + k, inverted-dropout scaled:
+    multiplying a row by its mask is `dropout` of it."""
+    if self.dropout_key is None:
+      return None
+    pairs = (self.gate_proj, self.up_proj, self.down_proj)
+    masks = tuple(
+        dropout(jnp.ones((n_slots, p.a.shape[-2]), dtype), jax.random.key_data(k), self.rate)
+        for p, k in zip(pairs, jax.random.split(jax.random.wrap_key_data(self.dropout_key), 3)))
+    factors = tuple((p.a[...].astype(dtype), p.b[...].astype(dtype)) for p in pairs)
+    return factors, self.gate_proj.scale, masks
+
+
+def set_dropout(model, key):
+  """Turns lora.dropout on for one forward pass (in place, on the model the train step merges
+  for its loss): every pair with a rate > 0 gets its own key, drawn in a fixed order from the
+  NNX stream `nnx.Rngs(dropout=key)`; pairs of the stacked MoE layers get one key per layer
+  ([L] keys, which the layer scan slices). `key` is `dropout_key(seed, step, microbatch)`, so
+  the masks are a function of the seed and the step only and a resumed run repeats them.
+  Models never given keys (eval, export, generation) run without dropout."""
+  rngs = nnx.Rngs(dropout=key)
+  layers = model.config.num_moe_layers
+  for path, module, _ in hosts(model):
+    pair = getattr(module, "lora", None)
+    if pair is None or not pair.rate:
+      continue
+    k = rngs.dropout()
+    stacked = str(path[0]) == "moe_layers"
+    pair.dropout_key = jax.random.key_data(jax.random.split(k, layers) if stacked else k)
+  return model
+
+
+def dropout_key(seed: int, step, microbatch=0):
+  """LoRA dropout's key of one microbatch of `step`: a stream of its own (fold_in 1) beside the
+  stochastic rounding's `train_step.rounding_key(seed, step)`."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 1)
+  return jax.random.fold_in(key, microbatch)
 
 
 def attached(model) -> bool:

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from desmoe_jax import losses, optim, specialization
+from desmoe_jax import lora, losses, optim, specialization
 from desmoe_jax import sharding as sharding_lib
 from desmoe_jax.methods import MethodConfig
 from desmoe_jax.moe.block import Adaptation
@@ -164,6 +164,8 @@ class LossContext:
   rows: int                 # sequences in the whole batch
   n_targets: jax.Array      # task loss: mean over the whole batch's targets
   n_real: jax.Array         # KD loss: mean over its real tokens
+  seed: int = 0             # lora.dropout's masks: lora.dropout_key(seed, step, microbatch)
+  step: jax.Array | None = None
 
   @property
   def convex(self) -> bool:
@@ -194,6 +196,8 @@ def microbatch_loss(ctx: LossContext, diff_and_probe, mb, acc=None, held=()):
   model = nnx.merge(ctx.graphdef, diff, *held, ctx.frozen, ctx.state)
   if probe is not None:
     attach_kd_probe(model, probe)
+  if cfg.is_lora and cfg.lora.dropout > 0:   # training only: no other caller sets the keys
+    lora.set_dropout(model, lora.dropout_key(ctx.seed, ctx.step, mb.get("microbatch", 0)))
   check_accumulable(model, ctx.microbatches)
   adapt = Adaptation(domain_bs=mb["domain_bs"], isolate=cfg.apply_masks,
                      router_grad_scale=(1.0 - ctx.lam) if ctx.convex and probe is None else None)
@@ -252,6 +256,7 @@ def accumulate_gradients(loss_fn, diff, probe, whole: dict, microbatches: int):
             jax.tree.map(jnp.add, sums_sum, mb_sums)), None
 
   parts = {k: microbatched(v, microbatches) for k, v in whole.items()}
+  parts["microbatch"] = jnp.arange(microbatches)   # each microbatch's own dropout masks
   zero_sums = jax.eval_shape(loss_fn, (diff, probe), jax.tree.map(lambda x: x[0], parts))[1][0]
   zeros = (optim.zeros_like_params(rest), jax.tree.map(jnp.zeros_like, probe),
            None if in_layers is None else optim.zeros_like_params(in_layers)["moe_layers"],
@@ -349,7 +354,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
                       rows=whole["tokens"].shape[0],
                       n_targets=jnp.maximum(whole["loss_mask"].sum(), 1.0),
                       n_real=jnp.maximum((whole["segment_ids"] != 0).sum(), 1).astype(
-                          jnp.float32))
+                          jnp.float32), seed=step_cfg.seed, step=step)
     sums, grads, probe_grads = accumulate_gradients(
         functools.partial(microbatch_loss, ctx), diff, probe, whole, step_cfg.microbatches)
     # The DES-MoE state, reached through the model's interface (model.moe_blocks().des).

@@ -473,9 +473,9 @@ def finish(ctx: RunContext, run: RunState, summary: dict) -> dict:
 
 
 def export(ctx: RunContext, run: RunState, summary: dict):
-  """<workdir>/hf, on the training mesh, in every process (the fold's programs and the
-  writer's per-layer gathers are collectives); the optimizer state is dropped first to make
-  room."""
+  """<workdir>/hf (and for method=lora <workdir>/hf_adapter, peft_adapter.py), on the training
+  mesh, in every process (the fold's programs and the writer's per-layer gathers are
+  collectives); the optimizer state is dropped first to make room."""
   from desmoe_jax.export import export_hf
   config, hf_dir = ctx.config, os.path.join(ctx.workdir, "hf")
   run.opt_state = None
@@ -485,7 +485,10 @@ def export(ctx: RunContext, run: RunState, summary: dict):
   summary["export"] = export_hf(model, hf_dir, tokenizer_dir=config.model.path,
                                 fit_batches=fit, fold_tokens=config.export.fold_tokens,
                                 check_tokens=config.export.check_tokens,
-                                batch_sharding=ctx.batch_sharding)
+                                batch_sharding=ctx.batch_sharding,
+                                adapter_path=os.path.join(ctx.workdir, "hf_adapter"),
+                                base_model=config.model.path,
+                                trained_dropout=config.lora.dropout if "lora" in config else 0.0)
   if ctx.is_main:
     log.info("exported %s: %s", hf_dir, summary["export"])
     ctx.metrics_log.write(config.train.steps, {"event": "export", **summary["export"]})

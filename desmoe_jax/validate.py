@@ -182,11 +182,16 @@ def _cross_checks(config, has) -> list[str]:
                f"optim.name={name!r} with optim.moments_dtype={moments!r} has no such count "
                "(needs adamw with float moments)")
   ok_ld, dropout = has("lora.dropout")
-  if ok_ld and _is_num(dropout) and dropout != 0:
-    out.append(f"lora.dropout={dropout}: only 0 is implemented (the train step gives the "
-               "layers no dropout randomness)")
-  ok_lw, with_desmoe = has("lora.with_desmoe")
+  ok_ep, expert_parallel = has("model.expert_parallel")
+  ok_lm, lora_method = has("method")
   ok_lt, targets = has("lora.targets")
+  if ok_ld and _is_num(dropout) and dropout > 0 and ok_ep and expert_parallel == "shard_map" \
+      and ok_lm and lora_method == "lora" and ok_lt and "routed_experts" in str(targets):
+    out.append(f"lora.dropout={dropout} with model.expert_parallel='shard_map': the routed "
+               "experts' dropout masks do not travel with the exchanged token rows; use "
+               "model.expert_parallel='compiler', lora.dropout=0, or drop routed_experts from "
+               "lora.targets")
+  ok_lw, with_desmoe = has("lora.with_desmoe")
   if ok_lw and with_desmoe is True and ok_lt and isinstance(targets, str) and \
       "router" in targets.split(","):
     out.append("lora.with_desmoe=True routes with DES-MoE's adaptive router, which trains as "

@@ -454,6 +454,7 @@ COLUMNS = ("mesh", "method", "phase", "batch", "seqs/device", "params", "opt sta
            "opt groups", "argument", "temp", "peak", "fits", "compile s", "compile cpu s")
 SHORT = {"backbone": "bb", "shared_experts": "shared", "router": "router",
          "routed_experts": "experts"}
+SHORT.update({"lora_" + k: "lora_" + v for k, v in SHORT.items()})   # LoRA's factor groups
 
 
 def _gib(n: int) -> str:

@@ -3,6 +3,8 @@ optimizer state), every target switches on and off, the routed experts' per-expe
 the same numbers under every dispatch and under expert parallelism, and the merged export is
 the adapted model, in our code and in plain transformers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +27,10 @@ D = 3
 SMALL = dict(num_hidden_layers=2)   # one dense and one MoE layer: compiles fastest
 
 
-def lora_model(targets=",".join(TARGETS), seed=1, with_desmoe=False, **kw):
+def lora_model(targets=",".join(TARGETS), seed=1, with_desmoe=False, dropout=0.0, **kw):
   mc = MethodConfig(method="lora", num_domains=D, total_steps=10,
-                    lora=LoraConfig(rank=4, alpha=8.0, targets=targets, with_desmoe=with_desmoe))
+                    lora=LoraConfig(rank=4, alpha=8.0, targets=targets, with_desmoe=with_desmoe,
+                                    dropout=dropout))
   return mc, prepare_model(tiny_model(seed=seed, **SMALL, **kw), mc)
 
 
@@ -92,8 +95,9 @@ def test_bad_lora_fields_are_named():
     LoraConfig(targets="attention,mlp")
   with pytest.raises(ValueError, match="lora.rank=0"):
     LoraConfig(rank=0)
-  with pytest.raises(ValueError, match="lora.dropout=0.1"):
-    LoraConfig(dropout=0.1)
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match=rf"lora.dropout={bad} must be in \[0, 1\)"):
+      LoraConfig(dropout=bad)
   with pytest.raises(ValueError, match="remove 'router' from lora.targets"):
     LoraConfig(with_desmoe=True)
   from desmoe_jax.run_config import load_config
@@ -104,6 +108,12 @@ def test_bad_lora_fields_are_named():
   assert any(p.startswith("lora.targets='attention,ffn': must be a comma-separated list")
              and "'ffn'" in p for p in found), found
   assert any(p.startswith("lora.alpha=0.0: must be > 0") for p in found), found
+  found = problems(load_config("configs/six_domains.py:tiny,lora", {"lora.dropout": 1.0}))
+  assert found == ["lora.dropout=1.0: must be in [0, 1)"], found
+  found = problems(load_config("configs/six_domains.py:tiny,lora",
+                               {"lora.dropout": 0.1, "model.expert_parallel": "shard_map"}))
+  assert any(p.startswith("lora.dropout=0.1 with model.expert_parallel='shard_map'")
+             for p in found), found
 
 
 def test_only_the_factors_train_and_only_they_hold_optimizer_state():
@@ -233,3 +243,201 @@ def test_cached_decode_reads_the_pairs():
   want = greedy_generate(lora.merge(model), prompts, max_new_tokens=4, eos_ids=[-1],
                          batch_size=2)
   assert got == want
+
+
+# lora.dropout ------------------------------------------------------------------------------
+
+
+def test_dropout_zero_draws_no_masks():
+  """lora.dropout=0 (the default): set_dropout gives no pair a key, so the train step's
+  forward is the merged path of before, bit for bit."""
+  _, model = lora_model()
+  perturb(model)
+  ids = batch(0, [0, 1, 2])["tokens"]
+  want = logits(model, ids)
+  lora.set_dropout(model, lora.dropout_key(0, 3))
+  assert all(m.lora.dropout_key is None for _, m, _ in lora.hosts(model))
+  np.testing.assert_array_equal(logits(model, ids), want)
+
+
+def test_dropout_is_off_outside_training():
+  """Eval, export and generation never set the keys: a model with lora.dropout=0.5 computes
+  exactly as the one with dropout 0 and the same factors."""
+  ids = batch(0, [0, 1, 2])["tokens"]
+  _, plain = lora_model()
+  _, dropped = lora_model(dropout=0.5)
+  perturb(plain), perturb(dropped)
+  np.testing.assert_array_equal(logits(dropped, ids), logits(plain, ids))
+  from desmoe_jax.generate import greedy_generate
+  prompts = [[5, 9, 3, 7]]
+  assert greedy_generate(dropped, prompts, max_new_tokens=3, eos_ids=[-1]) == greedy_generate(
+      plain, prompts, max_new_tokens=3, eos_ids=[-1])
+
+
+def _keep(key, shape, rate):
+  """The hand mask: kept elements scaled by 1 / (1 - rate) (torch's nn.Dropout)."""
+  keep = jax.random.bernoulli(jax.random.wrap_key_data(key), 1 - rate, shape)
+  return keep.astype(jnp.float32) / (1 - rate)
+
+
+def test_dropout_on_a_linear_is_on_the_branch_input_only():
+  """y = x W + s ((x * m) A) B with the mask m of the pair's key; its gradients in A and B
+  equal the hand computation's."""
+  from desmoe_jax.nn.layers import Linear
+  rate = 0.4
+  layer = Linear(6, 5, (None, None), rngs=nnx.Rngs(0))
+  layer.lora = lora._pair_for(layer.kernel, 3, 2.0, jax.random.key(1), "backbone", rate)
+  layer.lora.b[...] = jax.random.normal(jax.random.key(2), (3, 5))
+  key = jax.random.key_data(jax.random.key(7))
+  layer.lora.dropout_key = key
+  x = jax.random.normal(jax.random.key(3), (4, 6))
+  w = layer.kernel[...]
+  m = _keep(key, x.shape, rate)
+  assert 0 < float((m == 0).mean()) < 1
+
+  def hand(a, b):
+    return x @ w + 2.0 * ((x * m) @ a) @ b
+
+  graphdef, state = nnx.split(layer)
+
+  def ours(a, b):
+    flat = dict(nnx.to_flat_state(state))
+    for name, value in (("a", a), ("b", b)):
+      flat[("lora", name)] = flat[("lora", name)].replace(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))(x)
+
+  a, b = layer.lora.a[...], layer.lora.b[...]
+  np.testing.assert_allclose(ours(a, b), hand(a, b), rtol=1e-6, atol=1e-6)
+  ct = jax.random.normal(jax.random.key(4), (4, 5))
+  g_hand = jax.grad(lambda a, b: (hand(a, b) * ct).sum(), argnums=(0, 1))(a, b)
+  g_ours = jax.grad(lambda a, b: (ours(a, b) * ct).sum(), argnums=(0, 1))(a, b)
+  for got, want in zip(g_ours, g_hand):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _naive_experts(x_td, ids_tk, ws, factors, scale, masks):
+  """Slot by slot, each slot with its own expert's weights and factors gathered ([T*K, ...]):
+  y[t, k] = FFN_e(x[t]) with each weight's branch on its masked input."""
+  t_, k_ = ids_tk.shape
+  e_n = ids_tk.reshape(-1)
+  x_nd = jnp.repeat(x_td, k_, axis=0)                     # slot t*K + k reads token t
+
+  def lin(v, j):
+    (a, b), w = factors[j], ws[j]
+    low = jnp.einsum("nr,nrf->nf", jnp.einsum("nd,ndr->nr", v * masks[j], a[e_n]), b[e_n])
+    return jnp.einsum("nd,ndf->nf", v, w[e_n]) + scale * low
+
+  h = jax.nn.silu(lin(x_nd, 0)) * lin(x_nd, 1)
+  return lin(h, 2).reshape(t_, k_, -1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expert_dropout_equals_the_naive_loop(impl):
+  """Routed experts, lora.dropout=0.5: one mask per (token, slot) and per weight (PEFT's
+  per-expert Linears); every moe_impl's outputs and factor gradients equal a slot-by-slot
+  computation with the same masks."""
+  from desmoe_jax.moe.block import expert_outputs
+  e, d, f, r, t, k, rate = 4, 8, 6, 2, 5, 2, 0.5
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  rnd = lambda *shape: 0.3 * jax.random.normal(next(keys), shape)
+  ws = (rnd(e, d, f), rnd(e, d, f), rnd(e, f, d))
+  pairs = {n: lora.LoraPair(rnd(e, w.shape[1], r), rnd(e, r, w.shape[2]), (None,) * 3,
+                            (None,) * 3, "lora_routed_experts", 1.5)
+           for n, w in zip(lora.EXPERT_WEIGHTS, ws)}
+  expert_lora = lora.ExpertLora(pairs, rate)
+  assert expert_lora.branch(t * k, jnp.float32) is None   # no key: eval, merged
+  expert_lora.dropout_key = jax.random.key_data(jax.random.key(5))
+  factors, scale, masks = expert_lora.branch(t * k, jnp.float32)
+  assert [m.shape for m in masks] == [(t * k, d), (t * k, d), (t * k, f)]
+  assert not np.array_equal(masks[0], masks[1])           # gate and up: their own masks
+  assert set(np.unique(np.concatenate([np.ravel(m) for m in masks]))) == {0.0, 2.0}
+  x = rnd(t, d)
+  ids = jax.random.randint(next(keys), (t, k), 0, e)
+  ct = rnd(t, k, d)
+
+  def loss(fn, factors):
+    return (fn(factors) * ct).sum()
+
+  ours = lambda fs: expert_outputs(x, ids, *ws, impl=impl, lora=(fs, scale, masks))
+  naive = lambda fs: _naive_experts(x, ids, ws, fs, scale, masks)
+  np.testing.assert_allclose(ours(factors), naive(factors), rtol=1e-5, atol=1e-6)
+  got = jax.grad(functools.partial(loss, ours))(factors)
+  want = jax.grad(functools.partial(loss, naive))(factors)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_train_step_is_a_function_of_seed_and_step():
+  """lora.dropout=0.3 in the train step: the same (seed, step) gives the same new state bit
+  for bit (a resumed run repeats it), another step other masks; every target's B moves
+  otherwise than with dropout 0 (its branch saw the masks)."""
+  oc = optim.OptimConfig(learning_rate=1e-2)
+  news = {}
+  for rate in (0.0, 0.3):
+    mc, model = lora_model(dropout=rate)
+    perturb(model, scale=0.1)
+    graphdef, state = nnx.split(model)
+    opt = ts.init_optimizer(mc, oc, state)
+    step = jax.jit(ts.make_train_step(graphdef, mc, oc, UNSCHEDULED))
+    b = batch(0, [0, 1, 2, 0])
+    news[rate] = [dict(nnx.to_flat_state(step(state, opt, b, jnp.asarray(i))[0]))
+                  for i in (0, 0, 1)]
+  first, again, other = news[0.3]
+  changed = set()
+  for path, v in first.items():
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(again[path][...]))
+    if "lora" in path and path[-1] == "b":
+      assert not np.array_equal(np.asarray(v[...]), np.asarray(other[path][...])), path
+      if not np.allclose(np.asarray(v[...]), np.asarray(news[0.0][0][path][...]), atol=1e-7):
+        changed.add(lora.target_of(path[:path.index("lora")]))
+  assert changed == set(TARGETS)
+
+
+# Adapter-only export (desmoe_jax/peft_adapter.py) ------------------------------------------
+
+
+def test_adapter_names_its_base_model_as_peft_does():
+  from desmoe_jax import peft_adapter
+  assert peft_adapter.base_model_name("hf://deepseek-ai/DeepSeek-V2-Lite@main") == (
+      "deepseek-ai/DeepSeek-V2-Lite", "main")
+  assert peft_adapter.base_model_name("/models/v2_lite") == ("/models/v2_lite", None)
+  _, model = lora_model("attention", with_desmoe=True)
+  assert "adaptive router" in peft_adapter.save_adapter(model, "unused")["reason"]
+
+
+def test_adapter_export_loads_in_peft_and_gives_the_adapted_logits(tmp_path):
+  """workdir/hf_adapter in PEFT's layout, every target (the routed experts as ParamWrapper
+  pairs on transformers 5's fused 3-D parameters): its tensor names and shapes are PEFT's own
+  for this config, and PeftModel.from_pretrained over the plain base model gives our adapted
+  model's logits (1e-5, float32)."""
+  peft = pytest.importorskip("peft")
+  from peft.utils import get_peft_model_state_dict
+  from safetensors.numpy import load_file
+  from transformers import DeepseekV2ForCausalLM
+
+  from desmoe_jax import peft_adapter
+  from desmoe_jax.convert import save_pretrained
+  save_pretrained(tiny_model(seed=1, **SMALL), str(tmp_path / "base"))
+  _, model = lora_model(dropout=0.1)
+  perturb(model, scale=0.1)
+  ids = np.asarray(batch(0, [0, 1, 2, 1])["tokens"])
+  adapted = logits(model, ids)
+  report = peft_adapter.save_adapter(model, str(tmp_path / "adapter"), trained_dropout=0.1)
+  # 2 layers x 4 attention projections; the fused gate_up and down, the router, the dense MLP's
+  # and the shared experts' 3 linears each
+  assert report["written"] and (report["target_modules"], report["target_parameters"]) == (8, 9)
+  ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+
+  def base():
+    return DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "base"),
+                                                 dtype=torch.float32).eval()
+
+  config = peft.LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+  fresh = get_peft_model_state_dict(peft.get_peft_model(base(), config))
+  assert {k: tuple(v.shape) for k, v in fresh.items()} == {
+      k: v.shape for k, v in ours.items()}
+  hf = peft.PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ref, adapted, atol=1e-5, rtol=1e-5)
+  assert np.abs(adapted - logits(tiny_model(seed=1, **SMALL), ids)).max() > 1e-2

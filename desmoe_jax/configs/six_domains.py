@@ -298,7 +298,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict()   # method=lora (desmoe_jax/lora.py)
   c.lora.rank = 8               # r: inner width of each low-rank pair A [d_in, r], B [r, d_out]
   c.lora.alpha = 16.0           # the update is (alpha / rank) A B (PEFT's lora_alpha)
-  c.lora.dropout = 0.0          # dropout on the low-rank path's input; only 0 is implemented
+  c.lora.dropout = 0.0          # PEFT's lora_dropout on the low-rank branch's input (training)
   # Comma-separated weights that get pairs: attention, shared_experts, routed_experts (a pair
   # per expert, batched [E, d, r] x [E, r, F]), router (the linear gate), dense_mlp
   c.lora.targets = "attention,shared_experts,routed_experts,router,dense_mlp"

@@ -99,7 +99,7 @@ def _dense(x_td, ids_tk, gate, up, down):
   return jnp.take_along_axis(y_ted, ids_tk[:, :, None], axis=1, mode="fill", fill_value=0)
 
 
-def _ragged(x_td, ids_tk, gate, up, down, dot=jax.lax.ragged_dot, row_multiple=0):
+def _ragged(x_td, ids_tk, gate, up, down, dot=jax.lax.ragged_dot, row_multiple=0, lora=None):
   """Expert-sorted grouped matmuls through `dot` (the `jax.lax.ragged_dot` signature).
 
   row_multiple > 0 (the Pallas kernels): the row buffer is padded to a multiple of it (the TPU
@@ -107,6 +107,10 @@ def _ragged(x_td, ids_tk, gate, up, down, dot=jax.lax.ragged_dot, row_multiple=0
   last group (padding, slots of id E) are zeroed on the way in and out: XLA's ragged_dot writes
   zeros there, but a kernel may leave them unwritten, and their input gradient would otherwise
   reach x through the gather.
+
+  lora: (((A, B) of gate, up, down), scale, (masks [T*K, D], [T*K, D], [T*K, F] in slot
+  order)), LoRA's branch with dropout (`lora.ExpertLora.branch`): each weight's matmul adds
+  scale * ((rows * mask) A_e) B_e, grouped like the weight's.
   """
   t, k = ids_tk.shape
   n = t * k
@@ -114,12 +118,22 @@ def _ragged(x_td, ids_tk, gate, up, down, dot=jax.lax.ragged_dot, row_multiple=0
   order = jnp.argsort(flat, stable=True)                  # slot index, grouped by expert
   sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
   xs = x_td[order // k]                                    # [T*K, D] expert-sorted rows
+  masks = () if lora is None else tuple(m[order] for m in lora[2])   # sorted like the rows
   if row_multiple:
     xs = jnp.pad(xs, ((0, -n % row_multiple), (0, 0)))
+    masks = tuple(jnp.pad(m, ((0, -n % row_multiple), (0, 0))) for m in masks)
     valid = (jnp.arange(xs.shape[0]) < sizes.sum())[:, None]
     xs = jnp.where(valid, xs, 0)
-  h = jax.nn.silu(dot(xs, gate, sizes)) * dot(xs, up, sizes)
-  ys = dot(h, down, sizes)
+
+  def linear(rows, w, j):
+    y = dot(rows, w, sizes)
+    if lora is None:
+      return y
+    (a, b), scale = lora[0][j], lora[1]
+    return y + dot(dot(rows * masks[j], a, sizes), b, sizes) * jnp.asarray(scale, y.dtype)
+
+  h = jax.nn.silu(linear(xs, gate, 0)) * linear(xs, up, 1)
+  ys = linear(h, down, 2)
   if row_multiple:
     ys = jnp.where(valid, ys, 0)[:n]
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
@@ -160,17 +174,36 @@ def tokamax_ragged_dot(lhs, rhs, sizes):
   return jax.lax.platform_dependent(lhs, rhs, sizes, **branches)
 
 
+def _dense_dot(lhs, rhs, sizes):
+  """`jax.lax.ragged_dot`'s contract the "dense" way: every group's matrix on every row, then
+  each row's own (id E past the groups: 0). The reference dispatch of LoRA's dropout branch."""
+  group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(lhs.shape[0]), side="right")
+  y_ref = jnp.einsum("nd,edf->nef", lhs, rhs)
+  return jnp.take_along_axis(y_ref, group[:, None, None], axis=1, mode="fill",
+                             fill_value=0)[:, 0]
+
+
 def expert_outputs(x_td, ids_tk, gate_edf, up_edf, down_efd, *, impl: str = "auto",
-                   tile_size: int = 128):
+                   tile_size: int = 128, lora=None):
   """y[t, k] = FFN_{ids[t,k]}(x[t]) with SwiGLU experts; returns [T, K, D].
 
   An id equal to E (one past the last expert) selects no expert: its output is 0, "tiled" spends
   no matmul on it and "ragged"/"tokamax" leave it out of every group (the unused rows of expert
   parallelism's receive buffers).
+
+  lora: LoRA's branch with dropout (training with lora.dropout > 0, `_ragged`), which cannot be
+  merged into the weights: the masks differ per slot. Every impl then runs `_ragged`'s grouped
+  matmuls with the branch explicit, through its own grouped dot: "dense" every expert on every
+  row (`_dense_dot`), "ragged" XLA's ragged_dot, "tokamax" tokamax's; "tiled", whose kernel
+  fuses the whole FFN, takes XLA's ragged_dot (on XLA:CPU a dot over every expert).
   """
   impl = resolve_impl(impl)
   dt = x_td.dtype
   gate, up, down = gate_edf.astype(dt), up_edf.astype(dt), down_efd.astype(dt)
+  if lora is not None:
+    dot = {"dense": _dense_dot, "tokamax": tokamax_ragged_dot}.get(impl, jax.lax.ragged_dot)
+    return _ragged(x_td, ids_tk, gate, up, down, dot=dot, lora=lora,
+                   row_multiple=TOKAMAX_ROW_MULTIPLE if impl == "tokamax" else 0)
   if impl == "dense":
     return _dense(x_td, ids_tk, gate, up, down)
   if impl == "ragged":
@@ -197,10 +230,15 @@ class RoutedExperts(nnx.Module):
     """(gate, up, down) the dispatch computes with: the stored weights, or with LoRA each
     expert's W_e + s A_e B_e (one batched matmul over the experts, float32 sum) in `dtype`."""
     ws = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-    if self.lora is None:
+    if self.lora is None or self.lora.dropout_key is not None:   # no pairs, or the branch
       return ws
     pairs = (self.lora.gate_proj, self.lora.up_proj, self.lora.down_proj)
     return tuple(p.merge_into(w, dtype) for w, p in zip(ws, pairs))
+
+  def lora_branch(self, n_slots: int, dtype):
+    """LoRA's branch with dropout masks for n_slots (token, slot) rows, while training with
+    lora.dropout > 0 (`lora.ExpertLora.branch`); else None."""
+    return None if self.lora is None else self.lora.branch(n_slots, dtype)
 
 
 @struct.dataclass
@@ -273,9 +311,14 @@ class MoEBlock(nnx.Module):
     shard_map = cfg.runtime.expert_parallel == "shard_map"
     mesh = jax.sharding.get_abstract_mesh()
     sharded = shard_map or (not mesh.empty and math.prod(mesh.axis_sizes) > 1)
+    branch = self.experts.lora_branch(ids_tk.size, x_bsd.dtype)
+    if branch is not None and (shard_map or gate.shape[0] != cfg.n_routed_experts):
+      raise ValueError("lora.dropout > 0 on the routed experts runs with neither model."
+                       "expert_parallel='shard_map' (the masks do not travel with the token "
+                       "rows) nor an expert copy bank (DGES duplicates)")
     local = functools.partial(expert_outputs,
                               impl=resolve_impl(cfg.runtime.moe_impl, sharded=sharded),
-                              tile_size=cfg.runtime.moe_tile_size)
+                              tile_size=cfg.runtime.moe_tile_size, lora=branch)
     if shard_map:
       y_tkd = expert_parallel.expert_outputs(local, x_td, dispatch_tk, gate, up, down,
                                              num_experts=cfg.n_routed_experts)
