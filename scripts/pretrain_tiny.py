@@ -142,14 +142,22 @@ def corpus_windows(ids: np.ndarray, seq_len: int, bos: int):
   return train_starts, val_rows
 
 
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+  """The ids `tokenizer(texts, add_special_tokens=False)["input_ids"]` gives, from the Rust
+  tokenizer's encode_batch_fast, which computes no character offsets: a third less time over
+  the 4.1 M-token v2 corpus (tests/test_pretrain.py compares the two)."""
+  return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
+      texts, add_special_tokens=False)]
+
+
 def encode_corpus(path: str, tokenizer) -> np.ndarray:
   """The corpus as one token stream: a text file as is, or make_corpus's documents (.jsonl.gz)
   each followed by <eos>."""
   if not path.endswith(".jsonl.gz"):
     with open(path, encoding="utf-8") as f:
-      return np.asarray(tokenizer(f.read(), add_special_tokens=False)["input_ids"], np.int32)
+      return np.asarray(encode(tokenizer, [f.read()])[0], np.int32)
   docs = make_corpus.read_docs(path)
-  ids = tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]
+  ids = encode(tokenizer, [d["text"] for d in docs])
   eos = [tokenizer.eos_token_id]
   return np.asarray([t for doc in ids for t in doc + eos], np.int32)
 
@@ -163,7 +171,7 @@ def genre_rows(path: str, tokenizer, seq_len: int) -> dict:
     by_genre.setdefault(d["genre"], []).append(d["text"])
   out, n = {}, seq_len - 1
   for genre in sorted(by_genre):
-    ids = tokenizer(by_genre[genre], add_special_tokens=False)["input_ids"]
+    ids = encode(tokenizer, by_genre[genre])
     stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
     count = -(-len(stream) // n)
     rows = np.full((count, seq_len), tokenizer.pad_token_id, np.int32)

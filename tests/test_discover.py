@@ -185,7 +185,8 @@ def test_iterator_carries_each_examples_cluster_and_the_same_tokens(tmp_path):
 
 def _small_six_domains(tmp_path, train=12, held=3) -> list[str]:
   """Flags pointing the six domains of the :tiny preset at their shortest rows (seconds to
-  route and cluster, where the bundled files take minutes), at 512-token sequences."""
+  route and cluster, where the bundled files take minutes), at 512-token sequences, in one
+  schedule phase."""
   from desmoe_jax.configs.six_domains import DOMAINS
   from desmoe_jax.paths import bundled
   flags = ["--config.data.select=", "--config.data.seq_len=512"]
@@ -197,7 +198,11 @@ def _small_six_domains(tmp_path, train=12, held=3) -> list[str]:
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_text("\n".join(rows) + "\n")
       flags.append(f"--config.data.domains[{i}].{split}={path}")
-  return flags + ["--config.data.discover_domains=6"]
+  # One schedule phase (stabilization from step 0: the masks of the discovered domains apply
+  # from the first step), so each run compiles one train step instead of three; crossing the
+  # phases on a resume is tests/test_trainer.py's.
+  return flags + ["--config.data.discover_domains=6", "--config.schedule.t1=0.0",
+                  "--config.schedule.t2=1.0"]
 
 
 @pytest.mark.e2e

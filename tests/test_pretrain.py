@@ -32,6 +32,24 @@ def test_validation_windows_never_overlap_training_windows():
   assert len(train_tokens) + len(val_tokens) > 0.9 * len(ids)
 
 
+def test_fast_encoding_gives_the_tokenizers_ids():
+  """pretrain_tiny.encode (no character offsets) against the tokenizer's own call, on the start
+  of both presets' corpora: the first-step reproductions below then rebuild the same windows."""
+  from transformers import AutoTokenizer
+  for preset in ("v1", "v2"):
+    p = pretrain_tiny.PRESETS[preset]
+    tokenizer = AutoTokenizer.from_pretrained(p["tokenizer"])
+    if preset == "v1":
+      with open(p["corpus"], encoding="utf-8") as f:
+        texts = [f.read(50_000)]
+    else:   # two documents of every genre
+      docs = pretrain_tiny.make_corpus.read_docs(p["heldout"])
+      texts = [d["text"] for g in pretrain_tiny.make_corpus.GENRES
+               for d in [d for d in docs if d["genre"] == g][:2]]
+    want = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert pretrain_tiny.encode(tokenizer, texts) == want and sum(map(len, want)) > 5_000
+
+
 def test_shipped_model_matches_its_config_and_log():
   with open(os.path.join(SHIPPED, "config.json")) as f:
     config = json.load(f)

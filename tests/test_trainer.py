@@ -20,6 +20,10 @@ pytestmark = pytest.mark.e2e   # end-to-end (pyproject.toml markers): -m "not e2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=2)
+# One schedule phase (stabilization from step 0): for the fault tests whose check does not
+# depend on crossing phases (a NaN, a failed save), one train-step compilation per run instead
+# of two. The runs that resume across phases keep OVERRIDES' three.
+ONE_PHASE = {"schedule.t1": 0.0, "schedule.t2": 1.0}
 
 # Runs trainer.train in a fresh process, optionally dying at a chosen moment (os._exit: no
 # cleanup, like SIGKILL) or poisoning the loss, to exercise what a real crash does.
@@ -32,8 +36,9 @@ DRIVER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("c", sys.argv[1])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     config = mod.get_config("tiny")
-    for k, v in json.loads(sys.argv[3]).items():
-      setattr(config.train, k, v)
+    for k, v in json.loads(sys.argv[3]).items():   # train fields, or "group.field"
+      group, _, name = k.rpartition(".")
+      setattr(config[group] if group else config.train, name, v)
     config.data.batch_size, config.eval.loss_batches = 1, 1
     config.data.seq_len, config.data.select = 256, "math,code"   # TRAIN_FLAGS' data
     config.export.enabled = False
@@ -150,6 +155,9 @@ def _error_lines(stderr):
   return out
 
 
+# Its two users are the first two tests, side by side: pytest-xdist (CI: -n 2 --dist worksteal)
+# hands each worker a contiguous run of tests and steals from the end of it, so neighbours
+# share a worker, and one reference run, where tests far apart in the file often did not.
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("ref")
@@ -173,57 +181,6 @@ def test_resume_after_kills_gives_the_same_losses_and_outputs(reference_run, tmp
   assert sorted(got) == sorted(ref) == list(range(1, 9))
   np.testing.assert_array_equal([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)])
   assert sorted(os.listdir(work / "checkpoints")) == ["4", "6", "8"]  # keep 3, no tmp left
-
-
-def _check_outputs(reference_run):
-  records = [json.loads(l) for l in open(reference_run / "metrics.jsonl")]
-  steps = [r for r in records if "loss" in r]
-  assert {"loss", "kd_loss", "lambda", "domain_loss", "mask_density", "expert_overlap",
-          "tokens_per_s", "phase_name"} <= set(steps[0])
-  assert [r["phase_name"] for r in steps][:2] == ["warmup", "warmup"]
-  assert steps[-1]["phase_name"] == "consolidation"
-  evals = [r for r in records if r.get("event") == "eval"]
-  assert evals and "heldout_loss/general" in evals[-1]
-  assert os.listdir(reference_run / "tb")
-  plots = os.listdir(reference_run / "plots")
-  assert "step000008_correlation.png" in plots and "step000008_overlap.png" in plots
-  config = json.load(open(reference_run / "config.json"))
-  assert config["train"]["steps"] == 8 and config["method"] == "desmoe"
-
-
-def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
-  result = _run(tmp_path, tmp_path / "work", "nan_at", 5)
-  assert result.returncode == 3, result.stderr[-3000:]               # TrainingDiverged
-  ckpts = tmp_path / "work" / "checkpoints"
-  assert _error_lines(result.stderr) == [
-      f"error: non-finite loss between steps 5 and 5; the last good checkpoint is {ckpts}/4 "
-      "(intact). Lower optim.learning_rate, check the data, or set "
-      "train.skip_nonfinite_updates."]
-  assert sorted(os.listdir(ckpts)) == ["2", "4"]
-  from desmoe_jax.checkpoint import Checkpointer
-  assert Checkpointer(str(ckpts)).read_meta(4)["step"] == 4
-
-
-def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
-  """The step that makes every parameter NaN reports the loss of the parameters before it,
-  which is finite; the save right after it must be refused, and the newest checkpoint on disk
-  must be finite."""
-  result = _run(tmp_path, tmp_path / "work", "nan_params_at", 4, steps=6)
-  assert result.returncode == 3, result.stderr[-3000:]
-  ckpts = tmp_path / "work" / "checkpoints"
-  (line,) = _error_lines(result.stderr)
-  assert re.fullmatch(
-      r"error: non-finite values at step 4 in \d+ arrays \(model/.*\) with a finite loss: not "
-      rf"saved; the last good checkpoint is {re.escape(str(ckpts))}/2, whose state is finite\. .*",
-      line), line
-  assert sorted(os.listdir(ckpts)) == ["2"]
-  losses = _losses(tmp_path / "work")
-  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
-  import orbax.checkpoint as ocp
-  for item in ("model", "opt_state"):
-    tree = ocp.StandardCheckpointer().restore(ckpts / "2" / item)
-    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(tree)]
-    assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
 
 
 def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_path):
@@ -267,6 +224,57 @@ def test_sigterm_preempts_saves_and_resumes_bit_identically(reference_run, tmp_p
   assert _losses(work) == got                    # nothing was run
 
 
+def _check_outputs(reference_run):
+  records = [json.loads(l) for l in open(reference_run / "metrics.jsonl")]
+  steps = [r for r in records if "loss" in r]
+  assert {"loss", "kd_loss", "lambda", "domain_loss", "mask_density", "expert_overlap",
+          "tokens_per_s", "phase_name"} <= set(steps[0])
+  assert [r["phase_name"] for r in steps][:2] == ["warmup", "warmup"]
+  assert steps[-1]["phase_name"] == "consolidation"
+  evals = [r for r in records if r.get("event") == "eval"]
+  assert evals and "heldout_loss/general" in evals[-1]
+  assert os.listdir(reference_run / "tb")
+  plots = os.listdir(reference_run / "plots")
+  assert "step000008_correlation.png" in plots and "step000008_overlap.png" in plots
+  config = json.load(open(reference_run / "config.json"))
+  assert config["train"]["steps"] == 8 and config["method"] == "desmoe"
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+  result = _run(tmp_path, tmp_path / "work", "nan_at", 5, **ONE_PHASE)
+  assert result.returncode == 3, result.stderr[-3000:]               # TrainingDiverged
+  ckpts = tmp_path / "work" / "checkpoints"
+  assert _error_lines(result.stderr) == [
+      f"error: non-finite loss between steps 5 and 5; the last good checkpoint is {ckpts}/4 "
+      "(intact). Lower optim.learning_rate, check the data, or set "
+      "train.skip_nonfinite_updates."]
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]
+  from desmoe_jax.checkpoint import Checkpointer
+  assert Checkpointer(str(ckpts)).read_meta(4)["step"] == 4
+
+
+def test_nan_parameters_with_a_finite_loss_are_never_saved(tmp_path):
+  """The step that makes every parameter NaN reports the loss of the parameters before it,
+  which is finite; the save right after it must be refused, and the newest checkpoint on disk
+  must be finite."""
+  result = _run(tmp_path, tmp_path / "work", "nan_params_at", 4, steps=6, **ONE_PHASE)
+  assert result.returncode == 3, result.stderr[-3000:]
+  ckpts = tmp_path / "work" / "checkpoints"
+  (line,) = _error_lines(result.stderr)
+  assert re.fullmatch(
+      r"error: non-finite values at step 4 in \d+ arrays \(model/.*\) with a finite loss: not "
+      rf"saved; the last good checkpoint is {re.escape(str(ckpts))}/2, whose state is finite\. .*",
+      line), line
+  assert sorted(os.listdir(ckpts)) == ["2"]
+  losses = _losses(tmp_path / "work")
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  import orbax.checkpoint as ocp
+  for item in ("model", "opt_state"):
+    tree = ocp.StandardCheckpointer().restore(ckpts / "2" / item)
+    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(tree)]
+    assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+
+
 def test_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
   """The disk 'fills up' after checkpoint 2 (RLIMIT_FSIZE: every write past 256 KiB fails with
   EFBIG, root included): the background save of step 4 fails, and the run stops at the next
@@ -284,7 +292,7 @@ def test_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
       checkpoint.Checkpointer._finish_pending = finish_then_fill_disk
   """)
   work = tmp_path / "work"
-  result = _train_py(work, patch=patch)
+  result = _train_py(work, *[f"--config.{k}={v}" for k, v in ONE_PHASE.items()], patch=patch)
   assert result.returncode == 4, result.stderr[-3000:]
   (line,) = _error_lines(result.stderr)
   assert line.startswith(f"error: saving checkpoint {work}/checkpoints/4 failed ("), line
