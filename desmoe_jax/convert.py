@@ -430,7 +430,7 @@ def _hf_tensors(model: MoECausalLM, dtype=None):
         yield spec.hf_key(*idx), np.ascontiguousarray(arr)
 
 
-def _write_safetensors(path: str, tensors: list[tuple[str, np.ndarray]]):
+def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray]]):
   """Writes (key, array) pairs held in memory as one safetensors file."""
   _stream_safetensors(path, [(k, a.shape, a.dtype) for k, a in tensors], iter(tensors))
 

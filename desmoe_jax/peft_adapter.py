@@ -46,7 +46,7 @@ import jax
 import numpy as np
 
 from desmoe_jax import distributed, lora, sources
-from desmoe_jax.convert import _write_safetensors, leaf_specs
+from desmoe_jax.convert import write_safetensors, leaf_specs
 from desmoe_jax.moe.block import RoutedExperts
 from desmoe_jax.moe.routing import LinearRouter
 
@@ -169,7 +169,7 @@ def save_adapter(model, path: str, *, base_model: str | None = None,
             "tensors": len(tensors)}
   if jax.process_index() == 0:
     os.makedirs(path, exist_ok=True)
-    _write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
+    write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
     with open(os.path.join(path, "desmoe_adapter.json"), "w") as f:

@@ -74,9 +74,9 @@ def _copy_without(path, dst, drop=(), edit=None):
   tensors = {k: np.array(ckpt.get(k)) for k in ckpt.keys() if k not in drop}
   if edit:
     edit(tensors)
-  from desmoe_jax.convert import _write_safetensors
+  from desmoe_jax.convert import write_safetensors
   del ckpt
-  _write_safetensors(os.path.join(dst, "model.safetensors"), sorted(tensors.items()))
+  write_safetensors(os.path.join(dst, "model.safetensors"), sorted(tensors.items()))
 
 
 def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
@@ -119,14 +119,14 @@ def test_not_a_checkpoint_dir(tmp_path):
 
 import ml_dtypes  # noqa: E402
 
-from desmoe_jax.convert import _write_safetensors  # noqa: E402
+from desmoe_jax.convert import write_safetensors  # noqa: E402
 
 
 def _file(tmp_path, name="model.safetensors"):
   tensors = [("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4)),
              ("b.weight", np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(2, 3))]
   path = tmp_path / name
-  _write_safetensors(str(path), tensors)
+  write_safetensors(str(path), tensors)
   return path, dict(tensors)
 
 
@@ -148,7 +148,7 @@ def test_reads_bf16_f8_and_slices(tmp_path):
   np.testing.assert_array_equal(ck.get_slice("a.weight", (slice(1, 3), slice(0, 2))),
                                 tensors["a.weight"][1:3, 0:2])
   f8 = np.array([0.5, -2.0, 448.0], dtype=ml_dtypes.float8_e4m3fn)
-  _write_safetensors(str(path), [("f8", f8)])
+  write_safetensors(str(path), [("f8", f8)])
   got = Checkpoint(str(tmp_path)).get("f8")
   assert got.dtype == ml_dtypes.float8_e4m3fn and np.array_equal(got, f8)
 
