@@ -78,8 +78,9 @@ SETTINGS = {
     "sweep": dict(_RUN, seeds=(0,), num_domains=(2,), gen_examples=0),
     # No generation: every task metric is ~0 at this scale (docs/RESULTS.md); losses only.
     "frontier": dict(_RUN, seeds=(0, 1, 2), num_domains=(FRONTIER_D,), gen_examples=0),
-    # Seed 0 of FFT and DES-MoE, run for run the full frontier's (10 runs: 13.1 min on 2 idle
-    # cores; a full --frontier given the same --workdir continues from it), no ablations.
+    # Seed 0 of FFT and DES-MoE, run for run the full frontier's (10 runs on 2 idle cores: 13.1
+    # min on :tiny, 12.3 min on :tiny_v2 with its premise cached; a full --frontier given the
+    # same --workdir continues from it), no ablations.
     "frontier_quick": dict(_RUN, seeds=(0,), num_domains=(FRONTIER_D,), gen_examples=0,
                            ablations=False, methods=(("fft", ""), ("desmoe", "router+backbone"))),
 }
