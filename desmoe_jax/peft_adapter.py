@@ -152,10 +152,10 @@ def save_adapter(model, path: str, *, base_model: str | None = None,
     return {"written": False, "reason": why}
   tensors, modules, params, rank, alpha = adapter_tensors(model)
   expert_params = [p for p in params if p.endswith(("gate_up_proj", "down_proj"))]
+  base_name, revision = base_model_name(base_model)
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM",
-      "base_model_name_or_path": base_model_name(base_model)[0],
-      "revision": base_model_name(base_model)[1],
+      "base_model_name_or_path": base_name, "revision": revision,
       "r": int(rank), "lora_alpha": float(alpha),
       "lora_dropout": 0.0 if params else float(trained_dropout),
       "target_modules": sorted(modules), "target_parameters": sorted(params) or None,
