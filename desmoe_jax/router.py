@@ -294,14 +294,15 @@ def attach_kd_probe(model, probe: dict):
 def _kl_t(teacher_te, student_te, tau: float):
   """KL(softmax(teacher/tau) || softmax(student/tau)) per token [T].
 
-  Its gradient is written out, (softmax(student/tau) - softmax(teacher/tau)) / tau for the
-  student, and is EXACTLY zero for a token whose student logits equal the teacher's (the ALR at
-  initialisation): there the KL is at its minimum. Computed, it would be rounding noise (autodiff
-  gives (q sum(p) - p) / tau, and XLA may round the two softmaxes differently in two fusions),
-  which Adam would normalise into a full step under `alr.mix="update"`."""
+  The KL and its gradient, written out as (softmax(student/tau) - softmax(teacher/tau)) / tau
+  for the student, are EXACTLY zero for a token whose student logits equal the teacher's (the
+  ALR at initialisation): there the KL is at its minimum. Computed, both would be rounding noise
+  (XLA may round the two softmaxes differently in two fusions; autodiff gives
+  (q sum(p) - p) / tau), which Adam would normalise into a full step under `alr.mix="update"`."""
   log_p = jax.nn.log_softmax(teacher_te / tau, axis=-1)
   log_q = jax.nn.log_softmax(student_te / tau, axis=-1)
-  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  differ_t = jnp.any(student_te != teacher_te, axis=-1)
+  return jnp.where(differ_t, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
 
 
 def _kl_t_fwd(teacher_te, student_te, tau):
