@@ -262,9 +262,8 @@ def evaluate_run(config, workdir: str, *, step: int | None = None, hf_dir: str |
     raise ConfigError(f"--workdir={workdir!r} does not exist")
   else:
     open_checkpoints(workdir).close()      # fail fast, before any model is loaded
-  from transformers import AutoTokenizer
   config = sources.resolve(config)  # data.select applied, hub ids fetched
-  tokenizer = AutoTokenizer.from_pretrained(hf_dir or config.model.path)
+  tokenizer = data_lib.load_tokenizer(hf_dir or config.model.path)
   mesh = sharding_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
   if hf_dir:
     model, name = load_model(hf_dir, config, mesh), "hf"

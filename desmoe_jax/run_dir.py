@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from desmoe_jax import checkpoint as ckpt_lib
+from desmoe_jax import data as data_lib
 from desmoe_jax import resume as resume_lib
 from desmoe_jax.errors import ConfigError
 
@@ -85,8 +86,7 @@ def open_run(config, workdir: str, allow_config_change: bool, saved_config=None)
 def check_resume(config, checkpoints, allow_config_change: bool, saved_config=None):
   """`config` has local paths; `saved_config` (default `config`) is what the run records, with
   its hub ids, and what a resume is compared with."""
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  tokenizer = data_lib.load_tokenizer(config.model.path)
   fingerprint = resume_lib.tokenizer_fingerprint(tokenizer)
   meta = None
   if checkpoints.latest_step() is not None:

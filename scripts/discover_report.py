@@ -83,12 +83,12 @@ def confusion_markdown(table, clusters: list[str]) -> str:
 def discover_all(args) -> dict:
   """Routes every training example once, clusters it for each request, scores the clusters."""
   import jax
-  from transformers import AutoTokenizer
+  from desmoe_jax.data import load_tokenizer
   from desmoe_jax import data as data_lib
   from desmoe_jax import discover, evaluate, heldout, specialization, train_config
   from desmoe_jax.heatmaps import save_heatmaps
   config, _, _ = frontier_config(args.preset, 3e-4, 6)
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  tokenizer = load_tokenizer(config.model.path)
   model = evaluate.load_model(config.model.path, config)
   specs = train_config.domain_specs(config)
   it = data_lib.MixtureIterator(specs, tokenizer, seq_len=config.data.seq_len,
@@ -150,7 +150,7 @@ def run_one(args, label, lr: float, found: dict, base: dict) -> dict:
   as the frontier evaluates (general text over 24 batches)."""
   import jax
   from desmoe_jax import discover, evaluate, trainer
-  from transformers import AutoTokenizer
+  from desmoe_jax.data import load_tokenizer
   config, s, run = frontier_config(args.preset, lr, 0 if label == "labels" else label)
   name = f"{label if label == 'labels' else 'K' + str(label)}-lr{lr:g}"
   run_dir = os.path.join(args.workdir, "runs", name)
@@ -164,7 +164,7 @@ def run_one(args, label, lr: float, found: dict, base: dict) -> dict:
   t0 = time.perf_counter()
   trainer.train(train_cfg, run_dir)
   train_s = time.perf_counter() - t0
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  tokenizer = load_tokenizer(config.model.path)
   model, _ = evaluate.load_run_model(config, run_dir)
   results = evaluate.evaluate_model(model, tokenizer, config, with_generation=False,
                                     assignment=evaluate.run_assignment(config, run_dir))
@@ -184,12 +184,12 @@ def run_one(args, label, lr: float, found: dict, base: dict) -> dict:
 
 
 def base_eval(args) -> dict:
-  from transformers import AutoTokenizer
+  from desmoe_jax.data import load_tokenizer
   from desmoe_jax import evaluate
   path = os.path.join(args.workdir, "base.json")
   if not os.path.exists(path):
     config, _, _ = frontier_config(args.preset, 3e-4)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    tokenizer = load_tokenizer(config.model.path)
     base = evaluate.evaluate_model(evaluate.load_model(config.model.path, config), tokenizer,
                                    config, with_generation=False)
     with open(path, "w") as f:

@@ -285,8 +285,8 @@ def main(argv=None):
   cpu0, wall0 = time.process_time(), time.perf_counter()
   run_args = portable_args(args)
 
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+  from desmoe_jax.data import load_tokenizer
+  tokenizer = load_tokenizer(args.tokenizer)
   ids = encode_corpus(args.corpus, tokenizer)
   train_starts, val_rows = corpus_windows(ids, args.seq_len, tokenizer.bos_token_id)
   print(f"corpus {len(ids)} tokens; {len(val_rows)} validation windows of {args.seq_len}",

@@ -287,7 +287,7 @@ def prepare(args, s: dict):
   """The work directory, its compilation cache, setup.json and base.json (the base model's
   evaluation); returns (tokenizer, base eval)."""
   import jax
-  from transformers import AutoTokenizer
+  from desmoe_jax.data import load_tokenizer
   from desmoe_jax import evaluate
   os.makedirs(args.workdir, exist_ok=True)
   # The same programs come back for every seed: compile each once.
@@ -299,7 +299,7 @@ def prepare(args, s: dict):
       json.dump({"machine": machine(), "settings": s, "lr": LR,
                  "command": " ".join(sys.argv)}, f, indent=2)
   model_path = args.model or base_config(s, None).model.path
-  tokenizer = AutoTokenizer.from_pretrained(model_path)
+  tokenizer = load_tokenizer(model_path)
 
   base_path = os.path.join(args.workdir, "base.json")
   if not os.path.exists(base_path):
@@ -360,11 +360,11 @@ def premise(args, s: dict, out_path: str, model_path: str | None = "") -> dict:
   layer, the overlap of their expert-slot shares, the share of general text's top-k slots
   on the experts each domain's DGES mask would select, and how concentrated each domain's
   routing is (ESFT's statistics among them; specialization.routing_premise)."""
-  from transformers import AutoTokenizer
+  from desmoe_jax.data import load_tokenizer
   from desmoe_jax import data as data_lib
   from desmoe_jax import esft, evaluate, specialization, trainer
   config = base_config(s, args.model if model_path == "" else model_path)
-  tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+  tokenizer = load_tokenizer(config.model.path)
   model = evaluate.load_model(config.model.path, config)
   e = model.config.n_routed_experts
   t0 = time.perf_counter()

@@ -264,3 +264,72 @@ def test_undecodable_whole_files_name_file_line_column(tmp_path, tokenizer):
   arr.write_bytes(b'[{"prompt": "a", "response": "b"},\n {"prompt": "\xc3", "response": "b"}]')
   with pytest.raises(ValueError, match=r"rows.json:2:\d+: byte 0xc3 is not UTF-8"):
     data.load_domain(data.DomainSpec("arr", str(arr)), tokenizer, 256)
+
+
+def test_batched_tokenizing_equals_one_example_at_a_time(tokenizer):
+  """load_domain tokenises a chunk of rows per tokenizer call: the same examples as
+  tokenize_messages row by row, bad rows in place, chunk boundaries and max_examples included."""
+  rows = data.read_rows(_spec("math"))[0][:40]                         # (line, row)
+  rows.insert(7, (0, {"prompt": "long " * 400, "response": "y"}))     # over-long
+  rows.insert(20, (0, {"prompt": "x", "response": "  "}))             # empty response
+  to_msgs = lambda r: data.to_messages(r[1], _spec("math"))
+  expected = []
+  for r in rows:
+    try:
+      expected.append(data.tokenize_messages(tokenizer, to_msgs(r), 256))
+    except data.BadRow as e:
+      expected.append(str(e))
+  for chunk in (1, 6, 256):
+    got = [str(x) if isinstance(x, data.BadRow) else x
+           for _, x in data.tokenize_rows(tokenizer, rows, to_msgs, 256, chunk)]
+    assert len(got) == len(expected) == 42
+    assert sum(isinstance(e, str) for e in expected) == 2
+    for g, e in zip(got, expected):
+      if isinstance(e, str):
+        assert g == e
+      else:
+        np.testing.assert_array_equal(g[0], e[0])
+        np.testing.assert_array_equal(g[1], e[1])
+  examples, report = data.load_domain(_spec("math", max_examples=13), tokenizer, seq_len=256)
+  ref = [e for e in expected if not isinstance(e, str)][:13]   # the file's first 13 good rows
+  assert len(examples) == 13 and report.examples == 13
+  for (ids, t), (rids, rt) in zip(examples, ref):
+    np.testing.assert_array_equal(ids, rids)
+    np.testing.assert_array_equal(t, rt)
+
+
+def test_load_tokenizer_is_autotokenizer_without_torch(tmp_path):
+  """A tokenizer.json tokenizer loads as the class AutoTokenizer gives, encodes and renders the
+  same, and without torch; another tokenizer class still goes through AutoTokenizer."""
+  import subprocess
+  import sys
+  path = os.path.join(REPO, "assets", "tokenizer")
+  ours, auto = data.load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+  assert type(ours) is type(auto)
+  msgs = [{"role": "user", "content": "Solve 2x = 6."}, {"role": "assistant", "content": "x=3"}]
+  assert ours.apply_chat_template(msgs, tokenize=False) == auto.apply_chat_template(
+      msgs, tokenize=False)
+  for special in (False, True):
+    assert (ours("x = 3, déjà", add_special_tokens=special)["input_ids"]
+            == auto("x = 3, déjà", add_special_tokens=special)["input_ids"])
+  assert (ours.bos_token, ours.eos_token, ours.pad_token) == (auto.bos_token, auto.eos_token,
+                                                             auto.pad_token)
+  code = ("import sys; from desmoe_jax import data; data.load_tokenizer(sys.argv[1]); "
+          "print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.stdout.strip() == "False"
+  other = tmp_path / "other"
+  auto.save_pretrained(other)
+  config = json.loads((other / "tokenizer_config.json").read_text())
+  (other / "tokenizer_config.json").write_text(json.dumps(dict(config,
+                                                               tokenizer_class="GPT2Tokenizer")))
+  calls = []
+  import transformers
+  real = transformers.AutoTokenizer.from_pretrained
+  try:
+    transformers.AutoTokenizer.from_pretrained = lambda p, **k: calls.append(p) or real(p, **k)
+    data.load_tokenizer(str(other))
+  finally:
+    transformers.AutoTokenizer.from_pretrained = real
+  assert calls == [str(other)]
