@@ -2,7 +2,8 @@
 
 Both sides load `assets/tiny_deepseek_v2` in float32 and train on the same random batch:
   * desmoe_jax: the trainer's `train_step.jit_train_step` (one device, fp32_master, moe_impl=auto,
-    i.e. the tiled grouped matmul on CPU), its model and optimizer state donated step to step;
+    i.e. the tiled grouped matmul on CPU, the :tiny preset's layer loop), its model and optimizer
+    state donated step to step;
   * transformers: `DeepseekV2ForCausalLM` (eager, its default attention and experts
     implementations; the line names the experts one) and the
     plainest PyTorch loop a user writes: zero_grad, forward with labels, backward,
@@ -118,6 +119,9 @@ def build_jax(case, batch, seed, moe_impl="auto", scoped=False, **runtime):
 
   mc = MethodConfig(method=METHOD[case], num_domains=DOMAINS, total_steps=1000)
   phase = STABILIZATION if case == "desmoe" else mc.phase(0)
+  from desmoe_jax.run_config import load_config
+  # The layer loop as the :tiny preset runs it (unrolled: desmoe_jax/configs/six_domains.py).
+  runtime = dict({"scan_layers": load_config("six_domains:tiny").model.scan_layers}, **runtime)
   model = from_pretrained(MODEL, jnp.float32, moe_impl=moe_impl, **runtime)
   prepare_model(model, mc, seed=seed)
   des = des_state(model)

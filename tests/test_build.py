@@ -10,7 +10,7 @@ from desmoe_jax.run_config import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"model.dtype": "float32", "model.param_dtype": "float32", "model.moe_impl": "dense",
           "model.expert_parallel": "shard_map", "model.attention_impl": "jax",
-          "model.remat": "dots", "model.scan_layers": False, "model.ce_chunk": 256}
+          "model.remat": "dots", "model.scan_layers": True, "model.ce_chunk": 256}
 
 
 def test_every_runtime_field_reaches_every_builder():

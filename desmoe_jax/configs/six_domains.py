@@ -161,7 +161,13 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # the [batch, seq, vocab] float32 logits (2.4 GiB per 4096-token sequence for V2-Lite's 102400
   # vocabulary); 0: the whole sequence as one chunk
   c.model.ce_chunk = 0
-  c.model.scan_layers = True        # lax.scan over MoE layers (fast compile); False unrolls
+  # lax.scan over the MoE layers (one compiled body: the compile time of a deep model) or unrolled
+  # (False). Tiny: unrolled, since autodiff then skips what no trained parameter needs, which a
+  # scan's uniform body cannot (the first MoE layer's backward to its input when nothing below it
+  # trains: DES-MoE after warm-up, ESFT): one 2 x 1024 train step on CPU, scanned -> unrolled,
+  # DES-MoE stabilization 375 -> 319 ms, ESFT-Token 307 -> 265, FFT 489 -> 465, no slower to
+  # compile (bench/RESULTS.md).
+  c.model.scan_layers = not tiny
 
   c.data = ml_collections.ConfigDict()
   # The six domains, in domain-id order. Summary: the paper's (ESFT's Chinese dialogues) needs a
