@@ -77,6 +77,8 @@ def parse_args(argv=None):
   p.add_argument("--profile", action="store_true",
                  help="split our step's time per part (bench/step_profile.py)")
   p.add_argument("--moe_impl", default="auto")
+  p.add_argument("--scan_layers", type=int, default=None,
+                 help="1: scan the MoE layers, 0: unroll them (default: the :tiny preset's)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   args.cases = [c for c in args.cases.split(",") if c]
@@ -241,8 +243,9 @@ def main(argv=None):
     batch = make_batch(b, s, vocab, args.seed)
     for case in args.cases:
       name = f"{case:<7} {b}x{s}"
+      loop = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
       run_j, compile_s, compiled = build_jax(case, batch, args.seed, args.moe_impl,
-                                             scoped=args.profile)
+                                             scoped=args.profile, **loop)
       cands = {"jax": run_j}
       impl = None
       if args.torch:
