@@ -164,9 +164,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # lax.scan over the MoE layers (one compiled body: the compile time of a deep model) or unrolled
   # (False). Tiny: unrolled, since autodiff then skips what no trained parameter needs, which a
   # scan's uniform body cannot (the first MoE layer's backward to its input when nothing below it
-  # trains: DES-MoE after warm-up, ESFT): one 2 x 1024 train step on CPU, scanned -> unrolled,
-  # DES-MoE stabilization 375 -> 319 ms, ESFT-Token 307 -> 265, FFT 489 -> 465, no slower to
-  # compile (bench/RESULTS.md).
+  # trains: DES-MoE after warm-up, ESFT): `python bench/train_step.py --scan_layers=1` against
+  # the default, 2 x 1024 tokens on CPU, DES-MoE stabilization 5762 -> 6238 tok/s, ESFT-Token
+  # 6461 -> 7815, FFT 4963 -> 4830 (noise), no slower to compile (bench/RESULTS.md).
   c.model.scan_layers = not tiny
 
   c.data = ml_collections.ConfigDict()
