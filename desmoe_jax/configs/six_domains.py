@@ -166,7 +166,7 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # scan's uniform body cannot (the first MoE layer's backward to its input when nothing below it
   # trains: DES-MoE after warm-up, ESFT): `python bench/train_step.py --scan_layers=1` against
   # the default, 2 x 1024 tokens on CPU, DES-MoE stabilization 5762 -> 6238 tok/s, ESFT-Token
-  # 6461 -> 7815, FFT 4963 -> 4830 (noise), no slower to compile (bench/RESULTS.md).
+  # 6461 -> 7815, FFT 4963 -> 4830 (noise); compile 4.7-7.6 s either way (bench/RESULTS.md).
   c.model.scan_layers = not tiny
 
   c.data = ml_collections.ConfigDict()
