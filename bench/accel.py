@@ -471,13 +471,14 @@ def stage_train_jax(out: Out, preset: dict, moe_impl: str, attention_impl: str):
       step = ts.jit_train_step(graphdef, mc, oc, phase, state_sh, opt_sh, bsh,
                                ts.StepConfig(precision="bf16_sr"))
       t0 = time.perf_counter()
-      compiled = step.lower(state, opt, batch, jnp.asarray(500)).compile()
+      lr = ts.learning_rate_arg(oc)
+      compiled = step.lower(state, opt, batch, jnp.asarray(500), lr).compile()
       compile_s = time.perf_counter() - t0
       holder = {"state": state, "opt": opt}
 
       def run():
         holder["state"], holder["opt"], metrics = compiled(holder["state"], holder["opt"], batch,
-                                                           jnp.asarray(500))
+                                                           jnp.asarray(500), lr)
         jax.block_until_ready(metrics)
         return metrics
 

@@ -144,13 +144,14 @@ def build_jax(case, batch, seed, moe_impl="auto", scoped=False, **runtime):
   step_no = jnp.asarray(500 if case == "desmoe" else 0)   # 500/1000: inside phase II
   t0 = time.perf_counter()
   with (step_profile.scoped() if scoped else contextlib.nullcontext()):
-    compiled = step.lower(state, opt, jbatch, step_no).compile()
+    lr = ts.learning_rate_arg(oc)
+    compiled = step.lower(state, opt, jbatch, step_no, lr).compile()
   compile_s = time.perf_counter() - t0
   holder = {"state": state, "opt": opt}
 
   def run():
     holder["state"], holder["opt"], metrics = compiled(holder["state"], holder["opt"], jbatch,
-                                                       step_no)
+                                                       step_no, lr)
     return float(jax.block_until_ready(metrics["loss"]))
 
   return run, compile_s, compiled

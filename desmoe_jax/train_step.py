@@ -92,17 +92,25 @@ def between_phases(graphdef, model_state, method_cfg: MethodConfig, finished_pha
   return model_state, info
 
 
+def learning_rate_arg(optim_cfg: optim.OptimConfig) -> jax.Array:
+  """The peak learning rate as the compiled step takes it (`jit_train_step`'s last argument)."""
+  return jnp.asarray(optim_cfg.learning_rate, jnp.float32)
+
+
 def jit_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig, phase: int,
                    state_shardings, opt_shardings, batch_shardings,
                    step_cfg: StepConfig = StepConfig()):
   """`make_train_step(...)` under `jax.jit` with its layout pinned: model and optimizer state
   keep their shardings from step to step (and are donated: updated in place), the batch is
   split as `batch_shardings` says, metrics come back replicated. The trainer runs this, and
-  `scripts/memory_plan.py` compiles this, ahead of time."""
+  `scripts/memory_plan.py` compiles this, ahead of time. Called as `step(model_state,
+  opt_state, batch, step, learning_rate_arg(optim_cfg))`: the rate is an input, so one compiled step
+  serves every rate (`make_train_step`)."""
   mesh = jax.tree.leaves(batch_shardings)[0].mesh
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(make_train_step(graphdef, method_cfg, optim_cfg, phase, step_cfg),
-                 in_shardings=(state_shardings, opt_shardings, batch_shardings, replicated),
+                 in_shardings=(state_shardings, opt_shardings, batch_shardings, replicated,
+                               replicated),
                  out_shardings=(state_shardings, opt_shardings, replicated),
                  donate_argnums=(0, 1))
 
@@ -331,10 +339,13 @@ def step_metrics(method_cfg: MethodConfig, sums: dict, grads, lam, new_mask, upd
 
 def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimConfig,
                     phase: int, step_cfg: StepConfig = StepConfig()):
-  """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`)."""
+  """The step of `phase`, to be jitted once (`graphdef` from `nnx.split(model)`):
+  `step_fn(model_state, opt_state, batch, step, learning_rate=None)`. `learning_rate`, the
+  peak rate as a float32 scalar, is an input of the program, so runs that differ only in their
+  rate (a sweep, the frontier's grids, each seed) compile it once and share it through JAX's
+  compilation cache; None bakes `optim_cfg.learning_rate` in as a constant."""
   cfg = method_cfg
   update = optim.make_update(cfg, optim_cfg, phase)
-  lr_schedule = optim.learning_rate_schedule(optim_cfg, cfg.total_steps)
   trainable = optim.trainable_filter(cfg.trainable(phase))
   # alr.mix="update" while the router trains: L_KD reaches a probe, not the router parameters.
   probed = optim.mixes_updates(cfg) and "router" in cfg.trainable(phase)
@@ -343,7 +354,7 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
                      f"{optim_cfg.master_weights}: the master copy exists for bf16_master only "
                      "(run_config.optim_config sets it from train.precision)")
 
-  def step_fn(model_state, opt_state, batch, step):
+  def step_fn(model_state, opt_state, batch, step, learning_rate=None):
     params, state = nnx.split_state(model_state, nnx.Param, ...)
     check_precision(params, step_cfg.precision)
     whole = step_inputs(batch)
@@ -363,7 +374,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     key = rounding_key(step_cfg.seed, step) if step_cfg.precision == "bf16_sr" else None
     new_params, new_opt_state = update(params, frozen, grads, opt_state, step=step,
                                        update_mask=update_mask, key=key,
-                                       probe_grads=None if probe is None else probe_grads)
+                                       probe_grads=None if probe is None else probe_grads,
+                                       learning_rate=learning_rate)
     skipped = optim.update_skipped(new_opt_state, optim_cfg)
     new_corr, new_mask = dges_update(cfg, phase, des, sums, step,
                                      skipped if optim_cfg.skip_nonfinite_updates else None)
@@ -371,7 +383,8 @@ def make_train_step(graphdef, method_cfg: MethodConfig, optim_cfg: optim.OptimCo
     new_des = specialization.des_state(new_model)
     new_des.correlation[...] = new_corr
     new_des.expert_mask[...] = new_mask
-    metrics = step_metrics(cfg, sums, grads, lam, new_mask, update_mask, lr_schedule(step), phase)
+    lr = optim.learning_rate_schedule(optim_cfg, cfg.total_steps, learning_rate)(step)
+    metrics = step_metrics(cfg, sums, grads, lam, new_mask, update_mask, lr, phase)
     if optim_cfg.skip_nonfinite_updates:
       metrics["update_skipped"] = skipped
       metrics["skipped_updates"] = new_opt_state.total_notfinite   # over the whole run

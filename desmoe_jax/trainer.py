@@ -311,8 +311,11 @@ def train_one_step(ctx: RunContext, run: RunState, step: int) -> StepInfo:
   # Every process builds the whole global batch (the single-process sequence) and places only
   # its own devices' rows.
   batch = distributed.global_batch(next(run.data), ctx.batch_sharding)
+  # The rate is an input of the compiled step, not a constant: the runs of a learning-rate grid
+  # compile each step once (train_step.make_train_step).
   run.model_state, run.opt_state, metrics = ctx.compiled[run.phase](
-      run.model_state, run.opt_state, batch, jnp.asarray(step, jnp.int32))
+      run.model_state, run.opt_state, batch, jnp.asarray(step, jnp.int32),
+      ts.learning_rate_arg(ctx.optim_cfg))
   finite = jnp.isfinite(metrics["loss"])
   if "update_skipped" in metrics:   # train.skip_nonfinite_updates: a skipped step is fine
     finite = finite | metrics["update_skipped"]

@@ -263,7 +263,7 @@ class PhasePlan:
   opt_state: int
   params_by_group: dict
   opt_by_group: dict
-  batch_bytes: int          # the batch and the step counter
+  batch_bytes: int          # the batch, the step counter and the learning rate
   argument: int             # XLA memory_analysis of the compiled step, per device
   output: int
   alias: int
@@ -309,12 +309,13 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
   abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
                for k in data_lib.BATCH_KEYS}
   abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  abs_lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
   params, rest = nnx.split_state(ts_.state, nnx.Param, ...)
   exact = dict(params=shard_bytes(params), model_state=shard_bytes(rest),
                opt_state=shard_bytes(ts_.opt_state),
                params_by_group=param_bytes_by_group(ts_.state),
                opt_by_group=opt_bytes_by_group(ts_.opt_state),
-               batch_bytes=shard_bytes((abs_batch, abs_step)))
+               batch_bytes=shard_bytes((abs_batch, abs_step, abs_lr)))
   exact_args = sum(exact[k] for k in ("params", "model_state", "opt_state", "batch_bytes"))
   out = []
   for phase, _, _ in ts_.method_cfg.phases():
@@ -335,7 +336,7 @@ def plan(config, model_cfg: ModelConfig, mesh, batch: int, seq: int, phases=None
           host=exact_args - device_args, quick=True))
       continue
     try:
-      args = (ts_.state, ts_.opt_state, abs_batch, abs_step)
+      args = (ts_.state, ts_.opt_state, abs_batch, abs_step, abs_lr)
       with jax.set_mesh(mesh):
         if gpu_devices is None:
           mem = step.lower(*args).compile().memory_analysis()

@@ -57,7 +57,7 @@ def _hand_param_bytes(state) -> dict:
 
 
 def _batch_bytes():
-  return 5 * (BATCH // 4) * SEQ * 4 + 4  # five int32 [B, S] arrays split 4 ways, the step
+  return 5 * (BATCH // 4) * SEQ * 4 + 8  # five int32 [B, S] arrays split 4 ways, step and rate
 
 
 def test_fft_state_is_params_plus_two_moments_and_compiles_to_those_bytes():

@@ -116,6 +116,32 @@ def test_microbatches_equal_one_big_batch(method, phase):
   np.testing.assert_array_equal(mlp4["expert_mask"][...], mlp1["expert_mask"][...])
 
 
+@pytest.mark.parametrize("method,phase,schedule", [("desmoe", STABILIZATION, "cosine"),
+                                                   ("fft", UNSCHEDULED, "linear")])
+def test_learning_rate_as_an_argument_is_the_constant_rate_and_one_program(method, phase,
+                                                                          schedule):
+  """The peak rate given to the compiled step (what the trainer does) gives the step that the
+  rate baked into the program gives, to float32 rounding (two programs: XLA fuses a constant
+  differently), warm-up and decay included (step 3 of 20, warm-up 5; step 12, decaying); and
+  one compiled program serves two rates."""
+  mc, _, g, state, _ = _setup(method)
+  traced = {}
+  for lr in (1e-3, 3e-4):
+    oc = optim.OptimConfig(learning_rate=lr, schedule=schedule, warmup_steps=5, eps=1e-2)
+    const = jax.jit(ts.make_train_step(g, mc, oc, phase))
+    if not traced:   # built from the first rate's config: the second must not need its own
+      traced["fn"] = jax.jit(ts.make_train_step(g, mc, oc, phase))
+    for step in (3, 12):
+      opt = ts.init_optimizer(mc, oc, state)
+      want = const(state, opt, _batch(), jnp.asarray(step))
+      got = traced["fn"](state, opt, _batch(), jnp.asarray(step), jnp.asarray(lr, jnp.float32))
+      assert float(got[2]["learning_rate"]) == pytest.approx(
+          float(want[2]["learning_rate"]), rel=1e-7) and float(want[2]["learning_rate"]) > 0
+      for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+  assert traced["fn"]._cache_size() == 1
+
+
 def test_microbatch_errors_name_the_field():
   mc, oc, g, state, opt = _setup("fft")
   fn = ts.make_train_step(g, mc, oc, UNSCHEDULED, ts.StepConfig(microbatches=3))
@@ -307,7 +333,7 @@ def test_host_offloaded_optimizer_state_gives_the_same_step(method, phase, preci
     with jax.set_mesh(mesh):
       for i, bt in enumerate(batches):
         new_state, opt, m = step(new_state, opt, jax.device_put(bt, batch_sh),
-                                 jnp.asarray(i + 1))
+                                 jnp.asarray(i + 1), ts.learning_rate_arg(oc))
         if i == 0 and levers.get("skip_nonfinite_updates"):
           assert bool(m["update_skipped"])
           for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
@@ -512,7 +538,7 @@ def test_int8_moments_in_the_sharded_train_step():
   before = [(path, np.asarray(x), x.sharding)
             for path, x in jax.tree_util.tree_flatten_with_path(opt)[0]]  # opt is donated
   with jax.set_mesh(mesh):
-    _, new_opt, m = step(state, opt, batch, jnp.asarray(3))
+    _, new_opt, m = step(state, opt, batch, jnp.asarray(3), ts.learning_rate_arg(oc))
   assert np.isfinite(float(m["loss"]))
   codes = 0
   for (path, old, old_sharding), new in zip(before, jax.tree.leaves(new_opt)):

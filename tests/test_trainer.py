@@ -72,8 +72,8 @@ DRIVER = textwrap.dedent("""
       make = train_step.make_train_step
       def poisoned(*a, **k):
         fn = make(*a, **k)
-        def step_fn(ms, opt, batch, step):
-          ms, opt, m = fn(ms, opt, batch, step)
+        def step_fn(ms, opt, batch, step, lr=None):
+          ms, opt, m = fn(ms, opt, batch, step, lr)
           m["loss"] = jnp.where(step == at - 1, jnp.nan, m["loss"])
           return ms, opt, m
         return step_fn
@@ -82,8 +82,8 @@ DRIVER = textwrap.dedent("""
       make = train_step.make_train_step
       def poisoned(*a, **k):
         fn = make(*a, **k)
-        def step_fn(ms, opt, batch, step):
-          ms, opt, m = fn(ms, opt, batch, step)
+        def step_fn(ms, opt, batch, step, lr=None):
+          ms, opt, m = fn(ms, opt, batch, step, lr)
           ms = jax.tree.map(lambda x: jnp.where(step == at - 1, x * jnp.nan, x)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, ms)
           return ms, opt, m

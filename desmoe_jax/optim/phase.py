@@ -93,27 +93,32 @@ def zeros_like_params(params):
 
 def make_update(method_cfg, optim_cfg: OptimConfig, phase: int):
   """The optimizer update of `phase`: `update(params, frozen, grads, opt_state, *, step,
-  update_mask, key, probe_grads)` -> (new params, new optimizer state). `grads` covers the
+  update_mask, key, probe_grads, learning_rate)` -> (new params, new optimizer state). `grads` covers the
   groups differentiated in this phase, `frozen` the other parameters (given zero gradients,
   which keep the optimizer's tree); `update_mask` the per-expert masks (`mask_experts`); `key`
-  the stochastic-rounding key or None; `probe_grads` the router's KD gradients or None."""
+  the stochastic-rounding key or None; `probe_grads` the router's KD gradients or None;
+  `learning_rate` the peak rate as an array, or None for optim_cfg.learning_rate
+  (`scale_by_global_lr`)."""
   trained = method_cfg.trainable(phase)
   if optim_cfg.host_offload:
     # The streamed update sees a layer at a time: the clip's norm is given.
     streamed_tx = phase_optimizer(method_cfg, optim_cfg, phase, norm_given=True)
 
-    def update(params, frozen, grads, opt_state, *, step, update_mask, key, probe_grads=None):
+    def update(params, frozen, grads, opt_state, *, step, update_mask, key, probe_grads=None,
+               learning_rate=None):
       del frozen  # frozen groups are in neither of the streamed views
       return update_streamed(streamed_tx, params, grads, opt_state, step, update_mask, key,
-                             trained, probe_grads)
+                             trained, probe_grads, learning_rate)
     return update
   tx = phase_optimizer(method_cfg, optim_cfg, phase)
 
-  def update(params, frozen, grads, opt_state, *, step, update_mask, key, probe_grads=None):
+  def update(params, frozen, grads, opt_state, *, step, update_mask, key, probe_grads=None,
+             learning_rate=None):
     full_grads = nnx.merge_state(zeros_like_params(frozen), grads)
     extra = ({} if probe_grads is None
              else {"router_kd_grads": router_kd_grads(full_grads, probe_grads)})
     updates, new_opt_state = tx.update(full_grads, opt_state, params, step=step,
+                                       learning_rate=learning_rate,
                                        expert_update_mask=update_mask, **extra,
                                        **finiteness(grads, opt_state))
     return apply_updates(params, updates, key), new_opt_state

@@ -119,12 +119,13 @@ def _merge(old, kinds, flat, stack):
 
 
 def update_streamed(tx, params, grads, opt_state, step, update_mask, key, trained_labels,
-                    probe_grads=None):
+                    probe_grads=None, learning_rate=None):
   """(new params, new optimizer state), the optimizer state streamed from and to host memory
   (module docstring). `tx` is built with `norm_given=True`; `probe_grads` (alr.mix="update"):
-  the router's KD gradients, viewed like the gradients."""
+  the router's KD gradients, viewed like the gradients; `learning_rate`: the peak rate or None
+  (optim.scale_by_global_lr)."""
   grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
-  given = finiteness(grads, opt_state)
+  given = dict(finiteness(grads, opt_state), learning_rate=learning_rate)
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   s_flat, s_def = jax.tree_util.tree_flatten_with_path(opt_state)
   g_by_path = dict(jax.tree_util.tree_flatten_with_path(grads)[0])

@@ -24,25 +24,32 @@ def decayed_weights(cfg: OptimConfig) -> optax.GradientTransformation:
   return optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(cfg.decay_exclude))
 
 
-def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int, peak=None) -> optax.Schedule:
+  """lr(step): warm-up to `peak`, then the decay `cfg.schedule` names. `peak` defaults to
+  cfg.learning_rate; an array (traced) keeps the rate out of the compiled program, so that
+  runs differing only in their rate share it (`scale_by_global_lr`)."""
+  peak = cfg.learning_rate if peak is None else peak
   decay_steps = max(1, total_steps - cfg.warmup_steps)
   if cfg.schedule == "linear":
-    main = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+    main = optax.linear_schedule(peak, 0.0, decay_steps)
   elif cfg.schedule == "cosine":
-    main = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
+    main = optax.cosine_decay_schedule(peak, decay_steps)
   else:
-    main = optax.constant_schedule(cfg.learning_rate)
+    main = optax.constant_schedule(peak)
   if cfg.warmup_steps:
-    warm = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    warm = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
     return optax.join_schedules([warm, main], [cfg.warmup_steps])
   return main
 
 
-def scale_by_global_lr(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-  """updates * -lr(step), with `step` the run's global step given to `update(..., step=)`."""
+def scale_by_global_lr(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+  """updates * -lr(step), with `step` the run's global step given to `update(..., step=)`. The
+  peak rate is `update(..., learning_rate=)` where given (a float32 scalar, an argument of the
+  compiled step: a learning-rate sweep compiles each step once, train_step.jit_train_step), else
+  cfg.learning_rate, a constant of the program."""
 
-  def update(updates, state, params=None, *, step, **_):
-    lr = schedule(step)
+  def update(updates, state, params=None, *, step, learning_rate=None, **_):
+    lr = learning_rate_schedule(cfg, total_steps, learning_rate)(step)
     return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
@@ -332,7 +339,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, trainable_now: Iterable[
   if cfg.grad_clip:
     chain.insert(1, clip_by_given_norm(cfg.grad_clip) if norm_given
                  else optax.clip_by_global_norm(cfg.grad_clip))
-  chain.append(scale_by_global_lr(learning_rate_schedule(cfg, total_steps)))
+  chain.append(scale_by_global_lr(cfg, total_steps))
   if cfg.master_weights:  # only for groups trained in some phase: the others never move
     chain.append(optax.masked(master_weights(trainable_now), lambda params: jax.tree.map(
         lambda label: label in trainable_ever, param_labels(params))))
