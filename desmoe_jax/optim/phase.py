@@ -93,12 +93,12 @@ def zeros_like_params(params):
 
 def make_update(method_cfg, optim_cfg: OptimConfig, phase: int):
   """The optimizer update of `phase`: `update(params, frozen, grads, opt_state, *, step,
-  update_mask, key, probe_grads, learning_rate)` -> (new params, new optimizer state). `grads` covers the
-  groups differentiated in this phase, `frozen` the other parameters (given zero gradients,
-  which keep the optimizer's tree); `update_mask` the per-expert masks (`mask_experts`); `key`
-  the stochastic-rounding key or None; `probe_grads` the router's KD gradients or None;
-  `learning_rate` the peak rate as an array, or None for optim_cfg.learning_rate
-  (`scale_by_global_lr`)."""
+  update_mask, key, probe_grads, learning_rate)` -> (new params, new optimizer state).
+  `grads` covers the groups differentiated in this phase, `frozen` the other parameters (given
+  zero gradients, which keep the optimizer's tree); `update_mask` the per-expert masks
+  (`mask_experts`); `key` the stochastic-rounding key or None; `probe_grads` the router's KD
+  gradients or None; `learning_rate` the peak rate as an array, or None for
+  optim_cfg.learning_rate (`scale_by_global_lr`)."""
   trained = method_cfg.trainable(phase)
   if optim_cfg.host_offload:
     # The streamed update sees a layer at a time: the clip's norm is given.
