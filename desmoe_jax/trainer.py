@@ -127,7 +127,7 @@ class RunContext:
   provenance: dict
   state_finite: Callable
   progress: Any
-  compiled: dict = dataclasses.field(default_factory=dict)   # phase -> jitted step
+  compiled: dict = dataclasses.field(default_factory=dict)   # phase -> step(ms, opt, batch, i)
   assignment: discover.Assignment | None = None   # data.discover_domains: the clusters
 
   @property
@@ -302,20 +302,21 @@ def enter_phase(ctx: RunContext, run: RunState, phase: int, step: int):
       ctx.metrics_log.write(step, {"event": "between_phases", **info})
     run.phase = phase
   if phase not in ctx.compiled:
-    ctx.compiled[phase] = ts.jit_train_step(ctx.graphdef, ctx.method_cfg, ctx.optim_cfg, phase,
-                                            ctx.state_shardings, ctx.opt_shardings,
-                                            ctx.batch_sharding, ctx.step_cfg)
+    step_fn = ts.jit_train_step(ctx.graphdef, ctx.method_cfg, ctx.optim_cfg, phase,
+                                ctx.state_shardings, ctx.opt_shardings, ctx.batch_sharding,
+                                ctx.step_cfg)
+    # The rate is an input of the compiled step, not a constant: the runs of a learning-rate
+    # grid compile each step once (train_step.make_train_step). One device scalar per run.
+    lr = ts.learning_rate_arg(ctx.optim_cfg)
+    ctx.compiled[phase] = lambda ms, opt, batch, i: step_fn(ms, opt, batch, i, lr)
 
 
 def train_one_step(ctx: RunContext, run: RunState, step: int) -> StepInfo:
   # Every process builds the whole global batch (the single-process sequence) and places only
   # its own devices' rows.
   batch = distributed.global_batch(next(run.data), ctx.batch_sharding)
-  # The rate is an input of the compiled step, not a constant: the runs of a learning-rate grid
-  # compile each step once (train_step.make_train_step).
   run.model_state, run.opt_state, metrics = ctx.compiled[run.phase](
-      run.model_state, run.opt_state, batch, jnp.asarray(step, jnp.int32),
-      ts.learning_rate_arg(ctx.optim_cfg))
+      run.model_state, run.opt_state, batch, jnp.asarray(step, jnp.int32))
   finite = jnp.isfinite(metrics["loss"])
   if "update_skipped" in metrics:   # train.skip_nonfinite_updates: a skipped step is fine
     finite = finite | metrics["update_skipped"]
