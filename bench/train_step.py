@@ -29,7 +29,12 @@ XLA:CPU's per-instruction profiler events (bench/step_profile.py).
 
 The lines also say how many cores other processes kept busy while the case was timed: torch's
 OpenMP threads spin-wait, so on a shared machine torch loses far more to other processes than
-XLA does, and the ratio is the idle-machine ratio only where that number stays near 0.
+XLA does, and the ratio is the idle-machine ratio only where that number stays near 0. They
+also give each framework's minor page faults per step: both allocate through glibc, which maps
+a large block afresh for every allocation and unmaps it when freed, so every step touches that
+memory for the first time; how much a fault costs is the machine's, and torch's step depends
+on it far more than ours (bench/RESULTS.md, "fifth round":
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes torch's step 27-44% faster and ours no faster).
 
   python bench/train_step.py                                   # all cases, ~5 min on 2 idle cores
   python bench/train_step.py --cases=fft --shapes=2x1024 --reps=5     # quick look
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import sys
 import time
@@ -213,19 +219,27 @@ def build_torch(case, batch, seed):
 def _own_cpu_seconds():
   t = os.times()
   return t.user + t.system
-def alternate(cands: dict, reps: int, warmup: int, block: int) -> dict:
-  """{name: [seconds]}: every round runs each candidate `block` times, timing the last."""
+def alternate(cands: dict, reps: int, warmup: int, block: int, faults: dict | None = None) -> dict:
+  """{name: [seconds]}: every round runs each candidate `block` times, timing the last.
+  `faults`: a dict, filled with {name: [minor page faults of the process during each timed
+  call]} (a 4 KiB page touched for the first time since the allocator mapped it)."""
   for fn in cands.values():
     for _ in range(warmup):
       fn()
   times = {n: [] for n in cands}
+  for n in cands:
+    if faults is not None:
+      faults[n] = []
   for _ in range(reps):
     for n, fn in cands.items():
       for _ in range(block - 1):
         fn()
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       fn()
       times[n].append(time.perf_counter() - t0)
+      if faults is not None:
+        faults[n].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
   return times
 
 
@@ -253,7 +267,8 @@ def main(argv=None):
         run_t, impl = build_torch(case, batch, args.seed)
         cands["torch"] = run_t
       busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-      times = alternate(cands, args.reps, args.warmup, args.block)
+      faults = {}
+      times = alternate(cands, args.reps, args.warmup, args.block, faults)
       wall = time.perf_counter() - t0
       # cores kept busy by all other processes while this case was timed
       busy = ((_busy_cpu_seconds() - busy0 - (_own_cpu_seconds() - own0)) / wall
@@ -266,6 +281,8 @@ def main(argv=None):
         line += (f"  torch[{impl}] {tok / med['torch']:8.0f} tok/s  "
                  f"ratio {ratios[name]:.2f}x")
       line += f"  (median of {args.reps}; other processes kept {busy:.2f} cores busy)"
+      line += "  page faults/step " + " ".join(
+          f"{n} {statistics.median(f):.0f}" for n, f in faults.items())
       if args.compile:
         line += f"  compile {compile_s:.1f} s"
       print(line, flush=True)

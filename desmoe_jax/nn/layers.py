@@ -102,7 +102,14 @@ class MLP(nnx.Module):
     self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
 
   def __call__(self, x_btd):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    # On [tokens, d_model] rows, not [batch, seq, d_model]: the weight gradients then contract
+    # one axis, and XLA:CPU reads the activations' gradient in place instead of transposing it
+    # in an elementwise fusion first (the dense layer's f32[512, 2048] copy, 8-12 ms of the
+    # tiny model's step at 2 x 1024; bench/RESULTS.md, "fifth round"). Same numbers.
+    lead = x_btd.shape[:-1]
+    x_td = x_btd.reshape(-1, x_btd.shape[-1])
+    y_td = self.down_proj(jax.nn.silu(self.gate_proj(x_td)) * self.up_proj(x_td))
+    return y_td.reshape(*lead, y_td.shape[-1])
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
