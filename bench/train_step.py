@@ -34,7 +34,7 @@ also give each framework's minor page faults per step: both allocate through gli
 a large block afresh for every allocation and unmaps it when freed, so every step touches that
 memory for the first time; how much a fault costs is the machine's, and torch's step depends
 on it far more than ours (bench/RESULTS.md, "fifth round":
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes torch's step 27-44% faster and ours no faster).
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes torch's step 7-41% faster and ours no faster).
 
   python bench/train_step.py                                   # all cases, ~5 min on 2 idle cores
   python bench/train_step.py --cases=fft --shapes=2x1024 --reps=5     # quick look
