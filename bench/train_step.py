@@ -219,6 +219,8 @@ def build_torch(case, batch, seed):
 def _own_cpu_seconds():
   t = os.times()
   return t.user + t.system
+
+
 def alternate(cands: dict, reps: int, warmup: int, block: int, faults: dict | None = None) -> dict:
   """{name: [seconds]}: every round runs each candidate `block` times, timing the last.
   `faults`: a dict, filled with {name: [minor page faults of the process during each timed
@@ -227,9 +229,8 @@ def alternate(cands: dict, reps: int, warmup: int, block: int, faults: dict | No
     for _ in range(warmup):
       fn()
   times = {n: [] for n in cands}
-  for n in cands:
-    if faults is not None:
-      faults[n] = []
+  if faults is not None:
+    faults.update({n: [] for n in cands})
   for _ in range(reps):
     for n, fn in cands.items():
       for _ in range(block - 1):
