@@ -125,21 +125,22 @@ def test_learning_rate_as_an_argument_is_the_constant_rate_and_one_program(metho
   differently), warm-up and decay included (step 3 of 20, warm-up 5; step 12, decaying); and
   one compiled program serves two rates."""
   mc, _, g, state, _ = _setup(method)
-  traced = {}
+  optim_at = lambda lr: optim.OptimConfig(learning_rate=lr, schedule=schedule, warmup_steps=5,
+                                          eps=1e-2)
+  # built from the first rate's config: the second rate must not need its own program
+  traced = jax.jit(ts.make_train_step(g, mc, optim_at(1e-3), phase))
   for lr in (1e-3, 3e-4):
-    oc = optim.OptimConfig(learning_rate=lr, schedule=schedule, warmup_steps=5, eps=1e-2)
+    oc = optim_at(lr)
     const = jax.jit(ts.make_train_step(g, mc, oc, phase))
-    if not traced:   # built from the first rate's config: the second must not need its own
-      traced["fn"] = jax.jit(ts.make_train_step(g, mc, oc, phase))
     for step in (3, 12):
       opt = ts.init_optimizer(mc, oc, state)
       want = const(state, opt, _batch(), jnp.asarray(step))
-      got = traced["fn"](state, opt, _batch(), jnp.asarray(step), jnp.asarray(lr, jnp.float32))
+      got = traced(state, opt, _batch(), jnp.asarray(step), jnp.asarray(lr, jnp.float32))
       assert float(got[2]["learning_rate"]) == pytest.approx(
           float(want[2]["learning_rate"]), rel=1e-7) and float(want[2]["learning_rate"]) > 0
       for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
-  assert traced["fn"]._cache_size() == 1
+  assert traced._cache_size() == 1
 
 
 def test_microbatch_errors_name_the_field():
