@@ -39,7 +39,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_offload", "full_offload")
 DTYPES = ("float32", "bfloat16", "float16")                  # model.dtype, model.param_dtype
 MOE_IMPLS = ("auto", "dense", "ragged", "tokamax", "tiled")   # model.moe_impl (moe/block.py)
 EXPERT_PARALLEL = ("compiler", "shard_map")                  # model.expert_parallel
-ATTENTION_IMPLS = ("blocked", "einsum", "jax", "tokamax")    # model.attention_impl
+ATTENTION_IMPLS = ("blocked", "blocked_xla", "einsum", "jax", "tokamax")    # model.attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ class RuntimeConfig:
   # "compiler" | "shard_map": see moe/expert_parallel.py
   expert_parallel: str = knob("compiler", OneOf(*EXPERT_PARALLEL))
   # "blocked" (the einsum's numbers a block of causal queries at a time, scores recomputed in the
-  # backward: nn/blocked_attention.py) | "einsum" (reference) | "jax" (jax.nn.dot_product_attention:
+  # backward: nn/blocked_attention.py; in float32 on CPU a C++ kernel, nn/cpu_attention.py) |
+  # "blocked_xla" (the same, never the kernel) | "einsum" (reference) | "jax" (jax.nn.dot_product_attention:
   # XLA's, V padded to 192) |
   # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py). Not in
   # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)

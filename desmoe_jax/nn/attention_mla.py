@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx, struct
 
 from desmoe_jax.config import ModelConfig
+from desmoe_jax.nn import cpu_attention
 from desmoe_jax.nn.blocked_attention import causal_attention
 from desmoe_jax.nn.layers import Linear, RMSNorm
 from desmoe_jax.nn.rope import apply_rope, rope_inv_freq
@@ -60,15 +61,22 @@ def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl:
 
   impl: "blocked" (the default: the reference's numbers a block of queries at a time, keys after
   the block skipped, scores recomputed in the backward; nn/blocked_attention.py; needs a causal
-  mask), "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
+  mask; lowered for CPU in float32, the C++ kernel of nn/cpu_attention.py does the same),
+  "blocked_xla" (nn/blocked_attention.py on every platform, the kernel never), "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
   padded to q's head dim), "tokamax" (fused kernels per platform, V unpadded; see
   TOKAMAX_ATTENTION). A query with no key to attend (padding) gets the mean of V from "einsum",
   "jax" and tokamax's XLA path; a fused kernel may give it another value (never a real token's).
   """
-  if impl == "blocked" and q_bshd.shape[1] == k_bshd.shape[1]:
+  if impl in ("blocked", "blocked_xla") and q_bshd.shape[1] == k_bshd.shape[1]:
     # Blocks skip the keys after each query block, which holds for a sequence attending to
     # itself only; a decode step (a few queries against a longer cache) takes the reference.
-    return causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
+    xla = lambda: causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
+    if impl == "blocked" and cpu_attention.supports(q_bshd, k_bshd, v_bshv, mask_b1qk):
+      # Chosen when lowering: a program compiled for an accelerator (the compile-only plans of
+      # scripts/hlo_check.py trace on a CPU host) gets the XLA path.
+      kernel = lambda: cpu_attention.causal_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
+      return jax.lax.platform_dependent(cpu=kernel, default=xla)
+    return xla()
   if impl == "tokamax":
     return _tokamax_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale)
   if impl == "jax":
