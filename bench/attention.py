@@ -4,7 +4,8 @@ torch: softmax(q k^T * scale, causal) v with MLA's head dims (q/k 48, v 32, 4 he
 
 Candidates, built from the same q, k, v and output cotangent:
   * desmoe_jax `attention_mla.dot_product_attention` under `jax.jit`, `impl="blocked"` (the
-    default: nn/blocked_attention.py) and `impl="einsum"` (the reference);
+    default: on CPU the C++ kernel of nn/cpu_attention.py), `impl="blocked_xla"`
+    (nn/blocked_attention.py) and `impl="einsum"` (the reference);
   * torch `scaled_dot_product_attention`, with `is_causal=True` and with the boolean causal mask
     (what transformers' DeepseekV2 passes in training: its profile shows the unfused
     `_scaled_dot_product_attention_math` path), `torch.set_num_threads(2)`.
@@ -95,6 +96,7 @@ def main(argv=None):
   b, s = (int(x) for x in args.shape.split("x"))
   q, k, v, cot = inputs(b, s)
   cands = {"jax blocked": build_jax("blocked", q, k, v, cot),
+           "jax blocked_xla": build_jax("blocked_xla", q, k, v, cot),
            "jax einsum": build_jax("einsum", q, k, v, cot)}
   if args.torch:
     cands["torch sdpa is_causal"] = build_torch(True, q, k, v, cot)

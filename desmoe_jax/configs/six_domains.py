@@ -150,7 +150,9 @@ def get_config(presets: str = "") -> ml_collections.ConfigDict:
   # dropped; buffers ~mesh.expert x the layer's token rows, see desmoe_jax/moe/expert_parallel.py)
   c.model.expert_parallel = "compiler"
   # blocked (the einsum reference a block of causal queries at a time, scores recomputed in the
-  # backward: desmoe_jax/nn/blocked_attention.py; measured on CPU, bench/RESULTS.md) | einsum |
+  # backward: desmoe_jax/nn/blocked_attention.py; on CPU in float32 a C++ kernel with the same
+  # numbers, desmoe_jax/nn/cpu_attention.py; measured on CPU, bench/RESULTS.md) | blocked_xla
+  # (blocked_attention.py, never the kernel) | einsum |
   # jax (jax.nn.dot_product_attention, cuDNN on GPU). The accelerator presets keep einsum: their
   # compiled memory plans (docs/SCALING.md) were made with it.
   c.model.attention_impl = "blocked" if tiny else "einsum"

@@ -1,5 +1,7 @@
 """Causal attention a block of queries at a time, with a backward that recomputes the scores
-(`attention_impl="blocked"`, the default): the einsum reference's numbers without its two costs.
+(`attention_impl="blocked"`, the default; on CPU in float32 the C++ kernel of cpu_attention.py
+runs the same algorithm in 64 x 64 tiles instead, and `"blocked_xla"` keeps this one): the einsum
+reference's numbers without its two costs.
 
 The einsum reference (`attention_mla.dot_product_attention(impl="einsum")`) computes every
 [S, S] score of a causal mask, half of which are masked, and autodiff keeps the [B, H, S, S]
