@@ -83,6 +83,8 @@ def parse_args(argv=None):
   p.add_argument("--profile", action="store_true",
                  help="split our step's time per part (bench/step_profile.py)")
   p.add_argument("--moe_impl", default="auto")
+  p.add_argument("--attention_impl", default="blocked",
+                 help="model.attention_impl of our step (blocked_xla: without the CPU kernel)")
   p.add_argument("--scan_layers", type=int, default=None,
                  help="1: scan the MoE layers, 0: unroll them (default: the :tiny preset's)")
   p.add_argument("--seed", type=int, default=0)
@@ -247,7 +249,7 @@ def alternate(cands: dict, reps: int, warmup: int, block: int, faults: dict | No
 def main(argv=None):
   args = parse_args(argv)
   print(f"train step: {MODEL}, float32, jax {jax.__version__} ({jax.default_backend()}), "
-        f"moe_impl={args.moe_impl}")
+        f"moe_impl={args.moe_impl}, attention_impl={args.attention_impl}")
   if args.torch:
     import torch
     import transformers
@@ -260,6 +262,7 @@ def main(argv=None):
     for case in args.cases:
       name = f"{case:<7} {b}x{s}"
       loop = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
+      loop["attention_impl"] = args.attention_impl
       run_j, compile_s, compiled = build_jax(case, batch, args.seed, args.moe_impl,
                                              scoped=args.profile, **loop)
       cands = {"jax": run_j}

@@ -58,8 +58,8 @@ class RuntimeConfig:
   expert_parallel: str = knob("compiler", OneOf(*EXPERT_PARALLEL))
   # "blocked" (the einsum's numbers a block of causal queries at a time, scores recomputed in the
   # backward: nn/blocked_attention.py; in float32 on CPU a C++ kernel, nn/cpu_attention.py) |
-  # "blocked_xla" (the same, never the kernel) | "einsum" (reference) | "jax" (jax.nn.dot_product_attention:
-  # XLA's, V padded to 192) |
+  # "blocked_xla" (the same, never the kernel) | "einsum" (reference) |
+  # "jax" (jax.nn.dot_product_attention: XLA's, V padded to 192) |
   # "tokamax" (splash on TPU, Mosaic GPU/Triton on GPU, V unpadded; see nn/attention_mla.py). Not in
   # any "auto": its TPU lowering is verified compile-only (Mosaic kernels, scripts/hlo_check.py)
   # and its CPU numerics through tokamax's XLA path, but no kernel has run on an accelerator here.

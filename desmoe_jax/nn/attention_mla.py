@@ -62,8 +62,9 @@ def dot_product_attention(q_bshd, k_bshd, v_bshv, mask_b1qk, scale: float, impl:
   impl: "blocked" (the default: the reference's numbers a block of queries at a time, keys after
   the block skipped, scores recomputed in the backward; nn/blocked_attention.py; needs a causal
   mask; lowered for CPU in float32, the C++ kernel of nn/cpu_attention.py does the same),
-  "blocked_xla" (nn/blocked_attention.py on every platform, the kernel never), "einsum" (the reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V
-  padded to q's head dim), "tokamax" (fused kernels per platform, V unpadded; see
+  "blocked_xla" (nn/blocked_attention.py on every platform, the kernel never), "einsum" (the
+  reference), "jax" (jax.nn.dot_product_attention, XLA's attention, with V padded to q's head
+  dim), "tokamax" (fused kernels per platform, V unpadded; see
   TOKAMAX_ATTENTION). A query with no key to attend (padding) gets the mean of V from "einsum",
   "jax" and tokamax's XLA path; a fused kernel may give it another value (never a real token's).
   """

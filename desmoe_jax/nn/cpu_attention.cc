@@ -174,7 +174,6 @@ struct Dims {
   int64_t B, S, H, D, Dv;
 };
 
-
 // x [S, D] rows with stride ld -> xt in tiles of kTile keys, [S / kTile][D][kTile] (the last
 // tile padded with zeros): the score products read one tile's [D, kTile] rows 256 bytes apart.
 // A plain [D, S] copy puts them S floats apart, which for S = 1024 is 4 KiB, and every row of

@@ -1,5 +1,5 @@
-"""Causal attention as one XLA:CPU custom call per direction (`attention_impl="blocked"` on a
-single CPU device, float32): the C++ kernel in cpu_attention.cc, built on first use.
+"""Causal attention as one XLA:CPU custom call per direction (`attention_impl="blocked"` lowered
+for CPU, float32): the C++ kernel in cpu_attention.cc, built on first use.
 
 Why: on XLA:CPU the blocked attention is half of the tiny model's train step, and most of it is
 XLA running thin products (contractions over head dims of 48 and 32) and elementwise passes over
@@ -9,8 +9,9 @@ that recomputes the tile), with a register-tiled loop for the products (bench/RE
 "sixth round").
 
 Same semantics and, to float32 rounding, the same numbers as nn/blocked_attention.py (which is
-what runs where this cannot: an accelerator, several devices, other dtypes or head dims, no C++
-compiler). The shared library is compiled once per (source, jax version, compiler, CPU) into
+what runs where this cannot: an accelerator, other dtypes or head dims, no C++ compiler). In a
+program partitioned over several devices XLA's partitioner cannot split a custom call and gathers
+its operands (correct, not fast: multi-device CPU is for tests here). The shared library is compiled once per (source, jax version, compiler, CPU) into
 `$DESMOE_JAX_CACHE` (default `~/.cache/desmoe_jax`) with the host's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`); if that fails, `available()` says why and the XLA path runs.
 """
@@ -58,13 +59,22 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
+def _compiler_version(cxx: str) -> str:
+  """`cxx --version` (an upgraded compiler at the same path rebuilds); "" if it cannot say."""
+  try:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                          timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
 def build(cxx: str, cache_dir: Path) -> tuple[Path | None, str]:
   """(the shared library, "") or (None, why not). Compiled once under a hash of everything it
   depends on, into a temporary file renamed into place, so concurrent processes (pytest-xdist,
   several runs) never load a half-written library."""
   key = hashlib.sha256()
   for part in (_SOURCE.read_bytes(), jax.__version__.encode(), cxx.encode(),
-               " ".join(_FLAGS).encode(), _cpu_id().encode()):
+               _compiler_version(cxx).encode(), " ".join(_FLAGS).encode(), _cpu_id().encode()):
     key.update(part)
   lib = Path(cache_dir) / f"cpu_attention-{key.hexdigest()[:16]}.so"
   if lib.exists():
@@ -146,7 +156,8 @@ def _fwd_call(q, k, v, mask, scale):
   b, s, h, _ = q.shape
   out = jax.ShapeDtypeStruct(v.shape, jnp.float32)
   lse = jax.ShapeDtypeStruct((b, h, s), jnp.float32)
-  return jax.ffi.ffi_call(_FWD, (out, lse), vmap_method="sequential")(q, k, v, mask, scale=np.float32(scale))
+  call = jax.ffi.ffi_call(_FWD, (out, lse), vmap_method="sequential")
+  return call(q, k, v, mask, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
