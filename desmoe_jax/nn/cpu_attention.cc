@@ -369,8 +369,9 @@ void backward_head(const Dims& dm, const float* q, const float* k, const float* 
       gemm(nj, D, ni, ds, 1, kTile, qh + i0 * D, D, dkh + j0 * D, D, true);
     }
   }
+  for (int64_t c = 0; c < Dv; ++c) ginv[c] /= static_cast<float>(S);
   for (int64_t m = 0; m < S; ++m)
-    for (int64_t c = 0; c < Dv; ++c) dvh[m * Dv + c] += ginv[c] / static_cast<float>(S);
+    for (int64_t c = 0; c < Dv; ++c) dvh[m * Dv + c] += ginv[c];
   unpack(dqh, S, D, dq + qoff, qs);
   unpack(dkh, S, D, dk + qoff, qs);
   unpack(dvh, S, Dv, dv + voff, vs);
