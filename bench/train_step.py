@@ -141,7 +141,8 @@ def build_jax(case, batch, seed, moe_impl="auto", scoped=False, **runtime):
   from desmoe_jax.specialization import des_state
 
   mc = MethodConfig(method=METHOD[case], num_domains=DOMAINS, total_steps=1000)
-  phase = STABILIZATION if case.startswith("desmoe") else mc.phase(0)
+  stabilization = case.startswith("desmoe")   # desmoe, desmoe_no_alr: in phase II
+  phase = STABILIZATION if stabilization else mc.phase(0)
   from desmoe_jax.run_config import load_config
   # The layer loop as the :tiny preset runs it (unrolled: desmoe_jax/configs/six_domains.py).
   runtime = dict({"scan_layers": load_config("six_domains:tiny").model.scan_layers}, **runtime)
@@ -149,7 +150,7 @@ def build_jax(case, batch, seed, moe_impl="auto", scoped=False, **runtime):
   prepare_model(model, mc, seed=seed)
   des = des_state(model)
   if case != "fft":
-    density = 1 / 3 if case.startswith("desmoe") else 1 / 8
+    density = 1 / 3 if stabilization else 1 / 8
     des.expert_mask[...] = jnp.asarray(random_masks(des.expert_mask.shape, density, seed))
   mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
   sharding_lib.shard_model(model, mesh)
@@ -162,7 +163,7 @@ def build_jax(case, batch, seed, moe_impl="auto", scoped=False, **runtime):
   with (step_profile.scoped() if scoped else contextlib.nullcontext()):
     step = ts.jit_train_step(graphdef, mc, oc, phase, state_sh, opt_sh, bsh)
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  step_no = jnp.asarray(500 if case.startswith("desmoe") else 0)  # 500/1000: inside phase II
+  step_no = jnp.asarray(500 if stabilization else 0)   # 500/1000: inside phase II
   t0 = time.perf_counter()
   with (step_profile.scoped() if scoped else contextlib.nullcontext()):
     lr = ts.learning_rate_arg(oc)

@@ -11,9 +11,10 @@ that recomputes the tile), with a register-tiled loop for the products (bench/RE
 Same semantics and, to float32 rounding, the same numbers as nn/blocked_attention.py (which is
 what runs where this cannot: an accelerator, other dtypes or head dims, no C++ compiler). In a
 program partitioned over several devices XLA's partitioner cannot split a custom call and gathers
-its operands (correct, not fast: multi-device CPU is for tests here). The shared library is compiled once per (source, jax version, compiler, CPU) into
-`$DESMOE_JAX_CACHE` (default `~/.cache/desmoe_jax`) with the host's C++ compiler (`$CXX`, else
-`c++`/`g++`/`clang++`); if that fails, `available()` says why and the XLA path runs.
+its operands (correct, not fast: multi-device CPU is for tests here). The shared library is
+compiled once per (source, jax version, compiler, CPU) into `$DESMOE_JAX_CACHE` (default
+`~/.cache/desmoe_jax`) with the host's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`); if
+that fails, `available()` says why and the XLA path runs.
 """
 
 from __future__ import annotations
